@@ -1,0 +1,332 @@
+//! The mapped store file: the only module of this crate that turns offsets into memory.
+//!
+//! # Invariants
+//!
+//! - At open, a large range of address space is reserved (`PROT_NONE`, `MAP_NORESERVE`); the
+//!   store file is mapped `MAP_SHARED | MAP_FIXED` at the start of that range. The base never
+//!   moves, so a pointer formed from an offset stays valid for the life of the [`Segment`].
+//! - `mapped` only grows, and `[base, base + mapped)` is always backed by the file: the file
+//!   never shrinks (the store only grows it with `ftruncate`), so no access below `mapped` can
+//!   `SIGBUS`.
+//! - Every access goes through [`Segment::range`], which checks `off + len <= mapped` (remapping
+//!   first if the file grew in another process). Offsets read from the store are untrusted and
+//!   are always checked here, never dereferenced raw.
+//! - Other processes write this memory concurrently. We never form `&`/`&mut` to plain data in
+//!   it: only `&AtomicU32`/`&AtomicU64` (naturally aligned, checked) and raw-pointer copies.
+
+use parking_lot::Mutex;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// Address space reserved per store (virtual only). 64 GiB.
+pub const DEFAULT_RESERVE: usize = 64 << 30;
+
+/// A store file mapped into this process.
+#[derive(Debug)]
+pub struct Segment {
+    base: *mut u8,
+    reserved: usize,
+    mapped: AtomicUsize,
+    fd: OwnedFd,
+    remap: Mutex<()>,
+}
+
+// SAFETY: the segment is a region of shared memory accessed only through atomics and raw
+// copies (module invariants); `base` never changes and is valid for the life of the value, so
+// it may be used from any thread.
+unsafe impl Send for Segment {}
+// SAFETY: as above; all mutation of `mapped` goes through an atomic and the remap mutex.
+unsafe impl Sync for Segment {}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+impl Segment {
+    /// Opens (creating with mode 0600 if absent) the file at `path` and maps it.
+    /// Returns the segment and whether the file was empty (so the caller initializes it).
+    /// Refuses a file owned by another user or accessible by group/others.
+    pub fn open(path: &Path, reserve: usize) -> io::Result<Segment> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: `c` is a valid NUL-terminated path; flags and mode are plain integers.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(errno());
+        }
+        // SAFETY: `fd` was just returned by open and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(&fd)?;
+        let euid = euid();
+        if st.st_uid != euid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "store {} belongs to uid {}, not to this user (uid {euid})",
+                    path.display(),
+                    st.st_uid
+                ),
+            ));
+        }
+        if st.st_mode & 0o077 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "store {} is accessible by other users (mode {:o})",
+                    path.display(),
+                    st.st_mode & 0o777
+                ),
+            ));
+        }
+        // SAFETY: reserving fresh address space; no existing mapping is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        let seg = Segment {
+            base: base.cast(),
+            reserved: reserve,
+            mapped: AtomicUsize::new(0),
+            fd,
+            remap: Mutex::new(()),
+        };
+        seg.sync_mapping()?;
+        Ok(seg)
+    }
+
+    /// The file descriptor of the store file (for `mmap` of map data by loaders).
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Bytes currently mapped.
+    pub fn mapped(&self) -> usize {
+        self.mapped.load(Ordering::Acquire)
+    }
+
+    /// Current size of the file.
+    pub fn file_len(&self) -> io::Result<usize> {
+        Ok(fstat(&self.fd)?.st_size as usize)
+    }
+
+    /// Maps any part of the file that grew since the last call.
+    pub fn sync_mapping(&self) -> io::Result<()> {
+        let _g = self.remap.lock();
+        let len = self.file_len()?.min(self.reserved);
+        let have = self.mapped.load(Ordering::Acquire);
+        if len <= have {
+            return Ok(());
+        }
+        let page = page_size();
+        let have_aligned = have / page * page;
+        let len_aligned = len / page * page;
+        if len_aligned > have_aligned {
+            // SAFETY: the target range lies inside our own reservation (len <= reserved), above
+            // everything already mapped, so MAP_FIXED replaces only our PROT_NONE placeholder.
+            let p = unsafe {
+                libc::mmap(
+                    self.base.add(have_aligned).cast(),
+                    len_aligned - have_aligned,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    self.fd.as_raw_fd(),
+                    have_aligned as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            self.mapped.store(len_aligned, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Grows the file to at least `len` bytes (page-rounded) and maps it.
+    pub fn grow(&self, len: usize) -> io::Result<()> {
+        if len > self.reserved {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        let page = page_size();
+        let len = len.div_ceil(page) * page;
+        if self.file_len()? < len {
+            // SAFETY: plain syscall on our own fd; growing never invalidates mapped pages.
+            if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) } != 0 {
+                return Err(errno());
+            }
+        }
+        self.sync_mapping()
+    }
+
+    /// Checks that `[off, off + len)` is inside the mapped store (mapping more if the file grew)
+    /// and returns its address.
+    #[inline]
+    pub fn range(&self, off: u64, len: usize) -> Option<*mut u8> {
+        let end = (off as usize).checked_add(len)?;
+        if end > self.mapped.load(Ordering::Acquire) {
+            self.sync_mapping().ok()?;
+            if end > self.mapped.load(Ordering::Acquire) {
+                return None;
+            }
+        }
+        // SAFETY: off + len <= mapped <= reserved, so the result stays inside the reservation.
+        Some(unsafe { self.base.add(off as usize) })
+    }
+
+    /// The `AtomicU64` at `off` (8-byte aligned, in bounds).
+    #[inline]
+    pub fn atomic_u64(&self, off: u64) -> Option<&AtomicU64> {
+        if off % 8 != 0 {
+            return None;
+        }
+        let p = self.range(off, 8)?;
+        // SAFETY: in bounds of mapped shared memory (checked), aligned (checked); the memory is
+        // only ever accessed atomically or by raw copies (module invariants); it lives as long as
+        // `self`, which bounds the returned reference.
+        Some(unsafe { AtomicU64::from_ptr(p.cast()) })
+    }
+
+    /// The `AtomicU32` at `off` (4-byte aligned, in bounds).
+    #[inline]
+    pub fn atomic_u32(&self, off: u64) -> Option<&AtomicU32> {
+        if off % 4 != 0 {
+            return None;
+        }
+        let p = self.range(off, 4)?;
+        // SAFETY: as for `atomic_u64`, with 4-byte alignment.
+        Some(unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    /// Copies `buf.len()` bytes at `off` into `buf`.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Option<()> {
+        let p = self.range(off, buf.len())?;
+        // SAFETY: source checked in bounds; `buf` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Some(())
+    }
+
+    /// Copies `buf` to `off`.
+    pub fn write(&self, off: u64, buf: &[u8]) -> Option<()> {
+        let p = self.range(off, buf.len())?;
+        // SAFETY: destination checked in bounds and writable (mapped RW); `buf` is distinct.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+        Some(())
+    }
+
+    /// Zeroes `len` bytes at `off`.
+    pub fn zero(&self, off: u64, len: usize) -> Option<()> {
+        let p = self.range(off, len)?;
+        // SAFETY: destination checked in bounds and writable.
+        unsafe { std::ptr::write_bytes(p, 0, len) };
+        Some(())
+    }
+
+    /// Whether `addr..addr+len` (a host address) lies in the mapped store; returns its offset.
+    pub fn offset_of(&self, addr: usize, len: usize) -> Option<u64> {
+        let base = self.base as usize;
+        let off = addr.checked_sub(base)?;
+        (off.checked_add(len)? <= self.mapped()).then_some(off as u64)
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range we reserved; no references into it outlive `self`
+        // (every reference handed out borrows `self`).
+        unsafe { libc::munmap(self.base.cast(), self.reserved) };
+    }
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: zeroed `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open; `st` is a valid out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(errno());
+    }
+    Ok(st)
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as usize } else { 4096 }
+}
+
+/// Waits while `*word == expected`, up to `timeout_ns` (FUTEX_WAIT on shared memory).
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `word` is a valid aligned u32 in shared memory; FUTEX_WAIT only reads it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes every waiter on `word` in any process.
+pub fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: `word` is a valid aligned u32; FUTEX_WAKE does not access it.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// The low 32 bits of an aligned `u64` word, as a futex word.
+pub fn low_half(word: &AtomicU64) -> &AtomicU32 {
+    // SAFETY: on little-endian targets the low 32 bits of an aligned u64 are its first 4 bytes;
+    // 8-byte alignment implies 4-byte alignment; the view borrows `word`, so it cannot outlive
+    // it. Mixed-size atomic access to one location is what futex-based locks do on Linux.
+    unsafe { AtomicU32::from_ptr(word.as_ptr().cast()) }
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// `flock(2)` on `fd`.
+pub fn flock(fd: i32, op: i32) -> io::Result<()> {
+    // SAFETY: flock takes plain integers; an invalid fd is reported as EBADF.
+    if unsafe { libc::flock(fd, op) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Segment {
+    /// Whether the bytes at `off` equal `data` (None when out of bounds).
+    #[inline]
+    pub fn bytes_eq(&self, off: u64, data: &[u8]) -> Option<bool> {
+        let p = self.range(off, data.len())?;
+        // SAFETY: checked in bounds; a byte view that is dropped before returning, read while
+        // others may write (a torn comparison only yields a spurious mismatch or match of a key
+        // being replaced, which callers tolerate like the kernel's lockless lookups).
+        let s = unsafe { std::slice::from_raw_parts(p, data.len()) };
+        Some(s == data)
+    }
+}

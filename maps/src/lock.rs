@@ -116,18 +116,18 @@ pub fn lock(word: &AtomicU64) -> Guard<'_> {
         }
         futex_wait(low_half(word), cur as u32, WAIT_NS);
         let now = word.load(Ordering::Relaxed);
-        if now == (cur | WAITERS) && (cur & 0xffff_ffff) as u32 != std::process::id() && !holder_alive(cur) {
-            if word
+        let holder = (cur & 0xffff_ffff) as u32;
+        if now == (cur | WAITERS)
+            && holder != std::process::id()
+            && !holder_alive(cur)
+            && word
                 .compare_exchange(now, me, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-            {
-                return Guard {
-                    word,
-                    acquired: Acquired::Recovered {
-                        pid: (cur & 0xffff_ffff) as u32,
-                    },
-                };
-            }
+        {
+            return Guard {
+                word,
+                acquired: Acquired::Recovered { pid: holder },
+            };
         }
         spins = SPINS / 2;
     }

@@ -193,7 +193,7 @@ impl Segment {
     /// The `AtomicU64` at `off` (8-byte aligned, in bounds).
     #[inline]
     pub fn atomic_u64(&self, off: u64) -> Option<&AtomicU64> {
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return None;
         }
         let p = self.range(off, 8)?;
@@ -206,7 +206,7 @@ impl Segment {
     /// The `AtomicU32` at `off` (4-byte aligned, in bounds).
     #[inline]
     pub fn atomic_u32(&self, off: u64) -> Option<&AtomicU32> {
-        if off % 4 != 0 {
+        if !off.is_multiple_of(4) {
             return None;
         }
         let p = self.range(off, 4)?;

@@ -303,7 +303,7 @@ impl Store {
                 start
             }
             off => {
-                if off < DATA_START || off % 64 != 0 {
+                if off < DATA_START || !off.is_multiple_of(64) {
                     return Err(StoreError::Corrupt {
                         what: "free list head",
                     });
@@ -330,7 +330,7 @@ impl Store {
         let Some(class) = Self::class_of(len) else {
             return;
         };
-        if off < DATA_START || off % 64 != 0 || self.seg.range(off, 1usize << class).is_none() {
+        if off < DATA_START || !off.is_multiple_of(64) || self.seg.range(off, 1usize << class).is_none() {
             return;
         }
         let _g = lock::lock(self.hdr64(H_ALLOC_LOCK));

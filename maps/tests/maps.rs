@@ -180,7 +180,7 @@ fn map_opened_by_id_sees_the_same_data() {
     std::fs::remove_file(path).unwrap();
 }
 
-fn run_child(test: &str, path: &PathBuf, arg: &str) -> std::process::Child {
+fn run_child(test: &str, path: &std::path::Path, arg: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("BPFTIME_MAPS_CHILD", format!("{}|{arg}", path.display()))

@@ -8,8 +8,11 @@
 //! Helpers see the current program context (`env.ctx`), the host's own data (`env.host`), can
 //! ask the engine to stop the program (`env.request_exit`, used by the conformance "unwind"
 //! helper and `bpf_tail_call`-like control), report a fault (`env.fault`), and, when the engine
-//! checks memory, grant the program access to memory they hand out (map values).
+//! checks memory, grant the program access to memory they hand out (map values). Helpers read
+//! and write the program's memory only through [`CallEnv::read_guest`]/[`CallEnv::write_guest`],
+//! which check the interpreter's regions (and trust the pointer under the JIT).
 
+use crate::memory::GuestMemory;
 use std::ffi::c_void;
 use std::fmt;
 
@@ -88,8 +91,9 @@ pub struct CallEnv {
     pub ctx: u64,
     /// Host data, opaque to the VM (the runtime's per-call state).
     pub host: *mut c_void,
-    /// Checked-memory grants; null when the engine does not check memory.
-    grants: *mut Grants,
+    /// The interpreter's guest memory during a helper call; null when the engine does not
+    /// check memory (JIT code).
+    mem: *mut GuestMemory,
 }
 
 const _: () = assert!(std::mem::offset_of!(CallEnv, status) == 0);
@@ -102,7 +106,7 @@ impl fmt::Debug for CallEnv {
             .field("fault_code", &self.fault_code)
             .field("exit_value", &self.exit_value)
             .field("ctx", &format_args!("{:#x}", self.ctx))
-            .field("checked", &!self.grants.is_null())
+            .field("checked", &!self.mem.is_null())
             .finish()
     }
 }
@@ -116,13 +120,13 @@ impl CallEnv {
             exit_value: 0,
             ctx,
             host,
-            grants: std::ptr::null_mut(),
+            mem: std::ptr::null_mut(),
         }
     }
 
-    /// Attaches the interpreter's grant list; helpers' grants go there.
-    pub(crate) fn set_grants(&mut self, grants: &mut Grants) {
-        self.grants = grants;
+    /// Lets helpers check against, and grant into, the interpreter's memory for one call.
+    pub(crate) fn set_memory(&mut self, mem: &mut GuestMemory) {
+        self.mem = mem;
     }
 
     /// Stops the program after this helper returns, with result `value`.
@@ -139,7 +143,7 @@ impl CallEnv {
 
     /// Whether the engine checks memory accesses.
     pub fn is_checked(&self) -> bool {
-        !self.grants.is_null()
+        !self.mem.is_null()
     }
 
     /// Lets the program access `[start, start + len)` (a map value this helper hands out).
@@ -149,16 +153,21 @@ impl CallEnv {
     /// The range must be valid for reads (and writes if `writable`) until the program run ends,
     /// and not be accessed through Rust references meanwhile.
     pub unsafe fn grant(&mut self, start: u64, len: u64, writable: bool) {
-        // SAFETY: `grants` is either null or was set by `set_grants` from a `&mut Grants` that
-        // the interpreter keeps alive and does not otherwise touch while a helper runs, so this
-        // is the only live path to it.
-        if let Some(g) = unsafe { self.grants.as_mut() } {
-            g.grant(MemRegion {
-                start,
-                len,
-                writable,
-            });
-        }
+        // SAFETY: forwarded contract; `mem` is null or set by `set_memory` for this call.
+        unsafe { crate::memory::grant(self.mem, MemRegion { start, len, writable }) }
+    }
+
+    /// Copies guest memory at `addr` into `buf` (a key, a buffer the program passed).
+    /// Returns false, copying nothing, when the engine checks memory and the program may not
+    /// read that range. Without checks (JIT), the program is trusted to pass valid pointers.
+    pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> bool {
+        crate::memory::read_guest(self.mem, addr, buf)
+    }
+
+    /// Copies `data` into guest memory at `addr`; false (nothing written) when checked and the
+    /// program may not write there.
+    pub fn write_guest(&mut self, addr: u64, data: &[u8]) -> bool {
+        crate::memory::write_guest(self.mem, addr, data)
     }
 }
 

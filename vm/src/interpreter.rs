@@ -394,7 +394,7 @@ impl<'a> Interpreter<'a> {
                 pc,
             });
         };
-        env.set_grants(&mut gm.grants);
+        env.set_memory(gm);
         let r = (h.func)(regs[1], regs[2], regs[3], regs[4], regs[5], env);
         if env.status == CallStatus::Fault as u32 {
             return Err(Trap {

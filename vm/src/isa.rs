@@ -93,7 +93,7 @@ impl Insn {
 
 /// Splits bytecode into slots. The length must be a multiple of 8.
 pub fn insns_from_bytes(bytes: &[u8]) -> Result<Vec<Insn>, DecodeError> {
-    if bytes.len() % Insn::SIZE != 0 {
+    if !bytes.len().is_multiple_of(Insn::SIZE) {
         return Err(DecodeError::TrailingBytes { len: bytes.len() });
     }
     Ok(bytes

@@ -10,6 +10,10 @@
 //! - Every load, store and atomic first checks that `[addr, addr + len)` lies inside one region
 //!   (and that the region is writable for stores). Nothing outside a region is ever touched:
 //!   a failed check is a [`MemFault`], which the interpreter turns into a trap.
+//! - Helpers reach guest memory through [`read_guest`], [`write_guest`] and [`grant`], given
+//!   the interpreter's `GuestMemory` (checked like the program's own accesses) or null: under
+//!   the JIT there is no region list and the pointer is trusted, which is the JIT's documented
+//!   safety stance (programs are trusted to pass valid pointers to helpers).
 //! - Plain accesses are unaligned reads/writes ([`std::ptr::read_unaligned`]); atomics require
 //!   natural alignment (checked) and use `AtomicU32`/`AtomicU64` views of the location.
 //! - Memory may be shared with other threads or processes (maps); we only ever form raw
@@ -159,7 +163,7 @@ impl GuestMemory {
         expected: u64,
     ) -> Result<u64, MemFault> {
         self.check(addr, len as u64, true)?;
-        if addr % len as u64 != 0 {
+        if !addr.is_multiple_of(len as u64) {
             return Err(MemFault::Misaligned {
                 addr,
                 len: len as u64,
@@ -198,6 +202,50 @@ impl GuestMemory {
             Ok(old)
         }
     }
+}
+
+/// Adds a grant to `mem` (no-op when null).
+///
+/// # Safety
+/// `mem` is null or points to a live `GuestMemory` not otherwise borrowed during the call; the
+/// region must be valid memory for the rest of the program run (see [`GuestMemory::add_region`]).
+pub(crate) unsafe fn grant(mem: *mut GuestMemory, region: MemRegion) {
+    // SAFETY: per the contract, `mem` is null or valid and unaliased for this call.
+    if let Some(m) = unsafe { mem.as_mut() } {
+        m.grants.grant(region);
+    }
+}
+
+/// Copies guest memory into `buf`; with a `GuestMemory`, only from permitted ranges.
+pub(crate) fn read_guest(mem: *mut GuestMemory, addr: u64, buf: &mut [u8]) -> bool {
+    // SAFETY: `mem` comes from `CallEnv`, which holds null or the interpreter's live memory,
+    // unborrowed while a helper runs.
+    if let Some(m) = unsafe { mem.as_ref() } {
+        if m.check(addr, buf.len() as u64, false).is_err() {
+            return false;
+        }
+    } else if addr == 0 && !buf.is_empty() {
+        return false;
+    }
+    // SAFETY: either checked in a valid region above, or (JIT, unchecked) the program is trusted
+    // to pass a valid pointer — the JIT's stance, documented in the module invariants.
+    unsafe { std::ptr::copy(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+    true
+}
+
+/// Copies `data` into guest memory; with a `GuestMemory`, only into permitted ranges.
+pub(crate) fn write_guest(mem: *mut GuestMemory, addr: u64, data: &[u8]) -> bool {
+    // SAFETY: as in `read_guest`.
+    if let Some(m) = unsafe { mem.as_ref() } {
+        if m.check(addr, data.len() as u64, true).is_err() {
+            return false;
+        }
+    } else if addr == 0 && !data.is_empty() {
+        return false;
+    }
+    // SAFETY: as in `read_guest`, for writes.
+    unsafe { std::ptr::copy(data.as_ptr(), addr as *mut u8, data.len()) };
+    true
 }
 
 #[cfg(test)]

@@ -76,3 +76,36 @@ fn interpreter_passes_all_313_conformance_vectors() {
     );
     println!("conformance: {}/{} passed on the interpreter", vectors.len(), vectors.len());
 }
+
+/// Every `unused-*` negative vector (non-zero unused fields) is rejected by the loader checks,
+/// at pc 0, with a reason naming the offending field.
+#[test]
+fn loader_rejects_every_unused_field_vector() {
+    let dir = conformance_dir().join("negative");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("unused-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let raw: String = text
+            .split("-- raw")
+            .nth(1)
+            .and_then(|r| r.split("--").next())
+            .unwrap_or_else(|| panic!("{name}: no raw section"))
+            .to_string();
+        let insns = bpftime_vm::asm::parse_raw_words(&raw).unwrap();
+        let err = verify(&insns, &conformance_helpers())
+            .expect_err(&format!("{name} must be rejected"));
+        assert_eq!(err.pc, 0, "{name}: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unused field") || msg.contains("invalid"),
+            "{name}: {msg}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 45, "all unused-* vectors present");
+}

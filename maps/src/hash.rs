@@ -285,7 +285,8 @@ pub(crate) fn update(map: &Map, key: &[u8], value: &[u8], flags: u64) -> Result<
         }
         None => {
             let head = h.bucket_head(b)?;
-            h.next(new)?.store(head.load(Ordering::Acquire), Ordering::Release);
+            h.next(new)?
+                .store(head.load(Ordering::Acquire), Ordering::Release);
             head.store(new, Ordering::Release);
         }
     }

@@ -197,10 +197,7 @@ impl Map {
     /// does.
     pub fn create(store: &Arc<Store>, def: MapDef, name: &str) -> Result<Map, MapError> {
         let ty = MapType::try_from(def.map_type)?;
-        if def.key_size == 0 && ty == MapType::Hash
-            || def.value_size == 0
-            || def.max_entries == 0
-        {
+        if def.key_size == 0 && ty == MapType::Hash || def.value_size == 0 || def.max_entries == 0 {
             return Err(MapError::BadDefinition {
                 what: "key_size, value_size and max_entries must be non-zero",
             });
@@ -341,7 +338,11 @@ impl Map {
 
     /// `BPF_MAP_FREEZE`.
     pub fn freeze(&self) {
-        if let Some(a) = self.store.segment().atomic_u32(self.meta_off + meta::FROZEN) {
+        if let Some(a) = self
+            .store
+            .segment()
+            .atomic_u32(self.meta_off + meta::FROZEN)
+        {
             a.store(1, Ordering::Release);
         }
     }

@@ -206,8 +206,12 @@ impl Store {
             seg.grow(DATA_START as usize).map_err(io_err)?;
             let h = |off| seg.atomic_u64(off).expect("header is mapped after grow");
             let uid = euid();
-            seg.atomic_u32(H_VERSION).expect("mapped").store(LAYOUT_VERSION, Ordering::Relaxed);
-            seg.atomic_u32(H_UID).expect("mapped").store(uid, Ordering::Relaxed);
+            seg.atomic_u32(H_VERSION)
+                .expect("mapped")
+                .store(LAYOUT_VERSION, Ordering::Relaxed);
+            seg.atomic_u32(H_UID)
+                .expect("mapped")
+                .store(uid, Ordering::Relaxed);
             h(H_BUMP).store(DATA_START, Ordering::Relaxed);
             h(H_MAGIC).store(MAGIC, Ordering::Release);
         }
@@ -254,7 +258,9 @@ impl Store {
     }
 
     fn generation_word(&self) -> &AtomicU32 {
-        self.seg.atomic_u32(H_GENERATION).expect("header is always mapped")
+        self.seg
+            .atomic_u32(H_GENERATION)
+            .expect("header is always mapped")
     }
 
     /// Waits until the generation differs from `seen`, or `timeout_ns` passes.
@@ -264,6 +270,12 @@ impl Store {
             futex_wait(w, seen, timeout_ns);
         }
         w.load(Ordering::Acquire)
+    }
+
+    /// Bumps the generation so agents re-read the object table (after a mutable field of a
+    /// live object changed, e.g. a perf event was enabled).
+    pub fn touch(&self) {
+        self.bump_generation();
     }
 
     fn bump_generation(&self) {
@@ -295,7 +307,8 @@ impl Store {
                 if end as usize > self.seg.mapped() {
                     let cur = self.seg.file_len().unwrap_or(0) as u64;
                     let want = end.max(cur.saturating_mul(2)).max(end);
-                    if self.seg.grow(want as usize).is_err() && self.seg.grow(end as usize).is_err() {
+                    if self.seg.grow(want as usize).is_err() && self.seg.grow(end as usize).is_err()
+                    {
                         return Err(StoreError::OutOfMemory { requested: len });
                     }
                 }
@@ -330,7 +343,10 @@ impl Store {
         let Some(class) = Self::class_of(len) else {
             return;
         };
-        if off < DATA_START || !off.is_multiple_of(64) || self.seg.range(off, 1usize << class).is_none() {
+        if off < DATA_START
+            || !off.is_multiple_of(64)
+            || self.seg.range(off, 1usize << class).is_none()
+        {
             return;
         }
         let _g = lock::lock(self.hdr64(H_ALLOC_LOCK));
@@ -350,17 +366,26 @@ impl Store {
 
     fn slot32(&self, id: u32, field: u64) -> &AtomicU32 {
         let off = Self::slot_off(id).expect("valid id") + field;
-        self.seg.atomic_u32(off).expect("object table is always mapped")
+        self.seg
+            .atomic_u32(off)
+            .expect("object table is always mapped")
     }
 
     fn slot64(&self, id: u32, field: u64) -> &AtomicU64 {
         let off = Self::slot_off(id).expect("valid id") + field;
-        self.seg.atomic_u64(off).expect("object table is always mapped")
+        self.seg
+            .atomic_u64(off)
+            .expect("object table is always mapped")
     }
 
     /// Reserves an object id and allocates its payload. The object is invisible to others
     /// until [`Store::publish`].
-    pub fn create(&self, kind: ObjectKind, name: &str, payload_len: u64) -> Result<(u32, u64), StoreError> {
+    pub fn create(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        payload_len: u64,
+    ) -> Result<(u32, u64), StoreError> {
         let payload = self.alloc(payload_len.max(1))?;
         for id in 1..=OBJECT_SLOTS {
             if self
@@ -368,7 +393,8 @@ impl Store {
                 .compare_exchange(FREE, RESERVED, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                self.slot32(id, S_KIND).store(kind as u32, Ordering::Relaxed);
+                self.slot32(id, S_KIND)
+                    .store(kind as u32, Ordering::Relaxed);
                 self.slot32(id, S_REFS).store(1, Ordering::Relaxed);
                 let pid = std::process::id();
                 self.slot32(id, S_OWNER).store(pid, Ordering::Relaxed);
@@ -376,8 +402,10 @@ impl Store {
                     lock::process_start_time(pid).unwrap_or(0) as u32,
                     Ordering::Relaxed,
                 );
-                self.slot64(id, S_PAYLOAD_OFF).store(payload, Ordering::Relaxed);
-                self.slot64(id, S_PAYLOAD_LEN).store(payload_len, Ordering::Relaxed);
+                self.slot64(id, S_PAYLOAD_OFF)
+                    .store(payload, Ordering::Relaxed);
+                self.slot64(id, S_PAYLOAD_LEN)
+                    .store(payload_len, Ordering::Relaxed);
                 let mut n = [0u8; 16];
                 let b = name.as_bytes();
                 let l = b.len().min(15);
@@ -385,7 +413,9 @@ impl Store {
                 let slot = Self::slot_off(id).expect("valid id");
                 self.seg
                     .write(slot + S_NAME, &n)
-                    .ok_or(StoreError::Corrupt { what: "object slot" })?;
+                    .ok_or(StoreError::Corrupt {
+                        what: "object slot",
+                    })?;
                 return Ok((id, payload));
             }
         }
@@ -538,10 +568,7 @@ mod tests {
         std::fs::write(&p, vec![7u8; 8192]).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(
-            Store::open(&p),
-            Err(StoreError::BadLayout { .. })
-        ));
+        assert!(matches!(Store::open(&p), Err(StoreError::BadLayout { .. })));
         std::fs::remove_file(p).unwrap();
     }
 }

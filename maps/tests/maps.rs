@@ -119,9 +119,18 @@ fn array_map_has_kernel_semantics() {
     m.lookup(&1u32.to_ne_bytes(), &mut v).unwrap();
     assert_eq!(v, [7; 12]);
     let errno = |r: Result<(), bpftime_maps::MapError>| r.unwrap_err().errno();
-    assert_eq!(errno(m.update(&3u32.to_ne_bytes(), &[0; 12], BPF_ANY)), libc::E2BIG);
-    assert_eq!(errno(m.update(&0u32.to_ne_bytes(), &[0; 12], BPF_NOEXIST)), libc::EEXIST);
-    assert_eq!(errno(m.update(&0u32.to_ne_bytes(), &[0; 12], 9)), libc::EINVAL);
+    assert_eq!(
+        errno(m.update(&3u32.to_ne_bytes(), &[0; 12], BPF_ANY)),
+        libc::E2BIG
+    );
+    assert_eq!(
+        errno(m.update(&0u32.to_ne_bytes(), &[0; 12], BPF_NOEXIST)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(m.update(&0u32.to_ne_bytes(), &[0; 12], 9)),
+        libc::EINVAL
+    );
     assert_eq!(errno(m.lookup(&3u32.to_ne_bytes(), &mut v)), libc::ENOENT);
     assert_eq!(errno(m.delete(&0u32.to_ne_bytes())), libc::EINVAL);
     let mut k = [0u8; 4];
@@ -129,12 +138,18 @@ fn array_map_has_kernel_semantics() {
     assert_eq!(u32::from_ne_bytes(k), 0);
     m.next_key(Some(&1u32.to_ne_bytes()), &mut k).unwrap();
     assert_eq!(u32::from_ne_bytes(k), 2);
-    assert_eq!(errno(m.next_key(Some(&2u32.to_ne_bytes()), &mut k)), libc::ENOENT);
+    assert_eq!(
+        errno(m.next_key(Some(&2u32.to_ne_bytes()), &mut k)),
+        libc::ENOENT
+    );
     m.next_key(Some(&99u32.to_ne_bytes()), &mut k).unwrap();
     assert_eq!(u32::from_ne_bytes(k), 0, "an absent key restarts at 0");
     // Frozen: syscall-side writes refused with EPERM.
     m.freeze();
-    assert_eq!(errno(m.update_syscall(&0u32.to_ne_bytes(), &[1; 12], BPF_ANY)), libc::EPERM);
+    assert_eq!(
+        errno(m.update_syscall(&0u32.to_ne_bytes(), &[1; 12], BPF_ANY)),
+        libc::EPERM
+    );
     // Data is page-aligned for mmap.
     assert_eq!(m.data_offset() % 4096, 0);
     std::fs::remove_file(path).unwrap();
@@ -158,7 +173,11 @@ fn bad_definitions_get_kernel_errnos() {
         .map(|_| ())
         .map_err(|e| e.errno())
     };
-    assert_eq!(mk(2, 8, 4, 1), Err(libc::EINVAL), "array key must be 4 bytes");
+    assert_eq!(
+        mk(2, 8, 4, 1),
+        Err(libc::EINVAL),
+        "array key must be 4 bytes"
+    );
     assert_eq!(mk(1, 4, 0, 1), Err(libc::EINVAL));
     assert_eq!(mk(1, 4, 4, 0), Err(libc::EINVAL));
     assert_eq!(mk(1, 513, 4, 1), Err(libc::E2BIG));
@@ -193,7 +212,10 @@ fn run_child(test: &str, path: &std::path::Path, arg: &str) -> std::process::Chi
 fn child_args() -> Option<(Arc<Store>, String)> {
     let v = std::env::var("BPFTIME_MAPS_CHILD").ok()?;
     let (p, arg) = v.split_once('|')?;
-    Some((Arc::new(Store::open(std::path::Path::new(p)).unwrap()), arg.to_string()))
+    Some((
+        Arc::new(Store::open(std::path::Path::new(p)).unwrap()),
+        arg.to_string(),
+    ))
 }
 
 /// Child: inserts keys `base..base+1000` into map id 1 of the store.
@@ -216,7 +238,13 @@ fn four_processes_insert_concurrently_and_nothing_is_lost() {
     let (store, path) = temp_store("procs");
     let m = Map::create(&store, hash_def(4096), "shared").unwrap();
     let kids: Vec<_> = (0..4)
-        .map(|i| run_child("child_insert_keys", &path, &format!("{},{}", m.id(), i * 1000)))
+        .map(|i| {
+            run_child(
+                "child_insert_keys",
+                &path,
+                &format!("{},{}", m.id(), i * 1000),
+            )
+        })
         .collect();
     for mut k in kids {
         assert!(k.wait().unwrap().success());

@@ -154,7 +154,16 @@ impl CallEnv {
     /// and not be accessed through Rust references meanwhile.
     pub unsafe fn grant(&mut self, start: u64, len: u64, writable: bool) {
         // SAFETY: forwarded contract; `mem` is null or set by `set_memory` for this call.
-        unsafe { crate::memory::grant(self.mem, MemRegion { start, len, writable }) }
+        unsafe {
+            crate::memory::grant(
+                self.mem,
+                MemRegion {
+                    start,
+                    len,
+                    writable,
+                },
+            )
+        }
     }
 
     /// Copies guest memory at `addr` into `buf` (a key, a buffer the program passed).
@@ -265,7 +274,14 @@ impl HelperRegistry {
 }
 
 /// Helper #5 of the conformance suite: returns r1; stops the program with r0 = 0 when r1 is 0.
-pub extern "C" fn conformance_unwind(r1: u64, _: u64, _: u64, _: u64, _: u64, env: &mut CallEnv) -> u64 {
+pub extern "C" fn conformance_unwind(
+    r1: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    env: &mut CallEnv,
+) -> u64 {
     if r1 == 0 {
         env.request_exit(0);
     }

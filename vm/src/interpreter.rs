@@ -68,7 +68,9 @@ pub struct Trap {
 impl From<MemFault> for TrapKind {
     fn from(f: MemFault) -> Self {
         match f {
-            MemFault::OutOfBounds { addr, len, write } => TrapKind::OutOfBounds { addr, len, write },
+            MemFault::OutOfBounds { addr, len, write } => {
+                TrapKind::OutOfBounds { addr, len, write }
+            }
             MemFault::Misaligned { addr, len } => TrapKind::Misaligned { addr, len },
         }
     }
@@ -184,7 +186,11 @@ impl<'a> Interpreter<'a> {
             let off = insn.off as i64 as u64;
             let mut next = pc + 1;
             // 64-bit second operand and 32-bit second operand.
-            let s64 = if source(insn.code) == BPF_X { regs[src] } else { imm };
+            let s64 = if source(insn.code) == BPF_X {
+                regs[src]
+            } else {
+                imm
+            };
             let s32 = s64 as u32;
             let d32 = regs[dst] as u32;
             match insn.code {
@@ -284,7 +290,8 @@ impl<'a> Interpreter<'a> {
                     };
                 }
                 LDDW => {
-                    regs[dst] = (insn.imm as u32 as u64) | ((insns[pc + 1].imm as u32 as u64) << 32);
+                    regs[dst] =
+                        (insn.imm as u32 as u64) | ((insns[pc + 1].imm as u32 as u64) << 32);
                     next = pc + 2;
                 }
                 c if class(c) == BPF_LDX => {
@@ -517,13 +524,12 @@ mod tests {
 
     #[test]
     fn budget_exhaustion_traps() {
-        let p = [
-            Insn::new(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, -1, 0),
-            EXIT_I,
-        ];
+        let p = [Insn::new(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, -1, 0), EXIT_I];
         let h = conformance_helpers();
         let prog = verify(&p, &h).unwrap();
-        let r = Interpreter::new(&prog, &h).with_budget(Some(1000)).run(&mut []);
+        let r = Interpreter::new(&prog, &h)
+            .with_budget(Some(1000))
+            .run(&mut []);
         assert_eq!(r.unwrap_err().kind, TrapKind::BudgetExhausted);
     }
 

@@ -875,7 +875,13 @@ pub fn encode(op: &Op) -> Vec<Insn> {
                 off,
                 0,
             )],
-            Src::Imm(v) => vec![Insn::new(BPF_ST | BPF_MEM | size_bits(size), dst, 0, off, v)],
+            Src::Imm(v) => vec![Insn::new(
+                BPF_ST | BPF_MEM | size_bits(size),
+                dst,
+                0,
+                off,
+                v,
+            )],
         },
         Op::Atomic {
             size,
@@ -960,7 +966,10 @@ mod tests {
     fn every_opcode_byte_decodes_or_errors_and_round_trips() {
         for code in 0..=255u8 {
             for (dst, src, off, imm) in [(1, 2, 0, 0), (1, 0, 0, 16), (1, 2, 1, 0), (0, 0, 3, 0)] {
-                let insns = [Insn::new(code, dst, src, off, imm), Insn::new(0, 0, 0, 0, 7)];
+                let insns = [
+                    Insn::new(code, dst, src, off, imm),
+                    Insn::new(0, 0, 0, 0, 7),
+                ];
                 if let Ok(op) = decode(&insns, 0) {
                     let enc = encode(&op);
                     assert_eq!(enc[0], insns[0], "{op:?}");

@@ -242,11 +242,24 @@ pub fn verify_with(
             Op::LdImm64 { kind, .. } if kind != LdImmKind::Imm64 && !opts.allow_pseudo_lddw => {
                 return err(pc, VerifyErrorKind::UnresolvedPseudo { kind });
             }
-            Op::Load { src: base, off, size, .. }
-            | Op::Store { dst: base, off, size, .. }
-            | Op::Atomic { dst: base, off, size, .. }
-                if base == FRAME_REG =>
-            {
+            Op::Load {
+                src: base,
+                off,
+                size,
+                ..
+            }
+            | Op::Store {
+                dst: base,
+                off,
+                size,
+                ..
+            }
+            | Op::Atomic {
+                dst: base,
+                off,
+                size,
+                ..
+            } if base == FRAME_REG => {
                 let off = i64::from(off);
                 if off < -(STACK_SIZE as i64) || off + size.bytes() as i64 > 0 {
                     return err(
@@ -331,7 +344,9 @@ pub fn verify_with(
                 _ => {
                     if let Op::CallLocal { off } = op {
                         let target = (pc as i64 + 1 + off as i64) as usize;
-                        let ti = functions.binary_search(&target).expect("collected in pass 1");
+                        let ti = functions
+                            .binary_search(&target)
+                            .expect("collected in pass 1");
                         calls[fi].push(ti);
                     }
                     if next >= end {
@@ -407,7 +422,11 @@ fn writes_frame_pointer(op: &Op) -> bool {
         | Op::LdImm64 { dst, .. }
         | Op::Load { dst, .. } => dst == FRAME_REG,
         Op::Atomic { src, fetch, .. } => fetch && src == FRAME_REG,
-        Op::Callx { .. } | Op::Store { src: Src::Reg(_), .. } | Op::Store { .. } => false,
+        Op::Callx { .. }
+        | Op::Store {
+            src: Src::Reg(_), ..
+        }
+        | Op::Store { .. } => false,
         _ => false,
     }
 }
@@ -526,12 +545,20 @@ mod tests {
 
     #[test]
     fn stack_access_outside_frame_is_rejected() {
-        let p = [Insn::new(BPF_STX | BPF_MEM | BPF_DW, 10, 0, -516, 0), MOV0, EXIT_I];
+        let p = [
+            Insn::new(BPF_STX | BPF_MEM | BPF_DW, 10, 0, -516, 0),
+            MOV0,
+            EXIT_I,
+        ];
         assert!(matches!(
             v(&p).unwrap_err().kind,
             VerifyErrorKind::StackOutOfBounds { .. }
         ));
-        let p = [Insn::new(BPF_STX | BPF_MEM | BPF_DW, 10, 0, -512, 0), MOV0, EXIT_I];
+        let p = [
+            Insn::new(BPF_STX | BPF_MEM | BPF_DW, 10, 0, -512, 0),
+            MOV0,
+            EXIT_I,
+        ];
         assert!(v(&p).is_ok());
     }
 

@@ -14,7 +14,10 @@ fn conformance_dir() -> PathBuf {
     std::env::var_os("BPF_CONFORMANCE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/conformance"))
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/conformance"
+            ))
         })
 }
 
@@ -74,7 +77,11 @@ fn interpreter_passes_all_313_conformance_vectors() {
         vectors.len(),
         failures.join("\n")
     );
-    println!("conformance: {}/{} passed on the interpreter", vectors.len(), vectors.len());
+    println!(
+        "conformance: {}/{} passed on the interpreter",
+        vectors.len(),
+        vectors.len()
+    );
 }
 
 /// Every `unused-*` negative vector (non-zero unused fields) is rejected by the loader checks,
@@ -97,8 +104,8 @@ fn loader_rejects_every_unused_field_vector() {
             .unwrap_or_else(|| panic!("{name}: no raw section"))
             .to_string();
         let insns = bpftime_vm::asm::parse_raw_words(&raw).unwrap();
-        let err = verify(&insns, &conformance_helpers())
-            .expect_err(&format!("{name} must be rejected"));
+        let err =
+            verify(&insns, &conformance_helpers()).expect_err(&format!("{name} must be rejected"));
         assert_eq!(err.pc, 0, "{name}: {err}");
         let msg = err.to_string();
         assert!(

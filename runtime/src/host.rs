@@ -1,0 +1,170 @@
+//! The host services helpers need: validated map handles, reads of arbitrary user memory,
+//! clocks and the current task. The only module of this crate with `unsafe` code.
+//!
+//! # Invariants
+//!
+//! - `CallEnv::host` of a program run is null or points to the [`ProgHost`] of the
+//!   [`crate::prog::LoadedProg`] being run, which outlives the run. A map pointer a program
+//!   passes to a helper is used only if it is one of that `ProgHost`'s map handles; those are
+//!   boxed [`Map`]s owned by the same `LoadedProg`, so they stay valid for the whole run.
+//! - Memory outside the program's regions (a `probe_read` source) is only read with
+//!   `process_vm_readv(getpid())`, which reports an unmapped address as `EFAULT` rather than
+//!   faulting.
+
+use bpftime_maps::Map;
+use bpftime_vm::helper::CallEnv;
+use std::cell::Cell;
+
+/// Per-program data helpers see through `CallEnv::host`.
+#[derive(Debug, Default)]
+pub struct ProgHost {
+    /// Addresses of the program's map handles (the values its `lddw` map references load).
+    pub maps: Vec<usize>,
+}
+
+/// The map a program passed as a helper argument, if it is one of the program's maps.
+/// The reference is valid for the rest of the helper call (module invariants).
+pub(crate) fn map_arg<'a>(env: &CallEnv, arg: u64) -> Option<&'a Map> {
+    let host = env.host as *const ProgHost;
+    // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
+    let host = unsafe { host.as_ref() }?;
+    if !host.maps.contains(&(arg as usize)) {
+        return None;
+    }
+    let p = arg as *const Map;
+    // SAFETY: `p` is one of the program's boxed map handles, alive for the whole run.
+    Some(unsafe { &*p })
+}
+
+/// Lets a checked (interpreted) program access a map value a helper returned.
+pub(crate) fn grant_value(env: &mut CallEnv, p: *mut u8, len: u32) {
+    // SAFETY: `p` points at a value inside the map's data in the store mapping, which stays
+    // mapped for the life of the `Map` handle (the store segment never unmaps while open),
+    // and so for the rest of the run.
+    unsafe { env.grant(p as u64, u64::from(len), true) };
+}
+
+/// Reads `buf.len()` bytes of this process's memory at `addr`; false on any fault.
+pub fn read_user(addr: u64, buf: &mut [u8]) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes our own writable buffer; the kernel validates `remote` and
+    // returns -1/EFAULT (or a short count) instead of faulting.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == buf.len() as isize
+}
+
+/// Reads a NUL-terminated string at `addr` into `buf` (at most `buf.len() - 1` bytes plus a
+/// NUL). Returns the length including the NUL, or None if the first byte cannot be read.
+pub fn read_user_str(addr: u64, buf: &mut [u8]) -> Option<usize> {
+    let cap = buf.len().checked_sub(1)?;
+    let mut done = 0;
+    while done < cap {
+        // Read up to the next page boundary so an unmapped page after the string is harmless.
+        let a = addr.checked_add(done as u64)?;
+        let to_page = (4096 - (a % 4096)) as usize;
+        let n = to_page.min(cap - done);
+        if !read_user(a, &mut buf[done..done + n]) {
+            if done == 0 {
+                return None;
+            }
+            break;
+        }
+        if let Some(z) = buf[done..done + n].iter().position(|&b| b == 0) {
+            return Some(done + z + 1);
+        }
+        done += n;
+    }
+    buf[done] = 0;
+    Some(done + 1)
+}
+
+/// `clock_gettime(clock)` in ns.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; the clock ids used are supported on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+thread_local! {
+    static TID: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+}
+
+/// The calling thread's id (cached per thread; re-read after `fork`, when the pid changes).
+pub fn tid() -> u32 {
+    let pid = std::process::id();
+    TID.with(|c| {
+        let (p, t) = c.get();
+        if p == pid && t != 0 {
+            return t;
+        }
+        // SAFETY: gettid has no preconditions.
+        let t = unsafe { libc::gettid() } as u32;
+        c.set((pid, t));
+        t
+    })
+}
+
+/// The CPU the caller runs on.
+pub fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
+    let c = unsafe { libc::sched_getcpu() };
+    c.max(0) as u32
+}
+
+/// Real uid and gid of the process.
+pub fn uid_gid() -> (u32, u32) {
+    // SAFETY: getuid/getgid have no preconditions.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// The calling thread's name (`comm`, at most 16 bytes with the NUL).
+pub fn comm() -> Vec<u8> {
+    let mut buf = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer we pass.
+    let r = unsafe { libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr()) };
+    if r != 0 {
+        return Vec::new();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(16);
+    buf[..n].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_an_unmapped_address_fails_cleanly() {
+        let mut b = [0u8; 8];
+        assert!(!read_user(8, &mut b));
+        let x = 0x1122_3344_5566_7788u64;
+        assert!(read_user(&x as *const u64 as u64, &mut b));
+        assert_eq!(u64::from_ne_bytes(b), x);
+    }
+
+    #[test]
+    fn strings_stop_at_nul_and_truncate() {
+        let s = b"hello\0world";
+        let mut b = [0xffu8; 16];
+        assert_eq!(read_user_str(s.as_ptr() as u64, &mut b), Some(6));
+        assert_eq!(&b[..6], b"hello\0");
+        let mut small = [0xffu8; 4];
+        assert_eq!(read_user_str(s.as_ptr() as u64, &mut small), Some(4));
+        assert_eq!(&small, b"hel\0");
+        assert_eq!(read_user_str(16, &mut small), None);
+    }
+}

@@ -1,0 +1,21 @@
+//! # bpftime-runtime
+//!
+//! The userspace backend shared by the syscall-server, the agent and the Wasm host: object
+//! records in the store ([`object`]: programs after relocation, perf events, links), the
+//! kernel helpers ([`helpers`]), and loading and running programs ([`prog`]).
+//!
+//! What it does not do: intercept syscalls (syscall-server), hook functions (attach), or decide
+//! when programs run (agent).
+//!
+//! Invariants: records are read by copying and validating; map references in stored programs
+//! are object ids, resolved per process at load; unsafe code lives in [`host`] and `exec`.
+
+mod exec;
+pub mod helpers;
+pub mod host;
+pub mod object;
+pub mod prog;
+pub mod trace;
+
+pub use object::RuntimeError;
+pub use prog::{LoadError, LoadedProg};

@@ -1,0 +1,19 @@
+//! # bpftime-tools
+//!
+//! The pieces behind the `bpftime` command line and the `bpftime-conformance-plugin` binary:
+//! reading programs from hex text, conformance assembly or clang-built ELF objects
+//! ([`input`], [`object`]), the honest set of helpers `bpftime run` provides ([`helpers`]), and
+//! the `run` subcommand itself ([`run`]).
+//!
+//! What it does not do: maps, BTF/CO-RE relocations, attaching, JIT. A program that needs any
+//! of them is refused with an error that says so, never run with silently wrong semantics.
+//!
+//! Invariants: no `unsafe`; untrusted input (bytecode, ELF files, hex text) never panics the
+//! process — the ELF parser's own panics are caught and reported as errors.
+
+#![forbid(unsafe_code)]
+
+pub mod helpers;
+pub mod input;
+pub mod object;
+pub mod run;

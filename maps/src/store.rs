@@ -131,6 +131,8 @@ pub enum ObjectKind {
     Link = 4,
     /// A perf event (uprobe, tracepoint, software event).
     PerfEvent = 5,
+    /// An agent attached to a process (for `bpftime list`).
+    Agent = 6,
 }
 
 impl ObjectKind {
@@ -141,6 +143,7 @@ impl ObjectKind {
             3 => Self::Btf,
             4 => Self::Link,
             5 => Self::PerfEvent,
+            6 => Self::Agent,
             _ => return None,
         })
     }

@@ -392,3 +392,48 @@ pub fn attachments(store: &Store) -> Vec<Attachment> {
     out.retain(|a| !a.progs.is_empty());
     out
 }
+
+const AGENT_MAX_SITES: usize = 62;
+const AGENT_LEN: u64 = 8 + 4 * AGENT_MAX_SITES as u64;
+
+/// An agent's entry in the store: which process it runs in and which perf events it has
+/// attached there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The target process.
+    pub pid: u32,
+    /// Perf events attached in it (at most 62 listed).
+    pub perf_events: Vec<u32>,
+}
+
+/// Registers the calling process's agent; returns the object id.
+pub fn create_agent_record(store: &Store) -> Result<u32> {
+    let (id, off) = store.create(ObjectKind::Agent, "agent", AGENT_LEN)?;
+    put_u32(store, off, std::process::id())?;
+    store.publish(id);
+    Ok(id)
+}
+
+/// Records the perf events an agent has attached (no generation bump: nobody waits on it).
+pub fn update_agent_record(store: &Store, id: u32, perf_events: &[u32]) -> Result<()> {
+    let off = payload(store, id, ObjectKind::Agent, "agent", AGENT_LEN)?;
+    let n = perf_events.len().min(AGENT_MAX_SITES);
+    for (i, pe) in perf_events.iter().take(n).enumerate() {
+        put_u32(store, off + 8 + 4 * i as u64, *pe)?;
+    }
+    put_u32(store, off + 4, n as u32)
+}
+
+/// Reads an agent record.
+pub fn read_agent_record(store: &Store, id: u32) -> Result<AgentRecord> {
+    let off = payload(store, id, ObjectKind::Agent, "agent", AGENT_LEN)?;
+    let corrupt = || RuntimeError::Corrupt { what: "agent", id };
+    let n = (get_u32(store, off + 4).ok_or_else(corrupt)? as usize).min(AGENT_MAX_SITES);
+    let perf_events = (0..n)
+        .map(|i| get_u32(store, off + 8 + 4 * i as u64).ok_or_else(corrupt))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AgentRecord {
+        pid: get_u32(store, off).ok_or_else(corrupt)?,
+        perf_events,
+    })
+}

@@ -3,7 +3,7 @@
 //! The pieces behind the `bpftime` command line and the `bpftime-conformance-plugin` binary:
 //! reading programs from hex text, conformance assembly or clang-built ELF objects
 //! ([`input`], [`object`]), the honest set of helpers `bpftime run` provides ([`helpers`]), and
-//! the `run` subcommand itself ([`run`]).
+//! the `run` subcommand itself ([`run`]); `load`/`start` ([`launch`]) and `list` ([`list`]).
 //!
 //! What it does not do: maps, BTF/CO-RE relocations, attaching, JIT. A program that needs any
 //! of them is refused with an error that says so, never run with silently wrong semantics.
@@ -15,5 +15,7 @@
 
 pub mod helpers;
 pub mod input;
+pub mod launch;
+pub mod list;
 pub mod object;
 pub mod run;

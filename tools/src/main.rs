@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+use bpftime_tools::launch::{LaunchArgs, Library, exec_with};
+use bpftime_tools::list::{self, ListArgs};
 use bpftime_tools::run::{self, RunArgs};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,6 +24,13 @@ enum Command {
     /// Exit status: 0 on success, 1 on a usage or input error, 2 when the loader checks reject
     /// the program, 3 when it traps.
     Run(RunArgs),
+    /// Run an unmodified eBPF loader (libbpf tool, bpftrace, bcc) with its bpf() calls
+    /// answered in userspace: programs and maps go into the shared-memory store. No root.
+    Load(LaunchArgs),
+    /// Run a program with the agent preloaded: it attaches the store's probes inside it.
+    Start(LaunchArgs),
+    /// List the store's maps, programs, perf events, links and attached processes.
+    List(ListArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,7 +42,17 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { run::EXIT_ERROR } else { 0 });
         }
     };
+    let fail = |e: anyhow::Error| {
+        eprintln!("bpftime: {e:#}");
+        ExitCode::from(run::EXIT_ERROR)
+    };
     match cli.command {
         Command::Run(args) => ExitCode::from(run::main(&args)),
+        Command::Load(args) => fail(exec_with(Library::SyscallServer, &args)),
+        Command::Start(args) => fail(exec_with(Library::Agent, &args)),
+        Command::List(args) => match list::main(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
     }
 }

@@ -131,7 +131,8 @@ impl<'a> Interpreter<'a> {
     }
 
     /// Runs with r1 = `r1`, r2 = `r2`, in memory `gm` (whose regions the caller registered),
-    /// with `host` passed to helpers. `gm`'s stack is reset first.
+    /// with `host` passed to helpers. Earlier helper grants are dropped; the stack is *not*
+    /// cleared (callers that reuse `gm` and need a zeroed stack call [`GuestMemory::reset`]).
     pub fn run_in(
         &self,
         gm: &mut GuestMemory,

@@ -43,26 +43,14 @@ extern "C" fn on_hit(regs: &mut PtRegs, user: *mut c_void) {
     BUSY.with(|b| b.set(false));
 }
 
-/// Hooks `addr` with the handler running `data`'s programs.
+/// Hooks `addr` with the handler running `data`'s programs. `addr` comes from a uprobe's
+/// (binary, file offset), which the loader computed from a symbol or an offset given by the
+/// user, exactly what the kernel trusts for its uprobes: the start of an instruction.
 pub(crate) fn install_hook(addr: usize, data: &SiteData) -> Result<Hook, AttachError> {
-    install(addr, on_hit, data as *const SiteData as *mut c_void)
-}
-
-fn agent_main() {
-    BUSY.with(|b| b.set(true));
-    crate::log::init_from_env();
-    let cfg = AgentConfig::from_env();
-    match Agent::new(&cfg) {
-        Ok(agent) => {
-            tracing::info!(
-                "bpftime agent in pid {} following {}",
-                std::process::id(),
-                agent.store().path().display()
-            );
-            agent.run(&cfg)
-        }
-        Err(e) => tracing::error!("bpftime agent disabled: {e}"),
-    }
+    // SAFETY: `addr` is the start of an instruction in a mapped file (the uprobe contract the
+    // kernel also relies on); `on_hit` is sound on any thread; `data` is boxed in the agent's
+    // `Site` and outlives the hook (module invariants); we never replace SIGTRAP handlers.
+    unsafe { install(addr, on_hit, data as *const SiteData as *mut c_void) }
 }
 
 extern "C" fn agent_constructor() {
@@ -70,11 +58,35 @@ extern "C" fn agent_constructor() {
         if std::env::var_os("BPFTIME_AGENT_DISABLE").is_some() {
             return;
         }
-        // Children started by the target (e.g. a shell running the real program) get the agent
-        // too through LD_PRELOAD; each follows the store on its own.
-        let _ = std::thread::Builder::new()
-            .name("bpftime-agent".into())
-            .spawn(agent_main);
+        crate::log::init_from_env();
+        // Attach what the store already holds before the program's main runs, so
+        // `bpftime start` traces from the first call; then follow the store on a thread.
+        BUSY.with(|b| b.set(true));
+        let cfg = AgentConfig::from_env();
+        let agent = Agent::new(&cfg).map(|mut a| {
+            a.sync();
+            a
+        });
+        BUSY.with(|b| b.set(false));
+        match agent {
+            Ok(agent) => {
+                tracing::info!(
+                    "bpftime agent in pid {} following {}",
+                    std::process::id(),
+                    agent.store().path().display()
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("bpftime-agent".into())
+                    .spawn(move || {
+                        BUSY.with(|b| b.set(true));
+                        agent.run(&cfg)
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("bpftime agent: cannot start its thread: {e}");
+                }
+            }
+            Err(e) => tracing::error!("bpftime agent disabled: {e}"),
+        }
     });
 }
 

@@ -1,0 +1,56 @@
+//! # bpftime-attach
+//!
+//! Attaches code to instructions of the process this library runs in: the x86_64 inline-hook
+//! engine behind bpftime's userspace uprobes, and the mapping from a uprobe target as the kernel
+//! receives it — (binary path, file offset) — to an address in this process.
+//!
+//! - [`install`] decodes the first instructions at an address (iced-x86), relocates them into a
+//!   trampoline (iced-x86's `BlockEncoder` fixes RIP-relative operands and branches), builds a
+//!   stub that saves every general-purpose register, the flags and xmm0–xmm15 into the kernel's
+//!   x86_64 [`PtRegs`] layout, calls a [`HookHandler`], restores the (possibly modified)
+//!   registers and continues in the trampoline; then it patches a `jmp rel32` (or a 14-byte
+//!   absolute jump when no memory within ±2 GiB is free) over the start of the function.
+//!   [`Hook::remove`] (or dropping the [`Hook`]) restores the original bytes.
+//! - [`resolve`] maps (path, file offset) to a runtime address through `/proc/self/maps`, and an
+//!   ELF symbol to its file offset through the program headers (goblin), as libbpf does.
+//!
+//! What it does not do (yet): aarch64, uretprobes, syscall tracepoints and the trap-based
+//! fallback for functions too short to patch ([`AttachError::TooShort`] reports them so that
+//! fallback can take over). It does not run eBPF programs: the handler is plain native code.
+//!
+//! ## Invariants
+//!
+//! - Executable memory this crate allocates is never writable and executable at once: it is
+//!   mapped read-write, written, then made read-execute. Patched text pages are made writable
+//!   only for the duration of a patch and get their original protection back.
+//! - A thread running the hooked function while it is patched or restored sees either the old
+//!   or the new instruction, never a torn one: the jump is written with one atomic 8- or 16-byte
+//!   store when it fits in an aligned block, else with the int3 protocol (int3 first, then the
+//!   tail, then the first byte) and a `SIGTRAP` handler that sends trapping threads to the stub.
+//! - A thread suspended inside the patched bytes (between two instructions of a multi-instruction
+//!   prologue) is moved to the matching instruction of the trampoline; a thread that has entered
+//!   the stub but not yet been counted when a hook is removed is moved back to the original
+//!   code. Both happen in a short "stop the world" in which every other thread waits in a
+//!   real-time signal handler; see the `signals` module.
+//! - When [`Hook::remove`] returns, no thread is running or will run the handler for that hook.
+//!   Stubs and trampolines are never unmapped: a preempted thread may still be executing their
+//!   last instructions.
+//! - The hit path takes no lock, allocates nothing and makes no system call.
+//!
+//! Everything `unsafe` lives in the modules `x86_64::hook`, `x86_64::code_mem`,
+//! `x86_64::patch` and `x86_64::signals`; each states its invariants at the top.
+
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod procmaps;
+pub mod regs;
+pub mod resolve;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod x86_64;
+
+pub use error::AttachError;
+pub use regs::PtRegs;
+pub use resolve::{find_symbol_in_process, resolve_file_offset, symbol_file_offset};
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub use x86_64::{Hook, HookHandler, install};

@@ -1,0 +1,334 @@
+//! Low-level system access: raw system calls, errno, fault-safe access to the loader's memory,
+//! placeholder file descriptors.
+//!
+//! # Invariants
+//!
+//! - Memory named by an intercepted call (attr pointers, keys, values, log buffers, paths) is
+//!   untrusted. It is only ever read or written with `process_vm_readv`/`process_vm_writev` on
+//!   our own pid, which report `EFAULT` for a bad address instead of faulting; no reference or
+//!   raw dereference is ever formed to it.
+//! - [`raw_syscall6`] issues the machine's `syscall`/`svc` instruction directly, so it never
+//!   re-enters the exported `syscall` symbol (which [`crate::ffi`] defines).
+//! - Functions here only call into libc through symbols that are either not interposed, or are
+//!   interposed with a re-entrancy guard that forwards to libc (see [`crate::ffi`]).
+#![allow(unsafe_code)]
+
+use crate::Errno;
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Issues system call `nr` with six arguments; returns the kernel's raw result (`-errno` on
+/// failure), without touching `errno`.
+///
+/// # Safety
+/// The system call and its arguments must be sound for the caller to make (it may write
+/// memory named by the arguments, change mappings, etc.).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
+    let ret: i64;
+    // SAFETY: the Linux x86_64 syscall ABI: number in rax, args in rdi, rsi, rdx, r10, r8, r9;
+    // the instruction clobbers rcx and r11. Soundness of the call itself is the caller's
+    // contract.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Issues system call `nr` with six arguments; returns the kernel's raw result (`-errno` on
+/// failure), without touching `errno`.
+///
+/// # Safety
+/// The system call and its arguments must be sound for the caller to make.
+#[cfg(target_arch = "aarch64")]
+pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
+    let ret: i64;
+    // SAFETY: the Linux aarch64 syscall ABI: number in x8, args in x0..x5, result in x0.
+    // Soundness of the call itself is the caller's contract.
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a[0] => ret,
+            in("x1") a[1],
+            in("x2") a[2],
+            in("x3") a[3],
+            in("x4") a[4],
+            in("x5") a[5],
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// The calling thread's `errno`.
+pub fn errno() -> i32 {
+    // SAFETY: `__errno_location` returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets the calling thread's `errno`.
+pub fn set_errno(e: i32) {
+    // SAFETY: `__errno_location` returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() = e }
+}
+
+fn last_errno() -> Errno {
+    Errno(errno())
+}
+
+/// Copies `buf.len()` bytes from address `addr` of this process into `buf`, or `EFAULT` if any
+/// byte is not readable.
+pub fn read_user_into(addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    if addr == 0 || addr.checked_add(buf.len() as u64).is_none() {
+        return Err(Errno(libc::EFAULT));
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` names `buf`, which we own mutably for the call; `remote` is only
+    // accessed by the kernel, which checks it and reports EFAULT.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        let e = errno();
+        return Err(Errno(if e == libc::ESRCH || e == libc::EPERM {
+            libc::EFAULT
+        } else {
+            e
+        }));
+    }
+    if n as usize != buf.len() {
+        return Err(Errno(libc::EFAULT));
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes at `addr` of this process.
+pub fn read_user(addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    let mut v = vec![0u8; len];
+    read_user_into(addr, &mut v)?;
+    Ok(v)
+}
+
+/// Writes `data` to address `addr` of this process, or `EFAULT` if any byte is not writable.
+pub fn write_user(addr: u64, data: &[u8]) -> Result<(), Errno> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if addr == 0 || addr.checked_add(data.len() as u64).is_none() {
+        return Err(Errno(libc::EFAULT));
+    }
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: the kernel only reads `local` (our slice) and checks `remote`, reporting EFAULT
+    // for an address that is not writable.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n < 0 || n as usize != data.len() {
+        return Err(Errno(libc::EFAULT));
+    }
+    Ok(())
+}
+
+/// Reads a NUL-terminated string at `addr` of at most `max` bytes (without the NUL).
+/// `EFAULT` if unreadable, `ENAMETOOLONG` if no NUL within `max` bytes.
+pub fn read_user_cstr(addr: u64, max: usize) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; max + 1];
+    let n = read_user_cstr_into(addr, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Reads a NUL-terminated string at `addr` into `buf` without allocating; returns its length
+/// (without the NUL). `EFAULT` if unreadable, `ENAMETOOLONG` if no NUL fits in `buf`.
+pub fn read_user_cstr_into(addr: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+    const PAGE: u64 = 4096;
+    let mut done = 0;
+    let mut cur = addr;
+    while done < buf.len() {
+        let chunk = ((PAGE - cur % PAGE) as usize).min(buf.len() - done);
+        read_user_into(cur, &mut buf[done..done + chunk])?;
+        if let Some(n) = buf[done..done + chunk].iter().position(|&b| b == 0) {
+            return Ok(done + n);
+        }
+        done += chunk;
+        cur = cur.checked_add(chunk as u64).ok_or(Errno(libc::EFAULT))?;
+    }
+    Err(Errno(libc::ENAMETOOLONG))
+}
+
+/// A new memfd named `name` (visible in `/proc/<pid>/fd` as `/memfd:<name>`).
+pub fn memfd(name: &str, cloexec: bool, sealing: bool) -> Result<OwnedFd, Errno> {
+    let c = CString::new(name.replace('\0', "")).map_err(|_| Errno(libc::EINVAL))?;
+    let mut flags = 0;
+    if cloexec {
+        flags |= libc::MFD_CLOEXEC;
+    }
+    if sealing {
+        flags |= libc::MFD_ALLOW_SEALING;
+    }
+    // SAFETY: `c` is a valid C string for the duration of the call.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A sealed, read-only-content memfd holding `content`, positioned at offset 0.
+pub fn content_fd(name: &str, content: &[u8], cloexec: bool) -> Result<OwnedFd, Errno> {
+    use std::os::fd::AsRawFd;
+    let fd = memfd(name, cloexec, true)?;
+    let raw = fd.as_raw_fd();
+    // SAFETY: `content` is a valid buffer of its length; `raw` is our open fd.
+    let n = unsafe { libc::pwrite(raw, content.as_ptr().cast(), content.len(), 0) };
+    if n < 0 || n as usize != content.len() {
+        return Err(last_errno());
+    }
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on our own fd. (fcntl may be interposed by us; the interposer
+    // forwards F_ADD_SEALS to libc.)
+    unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) };
+    Ok(fd)
+}
+
+/// `(st_dev, st_ino)` of an open fd, or `None` if `fd` is not open.
+pub fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
+    if fd < 0 {
+        return None;
+    }
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a writable buffer of the right type; fstat fills it on success.
+    let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat returned 0, so it initialized `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
+/// Whether `fd` names an open file.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    fd_identity(fd).is_some()
+}
+
+/// Closes `fd` with the raw system call (bypassing every interposer).
+pub fn raw_close(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: closing an fd number cannot violate memory safety; callers own `fd`.
+    let r = unsafe { raw_syscall6(libc::SYS_close, [fd as i64, 0, 0, 0, 0, 0]) };
+    if r < 0 { Err(Errno(-r as i32)) } else { Ok(()) }
+}
+
+/// `dup(fd)` with the raw system call (bypassing every interposer).
+pub fn raw_dup(fd: RawFd) -> Result<RawFd, Errno> {
+    // SAFETY: dup creates a new fd number and touches no memory.
+    let r = unsafe { raw_syscall6(libc::SYS_dup, [fd as i64, 0, 0, 0, 0, 0]) };
+    if r < 0 {
+        Err(Errno(-r as i32))
+    } else {
+        Ok(r as RawFd)
+    }
+}
+
+/// Maps `len` bytes of `fd` at `off` (a thin wrapper: the result is an address, not a
+/// reference, and nothing here touches the mapping).
+pub fn mmap_raw(
+    addr: u64,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: RawFd,
+    off: u64,
+) -> Result<u64, Errno> {
+    let off = libc::off_t::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: mapping a file cannot affect memory we hold references to unless the caller
+    // passes MAP_FIXED over such memory; with MAP_FIXED, `addr` is the loader's own request
+    // (as it would be to the kernel), we forward it unchanged.
+    let p = unsafe {
+        libc::mmap(
+            addr as usize as *mut libc::c_void,
+            len,
+            prot,
+            flags,
+            fd,
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(last_errno())
+    } else {
+        Ok(p as usize as u64)
+    }
+}
+
+/// Opens `path` read-only (close-on-exec).
+pub fn open_rdonly(path: &str) -> Result<OwnedFd, Errno> {
+    let c = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: `c` is a valid C string; open returns a new fd or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: `fd` was just returned by open and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Boot-time clock in nanoseconds (`CLOCK_BOOTTIME`, as `bpf_prog_info.load_time`).
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether process `pid` exists (`kill(pid, 0)` does not fail with `ESRCH`).
+pub fn pid_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || errno() != libc::ESRCH
+}
+
+/// Number of configured CPUs (`nr_cpu_ids`).
+pub fn nr_cpus() -> i64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    if n <= 0 { 1 } else { n }
+}

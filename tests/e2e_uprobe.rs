@@ -216,3 +216,43 @@ fn kernel_and_bpftime_report_the_same_counts() {
     assert_eq!(kernel, expected(777));
     assert_eq!(ours, kernel);
 }
+
+#[test]
+fn probes_leave_and_objects_are_reclaimed_when_the_loader_is_killed() {
+    let Some(build) = build_example("uprobe-counter") else {
+        return;
+    };
+    let store = TestStore::new("kill");
+    let bin = build.join("victim");
+    let mut v = victim(&store, &build, &["-w", "10"]);
+    v.wait_line(T, |l| l.starts_with("pid "));
+    let vpid = v.pid();
+    poll(T, "the agent to register", || attached_events(&store, vpid));
+    let original = live_bytes(vpid, &bin, "target_function", 16);
+    let mut l = loader(&store, &build, &["-d", "60"]);
+    let lpid = l.pid();
+    poll(T, "the probe to attach", || {
+        attached_events(&store, vpid).filter(|e| !e.is_empty())
+    });
+    // SIGKILL: no chance to close fds or run exit handlers.
+    l.child.kill().unwrap();
+    l.child.wait().unwrap();
+    poll(T, "the probe to leave", || {
+        attached_events(&store, vpid).filter(|e| e.is_empty())
+    });
+    assert_eq!(live_bytes(vpid, &bin, "target_function", 16), original);
+    // The next loader to open the store returns the dead loader's objects' memory.
+    let next = loader(&store, &build, &["-d", "0"]);
+    next.finish(T);
+    let listing = unprivileged(&artifacts().bpftime)
+        .args(["list", "--store", &store.name])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        !listing.contains(&format!("pid {lpid}")),
+        "objects of the killed loader remain:\n{listing}"
+    );
+    v.send_line("go");
+    assert_eq!(v.finish(T).last().map(String::as_str), Some("calls 10"));
+}

@@ -442,6 +442,28 @@ impl Map {
     }
 }
 
+/// Removes every object whose creator has exited (a loader killed before it could close its
+/// fds), as the kernel does when a process dies, freeing map data too. Returns how many objects
+/// were removed. Agents already ignore such objects; this returns their memory.
+pub fn reclaim_dead_owners(store: &Arc<Store>) -> usize {
+    let mut n = 0;
+    for id in store.live_ids() {
+        if store.owner_alive(id) {
+            continue;
+        }
+        let data = Map::open(store, id)
+            .ok()
+            .map(|m| (m.data_offset(), m.data_len()));
+        if store.force_release(id).is_some() {
+            n += 1;
+            if let Some((off, len)) = data {
+                store.free(off, len);
+            }
+        }
+    }
+    n
+}
+
 /// Validates update flags as the kernel does for hash and array maps.
 pub(crate) fn check_update_flags(flags: u64) -> Result<u64, MapError> {
     let op = flags & !BPF_F_LOCK;

@@ -36,6 +36,8 @@ pub const OBJECTS_OFF: u64 = 4096;
 pub const OBJECT_SLOTS: u32 = 16384;
 /// Size of one object slot.
 pub const SLOT_LEN: u64 = 64;
+/// How long a freed block stays unused before it can be handed out again.
+pub const FREE_GRACE_NS: u64 = 2_000_000_000;
 const MIN_CLASS: u32 = 6;
 const MAX_CLASS: u32 = 40;
 const N_CLASSES: usize = (MAX_CLASS - MIN_CLASS + 1) as usize;
@@ -294,13 +296,49 @@ impl Store {
     }
 
     /// Allocates `len` bytes (zeroed, 64-byte aligned; page-aligned when `len` ≥ 4096).
+    ///
+    /// A freed block is reused only after [`FREE_GRACE_NS`]: an agent still running a program
+    /// over a map that was just removed keeps writing into memory nobody else owns until it
+    /// notices (within its rescan interval, far shorter than the grace period).
     pub fn alloc(&self, len: u64) -> Result<u64, StoreError> {
         let class = Self::class_of(len).ok_or(StoreError::OutOfMemory { requested: len })?;
         let size = 1u64 << class;
         let _g = lock::lock(self.hdr64(H_ALLOC_LOCK));
         let head = self.hdr64(H_FREE + 8 * u64::from(class - MIN_CLASS));
-        let off = match head.load(Ordering::Acquire) {
-            0 => {
+        let reusable = match head.load(Ordering::Acquire) {
+            0 => None,
+            off => {
+                if off < DATA_START || !off.is_multiple_of(64) {
+                    return Err(StoreError::Corrupt {
+                        what: "free list head",
+                    });
+                }
+                let link = |field: u64| {
+                    self.seg
+                        .atomic_u64(off + field)
+                        .map(|a| a.load(Ordering::Acquire))
+                        .ok_or(StoreError::Corrupt {
+                            what: "free list link",
+                        })
+                };
+                let (next, freed_at) = (link(0)?, link(8)?);
+                // The head is the most recently freed block: if it is still in its grace
+                // period, bump-allocate instead.
+                (monotonic_ns().saturating_sub(freed_at) >= FREE_GRACE_NS).then_some((off, next))
+            }
+        };
+        let off = match reusable {
+            Some((off, next)) => {
+                head.store(next, Ordering::Release);
+                // Reused memory holds old data: clear it.
+                self.seg
+                    .zero(off, size as usize)
+                    .ok_or(StoreError::Corrupt { what: "allocation" })?;
+                off
+            }
+            None => {
+                // Fresh space past the bump pointer was never written (the file only grows):
+                // it reads as zeroes without touching its pages.
                 let bump = self.hdr64(H_BUMP);
                 let align = size.min(4096);
                 let start = bump.load(Ordering::Acquire).div_ceil(align) * align;
@@ -309,7 +347,7 @@ impl Store {
                     .ok_or(StoreError::OutOfMemory { requested: len })?;
                 if end as usize > self.seg.mapped() {
                     let cur = self.seg.file_len().unwrap_or(0) as u64;
-                    let want = end.max(cur.saturating_mul(2)).max(end);
+                    let want = end.max(cur.saturating_mul(2));
                     if self.seg.grow(want as usize).is_err() && self.seg.grow(end as usize).is_err()
                     {
                         return Err(StoreError::OutOfMemory { requested: len });
@@ -318,26 +356,7 @@ impl Store {
                 bump.store(end, Ordering::Release);
                 start
             }
-            off => {
-                if off < DATA_START || !off.is_multiple_of(64) {
-                    return Err(StoreError::Corrupt {
-                        what: "free list head",
-                    });
-                }
-                let next = self
-                    .seg
-                    .atomic_u64(off)
-                    .ok_or(StoreError::Corrupt {
-                        what: "free list link",
-                    })?
-                    .load(Ordering::Acquire);
-                head.store(next, Ordering::Release);
-                off
-            }
         };
-        self.seg
-            .zero(off, size as usize)
-            .ok_or(StoreError::Corrupt { what: "allocation" })?;
         Ok(off)
     }
 
@@ -354,9 +373,11 @@ impl Store {
         }
         let _g = lock::lock(self.hdr64(H_ALLOC_LOCK));
         let head = self.hdr64(H_FREE + 8 * u64::from(class - MIN_CLASS));
-        let Some(link) = self.seg.atomic_u64(off) else {
+        let (Some(link), Some(stamp)) = (self.seg.atomic_u64(off), self.seg.atomic_u64(off + 8))
+        else {
             return;
         };
+        stamp.store(monotonic_ns(), Ordering::Release);
         link.store(head.load(Ordering::Acquire), Ordering::Release);
         head.store(off, Ordering::Release);
     }
@@ -499,12 +520,25 @@ impl Store {
         Some(info)
     }
 
+    /// Removes object `id` whatever its reference count (its creator died: the kernel drops a
+    /// dead process's references). Returns its info when this call removed it.
+    pub fn force_release(&self, id: u32) -> Option<ObjectInfo> {
+        self.object(id)?;
+        self.slot32(id, S_REFS).store(1, Ordering::Release);
+        self.release(id)
+    }
+
     /// Ids of all live objects.
     pub fn live_ids(&self) -> Vec<u32> {
         (1..=OBJECT_SLOTS)
             .filter(|&id| self.slot32(id, S_STATE).load(Ordering::Acquire) == LIVE)
             .collect()
     }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the same clock in every process on the machine.
+fn monotonic_ns() -> u64 {
+    crate::shm::monotonic_raw_ns()
 }
 
 #[cfg(test)]
@@ -557,11 +591,40 @@ mod tests {
     }
 
     #[test]
-    fn freed_blocks_are_reused() {
+    fn freed_blocks_are_reused_after_the_grace_period_only() {
         let (s, p) = temp_store();
         let a = s.alloc(100).unwrap();
+        s.segment().write(a, &[9; 16]).unwrap();
         s.free(a, 100);
+        let b = s.alloc(120).unwrap();
+        assert_ne!(b, a, "still in its grace period");
+        // Age the freed block past the grace period.
+        s.segment()
+            .atomic_u64(a + 8)
+            .unwrap()
+            .store(0, Ordering::Relaxed);
         assert_eq!(s.alloc(120).unwrap(), a);
+        let mut buf = [1u8; 16];
+        s.segment().read(a, &mut buf).unwrap();
+        assert_eq!(buf, [0; 16], "reused blocks are zeroed");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn objects_of_a_dead_creator_can_be_force_released() {
+        let (s, p) = temp_store();
+        let (id, _) = s.create(ObjectKind::Map, "orphan", 64).unwrap();
+        s.publish(id);
+        s.acquire(id);
+        let (mine, _) = s.create(ObjectKind::Map, "mine", 64).unwrap();
+        s.publish(mine);
+        // Pretend the creator is a process that no longer exists.
+        s.slot32(id, S_OWNER).store(0x7fff_fff0, Ordering::Relaxed);
+        assert!(!s.owner_alive(id));
+        assert!(s.owner_alive(mine));
+        assert_eq!(s.force_release(id).map(|o| o.id), Some(id));
+        assert!(s.object(id).is_none());
+        assert!(s.object(mine).is_some());
         std::fs::remove_file(p).unwrap();
     }
 

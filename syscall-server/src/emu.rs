@@ -113,7 +113,14 @@ impl Emulator {
             tracing::warn!("cannot open store {name:?}: {e}");
             Errno(e.errno())
         })?;
-        Ok(Emulator::new(Arc::new(store)))
+        let store = Arc::new(store);
+        // Objects of loaders that died without closing their fds: the kernel would have
+        // dropped them with the process; return their memory now.
+        let n = bpftime_maps::map::reclaim_dead_owners(&store);
+        if n > 0 {
+            tracing::info!("reclaimed {n} objects of exited processes");
+        }
+        Ok(Emulator::new(store))
     }
 
     /// The store.

@@ -10,6 +10,7 @@
  *
  *   -w       print "pid <PID>" and wait for a line on stdin before calling
  *   -W FILE  print "pid <PID>" and wait until FILE exists before calling
+ *   -t       time the calls and print "ns_per_call X" (for overhead benchmarks)
  *   -m MODE  which function to call:
  *              target  target_function (C; first instruction push %rbp; default)
  *              nop5    nop5_entry: first instruction is a 5-byte nop
@@ -22,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -75,22 +77,26 @@ asm(
 
 static void usage(const char *prog)
 {
-	fprintf(stderr, "usage: %s [-w | -W FILE] [-m target|nop5|lea] N [ARG_BASE]\n", prog);
+	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-m target|nop5|lea] N [ARG_BASE]\n", prog);
 }
 
 int main(int argc, char **argv)
 {
 	long (*fn)(long) = NULL;
 	const char *wait_file = NULL;
-	int wait_stdin = 0, opt;
+	int wait_stdin = 0, timed = 0, opt;
+	struct timespec t0, t1;
 	long n, base = 0, i;
 	volatile long sink = 0;
 	char *end;
 
-	while ((opt = getopt(argc, argv, "wW:m:h")) != -1) {
+	while ((opt = getopt(argc, argv, "wW:m:th")) != -1) {
 		switch (opt) {
 		case 'w':
 			wait_stdin = 1;
+			break;
+		case 't':
+			timed = 1;
 			break;
 		case 'W':
 			wait_file = optarg;
@@ -148,6 +154,7 @@ int main(int argc, char **argv)
 			usleep(1000);
 	}
 
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (fn) {
 		for (i = 0; i < n; i++)
 			sink += fn(base + i);
@@ -155,7 +162,11 @@ int main(int argc, char **argv)
 		for (i = 0; i < n; i++)
 			sink += target_function(base + i);
 	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
 
+	if (timed && n > 0)
+		printf("ns_per_call %.2f\n",
+		       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (double)n);
 	printf("calls %ld\n", n);
 	return 0;
 }

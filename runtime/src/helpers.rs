@@ -265,7 +265,7 @@ extern "C" fn get_smp_processor_id(_: u64, _: u64, _: u64, _: u64, _: u64, _: &m
 }
 
 extern "C" fn get_current_pid_tgid(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
-    (u64::from(std::process::id()) << 32) | u64::from(host::tid())
+    (u64::from(host::pid()) << 32) | u64::from(host::tid())
 }
 
 extern "C" fn get_current_uid_gid(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {

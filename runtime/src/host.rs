@@ -14,6 +14,8 @@
 use bpftime_maps::Map;
 use bpftime_vm::helper::CallEnv;
 use std::cell::Cell;
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Per-program data helpers see through `CallEnv::host`.
 #[derive(Debug, Default)]
@@ -100,20 +102,52 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 thread_local! {
-    static TID: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+    static TID: Cell<(u64, u32)> = const { Cell::new((u64::MAX, 0)) };
 }
 
-/// The calling thread's id (cached per thread; re-read after `fork`, when the pid changes).
+/// Bumped in the child after every `fork`, invalidating cached pids and tids.
+static FORK_GEN: AtomicU64 = AtomicU64::new(0);
+static PID: AtomicU64 = AtomicU64::new(0);
+static ATFORK: Once = Once::new();
+
+extern "C" fn after_fork_in_child() {
+    FORK_GEN.fetch_add(1, Ordering::AcqRel);
+    PID.store(0, Ordering::Release);
+}
+
+fn watch_forks() {
+    ATFORK.call_once(|| {
+        // SAFETY: registering a handler that only touches atomics, which is async-signal-safe
+        // and valid in a freshly forked child.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+}
+
+/// The process id, cached (glibc no longer caches `getpid`, a system call per probe hit
+/// otherwise); the cache is reset in the child after `fork`.
+pub fn pid() -> u32 {
+    let p = PID.load(Ordering::Acquire);
+    if p != 0 {
+        return p as u32;
+    }
+    watch_forks();
+    let p = std::process::id();
+    PID.store(u64::from(p), Ordering::Release);
+    p
+}
+
+/// The calling thread's id (cached per thread; re-read after `fork`).
 pub fn tid() -> u32 {
-    let pid = std::process::id();
+    let generation = FORK_GEN.load(Ordering::Acquire);
     TID.with(|c| {
-        let (p, t) = c.get();
-        if p == pid && t != 0 {
+        let (g, t) = c.get();
+        if g == generation && t != 0 {
             return t;
         }
+        watch_forks();
         // SAFETY: gettid has no preconditions.
         let t = unsafe { libc::gettid() } as u32;
-        c.set((pid, t));
+        c.set((generation, t));
         t
     })
 }

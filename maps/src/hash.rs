@@ -1,8 +1,13 @@
-//! `BPF_MAP_TYPE_HASH`, preallocated like the kernel's default.
+//! `BPF_MAP_TYPE_HASH` and its variants `PERCPU_HASH`, `LRU_HASH`, `LRU_PERCPU_HASH` (and the
+//! tables under `HASH_OF_MAPS` and `LPM_TRIE`), preallocated like the kernel's default.
 //!
 //! Data layout: `n_buckets` (a power of two ≥ `max_entries`) buckets of 16 bytes
 //! `[lock: u64 | head: u32 | pad]`, then `max_entries` elements of
-//! `[next: u32 | hash: u32 | state: u32 | pad | key (8-rounded) | value (8-rounded)]`.
+//! `[next: u32 | hash: u32 | state: u32 | ref: u32 | key (8-rounded) | value (8-rounded)]`.
+//! Per-CPU variants keep the values out of the elements: after the elements come one block per
+//! possible CPU of `max_entries` values (`round_up(value_size, 8)` each, 64-byte aligned
+//! blocks), so CPUs never share a cache line and a value is updated in place, as the kernel's
+//! `pcpu_copy_value` does.
 //! Free elements sit on a lock-free stack (Treiber) whose head is a tagged
 //! `(tag << 32) | index` word in the map metadata.
 //!
@@ -12,9 +17,21 @@
 //! restarts. Updates and deletes take the bucket's robust lock ([`crate::lock`]) and change a
 //! chain only by single atomic stores of fully written elements, so a writer killed at any
 //! point leaves every chain intact (at worst one element leaks).
+//!
+//! Replacing the value of a key takes a fresh element when one is free (readers keep a stable
+//! old value) and otherwise overwrites the value in place, so an update of an existing key never
+//! fails because the map is full (the kernel keeps spare elements for the same reason).
+//!
+//! LRU variants (`kernel/bpf/bpf_lru_list.c` is the model, approximated by CLOCK): lookups set
+//! the element's `ref` word; an update that finds no free element sweeps a shared clock hand
+//! over the elements, clearing set `ref` words and evicting the first element found clear. The
+//! sweep holds no lock while it looks, then takes the victim's bucket lock and evicts it only
+//! if it is still linked there, so it never waits on a lock while holding one.
+//! `BPF_F_NO_COMMON_LRU` is accepted and uses the same shared clock.
 
 use crate::lock;
 use crate::map::{BPF_EXIST, BPF_NOEXIST, Map, MapDef, MapError, check_update_flags, meta, round8};
+use crate::percpu;
 use crate::store::StoreError;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -25,32 +42,86 @@ const ELEM_HDR: u64 = 16;
 const LIVE: u32 = 1;
 const DEAD: u32 = 0;
 const MAX_RESTARTS: usize = 16;
+/// `sizeof(struct htab_elem)` in Linux 6.18 (x86_64).
+const HTAB_ELEM_LEN: u64 = 48;
+/// Evictions an LRU update tries before giving up with `E2BIG` (others keep taking the
+/// elements it frees).
+const MAX_EVICT_ROUNDS: usize = 64;
+
+/// Which hash flavour a map type is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Variant {
+    /// Values per CPU.
+    pub percpu: bool,
+    /// Evicts instead of failing when full.
+    pub lru: bool,
+}
+
+impl Variant {
+    pub(crate) fn of(map_type: u32) -> Variant {
+        Variant {
+            percpu: matches!(map_type, 5 | 10),
+            lru: matches!(map_type, 9 | 10),
+        }
+    }
+}
+
+/// Where a value to store comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Val<'v> {
+    /// `value_size` bytes (not per-CPU).
+    Plain(&'v [u8]),
+    /// A syscall-side per-CPU image: `round_up(value_size, 8)` bytes per CPU.
+    AllCpus(&'v [u8]),
+    /// A program's per-CPU update: this CPU's value (the others start zeroed).
+    ThisCpu(&'v [u8]),
+}
 
 fn n_buckets(def: &MapDef) -> u64 {
     u64::from(def.max_entries).next_power_of_two()
 }
 
-fn elem_len(def: &MapDef) -> u64 {
-    ELEM_HDR + round8(def.key_size) + round8(def.value_size)
+fn elem_len(def: &MapDef, percpu: bool) -> u64 {
+    let v = if percpu { 0 } else { round8(def.value_size) };
+    ELEM_HDR + round8(def.key_size) + v
 }
 
-pub(crate) fn check_def(def: &MapDef) -> Result<u64, MapError> {
-    if def.key_size > crate::map::MAX_KEY_SIZE {
+fn cpu_stride(def: &MapDef) -> u64 {
+    (round8(def.value_size) * u64::from(def.max_entries)).div_ceil(64) * 64
+}
+
+/// Checks sizes and returns the data length. `nr_cpus` matters for per-CPU variants only.
+pub(crate) fn check_def(def: &MapDef, nr_cpus: u32) -> Result<u64, MapError> {
+    let v = Variant::of(def.map_type);
+    // htab_map_alloc_check(): an element (key, value and the kernel's 48-byte `struct
+    // htab_elem`) must fit one kmalloc.
+    if u64::from(def.key_size) + u64::from(def.value_size)
+        >= crate::map::KMALLOC_MAX_SIZE - HTAB_ELEM_LEN
+    {
         return Err(MapError::TooBig);
     }
-    if def.value_size > crate::map::MAX_VALUE_SIZE {
+    if v.percpu && round8(def.value_size) > percpu::MAX_PERCPU_VALUE {
         return Err(MapError::TooBig);
     }
     if def.max_entries >= NULLS {
         return Err(MapError::TooBig);
     }
-    n_buckets(def)
-        .checked_mul(BUCKET_LEN)
-        .and_then(|b| {
-            elem_len(def)
-                .checked_mul(u64::from(def.max_entries))
-                .and_then(|e| e.checked_add(b))
-        })
+    let buckets = n_buckets(def).checked_mul(BUCKET_LEN);
+    let elems = elem_len(def, v.percpu).checked_mul(u64::from(def.max_entries));
+    let values = if v.percpu {
+        if nr_cpus == 0 || nr_cpus > percpu::MAX_CPUS {
+            return Err(MapError::BadDefinition {
+                what: "bad number of CPUs",
+            });
+        }
+        cpu_stride(def).checked_mul(u64::from(nr_cpus))
+    } else {
+        Some(0)
+    };
+    buckets
+        .and_then(|b| b.checked_add(elems?))
+        .and_then(|b| b.checked_add(values?))
+        .filter(|&l| l <= 1 << 40)
         .ok_or(MapError::TooBig)
 }
 
@@ -61,19 +132,29 @@ fn corrupt() -> MapError {
 /// Geometry of one open hash map.
 struct H<'a> {
     map: &'a Map,
+    v: Variant,
     mask: u32,
     elems_off: u64,
     elem_len: u64,
+    values_off: u64,
+    vs8: u64,
 }
 
 impl<'a> H<'a> {
     fn new(map: &'a Map) -> Self {
-        let nb = n_buckets(&map.def);
+        let def = &map.def;
+        let v = Variant::of(def.map_type);
+        let nb = n_buckets(def);
+        let elems_off = map.data_off + nb * BUCKET_LEN;
+        let elem_len = elem_len(def, v.percpu);
         H {
             map,
+            v,
             mask: (nb - 1) as u32,
-            elems_off: map.data_off + nb * BUCKET_LEN,
-            elem_len: elem_len(&map.def),
+            elems_off,
+            elem_len,
+            values_off: elems_off + elem_len * u64::from(def.max_entries),
+            vs8: round8(def.value_size),
         }
     }
     fn seg(&self) -> &'a crate::shm::Segment {
@@ -104,11 +185,37 @@ impl<'a> H<'a> {
     fn state(&self, i: u32) -> Result<&'a AtomicU32, MapError> {
         self.seg().atomic_u32(self.elem(i)? + 8).ok_or_else(corrupt)
     }
+    fn ref_bit(&self, i: u32) -> Result<&'a AtomicU32, MapError> {
+        self.seg()
+            .atomic_u32(self.elem(i)? + 12)
+            .ok_or_else(corrupt)
+    }
     fn key_off(&self, i: u32) -> Result<u64, MapError> {
         Ok(self.elem(i)? + ELEM_HDR)
     }
+    /// The value of element `i` (per-CPU maps: CPU slot 0's).
     fn value_off(&self, i: u32) -> Result<u64, MapError> {
-        Ok(self.elem(i)? + ELEM_HDR + round8(self.map.def.key_size))
+        self.cpu_value_off(i, 0)
+    }
+    fn cpu_value_off(&self, i: u32, slot: u32) -> Result<u64, MapError> {
+        if self.v.percpu {
+            if i >= self.map.def.max_entries || slot >= self.map.nr_cpus {
+                return Err(corrupt());
+            }
+            Ok(self.values_off
+                + u64::from(slot) * cpu_stride(&self.map.def)
+                + u64::from(i) * self.vs8)
+        } else {
+            Ok(self.elem(i)? + ELEM_HDR + round8(self.map.def.key_size))
+        }
+    }
+    /// The value programs see: this CPU's for per-CPU maps.
+    fn prog_value_off(&self, i: u32) -> Result<u64, MapError> {
+        if self.v.percpu {
+            self.cpu_value_off(i, percpu::current_slot(self.map.nr_cpus))
+        } else {
+            self.value_off(i)
+        }
     }
     fn freelist(&self) -> Result<&'a AtomicU64, MapError> {
         self.seg()
@@ -119,6 +226,45 @@ impl<'a> H<'a> {
         self.seg()
             .bytes_eq(self.key_off(i)?, key)
             .ok_or_else(corrupt)
+    }
+
+    /// Stores `val` into element `i`'s value. `fresh`: the element is new (per-CPU program
+    /// updates then zero the other CPUs' values).
+    fn write_value(&self, i: u32, val: Val<'_>, fresh: bool) -> Result<(), MapError> {
+        let seg = self.seg();
+        match val {
+            Val::Plain(v) => seg.write(self.value_off(i)?, v).ok_or_else(corrupt),
+            Val::AllCpus(img) => {
+                for (slot, chunk) in img.chunks_exact(self.vs8 as usize).enumerate() {
+                    seg.write(self.cpu_value_off(i, slot as u32)?, chunk)
+                        .ok_or_else(corrupt)?;
+                }
+                Ok(())
+            }
+            Val::ThisCpu(v) => {
+                if fresh {
+                    for slot in 0..self.map.nr_cpus {
+                        seg.zero(self.cpu_value_off(i, slot)?, self.vs8 as usize)
+                            .ok_or_else(corrupt)?;
+                    }
+                }
+                seg.write(self.prog_value_off(i)?, v).ok_or_else(corrupt)
+            }
+        }
+    }
+
+    /// Copies element `i`'s value the way the syscall side sees it (per-CPU: every CPU).
+    fn read_value(&self, i: u32, out: &mut [u8]) -> Result<(), MapError> {
+        let seg = self.seg();
+        if self.v.percpu {
+            for (slot, chunk) in out.chunks_exact_mut(self.vs8 as usize).enumerate() {
+                seg.read(self.cpu_value_off(i, slot as u32)?, chunk)
+                    .ok_or_else(corrupt)?;
+            }
+            Ok(())
+        } else {
+            seg.read(self.value_off(i)?, out).ok_or_else(corrupt)
+        }
     }
 
     fn pop_free(&self) -> Result<Option<u32>, MapError> {
@@ -204,10 +350,60 @@ impl<'a> H<'a> {
         }
         Err(corrupt())
     }
+
+    /// The link word pointing at element `i` in bucket `b` (under the bucket lock).
+    fn link_to(&self, b: u32, i: u32) -> Result<Option<&'a AtomicU32>, MapError> {
+        let mut prev = self.bucket_head(b)?;
+        let mut link = prev.load(Ordering::Acquire);
+        for _ in 0..=self.map.def.max_entries {
+            if link & NULLS != 0 {
+                return Ok(None);
+            }
+            if link == i {
+                return Ok(Some(prev));
+            }
+            prev = self.next(link)?;
+            link = prev.load(Ordering::Acquire);
+        }
+        Err(corrupt())
+    }
+
+    /// LRU: evicts one element (CLOCK sweep). Returns false if none could be evicted.
+    fn evict_one(&self) -> Result<bool, MapError> {
+        let hand = self
+            .seg()
+            .atomic_u32(self.map.meta_off + meta::LRU_HAND)
+            .ok_or_else(corrupt)?;
+        let n = self.map.def.max_entries;
+        // Two turns: the first may only clear reference bits.
+        for _ in 0..2 * u64::from(n) + 2 {
+            let i = hand.fetch_add(1, Ordering::Relaxed) % n;
+            if self.state(i)?.load(Ordering::Acquire) != LIVE {
+                continue;
+            }
+            let r = self.ref_bit(i)?;
+            if r.load(Ordering::Relaxed) != 0 {
+                r.store(0, Ordering::Relaxed);
+                continue;
+            }
+            let b = self.hash_field(i)?.load(Ordering::Acquire) & self.mask;
+            let _g = lock::lock(self.bucket_lock(b)?);
+            // Still linked in that bucket (not freed, moved or being filled meanwhile)?
+            if self.state(i)?.load(Ordering::Acquire) != LIVE {
+                continue;
+            }
+            if let Some(prev) = self.link_to(b, i)? {
+                prev.store(self.next(i)?.load(Ordering::Acquire), Ordering::Release);
+                self.push_free(i)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// The hash of a key: a multiply–rotate mix over 8-byte words, seeded per map.
-fn hash_key(seed: u64, key: &[u8]) -> u32 {
+pub(crate) fn hash_key(seed: u64, key: &[u8]) -> u32 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h = seed ^ (key.len() as u64).wrapping_mul(K);
     let mut chunks = key.chunks_exact(8);
@@ -241,59 +437,125 @@ pub(crate) fn init(map: &Map) -> Result<(), MapError> {
     Ok(())
 }
 
+/// Program side: the value's offset (per-CPU maps: this CPU's). LRU maps mark it used.
 pub(crate) fn lookup(map: &Map, key: &[u8]) -> Result<u64, MapError> {
     let h = H::new(map);
-    let hv = hash_key(map.seed, key);
-    match h.find(hv & h.mask, hv, key)? {
-        Some(i) => h.value_off(i),
-        None => Err(MapError::NotFound),
-    }
+    let i = find(&h, key)?;
+    h.prog_value_off(i)
 }
 
-pub(crate) fn update(map: &Map, key: &[u8], value: &[u8], flags: u64) -> Result<(), MapError> {
+fn find(h: &H<'_>, key: &[u8]) -> Result<u32, MapError> {
+    let hv = hash_key(h.map.seed, key);
+    let i = h.find(hv & h.mask, hv, key)?.ok_or(MapError::NotFound)?;
+    if h.v.lru {
+        let r = h.ref_bit(i)?;
+        if r.load(Ordering::Relaxed) == 0 {
+            r.store(1, Ordering::Relaxed);
+        }
+    }
+    Ok(i)
+}
+
+/// `bpf_map_lookup_percpu_elem`: CPU slot `slot`'s value.
+pub(crate) fn lookup_cpu(map: &Map, key: &[u8], slot: u32) -> Result<u64, MapError> {
+    let h = H::new(map);
+    let i = find(&h, key)?;
+    h.cpu_value_off(i, slot)
+}
+
+/// Syscall side: copies the value (per-CPU: every CPU's) into `out`.
+pub(crate) fn lookup_copy(map: &Map, key: &[u8], out: &mut [u8]) -> Result<(), MapError> {
+    let h = H::new(map);
+    let i = find(&h, key)?;
+    h.read_value(i, out)
+}
+
+/// Inserts or replaces `key`. Returns whether the key was new.
+pub(crate) fn update(map: &Map, key: &[u8], val: Val<'_>, flags: u64) -> Result<bool, MapError> {
+    update_swap(map, key, val, flags, None)
+}
+
+/// [`update`], copying the replaced value (syscall-side layout) into `old` under the bucket
+/// lock when the key existed.
+pub(crate) fn update_swap(
+    map: &Map,
+    key: &[u8],
+    val: Val<'_>,
+    flags: u64,
+    mut old: Option<&mut [u8]>,
+) -> Result<bool, MapError> {
     let op = check_update_flags(flags)?;
     let h = H::new(map);
     let hv = hash_key(map.seed, key);
     let b = hv & h.mask;
-    let _g = lock::lock(h.bucket_lock(b)?);
-    let existing = h.find_locked(b, hv, key)?;
-    match (existing, op) {
-        (Some(_), BPF_NOEXIST) => return Err(MapError::Exists),
-        (None, BPF_EXIST) => return Err(MapError::NotFound),
-        _ => {}
-    }
-    // Fill a fresh element completely before linking it (readers never see it half-written).
-    let new = h.pop_free()?.ok_or(MapError::TooBig)?;
-    let seg = h.seg();
-    let fill = || -> Result<(), MapError> {
-        seg.write(h.key_off(new)?, key).ok_or_else(corrupt)?;
-        seg.write(h.value_off(new)?, value).ok_or_else(corrupt)?;
-        h.hash_field(new)?.store(hv, Ordering::Relaxed);
-        h.state(new)?.store(LIVE, Ordering::Release);
-        Ok(())
-    };
-    if let Err(e) = fill() {
-        let _ = h.push_free(new);
-        return Err(e);
-    }
-    match existing {
-        Some((old, prev)) => {
-            h.next(new)?
-                .store(h.next(old)?.load(Ordering::Acquire), Ordering::Release);
-            prev.store(new, Ordering::Release);
-            h.push_free(old)?;
+    for _ in 0..MAX_EVICT_ROUNDS {
+        {
+            let _g = lock::lock(h.bucket_lock(b)?);
+            let existing = h.find_locked(b, hv, key)?;
+            match (existing, op) {
+                (Some(_), BPF_NOEXIST) => return Err(MapError::Exists),
+                (None, BPF_EXIST) => return Err(MapError::NotFound),
+                _ => {}
+            }
+            if let (Some((i, _)), Some(out)) = (existing, old.as_deref_mut()) {
+                h.read_value(i, out)?;
+            }
+            if let (Some((old, _)), true) = (existing, h.v.percpu) {
+                // Per-CPU values are updated in place (`pcpu_copy_value`).
+                h.write_value(old, val, false)?;
+                return Ok(false);
+            }
+            let Some(new) = h.pop_free()? else {
+                if let Some((old, _)) = existing {
+                    // Full: overwrite in place rather than fail.
+                    h.write_value(old, val, false)?;
+                    return Ok(false);
+                }
+                if !h.v.lru {
+                    return Err(MapError::TooBig);
+                }
+                // Evict outside the lock (the victim's bucket may be this one), then retry.
+                drop(_g);
+                h.evict_one()?;
+                continue;
+            };
+            // Fill a fresh element completely before linking it (readers never see it
+            // half-written).
+            let fill = || -> Result<(), MapError> {
+                h.seg().write(h.key_off(new)?, key).ok_or_else(corrupt)?;
+                h.write_value(new, val, true)?;
+                h.hash_field(new)?.store(hv, Ordering::Relaxed);
+                h.ref_bit(new)?.store(u32::from(h.v.lru), Ordering::Relaxed);
+                h.state(new)?.store(LIVE, Ordering::Release);
+                Ok(())
+            };
+            if let Err(e) = fill() {
+                let _ = h.push_free(new);
+                return Err(e);
+            }
+            return match existing {
+                Some((old, prev)) => {
+                    h.next(new)?
+                        .store(h.next(old)?.load(Ordering::Acquire), Ordering::Release);
+                    prev.store(new, Ordering::Release);
+                    h.push_free(old)?;
+                    Ok(false)
+                }
+                None => {
+                    let head = h.bucket_head(b)?;
+                    h.next(new)?
+                        .store(head.load(Ordering::Acquire), Ordering::Release);
+                    head.store(new, Ordering::Release);
+                    Ok(true)
+                }
+            };
         }
-        None => {
-            let head = h.bucket_head(b)?;
-            h.next(new)?
-                .store(head.load(Ordering::Acquire), Ordering::Release);
-            head.store(new, Ordering::Release);
-        }
     }
-    Ok(())
+    Err(MapError::TooBig)
 }
 
-pub(crate) fn delete(map: &Map, key: &[u8]) -> Result<(), MapError> {
+/// Removes `key`; with `out`, copies its value first (syscall-side layout).
+pub(crate) fn delete(map: &Map, key: &[u8], out: Option<&mut [u8]>) -> Result<(), MapError> {
     let h = H::new(map);
     let hv = hash_key(map.seed, key);
     let b = hv & h.mask;
@@ -301,6 +563,9 @@ pub(crate) fn delete(map: &Map, key: &[u8]) -> Result<(), MapError> {
     let Some((i, prev)) = h.find_locked(b, hv, key)? else {
         return Err(MapError::NotFound);
     };
+    if let Some(out) = out {
+        h.read_value(i, out)?;
+    }
     prev.store(h.next(i)?.load(Ordering::Acquire), Ordering::Release);
     h.push_free(i)
 }
@@ -338,6 +603,69 @@ pub(crate) fn next_key(map: &Map, key: Option<&[u8]>, out: &mut [u8]) -> Result<
         }
     }
     Err(MapError::NotFound)
+}
+
+/// Number of buckets (the batch cursor of `BPF_MAP_LOOKUP_BATCH` counts buckets).
+pub(crate) fn bucket_count(map: &Map) -> u32 {
+    n_buckets(&map.def) as u32
+}
+
+/// What [`drain_bucket`] found.
+pub(crate) enum Drained {
+    /// The bucket's elements as `(key, syscall-side value)`.
+    Elems(Vec<(Vec<u8>, Vec<u8>)>),
+    /// More elements than there was room for (nothing was copied or deleted).
+    TooMany,
+}
+
+/// Copies out every element of bucket `b` as `(key, syscall-side value)`, deleting them if
+/// `delete`, provided there are at most `room` — the unit `htab_map_lookup_batch` works in.
+pub(crate) fn drain_bucket(
+    map: &Map,
+    b: u32,
+    room: usize,
+    delete: bool,
+    value_len: usize,
+) -> Result<Drained, MapError> {
+    let h = H::new(map);
+    if b > h.mask {
+        return Err(MapError::NotFound);
+    }
+    if h.bucket_head(b)?.load(Ordering::Acquire) & NULLS != 0 {
+        return Ok(Drained::Elems(Vec::new()));
+    }
+    let _g = lock::lock(h.bucket_lock(b)?);
+    let mut elems = Vec::new();
+    let mut link = h.bucket_head(b)?.load(Ordering::Acquire);
+    for _ in 0..=map.def.max_entries {
+        if link & NULLS != 0 {
+            break;
+        }
+        elems.push(link);
+        link = h.next(link)?.load(Ordering::Acquire);
+    }
+    if link & NULLS == 0 {
+        return Err(corrupt());
+    }
+    if elems.len() > room {
+        return Ok(Drained::TooMany);
+    }
+    let mut out = Vec::with_capacity(elems.len());
+    for &i in &elems {
+        let mut k = vec![0u8; map.def.key_size as usize];
+        h.seg().read(h.key_off(i)?, &mut k).ok_or_else(corrupt)?;
+        let mut v = vec![0u8; value_len];
+        h.read_value(i, &mut v)?;
+        out.push((k, v));
+    }
+    if delete {
+        // Unlink the whole chain with one store, then free the elements.
+        h.bucket_head(b)?.store(NULLS | b, Ordering::Release);
+        for &i in &elems {
+            h.push_free(i)?;
+        }
+    }
+    Ok(Drained::Elems(out))
 }
 
 #[cfg(test)]

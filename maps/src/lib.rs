@@ -7,18 +7,36 @@
 //!   turns offsets into memory; all of this crate's unsafe code is there).
 //! - [`lock`]: a cross-process lock that a killed holder cannot wedge.
 //! - [`store`]: header, allocator, object table, generation counter.
-//! - [`map`]: map definitions, kernel errnos, the per-process [`map::Map`] handle; [`array`]
-//!   and [`hash`] implement the types.
+//! - [`map`]: map definitions, kernel errnos, the per-process [`map::Map`] handle and its
+//!   dispatch by type. The types: [`array`], [`percpu`] (CPU numbering, per-CPU arrays),
+//!   [`hash`] (hash, per-CPU hash, LRU, LRU per-CPU; also the tables under [`lpm`] and
+//!   hash-of-maps), [`queue_stack`], [`bloom`], [`lpm`] (longest-prefix match), [`stack_trace`],
+//!   [`prog_array`] (arrays of object ids: program arrays, arrays of maps), [`of_maps`]
+//!   (inner-map templates); [`batch`]: the `BPF_MAP_*_BATCH` algorithms.
+//! - [`ringbuf`] (`BPF_MAP_TYPE_RINGBUF`) and [`perf_array`] (`BPF_MAP_TYPE_PERF_EVENT_ARRAY` and
+//!   the perf ring buffers behind it) in the kernel's mmap layouts; [`wake`]: how their
+//!   producers wake consumers in other processes through a real file descriptor.
 //!
 //! Invariants: the store holds offsets, never pointers; every offset or length read from it is
 //! bounds-checked before use; no process-local lock (parking_lot, std) ever lives in it.
 
 pub mod array;
+pub mod batch;
+pub mod bloom;
 pub mod hash;
 pub mod lock;
+pub mod lpm;
 pub mod map;
+pub mod of_maps;
+pub mod percpu;
+pub mod perf_array;
+pub mod prog_array;
+pub mod queue_stack;
+pub mod ringbuf;
 pub mod shm;
+pub mod stack_trace;
 pub mod store;
+pub mod wake;
 
 pub use map::{Map, MapDef, MapError, MapType};
 pub use store::{ObjectKind, Store, StoreError};

@@ -13,6 +13,11 @@
 //!   are always checked here, never dereferenced raw.
 //! - Other processes write this memory concurrently. We never form `&`/`&mut` to plain data in
 //!   it: only `&AtomicU32`/`&AtomicU64` (naturally aligned, checked) and raw-pointer copies.
+//! - A [`Mirror`] maps a page-aligned file range twice back to back inside its own reservation
+//!   (so `MAP_FIXED` only replaces its own placeholder); the same access rules apply to it, and
+//!   its accessors bound-check against twice its length.
+//! - The socket, `poll` and `kill` wrappers at the end (wake-ups, see [`crate::wake`]) touch no
+//!   memory of ours besides local buffers.
 
 use parking_lot::Mutex;
 use std::ffi::CString;
@@ -340,4 +345,286 @@ pub fn monotonic_raw_ns() -> u64 {
     // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The CPU the calling thread runs on (`sched_getcpu`, served from rseq or the vDSO: no
+/// system call); 0 if the kernel cannot tell.
+#[inline]
+pub fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
+    let c = unsafe { libc::sched_getcpu() };
+    c.max(0) as u32
+}
+
+/// A page-aligned range of the store file mapped twice, back to back, in this process's address
+/// space (`[base, base + len)` and `[base + len, base + 2 × len)` show the same file pages), so
+/// a record that wraps around the end of a ring buffer is contiguous in memory — the kernel's
+/// ring buffer layout (`kernel/bpf/ringbuf.c`, `bpf_ringbuf_area_alloc`).
+///
+/// The mapping is independent of the [`Segment`] it was made from (it maps the file, not the
+/// segment), and is unmapped on drop. Like the segment, it is shared memory written by other
+/// processes: only atomics and raw copies touch it.
+#[derive(Debug)]
+pub struct Mirror {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mirror is shared memory accessed only through atomics and raw copies (module
+// invariants); `base` is fixed and valid until drop.
+unsafe impl Send for Mirror {}
+// SAFETY: as above; the mirror has no interior state besides the mapping.
+unsafe impl Sync for Mirror {}
+
+impl Segment {
+    /// Maps `[off, off + len)` of the store file twice back to back (see [`Mirror`]). `off` and
+    /// `len` must be page multiples and the range inside the file.
+    pub fn mirror(&self, off: u64, len: usize) -> io::Result<Mirror> {
+        let page = page_size();
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        if len == 0 || !len.is_multiple_of(page) || !off.is_multiple_of(page as u64) {
+            return Err(einval());
+        }
+        self.range(off, len).ok_or_else(einval)?;
+        let total = len.checked_mul(2).ok_or_else(einval)?;
+        let foff = libc::off_t::try_from(off).map_err(|_| einval())?;
+        // SAFETY: reserving fresh address space; no existing mapping is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        let m = Mirror {
+            base: base.cast(),
+            len,
+        };
+        for half in 0..2 {
+            // SAFETY: the target lies inside the reservation made above, which only `m` owns,
+            // so MAP_FIXED replaces nothing but our own placeholder; the file range is in
+            // bounds (checked) and the file never shrinks.
+            let p = unsafe {
+                libc::mmap(
+                    m.base.add(half * len).cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    self.fd.as_raw_fd(),
+                    foff,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(errno()); // `m` unmaps the reservation on drop
+            }
+        }
+        Ok(m)
+    }
+}
+
+impl Mirror {
+    /// Address of the first copy.
+    pub fn base(&self) -> usize {
+        self.base as usize
+    }
+
+    /// Bytes of one copy (the mapped range is twice this).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (a mirror is never empty); for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address of `[pos, pos + n)`, which must lie inside the double mapping.
+    #[inline]
+    pub fn ptr(&self, pos: usize, n: usize) -> Option<*mut u8> {
+        let end = pos.checked_add(n)?;
+        if end > 2 * self.len {
+            return None;
+        }
+        // SAFETY: pos + n <= 2 × len, the size of the mapping.
+        Some(unsafe { self.base.add(pos) })
+    }
+
+    /// The `AtomicU32` at `pos` (4-byte aligned, in bounds).
+    #[inline]
+    pub fn atomic_u32(&self, pos: usize) -> Option<&AtomicU32> {
+        if !pos.is_multiple_of(4) {
+            return None;
+        }
+        let p = self.ptr(pos, 4)?;
+        // SAFETY: in bounds and aligned (checked); the memory is only accessed atomically or by
+        // raw copies; the reference borrows `self`, which keeps the mapping alive.
+        Some(unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    /// Copies `data` to `pos`.
+    pub fn write(&self, pos: usize, data: &[u8]) -> Option<()> {
+        let p = self.ptr(pos, data.len())?;
+        // SAFETY: destination in bounds and writable (mapped RW); `data` is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Some(())
+    }
+
+    /// Copies `buf.len()` bytes at `pos` into `buf`.
+    pub fn read(&self, pos: usize, buf: &mut [u8]) -> Option<()> {
+        let p = self.ptr(pos, buf.len())?;
+        // SAFETY: source in bounds; `buf` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Some(())
+    }
+
+    /// The position of host address range `[addr, addr + n)` inside the double mapping.
+    pub fn position_of(&self, addr: usize, n: usize) -> Option<usize> {
+        let pos = addr.checked_sub(self.base as usize)?;
+        (pos.checked_add(n)? <= 2 * self.len).then_some(pos)
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the reservation this value owns; references into it borrow
+        // `self` and are gone.
+        unsafe { libc::munmap(self.base.cast(), 2 * self.len) };
+    }
+}
+
+fn abstract_addr(name: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: all-zero is a valid `sockaddr_un`.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // Abstract namespace: a leading NUL, then the name (not NUL-terminated).
+    if name.is_empty() || name.len() + 1 > a.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in a.sun_path[1..].iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len();
+    Ok((a, len as libc::socklen_t))
+}
+
+/// A non-blocking, close-on-exec `AF_UNIX` datagram socket, bound to the abstract socket
+/// address `name` when given (`EADDRINUSE` if someone holds that name).
+pub fn dgram_socket(name: Option<&[u8]>) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is a new fd or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `fd` was just returned by socket and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(name) = name {
+        let (a, len) = abstract_addr(name)?;
+        // SAFETY: `a` is a valid sockaddr_un of `len` bytes for the duration of the call.
+        let r = unsafe { libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) };
+        if r != 0 {
+            return Err(errno());
+        }
+    }
+    Ok(fd)
+}
+
+/// Sends a one-byte datagram from `fd` to the abstract socket `name`, without blocking. Fails
+/// with `ECONNREFUSED` if nobody holds the name, `EAGAIN` if its queue is full (then it is
+/// readable already).
+pub fn dgram_send(fd: i32, name: &[u8]) -> io::Result<()> {
+    let (a, len) = abstract_addr(name)?;
+    let b = [1u8];
+    // SAFETY: `b` and `a` are valid for the call; a bad fd is reported as EBADF/ENOTSOCK.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            b.as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            (&a as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// Receives and discards every queued datagram of `fd` (non-blocking).
+pub fn dgram_drain(fd: i32) {
+    let mut b = [0u8; 64];
+    loop {
+        // SAFETY: `b` is a writable buffer of its length; a bad fd returns -1.
+        let r = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            return;
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` (-1: forever) for `fd` to become readable; true if it is.
+pub fn poll_readable(fd: i32, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// Whether process `pid` exists (`kill(pid, 0)` does not fail with `ESRCH`).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if p <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(p, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forget_pid_in_child() {
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// This process's id, cached (glibc does not cache `getpid`); the cache is cleared in the
+/// child after `fork`.
+#[inline]
+pub fn cached_pid() -> u32 {
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        // SAFETY: the handler only stores to an atomic, which is valid in a freshly forked
+        // child (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) };
+    });
+    let p = std::process::id();
+    PID.store(p, Ordering::Relaxed);
+    p
 }

@@ -180,7 +180,11 @@ fn bad_definitions_get_kernel_errnos() {
     );
     assert_eq!(mk(1, 4, 0, 1), Err(libc::EINVAL));
     assert_eq!(mk(1, 4, 4, 0), Err(libc::EINVAL));
-    assert_eq!(mk(1, 513, 4, 1), Err(libc::E2BIG));
+    assert_eq!(
+        mk(1, 4, 4 << 20, 1),
+        Err(libc::E2BIG),
+        "key + value past KMALLOC_MAX_SIZE"
+    );
     assert_eq!(mk(999, 4, 4, 1), Err(libc::EINVAL));
     std::fs::remove_file(path).unwrap();
 }

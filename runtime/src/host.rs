@@ -7,6 +7,9 @@
 //!   [`crate::prog::LoadedProg`] being run, which outlives the run. A map pointer a program
 //!   passes to a helper is used only if it is one of that `ProgHost`'s map handles; those are
 //!   boxed [`Map`]s owned by the same `LoadedProg`, so they stay valid for the whole run.
+//! - Inner maps a program got from a map of maps are boxed [`Map`]s in `ProgHost::inner`,
+//!   which only ever grows while the `ProgHost` lives: a box, once pushed, is neither moved nor
+//!   dropped before the `LoadedProg`, so its address stays valid for every later run.
 //! - Memory outside the program's regions (a `probe_read` source) is only read with
 //!   `process_vm_readv(getpid())`, which reports an unmapped address as `EFAULT` rather than
 //!   faulting.
@@ -22,6 +25,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ProgHost {
     /// Addresses of the program's map handles (the values its `lddw` map references load).
     pub maps: Vec<usize>,
+    /// Handles of inner maps handed out by lookups in maps of maps (append-only).
+    pub inner: parking_lot::Mutex<Vec<Box<Map>>>,
+}
+
+/// Most inner map handles one program keeps (each lookup of a not yet seen inner map opens
+/// one; a program cycling through more maps than this gets NULL).
+const MAX_INNER: usize = 4096;
+
+/// `bpf_map_lookup_elem` on a map of maps: the address of this program's handle to inner map
+/// `id` (opened on first use), or `None`.
+pub(crate) fn inner_map_handle(env: &CallEnv, outer: &Map, id: u32) -> Option<u64> {
+    let host = env.host as *const ProgHost;
+    // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
+    let host = unsafe { host.as_ref() }?;
+    let mut inner = host.inner.lock();
+    if let Some(m) = inner.iter().find(|m| m.id() == id && m.is_live()) {
+        return Some(&**m as *const Map as u64);
+    }
+    if inner.len() >= MAX_INNER {
+        return None;
+    }
+    let m = Box::new(Map::open(outer.store(), id).ok()?);
+    let addr = &*m as *const Map as u64;
+    inner.push(m);
+    Some(addr)
 }
 
 /// The map a program passed as a helper argument, if it is one of the program's maps.
@@ -31,11 +59,28 @@ pub(crate) fn map_arg<'a>(env: &CallEnv, arg: u64) -> Option<&'a Map> {
     // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
     let host = unsafe { host.as_ref() }?;
     if !host.maps.contains(&(arg as usize)) {
-        return None;
+        let inner = host.inner.lock();
+        let m = inner
+            .iter()
+            .find(|m| &***m as *const Map as u64 == arg && m.is_live())?;
+        let p = &**m as *const Map;
+        // SAFETY: `p` is one of the program's inner map boxes, never moved or dropped while
+        // the `ProgHost` lives (module invariants), so beyond the lock and the helper call.
+        return Some(unsafe { &*p });
     }
     let p = arg as *const Map;
     // SAFETY: `p` is one of the program's boxed map handles, alive for the whole run.
     Some(unsafe { &*p })
+}
+
+/// Lets a checked (interpreted) program access the value `p` of map `m` a helper returned:
+/// read-only when the map is `BPF_F_RDONLY_PROG` (the kernel's verifier refuses stores into
+/// such values; here the interpreter traps them).
+pub(crate) fn grant_map_value(env: &mut CallEnv, m: &Map, p: *mut u8) {
+    let writable = m.def().flags & bpftime_maps::map::BPF_F_RDONLY_PROG == 0;
+    // SAFETY: as for `grant_value`: `p` is a value inside `m`'s data in the store mapping,
+    // which stays mapped for the rest of the run.
+    unsafe { env.grant(p as u64, u64::from(m.def().value_size), writable) };
 }
 
 /// Lets a checked (interpreted) program access a map value a helper returned.
@@ -88,6 +133,54 @@ pub fn read_user_str(addr: u64, buf: &mut [u8]) -> Option<usize> {
     }
     buf[done] = 0;
     Some(done + 1)
+}
+
+/// The user stack at a probe, innermost frame first, by walking frame pointers as the kernel's
+/// `perf_callchain_user` does: `ip`, then (at a function entry, where `rbp` is still the
+/// caller's) the return address at `sp`, then each frame's return address at `fp + 8`,
+/// following the saved frame pointers at `fp`. Every read goes through `process_vm_readv`, so a
+/// bad frame pointer ends the walk instead of faulting. At most `max` frames.
+///
+/// "At a function entry" follows the kernel's heuristic (`is_uprobe_at_func_entry`): the probed
+/// instruction is `push %rbp` or `endbr64`. Our inline hooks replace that instruction with a
+/// `jmp rel32` (or an `int3`), so those count as entries too.
+pub fn user_stack(ip: u64, bp: u64, sp: u64, max: usize) -> Vec<u64> {
+    let mut ips = Vec::with_capacity(max.min(128));
+    if max == 0 {
+        return ips;
+    }
+    ips.push(ip);
+    let mut insn = [0u8; 4];
+    let at_entry = read_user(ip, &mut insn)
+        && (insn[0] == 0x55
+            || insn == [0xf3, 0x0f, 0x1e, 0xfa]
+            || insn[0] == 0xe9
+            || insn[0] == 0xcc);
+    if at_entry && ips.len() < max {
+        let mut ret = [0u8; 8];
+        if read_user(sp, &mut ret) {
+            ips.push(u64::from_ne_bytes(ret));
+        }
+    }
+    let mut fp = bp;
+    while ips.len() < max && fp != 0 && fp.is_multiple_of(8) {
+        let mut frame = [0u8; 16];
+        if !read_user(fp, &mut frame) {
+            break;
+        }
+        let next = u64::from_ne_bytes(frame[..8].try_into().unwrap_or_default());
+        let ret = u64::from_ne_bytes(frame[8..].try_into().unwrap_or_default());
+        if ret == 0 {
+            break;
+        }
+        ips.push(ret);
+        // Callers' frames lie at higher addresses; anything else is not a frame chain.
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+    ips
 }
 
 /// `clock_gettime(clock)` in ns.
@@ -188,6 +281,24 @@ mod tests {
         let x = 0x1122_3344_5566_7788u64;
         assert!(read_user(&x as *const u64 as u64, &mut b));
         assert_eq!(u64::from_ne_bytes(b), x);
+    }
+
+    #[test]
+    fn frame_pointer_walk_follows_a_chain_and_stops_at_garbage() {
+        // A fake chain on our own stack: [next fp, return address] pairs.
+        let mut chain = [0u64; 4];
+        let fp = chain.as_ptr() as u64;
+        chain[0] = fp + 16;
+        chain[1] = 0x1111;
+        chain[2] = 0; // end of chain
+        chain[3] = 0x2222;
+        std::hint::black_box(&mut chain);
+        assert_eq!(user_stack(0xdead, fp, 0, 16), vec![0xdead, 0x1111, 0x2222]);
+        assert_eq!(user_stack(0xdead, fp, 0, 2), vec![0xdead, 0x1111]);
+        // An unreadable or misaligned frame pointer ends the walk.
+        assert_eq!(user_stack(0xdead, 8, 0, 16), vec![0xdead]);
+        assert_eq!(user_stack(0xdead, fp + 1, 0, 16), vec![0xdead]);
+        assert!(user_stack(1, 0, 0, 0).is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Invariants: records are read by copying and validating; map references in stored programs
 //! are object ids, resolved per process at load; unsafe code lives in [`host`] and `exec`.
 
+mod buffers;
 mod exec;
 pub mod helpers;
 pub mod host;

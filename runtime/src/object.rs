@@ -217,6 +217,16 @@ const PE_REF_CTR: u64 = 24;
 const PE_PATH_LEN: u64 = 32;
 const PE_PROG: u64 = 36;
 const PE_PATH: u64 = 64;
+/// Store offset of the perf ring (`PERF_COUNT_SW_BPF_OUTPUT` events, set when the loader first
+/// mmaps the event; 0 before). Owned by `bpftime_maps::perf_array`, which reads these fields.
+const PE_RING: u64 = 40;
+const _: () = assert!(
+    PE_KIND == bpftime_maps::perf_array::EVENT_KIND
+        && PE_ENABLED == bpftime_maps::perf_array::EVENT_ENABLED
+        && PE_RING == bpftime_maps::perf_array::EVENT_RING
+        && PE_RING + 8 <= PE_PATH
+        && PerfKind::SoftwareBpfOutput as u32 == bpftime_maps::perf_array::KIND_BPF_OUTPUT
+);
 
 /// Stores a perf event (disabled, no program) and publishes it.
 pub fn create_perf_event(store: &Store, r: &PerfEventRecord) -> Result<u32> {

@@ -155,6 +155,7 @@ impl LoadedProg {
         let prog = verify(&insns, &helpers)?;
         let host = Box::new(ProgHost {
             maps: maps.iter().map(|m| &**m as *const Map as usize).collect(),
+            ..ProgHost::default()
         });
         Ok(LoadedProg {
             id,
@@ -188,7 +189,25 @@ impl LoadedProg {
     /// # Safety
     /// `ctx` must be valid for reads and writes of `ctx_len` bytes for the duration of the call.
     pub unsafe fn run(&self, ctx: *mut u8, ctx_len: usize) -> Result<u64, Trap> {
+        // SAFETY: forwarded contract on `ctx`.
+        unsafe { self.run_with_cookie(ctx, ctx_len, 0) }
+    }
+
+    /// [`LoadedProg::run`] for an attachment with a BPF cookie (`bpf_get_attach_cookie`
+    /// returns it during the run).
+    ///
+    /// # Safety
+    /// As [`LoadedProg::run`].
+    pub unsafe fn run_with_cookie(
+        &self,
+        ctx: *mut u8,
+        ctx_len: usize,
+        cookie: u64,
+    ) -> Result<u64, Trap> {
+        let _cookie = crate::helpers::CookieGuard::set(cookie);
         let interp = Interpreter::new(&self.prog, &self.helpers);
+        // Ring buffer records the program leaves uncommitted are discarded when it ends.
+        let _commit = crate::buffers::RunGuard(&self.maps);
         // SAFETY: forwarded contract on `ctx`.
         unsafe { exec::run_interpreted(&interp, &self.host, &self.value_regions, ctx, ctx_len) }
     }

@@ -11,8 +11,10 @@ use crate::Errno;
 use crate::emu::{Emulator, FdEntry, Side, map_err, prog_map_ids};
 use crate::sys::{self, read_user, read_user_into, write_user};
 use crate::uapi::*;
-use bpftime_maps::MapDef;
+use bpftime_maps::batch::BatchOp;
+use bpftime_maps::map::{MapExtra, create_flags_mask};
 use bpftime_maps::store::ObjectKind;
+use bpftime_maps::{MapDef, MapType};
 use bpftime_runtime::object::{
     LinkRecord, PerfKind, ProgRecord, create_link, create_prog, perf_prog, read_link,
     read_perf_event, read_prog,
@@ -50,6 +52,19 @@ pub(crate) fn copy_attr(uattr: u64, size: u32, known: usize) -> Result<Vec<u8>, 
     let mut a = vec![0u8; known];
     read_user_into(uattr, &mut a[..size.min(known)])?;
     Ok(a)
+}
+
+/// `__bpf_copy_key`: `key_size` bytes at `ukey`; a map without keys (queue, stack, bloom
+/// filter) takes a NULL key and refuses any other with `EINVAL`.
+fn copy_key(ukey: u64, key_size: u32) -> Result<Vec<u8>, Errno> {
+    if key_size == 0 {
+        return if ukey == 0 {
+            Ok(Vec::new())
+        } else {
+            Err(e(libc::EINVAL))
+        };
+    }
+    read_user(ukey, key_size as usize)
 }
 
 /// `CHECK_ATTR`: every byte after the command's last field must be zero.
@@ -199,6 +214,13 @@ impl Emulator {
             BPF_MAP_UPDATE_ELEM => self.map_update(attr),
             BPF_MAP_DELETE_ELEM => self.map_delete(attr),
             BPF_MAP_GET_NEXT_KEY => self.map_next_key(attr),
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM => self.map_lookup_and_delete(attr),
+            BPF_MAP_LOOKUP_BATCH => self.map_batch(attr, uattr, BatchOp::Lookup),
+            BPF_MAP_LOOKUP_AND_DELETE_BATCH => {
+                self.map_batch(attr, uattr, BatchOp::LookupAndDelete)
+            }
+            BPF_MAP_UPDATE_BATCH => self.map_batch(attr, uattr, BatchOp::Update),
+            BPF_MAP_DELETE_BATCH => self.map_batch(attr, uattr, BatchOp::Delete),
             BPF_MAP_FREEZE => self.map_freeze(attr),
             BPF_PROG_LOAD => self.prog_load(attr, uattr, size),
             BPF_BTF_LOAD => self.btf_load(attr, uattr, size),
@@ -229,7 +251,9 @@ impl Emulator {
         {
             return Err(e(libc::EINVAL));
         }
-        if a.map_extra != 0 || a.excl_prog_hash == 0 && a.excl_prog_hash_size != 0 {
+        if a.map_extra != 0 && a.map_type != MapType::BloomFilter as u32
+            || a.excl_prog_hash == 0 && a.excl_prog_hash_size != 0
+        {
             return Err(e(libc::EINVAL));
         }
         let allowed = match a.map_type {
@@ -246,6 +270,28 @@ impl Emulator {
                     | BPF_F_ACCESS_MASK
                     | BPF_F_PRESERVE_ELEMS
                     | BPF_F_INNER_MAP
+            }
+            t if [
+                MapType::PercpuHash,
+                MapType::PercpuArray,
+                MapType::LruHash,
+                MapType::LruPercpuHash,
+                MapType::Queue,
+                MapType::Stack,
+                MapType::BloomFilter,
+                MapType::LpmTrie,
+                MapType::StackTrace,
+                MapType::ProgArray,
+                MapType::ArrayOfMaps,
+                MapType::HashOfMaps,
+            ]
+            .iter()
+            .any(|&m| m as u32 == t) =>
+            {
+                MapType::try_from(t).map_or(0, create_flags_mask)
+            }
+            t if t == MapType::RingBuf as u32 || t == MapType::PerfEventArray as u32 => {
+                MapType::try_from(t).map_or(0, create_flags_mask)
             }
             t => {
                 tracing::warn!("BPF_MAP_CREATE: map type {t} is not emulated: EINVAL");
@@ -273,17 +319,67 @@ impl Emulator {
             max_entries: a.max_entries,
             flags,
         };
-        let map = bpftime_maps::Map::create(&self.store, def, &name).map_err(map_err)?;
+        let inner_map_id = if a.map_type == MapType::ArrayOfMaps as u32
+            || a.map_type == MapType::HashOfMaps as u32
+        {
+            // bpf_map_meta_alloc(): inner_map_fd must be a map.
+            self.get(a.inner_map_fd, ObjectKind::Map)?.id
+        } else {
+            0
+        };
+        let extra = MapExtra {
+            map_extra: a.map_extra,
+            inner_map_id,
+        };
+        let map =
+            bpftime_maps::Map::create_with(&self.store, def, extra, &name).map_err(map_err)?;
         let id = map.id();
         self.side.lock().insert(id, side);
-        self.install(
-            ObjectKind::Map,
-            id,
-            &name,
-            true,
-            flags & BPF_F_WRONLY == 0,
-            flags & BPF_F_RDONLY == 0,
-        )
+        let (can_read, can_write) = (flags & BPF_F_WRONLY == 0, flags & BPF_F_RDONLY == 0);
+        if a.map_type == MapType::RingBuf as u32 {
+            // Its fd must be pollable: a wake-up socket (see `epoll`).
+            return self.install_waking(ObjectKind::Map, id, true, can_read, can_write);
+        }
+        self.install(ObjectKind::Map, id, &name, true, can_read, can_write)
+    }
+
+    /// `BPF_MAP_UPDATE_ELEM` of a perf event array (`bpf_fd_array_map_update_elem`): the value
+    /// is a perf event fd; the array stores the event's id and holds a reference on it.
+    fn perf_array_update(
+        &self,
+        map: &bpftime_maps::Map,
+        key: &[u8],
+        val: &[u8],
+        flags: u64,
+    ) -> Result<i64, Errno> {
+        if flags != 0 {
+            return Err(e(libc::EINVAL));
+        }
+        let index = u32::from_ne_bytes(key.try_into().map_err(|_| e(libc::EINVAL))?);
+        if index >= map.def().max_entries {
+            return Err(e(libc::E2BIG));
+        }
+        let fd = i32::from_ne_bytes(val.try_into().map_err(|_| e(libc::EINVAL))?);
+        // perf_event_get(): anything but a perf event fd is EBADF.
+        let ev = self
+            .entry(fd)
+            .filter(|x| x.kind == ObjectKind::PerfEvent)
+            .ok_or(e(libc::EBADF))?;
+        if !self.acquire(ev.id) {
+            return Err(e(libc::EBADF));
+        }
+        match bpftime_maps::perf_array::set(map, index, ev.id, flags) {
+            Ok(old) => {
+                if old != 0 {
+                    self.release(old);
+                }
+                Ok(0)
+            }
+            Err(err) => {
+                self.release(ev.id);
+                Err(map_err(err))
+            }
+        }
     }
 
     /// The map of `fd` with the kernel's checks, opened.
@@ -303,8 +399,14 @@ impl Emulator {
         if !ent.can_read {
             return Err(e(libc::EPERM));
         }
-        let key = read_user(a.key, map.def().key_size as usize)?;
-        let mut val = vec![0u8; map.def().value_size as usize];
+        let key = copy_key(a.key, map.def().key_size)?;
+        if map.def().map_type == MapType::BloomFilter as u32 {
+            // The value is the input: is it (maybe) in the filter? Nothing is copied back.
+            let mut val = read_user(a.value, map.syscall_value_size())?;
+            map.lookup(&key, &mut val).map_err(map_err)?;
+            return Ok(0);
+        }
+        let mut val = vec![0u8; map.syscall_value_size()];
         map.lookup(&key, &mut val).map_err(map_err)?;
         write_user(a.value, &val)?;
         Ok(0)
@@ -320,21 +422,190 @@ impl Emulator {
         if a.flags & BPF_F_LOCK != 0 {
             return Err(e(libc::EINVAL));
         }
-        let key = read_user(a.key, map.def().key_size as usize)?;
-        let val = read_user(a.value, map.def().value_size as usize)?;
-        map.update_syscall(&key, &val, a.flags).map_err(map_err)?;
+        let key = copy_key(a.key, map.def().key_size)?;
+        let val = read_user(a.value, map.syscall_value_size())?;
+        self.update_value(&map, &key, &val, a.flags)
+    }
+
+    /// `bpf_map_update_value`: one syscall-side update (fds in values become object ids).
+    fn update_value(
+        &self,
+        map: &bpftime_maps::Map,
+        key: &[u8],
+        val: &[u8],
+        flags: u64,
+    ) -> Result<i64, Errno> {
+        if map.def().map_type == MapType::PerfEventArray as u32 {
+            return self.perf_array_update(map, key, val, flags);
+        }
+        if MapType::try_from(map.def().map_type).is_ok_and(MapType::holds_ids) {
+            return self.id_map_update(map, key, val, flags);
+        }
+        map.update_syscall(key, val, flags).map_err(map_err)?;
         Ok(0)
     }
 
     fn map_delete(&self, attr: &Attr) -> Result<i64, Errno> {
-        check_attr(attr, BPF_MAP_ELEM_LAST_END)?;
+        check_attr(attr, BPF_MAP_DELETE_ELEM_LAST_END)?;
         let a: bpf_attr_map_elem = parse(attr);
         let (ent, map) = self.map_of(a.map_fd)?;
         if !ent.can_write || map.is_frozen() {
             return Err(e(libc::EPERM));
         }
-        let key = read_user(a.key, map.def().key_size as usize)?;
+        let key = copy_key(a.key, map.def().key_size)?;
+        self.delete_value(&map, key)
+    }
+
+    /// `map_delete_elem` of one key, dropping the references an entry held.
+    fn delete_value(&self, map: &bpftime_maps::Map, key: Vec<u8>) -> Result<i64, Errno> {
+        if MapType::try_from(map.def().map_type).is_ok_and(MapType::holds_ids) {
+            // The map's reference on the program / inner map goes with the entry.
+            let old = map.delete_id(&key).map_err(map_err)?;
+            self.release(old);
+            return Ok(0);
+        }
+        if map.def().map_type == MapType::PerfEventArray as u32 {
+            // The array's reference on the perf event goes with the entry.
+            let index = u32::from_ne_bytes(key.try_into().map_err(|_| e(libc::EINVAL))?);
+            let old = bpftime_maps::perf_array::clear(map, index).map_err(map_err)?;
+            self.release(old);
+            return Ok(0);
+        }
         map.delete(&key).map_err(map_err)?;
+        Ok(0)
+    }
+
+    /// An update of a program array or map of maps: the value is an fd, stored as the object
+    /// id it stands for, and the map takes a reference on it (dropping the one on the object it
+    /// replaces), as `bpf_fd_array_map_update_elem` / `bpf_fd_htab_map_update_elem` do.
+    pub(crate) fn id_map_update(
+        &self,
+        map: &bpftime_maps::Map,
+        key: &[u8],
+        val: &[u8],
+        flags: u64,
+    ) -> Result<i64, Errno> {
+        let ty = MapType::try_from(map.def().map_type).map_err(map_err)?;
+        if ty != MapType::HashOfMaps {
+            // Flags and index are checked before the fd.
+            if flags != 0 {
+                return Err(e(libc::EINVAL));
+            }
+            let index = u32::from_ne_bytes(key.try_into().map_err(|_| e(libc::EINVAL))?);
+            if index >= map.def().max_entries {
+                return Err(e(libc::E2BIG));
+            }
+        }
+        let fd = u32::from_ne_bytes(val.try_into().map_err(|_| e(libc::EINVAL))?);
+        let kind = if ty == MapType::ProgArray {
+            ObjectKind::Prog
+        } else {
+            ObjectKind::Map
+        };
+        let obj = self.get(fd, kind)?;
+        if !self.acquire(obj.id) {
+            return Err(e(libc::EBADF));
+        }
+        match map.update_id(key, obj.id, flags) {
+            Ok(old) => {
+                if let Some(old) = old {
+                    self.release(old);
+                }
+                Ok(0)
+            }
+            Err(err) => {
+                self.release(obj.id);
+                Err(map_err(err))
+            }
+        }
+    }
+
+    /// `bpf_map_do_batch`: permissions, then the type's batch op with the kernel's protocol
+    /// for `count` (zeroed before the walk, the number done after) and the cursors.
+    fn map_batch(&self, attr: &Attr, uattr: u64, op: BatchOp) -> Result<i64, Errno> {
+        check_attr(attr, BPF_MAP_BATCH_LAST_END)?;
+        let a: bpf_attr_map_batch = parse(attr);
+        let (ent, map) = self.map_of(a.map_fd)?;
+        let has_read = matches!(op, BatchOp::Lookup | BatchOp::LookupAndDelete);
+        let has_write = op != BatchOp::Lookup;
+        if has_read && !ent.can_read || has_write && (!ent.can_write || map.is_frozen()) {
+            return Err(e(libc::EPERM));
+        }
+        map.batch_precheck(op, a.elem_flags, a.flags)
+            .map_err(map_err)?;
+        if a.count == 0 {
+            return Ok(0);
+        }
+        let count_addr = uattr.wrapping_add(BPF_MAP_BATCH_COUNT_OFF as u64);
+        write_user(count_addr, &0u32.to_ne_bytes())?;
+        let ks = map.def().key_size as usize;
+        let vs = map.syscall_value_size();
+        if has_read {
+            let cursor = if a.in_batch != 0 {
+                Some(read_user(a.in_batch, map.batch_cursor_len())?)
+            } else {
+                None
+            };
+            let out = map
+                .lookup_batch(
+                    cursor.as_deref(),
+                    a.count,
+                    a.elem_flags,
+                    a.flags,
+                    op == BatchOp::LookupAndDelete,
+                )
+                .map_err(map_err)?;
+            write_user(a.keys, &out.keys)?;
+            write_user(a.values, &out.values)?;
+            if let Some(c) = &out.out_batch {
+                write_user(a.out_batch, c)?;
+            }
+            write_user(count_addr, &out.count.to_ne_bytes())?;
+            return match out.err {
+                Some(err) => Err(map_err(err)),
+                None => Ok(0),
+            };
+        }
+        let (done, err) = map
+            .apply_batch(op, a.count, a.elem_flags, |i| {
+                let i = u64::from(i);
+                let key = read_user(a.keys.wrapping_add(i * ks as u64), ks)?;
+                if op == BatchOp::Delete {
+                    return self.delete_value(&map, key).map(drop);
+                }
+                let val = read_user(a.values.wrapping_add(i * vs as u64), vs)?;
+                self.update_value(&map, &key, &val, a.elem_flags).map(drop)
+            })
+            .map_err(map_err)?;
+        write_user(count_addr, &done.to_ne_bytes())?;
+        match err {
+            Some(err) => Err(err),
+            None => Ok(0),
+        }
+    }
+
+    fn map_lookup_and_delete(&self, attr: &Attr) -> Result<i64, Errno> {
+        check_attr(attr, BPF_MAP_ELEM_LAST_END)?;
+        let a: bpf_attr_map_elem = parse(attr);
+        if a.flags & !BPF_F_LOCK != 0 {
+            return Err(e(libc::EINVAL));
+        }
+        let (ent, map) = self.map_of(a.map_fd)?;
+        if !ent.can_read || !ent.can_write || map.is_frozen() {
+            return Err(e(libc::EPERM));
+        }
+        let ty = MapType::try_from(map.def().map_type).map_err(map_err)?;
+        if a.flags != 0 && matches!(ty, MapType::Queue | MapType::Stack) {
+            return Err(e(libc::EINVAL));
+        }
+        if a.flags & BPF_F_LOCK != 0 {
+            // BPF_F_LOCK needs a bpf_spin_lock in the value, which needs BTF-typed values.
+            return Err(e(libc::EINVAL));
+        }
+        let key = copy_key(a.key, map.def().key_size)?;
+        let mut val = vec![0u8; map.syscall_value_size()];
+        map.lookup_and_delete(&key, &mut val).map_err(map_err)?;
+        write_user(a.value, &val)?;
         Ok(0)
     }
 
@@ -347,7 +618,7 @@ impl Emulator {
         }
         let ks = map.def().key_size as usize;
         let key = if a.key != 0 {
-            Some(read_user(a.key, ks)?)
+            Some(copy_key(a.key, map.def().key_size)?)
         } else {
             None
         };
@@ -755,6 +1026,7 @@ impl Emulator {
             btf_id: side.btf_id,
             btf_key_type_id: side.btf_key_type_id,
             btf_value_type_id: side.btf_value_type_id,
+            map_extra: map.map_extra(),
             ..bpf_map_info::default()
         };
         write_user(uinfo, &info.as_bytes()[..len as usize])?;
@@ -920,9 +1192,11 @@ impl Emulator {
         if !self.acquire(obj.id) {
             return Err(e(libc::ENOENT));
         }
+        let mut ringbuf = false;
         let (can_read, can_write) = if kind == ObjectKind::Map {
             let m = self.open_map(obj.id);
-            let mf = m.map(|m| m.def().flags).unwrap_or(0);
+            let mf = m.as_ref().map(|m| m.def().flags).unwrap_or(0);
+            ringbuf = m.is_ok_and(|m| m.def().map_type == MapType::RingBuf as u32);
             (
                 can_read && mf & BPF_F_WRONLY == 0,
                 can_write && mf & BPF_F_RDONLY == 0,
@@ -930,6 +1204,9 @@ impl Emulator {
         } else {
             (can_read, can_write)
         };
+        if ringbuf {
+            return self.install_waking(kind, obj.id, true, can_read, can_write);
+        }
         self.install(kind, obj.id, &obj.name, true, can_read, can_write)
     }
 }

@@ -13,7 +13,7 @@
 use crate::Errno;
 use crate::sys;
 use bpftime_maps::store::{ObjectInfo, ObjectKind, Store};
-use bpftime_maps::{Map, MapError};
+use bpftime_maps::{Map, MapError, MapType, perf_array};
 use bpftime_runtime::object::{perf_prog, read_link, read_prog};
 use bpftime_vm::helper::HelperRegistry;
 use bpftime_vm::opcode::{BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, LDDW};
@@ -33,6 +33,9 @@ pub struct FdEntry {
     pub can_read: bool,
     /// Syscall-side write permission (maps: not `BPF_F_RDONLY`).
     pub can_write: bool,
+    /// Ring buffer maps and `BPF_OUTPUT` perf events: the nonce of the wake-up socket that is
+    /// the placeholder fd (see [`crate::epoll`]); 0 for memfd placeholders.
+    pub wake: u64,
     dev: u64,
     ino: u64,
     pid: u32,
@@ -72,6 +75,7 @@ pub struct Emulator {
     pub(crate) side: Mutex<HashMap<u32, Side>>,
     pub(crate) mmaps: Mutex<Vec<Mapping>>,
     ro_store: OnceLock<Option<OwnedFd>>,
+    pub(crate) epolls: crate::epoll::EpollTable,
 }
 
 pub(crate) fn map_err(e: MapError) -> Errno {
@@ -104,6 +108,7 @@ impl Emulator {
             side: Mutex::new(HashMap::new()),
             mmaps: Mutex::new(Vec::new()),
             ro_store: OnceLock::new(),
+            epolls: Default::default(),
         }
     }
 
@@ -224,6 +229,49 @@ impl Emulator {
                 return Err(e);
             }
         };
+        self.install_fd(kind, id, fd, 0, can_read, can_write)
+    }
+
+    /// As [`Emulator::install`], with a wake-up socket as the placeholder (ring buffer maps and
+    /// `BPF_OUTPUT` perf events, whose fds must become readable for epoll when data arrives).
+    pub(crate) fn install_waking(
+        &self,
+        kind: ObjectKind,
+        id: u32,
+        cloexec: bool,
+        can_read: bool,
+        can_write: bool,
+    ) -> Result<i64, Errno> {
+        let sock = match bpftime_maps::wake::WakeSocket::new() {
+            Ok(s) => s,
+            Err(err) => {
+                self.release(id);
+                tracing::warn!("cannot create a wake-up socket: {err}");
+                return Err(Errno(err.raw_os_error().unwrap_or(libc::ENOMEM)));
+            }
+        };
+        let (fd, nonce) = sock.into_parts();
+        if !cloexec && let Err(e) = sys::set_cloexec(fd.as_raw_fd(), false) {
+            self.release(id);
+            return Err(e);
+        }
+        self.epolls
+            .any_waking
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.install_fd(kind, id, fd, nonce, can_read, can_write)
+    }
+
+    /// Records `fd` (which the caller made) as the placeholder of object `id`, which already
+    /// holds the reference the fd will own.
+    fn install_fd(
+        &self,
+        kind: ObjectKind,
+        id: u32,
+        fd: OwnedFd,
+        wake: u64,
+        can_read: bool,
+        can_write: bool,
+    ) -> Result<i64, Errno> {
         let Some((dev, ino)) = sys::fd_identity(fd.as_raw_fd()) else {
             self.release(id);
             return Err(Errno(libc::EBADF));
@@ -236,6 +284,7 @@ impl Emulator {
                 id,
                 can_read,
                 can_write,
+                wake,
                 dev,
                 ino,
                 pid: pid(),
@@ -264,9 +313,22 @@ impl Emulator {
                 Ok(l) => (vec![l.prog_id, l.perf_event_id], None),
                 Err(_) => (Vec::new(), None),
             },
-            ObjectKind::PerfEvent => (perf_prog(&self.store, info.id).into_iter().collect(), None),
+            // A perf event's ring (made at mmap) goes with it.
+            ObjectKind::PerfEvent => (
+                perf_prog(&self.store, info.id).into_iter().collect(),
+                perf_array::event_ring(&self.store, info.id).map(|r| (r.offset(), r.len())),
+            ),
             ObjectKind::Map => match Map::open(&self.store, info.id) {
-                Ok(m) => (Vec::new(), Some((m.data_offset(), m.data_len()))),
+                // A perf event array holds its perf events.
+                Ok(m) => (
+                    if m.def().map_type == MapType::PerfEventArray as u32 {
+                        perf_array::held(&m)
+                    } else {
+                        // Program arrays and maps of maps hold their programs / inner maps.
+                        m.held_ids()
+                    },
+                    Some((m.data_offset(), m.data_len())),
+                ),
                 Err(_) => (Vec::new(), None),
             },
             _ => (Vec::new(), None),
@@ -307,6 +369,9 @@ impl Emulator {
         };
         let r = real();
         drop(t);
+        if r == 0 {
+            self.epoll_fd_closed(fd);
+        }
         if let Some(e) = taken {
             tracing::debug!("close({fd}) drops {:?} {}", e.kind, e.id);
             self.release(e.id);

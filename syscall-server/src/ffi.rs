@@ -365,7 +365,7 @@ fn real_close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if let Some(_g) = Guard::enter()
         && let Some(emu) = GLOBAL.get()
-        && emu.is_ours(fd)
+        && (emu.is_ours(fd) || emu.is_tracked_epoll(fd))
     {
         let mut out = -1;
         let r = emulate(|| {
@@ -620,4 +620,210 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
             std::ptr::null_mut()
         }
     }
+}
+
+/// `int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)`: passed through; we
+/// note which of our ring buffer / perf event fds are in which set (see [`crate::epoll`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut libc::epoll_event,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+    let r = match next!(c"epoll_ctl", F) {
+        // SAFETY: forwarding the caller's arguments unchanged to libc's epoll_ctl.
+        Some(f) => unsafe { f(epfd, op, fd, event) },
+        None => return enosys(),
+    };
+    if r == 0 {
+        let e = sys::errno();
+        if let Some(_g) = Guard::enter()
+            && let Some(emu) = GLOBAL.get()
+        {
+            let _ = emulate(|| {
+                emu.epoll_ctl_done(epfd, op, fd);
+                Ok(())
+            });
+        }
+        set_errno(e);
+    }
+    r
+}
+
+/// Runs a wait (`wait`) with our buffers armed by `arm` before it and disarmed after it,
+/// keeping the wait's `errno`.
+fn armed_wait<R>(arm: impl FnOnce(&Emulator) -> Vec<crate::Armed>, wait: impl FnOnce() -> R) -> R {
+    let armed = match (Guard::enter(), GLOBAL.get()) {
+        (Some(_g), Some(emu)) if emu.has_waking_fds() => {
+            emulate(|| Ok(arm(emu))).map(|a| (emu, a)).ok()
+        }
+        _ => None,
+    };
+    let r = wait();
+    if let Some((emu, a)) = armed
+        && !a.is_empty()
+    {
+        let e = sys::errno();
+        if let Some(_g) = Guard::enter() {
+            let _ = emulate(|| {
+                emu.after_wait(a);
+                Ok(())
+            });
+        }
+        set_errno(e);
+    }
+    r
+}
+
+/// `int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    maxevents: c_int,
+    timeout: c_int,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
+    armed_wait(
+        |emu| emu.before_epoll_wait(epfd),
+        || match next!(c"epoll_wait", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's epoll_wait.
+            Some(f) => unsafe { f(epfd, events, maxevents, timeout) },
+            None => enosys(),
+        },
+    )
+}
+
+/// `int epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int timeout,
+/// const sigset_t *sigmask)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    maxevents: c_int,
+    timeout: c_int,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::epoll_event,
+        c_int,
+        c_int,
+        *const libc::sigset_t,
+    ) -> c_int;
+    armed_wait(
+        |emu| emu.before_epoll_wait(epfd),
+        || match next!(c"epoll_pwait", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's epoll_pwait.
+            Some(f) => unsafe { f(epfd, events, maxevents, timeout, sigmask) },
+            None => enosys(),
+        },
+    )
+}
+
+/// `int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
+/// const struct timespec *timeout, const sigset_t *sigmask)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    maxevents: c_int,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::epoll_event,
+        c_int,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    armed_wait(
+        |emu| emu.before_epoll_wait(epfd),
+        || match next!(c"epoll_pwait2", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's epoll_pwait2.
+            Some(f) => unsafe { f(epfd, events, maxevents, timeout, sigmask) },
+            None => enosys(),
+        },
+    )
+}
+
+/// Most `pollfd`s we look at in one `poll` (more are passed through unarmed).
+const POLL_MAX: usize = 4096;
+
+/// The fds of the caller's `pollfd` array that wait for input (read fault-safely).
+fn poll_inputs(fds: *const libc::pollfd, nfds: libc::nfds_t) -> Vec<c_int> {
+    let n = (nfds as usize).min(POLL_MAX);
+    let size = std::mem::size_of::<libc::pollfd>();
+    let Ok(raw) = sys::read_user(fds as usize as u64, n * size) else {
+        return Vec::new();
+    };
+    raw.chunks_exact(size)
+        .filter_map(|c| {
+            let fd = c_int::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            let events = i16::from_ne_bytes([c[4], c[5]]);
+            (fd >= 0 && events & libc::POLLIN != 0).then_some(fd)
+        })
+        .collect()
+}
+
+/// `int poll(struct pollfd *fds, nfds_t nfds, int timeout)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    type F = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
+    armed_wait(
+        |emu| emu.before_poll(&poll_inputs(fds, nfds)),
+        || match next!(c"poll", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's poll.
+            Some(f) => unsafe { f(fds, nfds, timeout) },
+            None => enosys(),
+        },
+    )
+}
+
+/// `int __poll_chk(struct pollfd *fds, nfds_t nfds, int timeout, size_t fdslen)` (the
+/// `_FORTIFY_SOURCE` spelling of `poll`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: c_int,
+    fdslen: size_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int, size_t) -> c_int;
+    armed_wait(
+        |emu| emu.before_poll(&poll_inputs(fds, nfds)),
+        || match next!(c"__poll_chk", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's __poll_chk.
+            Some(f) => unsafe { f(fds, nfds, timeout, fdslen) },
+            None => enosys(),
+        },
+    )
+}
+
+/// `int ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *tmo,
+/// const sigset_t *sigmask)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    tmo: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        *mut libc::pollfd,
+        libc::nfds_t,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    armed_wait(
+        |emu| emu.before_poll(&poll_inputs(fds, nfds)),
+        || match next!(c"ppoll", F) {
+            // SAFETY: forwarding the caller's arguments unchanged to libc's ppoll.
+            Some(f) => unsafe { f(fds, nfds, tmo, sigmask) },
+            None => enosys(),
+        },
+    )
 }

@@ -41,6 +41,7 @@
 
 mod bpf;
 mod emu;
+mod epoll;
 pub mod ffi;
 mod files;
 mod log;
@@ -50,6 +51,7 @@ pub mod sys;
 pub mod uapi;
 
 pub use emu::{Emulator, FdEntry};
+pub use epoll::Armed;
 pub use files::{UPROBE_PMU_TYPE, virtual_file};
 
 use std::fmt;

@@ -20,6 +20,8 @@ const PAGE: u32 = 4096;
 const ATTR_SIZE: u32 = size_of::<perf_event_attr>() as u32;
 /// `PATH_MAX`.
 const PATH_MAX: usize = 4096;
+/// `PERF_COUNT_SW_BPF_OUTPUT`.
+const PERF_COUNT_SW_BPF_OUTPUT: u64 = 10;
 
 fn e(errno: i32) -> Errno {
     Errno(errno)
@@ -106,6 +108,9 @@ impl Emulator {
         }
         match attr.type_ {
             t if t == UPROBE_PMU_TYPE => {}
+            PERF_TYPE_SOFTWARE if attr.config == PERF_COUNT_SW_BPF_OUTPUT => {
+                return self.open_bpf_output(&attr, pid_filter, cpu, flags);
+            }
             PERF_TYPE_SOFTWARE => {
                 tracing::warn!(
                     "perf_event_open: software event {} is not emulated: EOPNOTSUPP",
@@ -178,6 +183,41 @@ impl Emulator {
             ObjectKind::PerfEvent,
             id,
             name,
+            flags & PERF_FLAG_FD_CLOEXEC != 0,
+            true,
+            true,
+        )
+    }
+
+    /// A `PERF_COUNT_SW_BPF_OUTPUT` event: the target of `bpf_perf_event_output`, with a perf
+    /// ring buffer made when the loader mmaps it. Its fd is a wake-up socket, so the loader's
+    /// epoll sees it readable when samples arrive.
+    fn open_bpf_output(
+        &self,
+        attr: &perf_event_attr,
+        pid: i32,
+        cpu: i32,
+        flags: u64,
+    ) -> Result<i64, Errno> {
+        let rec = PerfEventRecord {
+            kind: PerfKind::SoftwareBpfOutput,
+            pid,
+            cpu,
+            offset: 0,
+            ref_ctr_offset: 0,
+            path: String::new(),
+        };
+        let id = create_perf_event(&self.store, &rec).map_err(|err| e(err.errno()))?;
+        if attr.flags & PERF_ATTR_FLAG_DISABLED == 0
+            && let Err(err) = set_perf_enabled(&self.store, id, true)
+        {
+            self.release(id);
+            return Err(e(err.errno()));
+        }
+        tracing::debug!("bpf output perf event {id} (pid={pid}, cpu={cpu})");
+        self.install_waking(
+            ObjectKind::PerfEvent,
+            id,
             flags & PERF_FLAG_FD_CLOEXEC != 0,
             true,
             true,

@@ -332,3 +332,32 @@ pub fn nr_cpus() -> i64 {
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
     if n <= 0 { 1 } else { n }
 }
+
+/// Sets or clears `FD_CLOEXEC` on `fd`.
+pub fn set_cloexec(fd: RawFd, on: bool) -> Result<(), Errno> {
+    // SAFETY: F_GETFD/F_SETFD only change the fd's flags; a bad fd is EBADF. (fcntl may be
+    // interposed by us; the interposer forwards these commands to libc.)
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(last_errno());
+    }
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, new) } < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
+/// Unmaps `[addr, addr + len)` (a mapping we made ourselves).
+pub fn munmap_raw(addr: u64, len: usize) -> Result<(), Errno> {
+    // SAFETY: callers pass only ranges they mapped themselves and hold no references into.
+    if unsafe { libc::munmap(addr as usize as *mut libc::c_void, len) } != 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}

@@ -215,7 +215,30 @@ pub struct bpf_attr_map_elem {
 }
 pub const BPF_MAP_ELEM_LAST_END: usize = 32;
 pub const BPF_MAP_GET_NEXT_KEY_LAST_END: usize = 24;
+/// `BPF_MAP_DELETE_ELEM_LAST_FIELD` is `key`: a value or flags is `EINVAL`.
+pub const BPF_MAP_DELETE_ELEM_LAST_END: usize = 16;
 pub const BPF_MAP_FREEZE_LAST_END: usize = 4;
+
+/// `BPF_MAP_*_BATCH`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct bpf_attr_map_batch {
+    /// Start cursor (NULL: from the beginning).
+    pub in_batch: u64,
+    /// Out: the next cursor.
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    /// In: elements room; out: elements done.
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
+}
+/// `offsetofend(union bpf_attr, batch.flags)`.
+pub const BPF_MAP_BATCH_LAST_END: usize = 56;
+/// `offsetof(union bpf_attr, batch.count)`.
+pub const BPF_MAP_BATCH_COUNT_OFF: usize = 32;
 
 /// `BPF_PROG_LOAD`.
 #[repr(C)]
@@ -496,6 +519,8 @@ const _: () = {
     use core::mem::size_of;
     assert!(size_of::<bpf_attr_map_create>() == 96);
     assert!(size_of::<bpf_attr_map_elem>() == 32);
+    assert!(size_of::<bpf_attr_map_batch>() == BPF_MAP_BATCH_LAST_END);
+    assert!(std::mem::offset_of!(bpf_attr_map_batch, count) == BPF_MAP_BATCH_COUNT_OFF);
     assert!(size_of::<bpf_attr_prog_load>() == BPF_ATTR_SIZE);
     assert!(size_of::<bpf_attr_info>() == 16);
     assert!(size_of::<bpf_attr_get_id>() == 16);

@@ -25,8 +25,7 @@ pub struct ListArgs {
 
 fn map_type_name(t: u32) -> String {
     match MapType::try_from(t) {
-        Ok(MapType::Hash) => "hash".into(),
-        Ok(MapType::Array) => "array".into(),
+        Ok(ty) => ty.name().into(),
         Err(_) => format!("type {t}"),
     }
 }

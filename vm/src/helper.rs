@@ -72,6 +72,13 @@ impl Grants {
     pub fn allows(&self, addr: u64, len: u64, write: bool) -> bool {
         self.regions.iter().any(|r| r.contains(addr, len, write))
     }
+    /// The granted region that holds the access, if any.
+    pub fn find(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
+        self.regions
+            .iter()
+            .find(|r| r.contains(addr, len, write))
+            .copied()
+    }
     /// Forgets every grant.
     pub fn clear(&mut self) {
         self.regions.clear();
@@ -126,6 +133,16 @@ impl CallEnv {
 
     /// Lets helpers check against, and grant into, the interpreter's memory for one call.
     pub(crate) fn set_memory(&mut self, mem: &mut GuestMemory) {
+        self.mem = mem;
+    }
+
+    /// Lets helpers check against, and grant into, `mem` for the rest of a run (the JIT's checked
+    /// mode); null makes them trust pointers, as under unchecked JIT code.
+    ///
+    /// # Safety
+    /// `mem` is null or points to a `GuestMemory` that stays alive, and is not otherwise borrowed
+    /// while helpers run, until this env is dropped or given another memory.
+    pub unsafe fn set_guest_memory(&mut self, mem: *mut GuestMemory) {
         self.mem = mem;
     }
 

@@ -105,6 +105,36 @@ impl GuestMemory {
         self.regions.push(region);
     }
 
+    /// The host regions registered with [`GuestMemory::add_region`], in order (the JIT tests the
+    /// first one inline in checked mode).
+    pub fn regions(&self) -> &[MemRegion] {
+        &self.regions
+    }
+
+    /// Forgets the regions helpers granted, keeping host regions and the stack (a new run).
+    pub fn clear_grants(&mut self) {
+        self.grants.clear();
+    }
+
+    /// The region — the stack, a host region or a grant — that holds `[addr, addr + len)`
+    /// (writable if `write`), for callers that cache it (the JIT's checked mode: regions only
+    /// grow during a run).
+    pub fn region_of(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
+        let stack = MemRegion {
+            start: self.stack.as_ptr() as u64,
+            len: (FRAME_SIZE * MAX_FRAMES) as u64,
+            writable: true,
+        };
+        if stack.contains(addr, len, write) {
+            return Some(stack);
+        }
+        self.regions
+            .iter()
+            .find(|r| r.contains(addr, len, write))
+            .copied()
+            .or_else(|| self.grants.find(addr, len, write))
+    }
+
     #[inline]
     fn check(&self, addr: u64, len: u64, write: bool) -> Result<(), MemFault> {
         let base = self.stack.as_ptr() as u64;

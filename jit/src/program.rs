@@ -1,0 +1,282 @@
+//! Native execution of x86_64 code: [`JitProgram`], a drop-in for
+//! [`bpftime_vm::interpreter::Interpreter`] (`run`, `run_in` with the same signatures, results
+//! and traps), and the program arrays of `bpf_tail_call` ([`ProgArray`]).
+//!
+//! # Invariants
+//!
+//! - The entry pointer of a `JitProgram` points into its own [`ExecMem`], which holds code the
+//!   x86_64 backend generated for this program; the two live and die together.
+//! - A run hands the code a [`JitContext`] whose pointers (env, `GuestMemory`, helper table,
+//!   tail-call tables) all point to values that outlive the native call, which is synchronous.
+//! - Checked mode: generated code touches only the stack (inside `GuestMemory`'s own stack), the
+//!   fast region (the first region registered with the `GuestMemory`, which its `add_region`
+//!   contract keeps valid), the window `check_access` cached (which it accepted), and addresses
+//!   `check_access` accepts (`GuestMemory::check`, the interpreter's check) — so it is as
+//!   memory-safe as the interpreter.
+//! - Unchecked mode trusts the program's memory accesses (and helper arguments), the JIT's
+//!   documented stance when `JitOptions::checked` is false: the host that compiles a program
+//!   unchecked vouches for it (e.g. because it passed the interpreter, or a kernel-grade verifier).
+//! - Tail-call targets in a [`ProgArray`] are borrowed `JitProgram`s, alive for the run.
+
+use crate::abi::{JitContext, JitEntry, TailCallTable, trap};
+use crate::exec_mem::ExecMem;
+use crate::{CompiledCode, JitError, JitOptions};
+use bpftime_vm::helper::{CallEnv, HelperFn, HelperRegistry, MemRegion};
+use bpftime_vm::interpreter::{Trap, TrapKind};
+use bpftime_vm::memory::GuestMemory;
+use bpftime_vm::verifier::Program;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+/// A program compiled to x86_64 and mapped executable.
+#[derive(Debug)]
+pub struct JitProgram {
+    mem: ExecMem,
+    entry: JitEntry,
+    helper_table: Vec<Option<HelperFn>>,
+    checked: bool,
+    compiled: CompiledCode,
+}
+
+/// `JitContext::reserved` as this runner uses it: `[0..3]` the checker's cache window (start,
+/// readable bytes, writable bytes; read by the x86_64 code), `[3]` the run's `GuestMemory`.
+const RESERVED_GM: usize = 3;
+
+/// The checker generated code calls in checked mode (`ctx.check`).
+///
+/// `mem` is the run's `JitContext` (its `ctx.mem` points to itself), whose `reserved[3]` is the
+/// run's `GuestMemory`: both alive, the memory not otherwise borrowed, while generated code runs
+/// (it only calls this during the run, which owns the `&mut GuestMemory`).
+///
+/// On success it also caches, in `reserved[0..3]`, the region that holds the access (a map
+/// value a helper granted, typically), so that further accesses there are tested inline. Sound
+/// because regions only grow during a run (helpers add grants, nothing removes any) and the
+/// context, with its cache, lives for one run.
+extern "C" fn check_access(mem: *mut c_void, addr: u64, len: u64, write: u64) -> bool {
+    let ctx = mem.cast::<JitContext>();
+    // SAFETY: per the contract above: `ctx` is the run's live context; no reference to it is
+    // held elsewhere during the native call (the runner passed it as a raw pointer).
+    let reserved = unsafe { &mut (*ctx).reserved };
+    // SAFETY: `reserved[3]` is the run's `GuestMemory` (contract above), alive and not
+    // otherwise borrowed while generated code runs.
+    let gm = unsafe { &*(reserved[RESERVED_GM] as *const GuestMemory) };
+    match gm.region_of(addr, len, write != 0) {
+        Some(r) => {
+            let wlen = if r.writable { r.len } else { 0 };
+            *reserved = [r.start, r.len, wlen, reserved[RESERVED_GM]];
+            true
+        }
+        None => false,
+    }
+}
+
+impl JitProgram {
+    /// Compiles `prog` (verified against `helpers`) and maps the code executable.
+    ///
+    /// With `opts.checked == false` every memory access of the program is trusted (see the
+    /// module invariants); use checked mode for programs nothing else has proven safe.
+    pub fn new(
+        prog: &Program,
+        helpers: &HelperRegistry,
+        opts: &JitOptions,
+    ) -> Result<Self, JitError> {
+        let compiled = crate::x86_64::compile(prog, helpers, opts)?;
+        // Near the helpers the code calls (or our own code when there are none).
+        let near = helpers
+            .ids()
+            .find_map(|id| helpers.get(id))
+            .map_or(check_access as *const () as usize, |h| h.func as usize);
+        let mem = ExecMem::new_near(&compiled.code, near)?;
+        if compiled.entry >= mem.len() {
+            return Err(JitError::Codegen(format!(
+                "entry {} outside code of {} bytes",
+                compiled.entry,
+                mem.len()
+            )));
+        }
+        // SAFETY: `entry` is inside the mapping (checked above), where the backend put the
+        // function of type `JitEntry` (the ABI of `crate::abi`); the mapping lives as long as
+        // `self` (module invariants).
+        let entry =
+            unsafe { std::mem::transmute::<*const u8, JitEntry>(mem.as_ptr().add(compiled.entry)) };
+        let len = helpers.ids().last().map_or(0, |id| id as usize + 1);
+        let mut helper_table = vec![None; len];
+        for id in helpers.ids() {
+            helper_table[id as usize] = helpers.get(id).map(|h| h.func);
+        }
+        Ok(JitProgram {
+            mem,
+            entry,
+            helper_table,
+            checked: opts.checked,
+            compiled,
+        })
+    }
+
+    /// Whether memory accesses are checked.
+    pub fn is_checked(&self) -> bool {
+        self.checked
+    }
+
+    /// The generated code and its per-instruction offsets.
+    pub fn compiled(&self) -> &CompiledCode {
+        &self.compiled
+    }
+
+    /// Where `bpf_tail_call` jumps to start this program (for [`ProgArray`] and the
+    /// [`TailCallTable`]s of a host's own runner).
+    pub fn tail_entry(&self) -> *const u8 {
+        self.mem.as_ptr().wrapping_add(crate::x86_64::TAIL_ENTRY)
+    }
+
+    /// Runs with `mem` as the program's memory: r1 = its address (0 when empty), r2 = its
+    /// length — as [`bpftime_vm::interpreter::Interpreter::run`].
+    pub fn run(&self, mem: &mut [u8]) -> Result<u64, Trap> {
+        let mut gm = GuestMemory::new();
+        let (r1, r2) = if mem.is_empty() {
+            (0, 0)
+        } else {
+            (mem.as_mut_ptr() as u64, mem.len() as u64)
+        };
+        if !mem.is_empty() {
+            // SAFETY: `mem` is an exclusive borrow that outlives this call, and `gm` is dropped
+            // before it returns; the program accesses it only through the run below.
+            unsafe {
+                gm.add_region(MemRegion {
+                    start: r1,
+                    len: r2,
+                    writable: true,
+                })
+            };
+        }
+        self.run_in(&mut gm, r1, r2, std::ptr::null_mut())
+    }
+
+    /// Runs with r1 = `r1`, r2 = `r2`, in memory `gm` (whose regions the caller registered),
+    /// with `host` passed to helpers — as [`bpftime_vm::interpreter::Interpreter::run_in`]:
+    /// earlier helper grants are dropped, the stack is not cleared.
+    pub fn run_in(
+        &self,
+        gm: &mut GuestMemory,
+        r1: u64,
+        r2: u64,
+        host: *mut c_void,
+    ) -> Result<u64, Trap> {
+        self.run_inner(gm, r1, r2, host, &[])
+    }
+
+    /// [`JitProgram::run_in`] with program arrays for `bpf_tail_call` (helper 12): a tail call
+    /// with r2 equal to an array's `map` handle and r3 an index of a filled slot starts that
+    /// program in place of this one (at most [`crate::abi::MAX_TAIL_CALLS`] times per run).
+    pub fn run_with_tail_calls(
+        &self,
+        gm: &mut GuestMemory,
+        r1: u64,
+        r2: u64,
+        host: *mut c_void,
+        arrays: &[ProgArray<'_>],
+    ) -> Result<u64, Trap> {
+        self.run_inner(gm, r1, r2, host, arrays)
+    }
+
+    fn run_inner(
+        &self,
+        gm: &mut GuestMemory,
+        r1: u64,
+        r2: u64,
+        host: *mut c_void,
+        arrays: &[ProgArray<'_>],
+    ) -> Result<u64, Trap> {
+        gm.clear_grants();
+        let frame_top = gm.frame_pointer(0);
+        let fast = gm.regions().first().copied();
+        let tables: Vec<TailCallTable> = arrays
+            .iter()
+            .map(|a| TailCallTable {
+                map: a.map,
+                len: a.slots.len() as u64,
+                slots: a.slots.as_ptr(),
+            })
+            .collect();
+        let checked = self.checked || arrays.iter().any(|a| a.any_checked);
+        let gm_ptr: *mut GuestMemory = gm;
+        let mut env = CallEnv::new(r1, host);
+        if checked {
+            // SAFETY: `gm` is exclusively borrowed for this whole call and `env` is dropped
+            // before it returns; helpers use it only during the native call below.
+            unsafe { env.set_guest_memory(gm_ptr) };
+        }
+        let mut ctx = JitContext::new(frame_top, &mut env);
+        ctx.check = Some(check_access);
+        ctx.reserved[RESERVED_GM] = gm_ptr as u64;
+        ctx.helpers = self.helper_table.as_ptr();
+        ctx.helpers_len = self.helper_table.len() as u64;
+        if let Some(r) = fast {
+            ctx.fast_start = r.start;
+            ctx.fast_len = r.len;
+            ctx.fast_wlen = if r.writable { r.len } else { 0 };
+        }
+        ctx.tail_tables = tables.as_ptr();
+        ctx.tail_tables_len = tables.len() as u64;
+        let ctx_ptr: *mut JitContext = &mut ctx;
+        // SAFETY: writes the field through the pointer the code will get; `ctx` is not
+        // otherwise borrowed until the run ends.
+        unsafe { (*ctx_ptr).mem = ctx_ptr.cast() };
+        // SAFETY: `entry` is this program's generated code (module invariants) following the
+        // `crate::abi` contract; every pointer in `ctx` refers to locals or borrows that outlive
+        // this synchronous call; memory safety of the program's accesses is as stated in the
+        // module invariants (checked: `check_access`; unchecked: trusted by the host's choice).
+        let r0 = unsafe { (self.entry)(r1, r2, ctx_ptr) };
+        let pc = ctx.trap_pc as usize;
+        let kind = match ctx.trap_kind {
+            trap::NONE => return Ok(r0),
+            trap::OUT_OF_BOUNDS => TrapKind::OutOfBounds {
+                addr: ctx.trap_addr,
+                len: ctx.trap_len,
+                write: ctx.trap_write != 0,
+            },
+            trap::MISALIGNED => TrapKind::Misaligned {
+                addr: ctx.trap_addr,
+                len: ctx.trap_len,
+            },
+            trap::UNKNOWN_HELPER => TrapKind::UnknownHelper { id: ctx.trap_addr },
+            trap::HELPER_FAULT => TrapKind::HelperFault {
+                code: ctx.trap_addr as u32,
+            },
+            _ => TrapKind::BudgetExhausted,
+        };
+        Err(Trap { kind, pc })
+    }
+}
+
+/// A `BPF_MAP_TYPE_PROG_ARRAY` as the x86_64 code sees it: slots of compiled programs selected
+/// by the `map` handle a program passes in r2 of `bpf_tail_call`.
+#[derive(Debug, Clone)]
+pub struct ProgArray<'a> {
+    map: u64,
+    slots: Vec<*const u8>,
+    any_checked: bool,
+    _progs: PhantomData<&'a JitProgram>,
+}
+
+impl<'a> ProgArray<'a> {
+    /// An array of `len` empty slots, answering to r2 == `map`.
+    pub fn new(map: u64, len: usize) -> Self {
+        ProgArray {
+            map,
+            slots: vec![std::ptr::null(); len],
+            any_checked: false,
+            _progs: PhantomData,
+        }
+    }
+
+    /// Fills (or empties, with `None`) slot `index`; false when out of range.
+    pub fn set(&mut self, index: usize, prog: Option<&'a JitProgram>) -> bool {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return false;
+        };
+        *slot = prog.map_or(std::ptr::null(), JitProgram::tail_entry);
+        self.any_checked |= prog.is_some_and(JitProgram::is_checked);
+        true
+    }
+}

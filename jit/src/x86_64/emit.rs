@@ -1,0 +1,1608 @@
+//! Code generation: one pass over the verified program, emitting x86_64 with `dynasm!` into a
+//! `Vec<u8>` (no executable memory here; see [`crate::exec_mem`]).
+//!
+//! Layout of the generated code:
+//!
+//! ```text
+//! tail entry (offset 0): xor esi, esi; jmp init          ← bpf_tail_call targets land here
+//! entry:                 push rbp, rbx, r12–r15; sub rsp, 8; r12 = ctx; ctx.saved_sp = rsp
+//! init:                  rbp = ctx.frame_top; r0, r3–r9 = 0
+//! pc 0 …                 main function body (exit: pop the host's registers, ret)
+//! subprogram:            push rbx, r13, r14, r15, rbp; rbp -= 512; body (exit: pop, ret)
+//! unwind / trap exit:    rsp = ctx.saved_sp; pop the host's registers; ret
+//! shared routines:       memory-check call (checked mode), tail call
+//! cold stubs:            per-site slow paths and traps (checked memory, misaligned atomics,
+//!                        unknown callx target, helper status)
+//! ```
+//!
+//! The native stack is 16-byte aligned in every function body (so helper calls need no fix-up):
+//! the entry pushes 6 registers plus 8 bytes, a subprogram 5 registers plus the return address.
+//!
+//! Code quality choices (each measured with `benches/jit.rs`):
+//! - unsigned division and modulo by a constant multiply by a magic number (`mulx` with BMI2,
+//!   else `mul`); by a power of two they shift or mask; 64-bit division by a register uses the
+//!   32-bit `div` when both operands fit, as compilers do;
+//! - shifts by a register use `shlx`/`shrx`/`sarx` when the compiling host has BMI2 (the code
+//!   runs where it is compiled), else go through cl;
+//! - rdx (r3) is not saved around `mul`/`div` when no instruction reads r3;
+//! - 8-bit immediates and displacements where they fit, 8-bit backward jumps where they reach;
+//! - loop heads (targets of backward jumps) are 16-byte aligned, and a loop estimated to fit 64
+//!   bytes starts where it does not cross a 64-byte boundary.
+//!
+//! Checked mode tests `[addr, addr + len)` inline against one region — the stack when the base
+//! register provably holds a pointer derived from r10 ([`stack_pointers`]), else the fast region
+//! (the run's memory block) — then, out of line, the other region, then the window `ctx.check`
+//! last accepted (`reserved[0..3]`, filled by `crate::program`'s checker: map values granted by
+//! helpers), then `ctx.check`. r10-based accesses need no test (the loader proved them inside
+//! the frame).
+//!
+//! Jumps the loader did not check — in unreachable code, it only walks reachable instructions —
+//! may point anywhere, and dead code may call the main function; these compile to `ud2`.
+
+#![allow(
+    clippy::useless_conversion,
+    reason = "dynasm! expands every dynamic register operand to `expr.into()`"
+)]
+
+use super::regs::{native, x};
+use crate::abi::{JitContext, MAX_TAIL_CALLS, TailCallTable, trap};
+use crate::{Arch, CompiledCode, JitError, JitOptions};
+use bpftime_vm::helper::{CallEnv, HelperRegistry};
+use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, Op, Size, Src, Width};
+use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
+use bpftime_vm::verifier::Program;
+use dynasmrt::x64::X64Relocation;
+use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler, dynasm};
+use std::mem::offset_of;
+
+/// Offset of the tail-call entry in the code (see the module docs).
+pub const TAIL_ENTRY: usize = 0;
+
+macro_rules! asm {
+    ($ops:expr; $($t:tt)*) => {
+        dynasm!($ops ; .arch x64 ; $($t)*)
+    };
+}
+
+/// `$pre [base + disp] $post`, with an 8-bit displacement when it fits (dynasm emits a SIB
+/// byte and a displacement for every dynamic base register; this keeps them short).
+macro_rules! at {
+    ($ops:expr, $b:expr, $disp:expr; [$($pre:tt)*] [$($post:tt)*]) => {
+        if let Ok(d8) = i8::try_from($disp) {
+            asm!($ops; $($pre)* [BYTE Rq($b) + d8] $($post)*)
+        } else {
+            asm!($ops; $($pre)* [Rq($b) + $disp] $($post)*)
+        }
+    };
+}
+
+// JitContext field offsets (asserted in `abi`).
+const FRAME_TOP: i32 = offset_of!(JitContext, frame_top) as i32;
+const ENV: i32 = offset_of!(JitContext, env) as i32;
+const CHECK: i32 = offset_of!(JitContext, check) as i32;
+const MEM: i32 = offset_of!(JitContext, mem) as i32;
+const HELPERS: i32 = offset_of!(JitContext, helpers) as i32;
+const HELPERS_LEN: i32 = offset_of!(JitContext, helpers_len) as i32;
+const TRAP_KIND: i32 = offset_of!(JitContext, trap_kind) as i32;
+const TRAP_PC: i32 = offset_of!(JitContext, trap_pc) as i32;
+const TRAP_ADDR: i32 = offset_of!(JitContext, trap_addr) as i32;
+const TRAP_LEN: i32 = offset_of!(JitContext, trap_len) as i32;
+const TRAP_WRITE: i32 = offset_of!(JitContext, trap_write) as i32;
+const TAIL_CALLS: i32 = offset_of!(JitContext, tail_calls) as i32;
+const SAVED_SP: i32 = offset_of!(JitContext, saved_sp) as i32;
+const STACK_LO: i32 = offset_of!(JitContext, stack_lo) as i32;
+const FAST_START: i32 = offset_of!(JitContext, fast_start) as i32;
+const FAST_LEN: i32 = offset_of!(JitContext, fast_len) as i32;
+const FAST_WLEN: i32 = offset_of!(JitContext, fast_wlen) as i32;
+const TAIL_TABLES: i32 = offset_of!(JitContext, tail_tables) as i32;
+// This backend's use of `JitContext::reserved` (set up by `crate::program`): a window that
+// `ctx.check` accepted earlier in the run, tested inline before calling it again.
+const CACHE_START: i32 = offset_of!(JitContext, reserved) as i32;
+const CACHE_LEN: i32 = CACHE_START + 8;
+const CACHE_WLEN: i32 = CACHE_START + 16;
+const TAIL_TABLES_LEN: i32 = offset_of!(JitContext, tail_tables_len) as i32;
+// CallEnv (asserted in bpftime_vm::helper for status and exit_value).
+const ENV_STATUS: i32 = offset_of!(CallEnv, status) as i32;
+const ENV_FAULT_CODE: i32 = offset_of!(CallEnv, fault_code) as i32;
+const ENV_EXIT_VALUE: i32 = offset_of!(CallEnv, exit_value) as i32;
+// TailCallTable.
+const TT_MAP: i32 = offset_of!(TailCallTable, map) as i32;
+const TT_LEN: i32 = offset_of!(TailCallTable, len) as i32;
+const TT_SLOTS: i32 = offset_of!(TailCallTable, slots) as i32;
+const TT_SIZE: i32 = std::mem::size_of::<TailCallTable>() as i32;
+
+/// Bytes of eBPF stack (all frames).
+const STACK_BYTES: i32 = (FRAME_SIZE * MAX_FRAMES) as i32;
+/// `bpf_tail_call`.
+const TAIL_CALL_ID: u32 = 12;
+
+/// Out-of-line code for one instruction, emitted after all functions.
+enum Stub {
+    /// Checked access that missed the inline test: the other region's test, then
+    /// `ctx.check`, else the trap. The address is in r11.
+    Mem {
+        entry: DynamicLabel,
+        back: DynamicLabel,
+        pc: u32,
+        len: u8,
+        write: bool,
+        /// The inline test was the stack's; the stub tests the fast region.
+        stack_first: bool,
+    },
+    /// Misaligned atomic; the address is in r11.
+    Misaligned {
+        entry: DynamicLabel,
+        pc: u32,
+        len: u8,
+    },
+    /// `callx` (or a call) to an id without helper; the id is in r11.
+    UnknownHelper { entry: DynamicLabel, pc: u32 },
+    /// `env.status != 0` after a helper; r10 holds the env pointer.
+    Status {
+        entry: DynamicLabel,
+        back: DynamicLabel,
+        pc: u32,
+    },
+}
+
+struct Emitter<'a> {
+    ops: VecAssembler<X64Relocation>,
+    helpers: &'a HelperRegistry,
+    checked: bool,
+    /// Labels of the jump targets.
+    labels: Vec<DynamicLabel>,
+    /// Index in `labels` of each slot's label (`u32::MAX`: not a jump target).
+    label_of: Vec<u32>,
+    /// Function entry slots (sorted) and the labels of their prologues.
+    functions: Vec<usize>,
+    func_entry: Vec<DynamicLabel>,
+    stubs: Vec<Stub>,
+    unwind: DynamicLabel,
+    trap_exit: DynamicLabel,
+    check_routine: DynamicLabel,
+    tail_routine: DynamicLabel,
+    uses_check: bool,
+    uses_tail: bool,
+    /// Shifts by register with `shlx`/`shrx`/`sarx` (BMI2) instead of through cl.
+    bmi2: bool,
+    /// Code offset of each slot emitted so far (`u32::MAX` otherwise).
+    offsets: Vec<u32>,
+    /// Checked mode: per slot, the registers that point into the stack on every path to it
+    /// (bit r), so that their accesses test the stack range inline first.
+    stack_ptrs: Vec<u16>,
+    /// Whether eBPF r3 (rdx) is read anywhere in the program (explicitly or as a call
+    /// argument): if not, `div`/`mul` may clobber rdx without saving it.
+    r3_read: bool,
+}
+
+/// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
+/// it: r10 itself, copies of such pointers and their sums with anything. Only a hint for the
+/// order of checked-mode tests (both tests are always made), so precision is not critical.
+fn stack_pointers(prog: &Program) -> Vec<u16> {
+    const R10: u16 = 1 << 10;
+    const CALL_CLOBBER: u16 = 0b11_1111; // r0–r5
+    let ops = prog.ops();
+    let n = ops.len();
+    let mut state = vec![u16::MAX; n]; // "unvisited" = top
+    let mut work: Vec<usize> = prog.functions().to_vec();
+    for &f in prog.functions() {
+        state[f] = R10;
+    }
+    let bit = |r: u8| 1u16 << r;
+    while let Some(pc) = work.pop() {
+        let Some(op) = ops[pc] else { continue };
+        let m = state[pc];
+        let out = match op {
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst,
+                src: Src::Reg(s),
+            } => (m & !bit(dst)) | if m & bit(s) != 0 { bit(dst) } else { 0 },
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Add,
+                dst,
+                src: Src::Reg(s),
+            } => m | if m & bit(s) != 0 { bit(dst) } else { 0 },
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Add | AluOp::Sub,
+                ..
+            } => m,
+            Op::Alu { dst, .. }
+            | Op::Neg { dst, .. }
+            | Op::MovSx { dst, .. }
+            | Op::Endian { dst, .. }
+            | Op::LdImm64 { dst, .. }
+            | Op::Load { dst, .. } => m & !bit(dst),
+            Op::Atomic {
+                op: AtomicOp::CmpXchg,
+                ..
+            } => m & !bit(0),
+            Op::Atomic {
+                fetch: true, src, ..
+            } => m & !bit(src),
+            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => m & !CALL_CLOBBER,
+            _ => m,
+        } | R10;
+        let mut succ = |t: usize, work: &mut Vec<usize>| {
+            let joined = state[t] & out;
+            if joined != state[t] {
+                state[t] = joined;
+                work.push(t);
+            }
+        };
+        let next = pc + op.slots();
+        match op {
+            Op::Exit => {}
+            Op::Ja { off } => succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work),
+            Op::Jmp { off, .. } => {
+                succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work);
+                succ(next, &mut work);
+            }
+            _ if next < n => succ(next, &mut work),
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Whether any instruction of `prog` reads eBPF register `r`, explicitly or implicitly (helper
+/// and local calls read r1–r5, `exit` reads r0).
+fn reads_register(prog: &Program, r: u8) -> bool {
+    prog.ops().iter().flatten().any(|op| match *op {
+        Op::Alu { dst, src, op, .. } => (op != AluOp::Mov && dst == r) || src == Src::Reg(r),
+        Op::Neg { dst, .. } | Op::Endian { dst, .. } => dst == r,
+        Op::MovSx { src, .. } => src == r,
+        Op::LdImm64 { .. } => false,
+        Op::Load { src, .. } => src == r,
+        Op::Store { dst, src, .. } => dst == r || src == Src::Reg(r),
+        Op::Atomic { dst, src, op, .. } => {
+            dst == r || src == r || (op == AtomicOp::CmpXchg && r == 0)
+        }
+        Op::Ja { .. } => false,
+        Op::Jmp { dst, src, .. } => dst == r || src == Src::Reg(r),
+        Op::Call { .. } | Op::CallLocal { .. } => (1..=5).contains(&r),
+        Op::Callx { reg } => reg == r || (1..=5).contains(&r),
+        Op::Exit => r == 0,
+    })
+}
+
+/// Whether the generated code may use BMI2: only when compiling on an x86_64 host that has it
+/// (the code runs where it is compiled); elsewhere the output is plain x86_64.
+fn host_has_bmi2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("bmi2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// How to divide by a constant `d` (≥ 3, not a power of two) without `div`
+/// (Granlund–Montgomery; Hacker's Delight §10-8; libdivide's `u64_gen`). With
+/// `t = (n * magic) >> 64`, for every 64-bit `n`:
+/// `n / d == t >> shift` when `!add`, else `n / d == (t + ((n - t) >> 1)) >> shift`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Magic {
+    pub magic: u64,
+    pub shift: u32,
+    pub add: bool,
+}
+
+pub(crate) fn magic_u64(d: u64) -> Magic {
+    let k = 63 - d.leading_zeros(); // floor(log2 d)
+    let p = 1u128 << (64 + k);
+    let (m, rem) = (p / u128::from(d), p % u128::from(d));
+    if u128::from(d) - rem < 1u128 << k {
+        // m + 1 < 2^64 and the error is small enough: a plain multiply-high and shift.
+        Magic {
+            magic: (m + 1) as u64,
+            shift: k,
+            add: false,
+        }
+    } else {
+        // The "round-up" variant: magic = floor(2^64 (2^l - d) / d) + 1, l = ceil(log2 d).
+        let l = k + 1;
+        let magic = (((1u128 << 64) * ((1u128 << l) - u128::from(d))) / u128::from(d) + 1) as u64;
+        Magic {
+            magic,
+            shift: l - 1,
+            add: true,
+        }
+    }
+}
+
+/// Compiles `prog` (see [`super`]).
+pub fn compile(
+    prog: &Program,
+    helpers: &HelperRegistry,
+    opts: &JitOptions,
+) -> Result<CompiledCode, JitError> {
+    let n = prog.len();
+    // One pass over the program: jump targets (they get labels) and loops (targets of backward
+    // jumps, with the last slot jumping back).
+    const NONE: u32 = u32::MAX;
+    let mut label_of = vec![NONE; n];
+    let mut loop_end = vec![NONE; n];
+    let mut targets = 0usize;
+    for (pc, op) in prog.ops().iter().enumerate() {
+        let off = match op {
+            Some(Op::Ja { off }) => i64::from(*off),
+            Some(Op::Jmp { off, .. }) => i64::from(*off),
+            _ => continue,
+        };
+        let Some(t) = usize::try_from(pc as i64 + 1 + off).ok().filter(|&t| t < n) else {
+            continue; // dead code (see `insn`)
+        };
+        if label_of[t] == NONE {
+            label_of[t] = targets as u32;
+            targets += 1;
+        }
+        if t <= pc {
+            loop_end[t] = if loop_end[t] == NONE {
+                pc as u32
+            } else {
+                loop_end[t].max(pc as u32)
+            };
+        }
+    }
+    // ~6 bytes of code per instruction on average (more in checked mode); grows as needed.
+    let mut ops = VecAssembler::<X64Relocation>::new_with_capacity(
+        0,
+        n * 8 + 256,
+        0,
+        0,
+        targets + prog.functions().len() + 16,
+        0,
+        targets + 16,
+    );
+    let labels: Vec<DynamicLabel> = (0..targets).map(|_| ops.new_dynamic_label()).collect();
+    let func_entry: Vec<DynamicLabel> = prog
+        .functions()
+        .iter()
+        .map(|_| ops.new_dynamic_label())
+        .collect();
+    let mut e = Emitter {
+        unwind: ops.new_dynamic_label(),
+        trap_exit: ops.new_dynamic_label(),
+        check_routine: ops.new_dynamic_label(),
+        tail_routine: ops.new_dynamic_label(),
+        ops,
+        helpers,
+        checked: opts.checked,
+        labels,
+        label_of,
+        functions: prog.functions().to_vec(),
+        func_entry,
+        stubs: Vec::new(),
+        uses_check: false,
+        uses_tail: false,
+        bmi2: host_has_bmi2(),
+        r3_read: reads_register(prog, 3),
+        offsets: vec![u32::MAX; n],
+        stack_ptrs: if opts.checked {
+            stack_pointers(prog)
+        } else {
+            Vec::new()
+        },
+    };
+    // Loops: prefix sums of estimated code sizes give a loop's size in O(1). A short loop is
+    // placed so that it does not cross a 64-byte boundary (one fetch/op-cache window), others
+    // start 16-byte aligned (measured: up to 40% on short loops).
+    let size_before: Vec<u32> = if loop_end.iter().any(|&e| e != NONE) {
+        let mut v = Vec::with_capacity(n + 1);
+        let mut total = 0u32;
+        v.push(0);
+        for op in prog.ops() {
+            total += op.as_ref().map_or(0, |op| e.estimated_size(op)) as u32;
+            v.push(total);
+        }
+        v
+    } else {
+        Vec::new()
+    };
+    let entry = e.prologue();
+    let main_end = prog.functions().get(1).copied().unwrap_or(n);
+    let mut next_function = 1;
+    for (pc, op) in prog.ops().iter().enumerate() {
+        let Some(op) = *op else { continue };
+        if e.functions.get(next_function) == Some(&pc) {
+            e.subprogram_prologue(e.func_entry[next_function]);
+            next_function += 1;
+        }
+        if loop_end[pc] != NONE {
+            let bytes = (size_before[loop_end[pc] as usize + 1] - size_before[pc]) as usize;
+            e.align_with_nops(16);
+            let off = e.ops.offset().0;
+            if bytes <= 64 && off % 64 + bytes > 64 {
+                e.align_with_nops(64);
+            }
+        }
+        if e.label_of[pc] != NONE {
+            let l = e.labels[e.label_of[pc] as usize];
+            asm!(e.ops; =>l);
+        }
+        e.offsets[pc] = e.ops.offset().0 as u32;
+        e.insn(pc, op, pc < main_end, prog)?;
+    }
+    e.finish();
+    let code = std::mem::replace(&mut e.ops, VecAssembler::new(0))
+        .finalize()
+        .map_err(|err| JitError::Codegen(err.to_string()))?;
+    Ok(CompiledCode {
+        arch: Arch::X86_64,
+        code,
+        entry,
+        insn_offsets: e.offsets,
+    })
+}
+
+impl Emitter<'_> {
+    /// Tail entry, entry and register initialisation; returns the entry's offset.
+    fn prologue(&mut self) -> usize {
+        let init = self.ops.new_dynamic_label();
+        debug_assert_eq!(self.ops.offset().0, TAIL_ENTRY);
+        asm!(self.ops
+            // Tail entry: r1 (rdi) is the context, the frame is the caller's; r2 = 0.
+            ; xor esi, esi
+            ; jmp =>init
+        );
+        let entry = self.ops.offset().0;
+        asm!(self.ops
+            ; push rbp
+            ; push rbx
+            ; push r12
+            ; push r13
+            ; push r14
+            ; push r15
+            ; sub rsp, 8
+            ; mov r12, rdx
+            ; mov [r12 + SAVED_SP], rsp
+            ; =>init
+            ; mov rbp, [r12 + FRAME_TOP]
+            ; xor eax, eax
+            ; xor edx, edx
+            ; xor ecx, ecx
+            ; xor r8d, r8d
+            ; xor ebx, ebx
+            ; xor r13d, r13d
+            ; xor r14d, r14d
+            ; xor r15d, r15d
+        );
+        entry
+    }
+
+    /// Rough bytes of code for `op` (only to place loops; errs on the large side).
+    fn estimated_size(&self, op: &Op) -> usize {
+        let checked_mem = if self.checked { 28 } else { 0 };
+        match *op {
+            Op::Alu {
+                op: AluOp::Div | AluOp::Mod | AluOp::SDiv | AluOp::SMod,
+                ..
+            } => 48,
+            Op::Alu {
+                op: AluOp::Lsh | AluOp::Rsh | AluOp::Arsh,
+                src: Src::Reg(_),
+                ..
+            } if !self.bmi2 => 12,
+            Op::Alu {
+                src: Src::Imm(v), ..
+            } if i8::try_from(v).is_err() => 7,
+            Op::Alu { .. } | Op::Neg { .. } | Op::MovSx { .. } => 4,
+            Op::Endian { .. } => 8,
+            Op::LdImm64 { .. } => 10,
+            Op::Load { src, .. } => 6 + if src == 10 { 0 } else { checked_mem },
+            Op::Store { dst, .. } => 9 + if dst == 10 { 0 } else { checked_mem },
+            Op::Atomic { .. } => 24 + checked_mem,
+            Op::Ja { .. } => 5,
+            Op::Jmp { .. } => 13,
+            Op::Call { .. } => 30,
+            Op::CallLocal { .. } => 5,
+            Op::Callx { .. } => 48,
+            Op::Exit => 16,
+        }
+    }
+
+    /// Pads with the recommended multi-byte NOPs up to a multiple of `align`.
+    fn align_with_nops(&mut self, align: usize) {
+        const NOPS: [&[u8]; 9] = [
+            &[0x90],
+            &[0x66, 0x90],
+            &[0x0f, 0x1f, 0x00],
+            &[0x0f, 0x1f, 0x40, 0x00],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+        ];
+        let mut pad = (align - self.ops.offset().0 % align) % align;
+        while pad > 0 {
+            let k = pad.min(NOPS.len());
+            self.ops.extend(NOPS[k - 1].iter().copied());
+            pad -= k;
+        }
+    }
+
+    fn subprogram_prologue(&mut self, l: DynamicLabel) {
+        asm!(self.ops
+            ; =>l
+            ; push rbx
+            ; push r13
+            ; push r14
+            ; push r15
+            ; push rbp
+            ; sub rbp, FRAME_SIZE as i32
+        );
+    }
+
+    fn main_epilogue(&mut self) {
+        asm!(self.ops
+            ; add rsp, 8
+            ; pop r15
+            ; pop r14
+            ; pop r13
+            ; pop r12
+            ; pop rbx
+            ; pop rbp
+            ; ret
+        );
+    }
+
+    fn insn(&mut self, pc: usize, op: Op, in_main: bool, prog: &Program) -> Result<(), JitError> {
+        let rel = |off: i64| (pc as i64 + 1 + off) as usize;
+        // The loader checks the jumps of reachable instructions only: a jump elsewhere (out of
+        // the program, into an lddw) is dead code. Never executed, it becomes `ud2`.
+        let jump = match op {
+            Op::Ja { off } => Some(i64::from(off)),
+            Op::Jmp { off, .. } => Some(i64::from(off)),
+            _ => None,
+        };
+        if let Some(off) = jump {
+            let target = usize::try_from(pc as i64 + 1 + off).ok();
+            if !target.is_some_and(|t| prog.ops().get(t).is_some_and(Option::is_some)) {
+                asm!(self.ops; ud2);
+                return Ok(());
+            }
+        }
+        match op {
+            Op::Alu {
+                width,
+                op,
+                dst,
+                src,
+            } => self.alu(width == Width::W64, op, native(dst), src),
+            Op::Neg { width, dst } => {
+                let d = native(dst);
+                match width {
+                    Width::W64 => asm!(self.ops; neg Rq(d)),
+                    Width::W32 => asm!(self.ops; neg Rd(d)),
+                }
+            }
+            Op::MovSx {
+                width,
+                dst,
+                src,
+                bits,
+            } => {
+                let (d, s) = (native(dst), native(src));
+                match (width, bits) {
+                    (Width::W64, 8) => asm!(self.ops; movsx Rq(d), Rb(s)),
+                    (Width::W64, 16) => asm!(self.ops; movsx Rq(d), Rw(s)),
+                    (Width::W64, _) => asm!(self.ops; movsxd Rq(d), Rd(s)),
+                    (Width::W32, 8) => asm!(self.ops; movsx Rd(d), Rb(s)),
+                    (Width::W32, _) => asm!(self.ops; movsx Rd(d), Rw(s)),
+                }
+            }
+            Op::Endian { kind, bits, dst } => {
+                let d = native(dst);
+                match (kind, bits) {
+                    (Endian::Le, 16) => asm!(self.ops; movzx Rd(d), Rw(d)),
+                    (Endian::Le, 32) => asm!(self.ops; mov Rd(d), Rd(d)),
+                    (Endian::Le, _) => {}
+                    (_, 16) => asm!(self.ops; ror Rw(d), 8; movzx Rd(d), Rw(d)),
+                    (_, 32) => asm!(self.ops; bswap Rd(d)),
+                    (_, _) => asm!(self.ops; bswap Rq(d)),
+                }
+            }
+            Op::LdImm64 { dst, lo, hi, .. } => {
+                let v = u64::from(lo as u32) | (u64::from(hi as u32) << 32);
+                self.mov_imm64(native(dst), v);
+            }
+            Op::Load {
+                size,
+                signed,
+                dst,
+                src,
+                off,
+            } => {
+                let (b, disp) = self.mem_operand(pc, src, off, size.bytes() as u8, false);
+                let d = native(dst);
+                match (size, signed) {
+                    (Size::B, false) => at!(self.ops, b, disp; [movzx Rd(d), BYTE] []),
+                    (Size::H, false) => at!(self.ops, b, disp; [movzx Rd(d), WORD] []),
+                    (Size::W, false) => at!(self.ops, b, disp; [mov Rd(d), DWORD] []),
+                    (Size::DW, _) => at!(self.ops, b, disp; [mov Rq(d), QWORD] []),
+                    (Size::B, true) => at!(self.ops, b, disp; [movsx Rq(d), BYTE] []),
+                    (Size::H, true) => at!(self.ops, b, disp; [movsx Rq(d), WORD] []),
+                    (Size::W, true) => at!(self.ops, b, disp; [movsxd Rq(d), DWORD] []),
+                }
+            }
+            Op::Store {
+                size,
+                dst,
+                off,
+                src,
+            } => {
+                let (b, disp) = self.mem_operand(pc, dst, off, size.bytes() as u8, true);
+                match (size, src) {
+                    (Size::B, Src::Imm(v)) => at!(self.ops, b, disp; [mov BYTE] [, v as i8]),
+                    (Size::H, Src::Imm(v)) => at!(self.ops, b, disp; [mov WORD] [, v as i16]),
+                    (Size::W, Src::Imm(v)) => at!(self.ops, b, disp; [mov DWORD] [, v]),
+                    (Size::DW, Src::Imm(v)) => at!(self.ops, b, disp; [mov QWORD] [, v]),
+                    (Size::B, Src::Reg(s)) => {
+                        at!(self.ops, b, disp; [mov BYTE] [, Rb(native(s))])
+                    }
+                    (Size::H, Src::Reg(s)) => {
+                        at!(self.ops, b, disp; [mov WORD] [, Rw(native(s))])
+                    }
+                    (Size::W, Src::Reg(s)) => {
+                        at!(self.ops, b, disp; [mov DWORD] [, Rd(native(s))])
+                    }
+                    (Size::DW, Src::Reg(s)) => {
+                        at!(self.ops, b, disp; [mov QWORD] [, Rq(native(s))])
+                    }
+                }
+            }
+            Op::Atomic {
+                size,
+                op,
+                fetch,
+                dst,
+                src,
+                off,
+            } => self.atomic(pc, size == Size::DW, op, fetch, dst, native(src), off),
+            Op::Ja { off } => {
+                let t = rel(off.into());
+                let l = self.label(t);
+                if self.short_reach(t, 2) {
+                    asm!(self.ops; jmp BYTE =>l);
+                } else {
+                    asm!(self.ops; jmp =>l);
+                }
+            }
+            Op::Jmp {
+                width,
+                cond,
+                dst,
+                src,
+                off,
+            } => {
+                let d = native(dst);
+                let w64 = width == Width::W64;
+                match (cond, src, w64) {
+                    (JmpCond::Set, Src::Reg(s), true) => asm!(self.ops; test Rq(d), Rq(native(s))),
+                    (JmpCond::Set, Src::Reg(s), false) => {
+                        asm!(self.ops; test Rd(d), Rd(native(s)))
+                    }
+                    (JmpCond::Set, Src::Imm(v), true) => asm!(self.ops; test Rq(d), DWORD v),
+                    (JmpCond::Set, Src::Imm(v), false) => asm!(self.ops; test Rd(d), DWORD v),
+                    (_, Src::Reg(s), true) => asm!(self.ops; cmp Rq(d), Rq(native(s))),
+                    (_, Src::Reg(s), false) => asm!(self.ops; cmp Rd(d), Rd(native(s))),
+                    (_, Src::Imm(0), true) => asm!(self.ops; test Rq(d), Rq(d)),
+                    (_, Src::Imm(0), false) => asm!(self.ops; test Rd(d), Rd(d)),
+                    (_, Src::Imm(v), w64) if i8::try_from(v).is_ok() => {
+                        // `cmp r, imm8` (83 /7 ib): dynasm's table picks imm32 for cmp.
+                        let rex = 0x40 | (u8::from(w64) << 3) | (d >> 3);
+                        if rex != 0x40 {
+                            self.ops.push(rex);
+                        }
+                        self.ops.extend([0x83, 0xf8 | (d & 7), v as u8]);
+                    }
+                    (_, Src::Imm(v), true) => asm!(self.ops; cmp Rq(d), DWORD v),
+                    (_, Src::Imm(v), false) => asm!(self.ops; cmp Rd(d), DWORD v),
+                }
+                let t = rel(off.into());
+                let short = self.short_reach(t, 2);
+                self.jcc(cond, self.label(t), short);
+            }
+            Op::Call { id } if id == TAIL_CALL_ID => {
+                self.uses_tail = true;
+                let l = self.tail_routine;
+                asm!(self.ops; call =>l);
+            }
+            Op::Call { id } => match self.helpers.get(id) {
+                Some(h) => {
+                    let addr = h.func as usize as i64;
+                    asm!(self.ops
+                        ; mov r9, [r12 + ENV]
+                        ; mov rax, QWORD addr
+                        ; call rax
+                    );
+                    if h.may_stop {
+                        self.status_check(pc);
+                    }
+                }
+                None => {
+                    // Verified against another registry: trap like the interpreter would.
+                    let entry = self.ops.new_dynamic_label();
+                    self.stubs.push(Stub::UnknownHelper {
+                        entry,
+                        pc: pc as u32,
+                    });
+                    asm!(self.ops
+                        ; mov r11d, id as i32
+                        ; jmp =>entry
+                    );
+                }
+            },
+            Op::CallLocal { off } => {
+                // Every call target is a function (the loader checks all calls); a call of the
+                // main function would be recursion, which the loader rejects when reachable:
+                // such a call is dead code.
+                let target = rel(off.into());
+                match self.functions.binary_search(&target) {
+                    Ok(f) if f > 0 => {
+                        let l = self.func_entry[f];
+                        asm!(self.ops; call =>l);
+                    }
+                    _ => asm!(self.ops; ud2),
+                }
+            }
+            Op::Callx { reg } => {
+                let entry = self.ops.new_dynamic_label();
+                self.stubs.push(Stub::UnknownHelper {
+                    entry,
+                    pc: pc as u32,
+                });
+                asm!(self.ops
+                    ; mov r11, Rq(native(reg))
+                    ; cmp r11, [r12 + HELPERS_LEN]
+                    ; jae =>entry
+                    ; mov r10, [r12 + HELPERS]
+                    ; mov r10, [r10 + r11 * 8]
+                    ; test r10, r10
+                    ; jz =>entry
+                    ; mov r9, [r12 + ENV]
+                    ; call r10
+                );
+                self.status_check(pc);
+            }
+            Op::Exit => {
+                if in_main {
+                    self.main_epilogue();
+                } else {
+                    asm!(self.ops
+                        ; pop rbp
+                        ; pop r15
+                        ; pop r14
+                        ; pop r13
+                        ; pop rbx
+                        ; ret
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The label of jump target `t` (every valid target got one in `compile`).
+    fn label(&self, t: usize) -> DynamicLabel {
+        self.labels[self.label_of[t] as usize]
+    }
+
+    /// Whether a `len`-byte jump emitted here reaches slot `target`, already emitted, with an
+    /// 8-bit displacement (forward targets are not known yet: they get 32 bits).
+    fn short_reach(&self, target: usize, len: usize) -> bool {
+        let Some(&t) = self.offsets.get(target).filter(|&&o| o != u32::MAX) else {
+            return false;
+        };
+        let from = self.ops.offset().0 + len;
+        i64::from(t) - from as i64 >= -128
+    }
+
+    fn jcc(&mut self, cond: JmpCond, l: DynamicLabel, short: bool) {
+        macro_rules! j {
+            ($mn:ident) => {
+                if short {
+                    asm!(self.ops; $mn BYTE =>l)
+                } else {
+                    asm!(self.ops; $mn =>l)
+                }
+            };
+        }
+        match cond {
+            JmpCond::Eq => j!(je),
+            JmpCond::Ne => j!(jne),
+            JmpCond::Set => j!(jnz),
+            JmpCond::Gt => j!(ja),
+            JmpCond::Ge => j!(jae),
+            JmpCond::Lt => j!(jb),
+            JmpCond::Le => j!(jbe),
+            JmpCond::Sgt => j!(jg),
+            JmpCond::Sge => j!(jge),
+            JmpCond::Slt => j!(jl),
+            JmpCond::Sle => j!(jle),
+        }
+    }
+
+    fn mov_imm64(&mut self, d: u8, v: u64) {
+        if v == 0 {
+            asm!(self.ops; xor Rd(d), Rd(d));
+        } else if let Ok(v32) = u32::try_from(v) {
+            asm!(self.ops; mov Rd(d), DWORD v32 as i32);
+        } else if let Ok(s) = i32::try_from(v as i64) {
+            asm!(self.ops; mov Rq(d), DWORD s);
+        } else {
+            asm!(self.ops; mov Rq(d), QWORD v as i64);
+        }
+    }
+
+    fn alu(&mut self, w64: bool, op: AluOp, d: u8, src: Src) {
+        macro_rules! binop {
+            ($mn:ident) => {
+                match (w64, src) {
+                    (true, Src::Reg(s)) => asm!(self.ops; $mn Rq(d), Rq(native(s))),
+                    (false, Src::Reg(s)) => asm!(self.ops; $mn Rd(d), Rd(native(s))),
+                    (true, Src::Imm(v)) => match i8::try_from(v) {
+                        Ok(v8) => asm!(self.ops; $mn Rq(d), BYTE v8),
+                        Err(_) => asm!(self.ops; $mn Rq(d), DWORD v),
+                    },
+                    (false, Src::Imm(v)) => match i8::try_from(v) {
+                        Ok(v8) => asm!(self.ops; $mn Rd(d), BYTE v8),
+                        Err(_) => asm!(self.ops; $mn Rd(d), DWORD v),
+                    },
+                }
+            };
+        }
+        match op {
+            AluOp::Add => binop!(add),
+            AluOp::Sub => binop!(sub),
+            AluOp::Or => binop!(or),
+            AluOp::And => binop!(and),
+            AluOp::Xor => binop!(xor),
+            AluOp::Mul => match (w64, src) {
+                (true, Src::Reg(s)) => asm!(self.ops; imul Rq(d), Rq(native(s))),
+                (false, Src::Reg(s)) => asm!(self.ops; imul Rd(d), Rd(native(s))),
+                (true, Src::Imm(v)) => asm!(self.ops; imul Rq(d), Rq(d), DWORD v),
+                (false, Src::Imm(v)) => asm!(self.ops; imul Rd(d), Rd(d), DWORD v),
+            },
+            AluOp::Mov => match (w64, src) {
+                (true, Src::Reg(s)) => {
+                    let s = native(s);
+                    if s != d {
+                        asm!(self.ops; mov Rq(d), Rq(s));
+                    }
+                }
+                (false, Src::Reg(s)) => asm!(self.ops; mov Rd(d), Rd(native(s))),
+                (true, Src::Imm(v)) => self.mov_imm64(d, v as i64 as u64),
+                (false, Src::Imm(v)) => self.mov_imm64(d, u64::from(v as u32)),
+            },
+            AluOp::Lsh | AluOp::Rsh | AluOp::Arsh => self.shift(w64, op, d, src),
+            AluOp::Div | AluOp::Mod | AluOp::SDiv | AluOp::SMod => self.divmod(w64, op, d, src),
+        }
+    }
+
+    fn shift(&mut self, w64: bool, op: AluOp, d: u8, src: Src) {
+        macro_rules! by_cl {
+            ($r:expr) => {
+                match (op, w64) {
+                    (AluOp::Lsh, true) => asm!(self.ops; shl Rq($r), cl),
+                    (AluOp::Rsh, true) => asm!(self.ops; shr Rq($r), cl),
+                    (_, true) => asm!(self.ops; sar Rq($r), cl),
+                    (AluOp::Lsh, false) => asm!(self.ops; shl Rd($r), cl),
+                    (AluOp::Rsh, false) => asm!(self.ops; shr Rd($r), cl),
+                    (_, false) => asm!(self.ops; sar Rd($r), cl),
+                }
+            };
+        }
+        match src {
+            Src::Imm(v) => {
+                let n = (v & if w64 { 63 } else { 31 }) as i8;
+                match (op, w64, n) {
+                    (_, true, 0) => {}
+                    (_, false, 0) => asm!(self.ops; mov Rd(d), Rd(d)),
+                    (AluOp::Lsh, true, _) => asm!(self.ops; shl Rq(d), n),
+                    (AluOp::Rsh, true, _) => asm!(self.ops; shr Rq(d), n),
+                    (_, true, _) => asm!(self.ops; sar Rq(d), n),
+                    (AluOp::Lsh, false, _) => asm!(self.ops; shl Rd(d), n),
+                    (AluOp::Rsh, false, _) => asm!(self.ops; shr Rd(d), n),
+                    (_, false, _) => asm!(self.ops; sar Rd(d), n),
+                }
+            }
+            Src::Reg(s) if self.bmi2 => {
+                // Counts masked by the CPU to the operand width, as RFC 9669 requires.
+                let s = native(s);
+                match (op, w64) {
+                    (AluOp::Lsh, true) => asm!(self.ops; shlx Rq(d), Rq(d), Rq(s)),
+                    (AluOp::Rsh, true) => asm!(self.ops; shrx Rq(d), Rq(d), Rq(s)),
+                    (_, true) => asm!(self.ops; sarx Rq(d), Rq(d), Rq(s)),
+                    (AluOp::Lsh, false) => asm!(self.ops; shlx Rd(d), Rd(d), Rd(s)),
+                    (AluOp::Rsh, false) => asm!(self.ops; shrx Rd(d), Rd(d), Rd(s)),
+                    (_, false) => asm!(self.ops; sarx Rd(d), Rd(d), Rd(s)),
+                }
+            }
+            Src::Reg(s) => {
+                // The count must be in cl (masked by the CPU to the operand width, as RFC 9669
+                // requires); rcx is eBPF r4.
+                let s = native(s);
+                if s == x::RCX {
+                    by_cl!(d);
+                } else if d == x::RCX {
+                    asm!(self.ops; mov r11, rcx; mov rcx, Rq(s));
+                    by_cl!(x::R11);
+                    asm!(self.ops; mov rcx, r11);
+                } else {
+                    asm!(self.ops; mov r11, rcx; mov rcx, Rq(s));
+                    by_cl!(d);
+                    asm!(self.ops; mov rcx, r11);
+                }
+            }
+        }
+    }
+
+    /// Division and modulo with RFC 9669 §4.1 semantics: by zero, div gives 0 and mod the
+    /// (truncated) dividend; signed `MIN / -1` gives `MIN` and `MIN % -1` gives 0 — without
+    /// ever executing a faulting `div`/`idiv`.
+    fn divmod(&mut self, w64: bool, op: AluOp, d: u8, src: Src) {
+        let signed = matches!(op, AluOp::SDiv | AluOp::SMod);
+        let is_div = matches!(op, AluOp::Div | AluOp::SDiv);
+        match src {
+            Src::Imm(0) => self.div_by_zero(w64, is_div, d),
+            Src::Imm(-1) if signed => self.div_by_minus_one(w64, is_div, d),
+            Src::Imm(v) => {
+                let divisor = if w64 {
+                    v as i64 as u64
+                } else {
+                    u64::from(v as u32)
+                };
+                if !signed && divisor.is_power_of_two() {
+                    let k = divisor.trailing_zeros() as i8;
+                    match (is_div, w64) {
+                        (true, true) if k > 0 => asm!(self.ops; shr Rq(d), k),
+                        (true, true) => {}
+                        (true, false) if k > 0 => asm!(self.ops; shr Rd(d), k),
+                        (true, false) => asm!(self.ops; mov Rd(d), Rd(d)),
+                        // divisor - 1 < 2^31 here (a positive imm, or 2^31 for 32-bit).
+                        (false, true) => asm!(self.ops; and Rq(d), DWORD (divisor - 1) as i32),
+                        (false, false) => asm!(self.ops; and Rd(d), DWORD (divisor - 1) as i32),
+                    }
+                    return;
+                }
+                if !signed {
+                    self.div_const(w64, is_div, d, divisor);
+                    return;
+                }
+                if w64 {
+                    asm!(self.ops; mov r11, DWORD v);
+                } else {
+                    asm!(self.ops; mov r11d, DWORD v);
+                }
+                self.div_core(w64, signed, is_div, d);
+            }
+            Src::Reg(s) => {
+                let s = native(s);
+                let (zero, minus_one, done) = (
+                    self.ops.new_dynamic_label(),
+                    self.ops.new_dynamic_label(),
+                    self.ops.new_dynamic_label(),
+                );
+                // 64-bit modulo by zero leaves dst as it is: no code on that path.
+                let zero_is_nop = !is_div && w64;
+                let on_zero = if zero_is_nop { done } else { zero };
+                if w64 {
+                    asm!(self.ops; mov r11, Rq(s); test r11, r11; jz =>on_zero);
+                    if signed {
+                        asm!(self.ops; cmp r11, -1; je =>minus_one);
+                    }
+                } else {
+                    asm!(self.ops; mov r11d, Rd(s); test r11d, r11d; jz =>on_zero);
+                    if signed {
+                        asm!(self.ops; cmp r11d, -1; je =>minus_one);
+                    }
+                }
+                self.div_core(w64, signed, is_div, d);
+                if !zero_is_nop {
+                    asm!(self.ops; jmp =>done; =>zero);
+                    self.div_by_zero(w64, is_div, d);
+                }
+                if signed {
+                    asm!(self.ops; jmp =>done; =>minus_one);
+                    self.div_by_minus_one(w64, is_div, d);
+                }
+                asm!(self.ops; =>done);
+            }
+        }
+    }
+
+    /// Unsigned `d / divisor` or `d % divisor` for a constant divisor (≥ 3, not a power of two)
+    /// by multiplication ([`magic_u64`]), keeping rax and rdx. 32-bit operands are zero-extended
+    /// first, which the 64-bit method divides exactly.
+    fn div_const(&mut self, w64: bool, is_div: bool, d: u8, divisor: u64) {
+        if self.bmi2 {
+            self.div_const_mulx(w64, is_div, d, divisor);
+            return;
+        }
+        let Magic { magic, shift, add } = magic_u64(divisor);
+        if !w64 {
+            asm!(self.ops; mov Rd(d), Rd(d));
+        }
+        // n: the dividend, in a register `mul` leaves alone; q: the quotient.
+        let (n, q) = match d {
+            x::RAX => (x::R11, x::R9),
+            x::RDX => (x::R11, x::R10),
+            _ => (d, x::R11),
+        };
+        if n != d {
+            asm!(self.ops; mov Rq(n), Rq(d));
+        }
+        if d != x::RAX {
+            asm!(self.ops; mov r9, rax);
+        }
+        let keep_rdx = d != x::RDX && self.r3_read;
+        if keep_rdx {
+            asm!(self.ops; mov r10, rdx);
+        }
+        asm!(self.ops
+            ; mov rax, QWORD magic as i64
+            ; mul Rq(n)
+        );
+        if add {
+            asm!(self.ops
+                ; mov Rq(q), Rq(n)
+                ; sub Rq(q), rdx
+                ; shr Rq(q), 1
+                ; add Rq(q), rdx
+                ; shr Rq(q), shift as i8
+            );
+        } else if shift > 0 {
+            asm!(self.ops; shr rdx, shift as i8; mov Rq(q), rdx);
+        } else {
+            asm!(self.ops; mov Rq(q), rdx);
+        }
+        if is_div {
+            asm!(self.ops; mov Rq(d), Rq(q));
+        } else {
+            // The divisor is the instruction's immediate (sign-extended for 64 bits).
+            let imm = divisor as i32;
+            if w64 {
+                asm!(self.ops; imul Rq(q), Rq(q), DWORD imm);
+            } else {
+                asm!(self.ops; imul Rd(q), Rd(q), DWORD imm);
+            }
+            if n != d {
+                asm!(self.ops; mov Rq(d), Rq(n));
+            }
+            asm!(self.ops; sub Rq(d), Rq(q));
+        }
+        if d != x::RAX {
+            asm!(self.ops; mov rax, r9);
+        }
+        if keep_rdx {
+            asm!(self.ops; mov rdx, r10);
+        }
+    }
+
+    /// [`Emitter::div_const`] with BMI2's `mulx`, which leaves rax and the flags alone: only rdx
+    /// (its implicit operand) is used, and kept when r3 is read anywhere.
+    fn div_const_mulx(&mut self, w64: bool, is_div: bool, d: u8, divisor: u64) {
+        let Magic { magic, shift, add } = magic_u64(divisor);
+        if !w64 {
+            asm!(self.ops; mov Rd(d), Rd(d));
+        }
+        // n: the dividend (rdx is about to hold the magic number).
+        let n = if d == x::RDX {
+            asm!(self.ops; mov r11, rdx);
+            x::R11
+        } else {
+            d
+        };
+        let keep_rdx = d != x::RDX && self.r3_read;
+        if keep_rdx {
+            asm!(self.ops; mov r10, rdx);
+        }
+        // r9 = (n * magic) >> 64, then the quotient.
+        asm!(self.ops
+            ; mov rdx, QWORD magic as i64
+            ; mulx r9, r9, Rq(n)
+        );
+        if add {
+            asm!(self.ops
+                ; mov rdx, Rq(n)
+                ; sub rdx, r9
+                ; shr rdx, 1
+                ; add r9, rdx
+            );
+        }
+        if shift > 0 {
+            asm!(self.ops; shr r9, shift as i8);
+        }
+        if is_div {
+            asm!(self.ops; mov Rq(d), r9);
+        } else {
+            let imm = divisor as i32;
+            if w64 {
+                asm!(self.ops; imul r9, r9, DWORD imm);
+            } else {
+                asm!(self.ops; imul r9d, r9d, DWORD imm);
+            }
+            if n != d {
+                asm!(self.ops; mov Rq(d), Rq(n));
+            }
+            asm!(self.ops; sub Rq(d), r9);
+        }
+        if keep_rdx {
+            asm!(self.ops; mov rdx, r10);
+        }
+    }
+
+    /// `d = d / r11` or `d % r11` (divisor neither 0 nor, when signed, -1), keeping rax and rdx.
+    /// Unsigned 64-bit division uses the (faster) 32-bit `div` when both operands fit 32 bits,
+    /// as compilers do.
+    fn div_core(&mut self, w64: bool, signed: bool, is_div: bool, d: u8) {
+        let keep_rdx = self.r3_read;
+        asm!(self.ops; mov r9, rax);
+        if keep_rdx {
+            asm!(self.ops; mov r10, rdx);
+        }
+        if d != x::RAX {
+            asm!(self.ops; mov rax, Rq(d));
+        }
+        match (w64, signed) {
+            (true, false) => {
+                let (wide, join) = (self.ops.new_dynamic_label(), self.ops.new_dynamic_label());
+                asm!(self.ops
+                    ; mov rdx, rax
+                    ; or rdx, r11
+                    ; shr rdx, 32
+                    ; jnz =>wide
+                    ; div r11d
+                    ; jmp =>join
+                    ; =>wide
+                    ; xor edx, edx
+                    ; div r11
+                    ; =>join
+                );
+            }
+            (true, true) => asm!(self.ops; cqo; idiv r11),
+            (false, false) => asm!(self.ops; xor edx, edx; div r11d),
+            (false, true) => asm!(self.ops; cdq; idiv r11d),
+        }
+        if is_div {
+            asm!(self.ops; mov r11, rax);
+        } else {
+            asm!(self.ops; mov r11, rdx);
+        }
+        asm!(self.ops; mov rax, r9);
+        if keep_rdx {
+            asm!(self.ops; mov rdx, r10);
+        }
+        asm!(self.ops; mov Rq(d), r11);
+    }
+
+    fn div_by_zero(&mut self, w64: bool, is_div: bool, d: u8) {
+        match (is_div, w64) {
+            (true, _) => asm!(self.ops; xor Rd(d), Rd(d)),
+            (false, true) => {}
+            (false, false) => asm!(self.ops; mov Rd(d), Rd(d)),
+        }
+    }
+
+    fn div_by_minus_one(&mut self, w64: bool, is_div: bool, d: u8) {
+        match (is_div, w64) {
+            (true, true) => asm!(self.ops; neg Rq(d)),
+            (true, false) => asm!(self.ops; neg Rd(d)),
+            (false, _) => asm!(self.ops; xor Rd(d), Rd(d)),
+        }
+    }
+
+    /// The operand `[base + disp]` of an access of `len` bytes at `reg + off`. Checked mode
+    /// (except r10-relative accesses, which the loader proved inside the frame) computes the
+    /// address into r11, checks it and returns `[r11 + 0]`.
+    fn mem_operand(&mut self, pc: usize, reg: u8, off: i16, len: u8, write: bool) -> (u8, i32) {
+        let b = native(reg);
+        if !self.checked || reg == bpftime_vm::isa::FRAME_REG {
+            return (b, i32::from(off));
+        }
+        self.uses_check = true;
+        let entry = self.ops.new_dynamic_label();
+        let back = self.ops.new_dynamic_label();
+        let stack_first = self.stack_ptrs.get(pc).is_some_and(|m| m & (1 << reg) != 0);
+        asm!(self.ops; lea r11, [Rq(b) + i32::from(off)]);
+        if stack_first {
+            self.stack_test(len, entry);
+        } else {
+            self.fast_test(len, write, entry);
+        }
+        asm!(self.ops; =>back);
+        self.stubs.push(Stub::Mem {
+            entry,
+            back,
+            pc: pc as u32,
+            len,
+            write,
+            stack_first,
+        });
+        (x::R11, 0)
+    }
+
+    /// Jumps to `fail` unless `[r11, r11 + len)` is inside the stack.
+    fn stack_test(&mut self, len: u8, fail: DynamicLabel) {
+        asm!(self.ops
+            ; mov r10, r11
+            ; sub r10, [r12 + STACK_LO]
+            ; cmp r10, STACK_BYTES - i32::from(len)
+            ; ja =>fail
+        );
+    }
+
+    /// Jumps to `fail` unless `[r11, r11 + len)` is inside the fast region (`fast_wlen` bytes
+    /// of it for a store).
+    fn fast_test(&mut self, len: u8, write: bool, fail: DynamicLabel) {
+        let limit = if write { FAST_WLEN } else { FAST_LEN };
+        asm!(self.ops
+            ; mov r10, r11
+            ; sub r10, [r12 + FAST_START]
+            ; add r10, i32::from(len)
+            ; jc =>fail
+            ; cmp r10, [r12 + limit]
+            ; ja =>fail
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn atomic(
+        &mut self,
+        pc: usize,
+        w64: bool,
+        op: AtomicOp,
+        fetch: bool,
+        base: u8,
+        s: u8,
+        off: i16,
+    ) {
+        let len: u8 = if w64 { 8 } else { 4 };
+        if self.checked {
+            if base == bpftime_vm::isa::FRAME_REG {
+                // r10 is 8-aligned, so alignment is decided by the offset.
+                asm!(self.ops; lea r11, [rbp + i32::from(off)]);
+                if i32::from(off) % i32::from(len) != 0 {
+                    let entry = self.ops.new_dynamic_label();
+                    self.stubs.push(Stub::Misaligned {
+                        entry,
+                        pc: pc as u32,
+                        len,
+                    });
+                    asm!(self.ops; jmp =>entry);
+                    return;
+                }
+            } else {
+                let _ = self.mem_operand(pc, base, off, len, true);
+                let entry = self.ops.new_dynamic_label();
+                self.stubs.push(Stub::Misaligned {
+                    entry,
+                    pc: pc as u32,
+                    len,
+                });
+                asm!(self.ops
+                    ; test r11b, (len - 1) as i8
+                    ; jnz =>entry
+                );
+            }
+        } else {
+            asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
+        }
+        // The address is in r11.
+        match (op, fetch, w64) {
+            (AtomicOp::Add, false, true) => asm!(self.ops; lock add QWORD [r11], Rq(s)),
+            (AtomicOp::Add, false, false) => asm!(self.ops; lock add DWORD [r11], Rd(s)),
+            (AtomicOp::Or, false, true) => asm!(self.ops; lock or QWORD [r11], Rq(s)),
+            (AtomicOp::Or, false, false) => asm!(self.ops; lock or DWORD [r11], Rd(s)),
+            (AtomicOp::And, false, true) => asm!(self.ops; lock and QWORD [r11], Rq(s)),
+            (AtomicOp::And, false, false) => asm!(self.ops; lock and DWORD [r11], Rd(s)),
+            (AtomicOp::Xor, false, true) => asm!(self.ops; lock xor QWORD [r11], Rq(s)),
+            (AtomicOp::Xor, false, false) => asm!(self.ops; lock xor DWORD [r11], Rd(s)),
+            (AtomicOp::Add, true, true) => asm!(self.ops; lock xadd QWORD [r11], Rq(s)),
+            (AtomicOp::Add, true, false) => asm!(self.ops; lock xadd DWORD [r11], Rd(s)),
+            (AtomicOp::Xchg, _, true) => asm!(self.ops; xchg QWORD [r11], Rq(s)),
+            (AtomicOp::Xchg, _, false) => asm!(self.ops; xchg DWORD [r11], Rd(s)),
+            (AtomicOp::CmpXchg, _, true) => asm!(self.ops; lock cmpxchg QWORD [r11], Rq(s)),
+            (AtomicOp::CmpXchg, _, false) => {
+                // A successful 32-bit cmpxchg leaves rax's upper half alone; r0 must be the
+                // zero-extended old value.
+                asm!(self.ops
+                    ; lock cmpxchg DWORD [r11], Rd(s)
+                    ; mov eax, eax
+                );
+            }
+            (_, true, _) => {
+                // Fetching or/and/xor: a cmpxchg loop on rax (r0, saved in r9).
+                let retry = self.ops.new_dynamic_label();
+                let operand = if s == x::RAX { x::R9 } else { s };
+                asm!(self.ops; mov r9, rax);
+                if w64 {
+                    asm!(self.ops; mov rax, QWORD [r11]; =>retry; mov r10, rax);
+                    match op {
+                        AtomicOp::Or => asm!(self.ops; or r10, Rq(operand)),
+                        AtomicOp::And => asm!(self.ops; and r10, Rq(operand)),
+                        _ => asm!(self.ops; xor r10, Rq(operand)),
+                    }
+                    asm!(self.ops; lock cmpxchg QWORD [r11], r10; jne =>retry);
+                } else {
+                    asm!(self.ops; mov eax, DWORD [r11]; =>retry; mov r10d, eax);
+                    match op {
+                        AtomicOp::Or => asm!(self.ops; or r10d, Rd(operand)),
+                        AtomicOp::And => asm!(self.ops; and r10d, Rd(operand)),
+                        _ => asm!(self.ops; xor r10d, Rd(operand)),
+                    }
+                    asm!(self.ops; lock cmpxchg DWORD [r11], r10d; jne =>retry);
+                }
+                // rax = the old value (zero-extended for 32 bits).
+                if s != x::RAX {
+                    asm!(self.ops; mov Rq(s), rax; mov rax, r9);
+                }
+            }
+        }
+    }
+
+    /// After a helper that may stop the program: leave through a stub unless `env.status == 0`.
+    fn status_check(&mut self, pc: usize) {
+        let entry = self.ops.new_dynamic_label();
+        let back = self.ops.new_dynamic_label();
+        asm!(self.ops
+            ; mov r10, [r12 + ENV]
+            ; cmp DWORD [r10 + ENV_STATUS], 0
+            ; jne =>entry
+            ; =>back
+        );
+        self.stubs.push(Stub::Status {
+            entry,
+            back,
+            pc: pc as u32,
+        });
+    }
+
+    /// Shared exits, routines and the cold stubs.
+    fn finish(&mut self) {
+        let (unwind, trap_exit) = (self.unwind, self.trap_exit);
+        asm!(self.ops
+            ; =>trap_exit
+            ; xor eax, eax
+            ; =>unwind
+            ; mov rsp, [r12 + SAVED_SP]
+        );
+        self.main_epilogue();
+        if self.uses_check {
+            // In: r11 = address, r10 = len | write << 8. Out: ZF clear iff accessible.
+            // Entered by `call` from a body (rsp 16-aligned there): 7 pushes + the return
+            // address keep `ctx.check` aligned.
+            let l = self.check_routine;
+            asm!(self.ops
+                ; =>l
+                ; push rax
+                ; push rcx
+                ; push rdx
+                ; push rsi
+                ; push rdi
+                ; push r8
+                ; push r11
+                ; mov rdi, [r12 + MEM]
+                ; mov rsi, r11
+                ; movzx edx, r10b
+                ; shr r10d, 8
+                ; mov ecx, r10d
+                ; call QWORD [r12 + CHECK]
+                ; test al, al
+                ; pop r11
+                ; pop r8
+                ; pop rdi
+                ; pop rsi
+                ; pop rdx
+                ; pop rcx
+                ; pop rax
+                ; ret
+            );
+        }
+        if self.uses_tail {
+            // bpf_tail_call(r1 = ctx, r2 = map, r3 = index), entered by `call`.
+            let l = self.tail_routine;
+            let (next, found, out) = (
+                self.ops.new_dynamic_label(),
+                self.ops.new_dynamic_label(),
+                self.ops.new_dynamic_label(),
+            );
+            asm!(self.ops
+                ; =>l
+                ; mov r9, [r12 + TAIL_TABLES]
+                ; mov r10, [r12 + TAIL_TABLES_LEN]
+                ; test r10, r10
+                ; jz =>out
+                ; =>next
+                ; cmp rsi, [r9 + TT_MAP]
+                ; je =>found
+                ; add r9, TT_SIZE
+                ; dec r10
+                ; jnz =>next
+                ; =>out
+                ; ret
+                ; =>found
+                ; mov r10d, edx
+                ; cmp r10, [r9 + TT_LEN]
+                ; jae =>out
+                ; cmp QWORD [r12 + TAIL_CALLS], MAX_TAIL_CALLS as i32
+                ; jae =>out
+                ; add QWORD [r12 + TAIL_CALLS], 1
+                ; mov r9, [r9 + TT_SLOTS]
+                ; mov r9, [r9 + r10 * 8]
+                ; test r9, r9
+                ; jz =>out
+                ; mov rsp, [r12 + SAVED_SP]
+                ; jmp r9
+            );
+        }
+        let stubs = std::mem::take(&mut self.stubs);
+        for stub in stubs {
+            match stub {
+                Stub::Mem {
+                    entry,
+                    back,
+                    pc,
+                    len,
+                    write,
+                    stack_first,
+                } => {
+                    // The other inline-testable region, then `ctx.check`, else the trap.
+                    let check = self.check_routine;
+                    let slow = self.ops.new_dynamic_label();
+                    let uncached = self.ops.new_dynamic_label();
+                    asm!(self.ops; =>entry);
+                    if stack_first {
+                        self.fast_test(len, write, uncached);
+                    } else {
+                        self.stack_test(len, uncached);
+                    }
+                    let limit = if write { CACHE_WLEN } else { CACHE_LEN };
+                    asm!(self.ops
+                        ; jmp =>back
+                        ; =>uncached
+                        ; mov r10, r11
+                        ; sub r10, [r12 + CACHE_START]
+                        ; add r10, i32::from(len)
+                        ; jc =>slow
+                        ; cmp r10, [r12 + limit]
+                        ; jbe =>back
+                        ; =>slow
+                        ; mov r10d, i32::from(len) | (i32::from(write) << 8)
+                        ; call =>check
+                        ; jnz =>back
+                        ; mov DWORD [r12 + TRAP_KIND], trap::OUT_OF_BOUNDS as i32
+                        ; mov DWORD [r12 + TRAP_PC], pc as i32
+                        ; mov [r12 + TRAP_ADDR], r11
+                        ; mov QWORD [r12 + TRAP_LEN], i32::from(len)
+                        ; mov QWORD [r12 + TRAP_WRITE], i32::from(write)
+                        ; jmp =>trap_exit
+                    );
+                }
+                Stub::Misaligned { entry, pc, len } => {
+                    asm!(self.ops
+                        ; =>entry
+                        ; mov DWORD [r12 + TRAP_KIND], trap::MISALIGNED as i32
+                        ; mov DWORD [r12 + TRAP_PC], pc as i32
+                        ; mov [r12 + TRAP_ADDR], r11
+                        ; mov QWORD [r12 + TRAP_LEN], i32::from(len)
+                        ; jmp =>trap_exit
+                    );
+                }
+                Stub::UnknownHelper { entry, pc } => {
+                    asm!(self.ops
+                        ; =>entry
+                        ; mov DWORD [r12 + TRAP_KIND], trap::UNKNOWN_HELPER as i32
+                        ; mov DWORD [r12 + TRAP_PC], pc as i32
+                        ; mov [r12 + TRAP_ADDR], r11
+                        ; jmp =>trap_exit
+                    );
+                }
+                Stub::Status { entry, back, pc } => {
+                    // r10 = env. The interpreter's order: fault first, then exit.
+                    let fault = self.ops.new_dynamic_label();
+                    asm!(self.ops
+                        ; =>entry
+                        ; mov r11d, DWORD [r10 + ENV_STATUS]
+                        ; cmp r11d, 2
+                        ; je =>fault
+                        ; cmp r11d, 1
+                        ; jne =>back
+                        ; mov rax, [r10 + ENV_EXIT_VALUE]
+                        ; jmp =>unwind
+                        ; =>fault
+                        ; mov DWORD [r12 + TRAP_KIND], trap::HELPER_FAULT as i32
+                        ; mov DWORD [r12 + TRAP_PC], pc as i32
+                        ; mov r11d, DWORD [r10 + ENV_FAULT_CODE]
+                        ; mov [r12 + TRAP_ADDR], r11
+                        ; jmp =>trap_exit
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::magic_u64;
+
+    fn divide(n: u64, d: u64) -> u64 {
+        let m = magic_u64(d);
+        let t = ((u128::from(n) * u128::from(m.magic)) >> 64) as u64;
+        if m.add {
+            (t + ((n - t) >> 1)) >> m.shift
+        } else {
+            t >> m.shift
+        }
+    }
+
+    #[test]
+    fn magic_for_ten_and_seven_is_the_textbook_one() {
+        let ten = magic_u64(10);
+        assert_eq!(
+            (ten.magic, ten.shift, ten.add),
+            (0xcccc_cccc_cccc_cccd, 3, false)
+        );
+        let seven = magic_u64(7);
+        assert_eq!(
+            (seven.magic, seven.shift, seven.add),
+            (0x2492_4924_9249_2493, 2, true)
+        );
+    }
+
+    #[test]
+    fn magic_division_is_exact() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut divisors: Vec<u64> = (3..2000).filter(|d: &u64| !d.is_power_of_two()).collect();
+        divisors.extend([
+            u64::MAX,
+            u64::MAX - 1,
+            (1 << 63) + 1,
+            0xffff_ffff_8000_0001,
+            u64::from(u32::MAX),
+            1_000_000_007,
+            (1 << 32) + 1,
+        ]);
+        divisors.extend(
+            (0..2000)
+                .map(|_| next())
+                .filter(|d| *d > 2 && !d.is_power_of_two()),
+        );
+        for d in divisors {
+            for n in [
+                0,
+                1,
+                d - 1,
+                d,
+                d.wrapping_add(1),
+                u64::MAX,
+                u64::MAX - 1,
+                1 << 63,
+                u64::from(u32::MAX),
+            ] {
+                assert_eq!(divide(n, d), n / d, "{n} / {d}");
+            }
+            for _ in 0..50 {
+                let n = next();
+                assert_eq!(divide(n, d), n / d, "{n} / {d}");
+                let n = n >> (next() % 64);
+                assert_eq!(divide(n, d), n / d, "{n} / {d}");
+            }
+        }
+    }
+}

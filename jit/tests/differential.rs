@@ -1,0 +1,1164 @@
+//! Differential test: the interpreter against the x86_64 JIT (checked, and unchecked when the
+//! interpreter did not trap) on generated programs covering the whole ISA.
+//!
+//! Compared per program: r0 or the trap (kind and pc; addresses normalised relative to the
+//! memory block or the stack, which live at different addresses in each run), the memory block,
+//! a buffer handed out by a map-lookup-like helper (with a grant), and the log of helper calls.
+//!
+//! Seeded: `BPFTIME_JIT_DIFF_SEED` (decimal or `0x` hex) overrides the fixed default seed and
+//! `BPFTIME_JIT_DIFF_CASES` the number of programs (default 100,000). A failure prints the seed,
+//! the case number and the shrunk program's disassembly.
+//!
+//! # Program shape
+//!
+//! `mov r9, r1` (r9 = memory block, only ever a base), `lddw` random values into r0–r8, the
+//! main function's units, an epilogue storing r0–r7 and a 64-byte stack window into the block,
+//! `exit`; then up to 3 subprograms (units, `exit`). Units: ALU (all ops and widths, sdiv/smod,
+//! movsx, neg, le/be/bswap), lddw, loads/stores/ldsx of every size through r9, r10 or a stack
+//! pointer in r8, atomics (every op, fetch or not, sometimes misaligned), out-of-bounds accesses
+//! (traps in checked mode), helper calls (logging, stopping, faulting, reading/writing guest
+//! memory, granting a buffer), `callx` (known and unknown ids), bpf-to-bpf calls to later
+//! functions, forward `ja`/`ja32`/conditional jumps (JMP and JMP32, imm and reg), early exits and
+//! bounded loops (counter in r8, backward `jne`). Data registers are r0–r7; pointers to the
+//! block or the stack never reach them, so both engines must produce identical bytes. After a
+//! helper call r1–r5 are reset to constants (the JIT clobbers them, as the kernel does).
+
+#![cfg(target_arch = "x86_64")]
+
+use bpftime_jit::{JitOptions, JitProgram};
+use bpftime_vm::disasm::disassemble;
+use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion};
+use bpftime_vm::interpreter::{Interpreter, Trap, TrapKind};
+use bpftime_vm::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Op, Size, Src, Width, encode};
+use bpftime_vm::memory::{GuestMemory, MAX_FRAMES};
+use bpftime_vm::opcode::*;
+use bpftime_vm::verifier::verify;
+use std::cell::{Cell, RefCell};
+use std::time::Instant;
+
+const DEFAULT_SEED: u64 = 0x6a69_745f_6469_6666;
+const DEFAULT_CASES: u64 = 100_000;
+
+const DATA_REGS: u8 = 8;
+const SCRATCH: u8 = 8;
+const BASE: u8 = 9;
+const MEM_DATA: usize = 64;
+const STACK_WINDOW: usize = 64;
+const DUMP_REGS: usize = MEM_DATA;
+const DUMP_STACK: usize = DUMP_REGS + 8 * DATA_REGS as usize;
+const MEM_LEN: usize = DUMP_STACK + STACK_WINDOW;
+/// Unused bytes around the block, so that out-of-bounds offsets never reach another region.
+const PAD: usize = 512;
+/// Helper ids of the test helpers.
+const H_LOG: u32 = 1;
+const H_STOP: u32 = 2;
+const H_FAULT: u32 = 3;
+const H_READ: u32 = 4;
+const H_WRITE: u32 = 7;
+const H_LOOKUP: u32 = 6;
+const HELPER_IDS: [u32; 6] = [H_LOG, H_STOP, H_FAULT, H_READ, H_WRITE, H_LOOKUP];
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test helpers: they record their calls in a thread-local log.
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Call {
+    id: u32,
+    args: [u64; 5],
+    extra: u64,
+}
+
+thread_local! {
+    static LOG: RefCell<Vec<Call>> = const { RefCell::new(Vec::new()) };
+    /// The "map value" the lookup helper hands out; the same address for every run. 64-byte
+    /// aligned, so that the checked JIT caches it as a window after the first access.
+    static BUF: Box<Line> = Box::new(Line(std::array::from_fn(|_| Cell::new(0))));
+}
+
+#[repr(align(64))]
+struct Line([Cell<u64>; 8]);
+
+fn log(id: u32, args: [u64; 5], extra: u64) {
+    LOG.with(|l| l.borrow_mut().push(Call { id, args, extra }));
+}
+
+extern "C" fn h_log(a: u64, b: u64, c: u64, d: u64, e: u64, _: &mut CallEnv) -> u64 {
+    log(H_LOG, [a, b, c, d, e], 0);
+    a.wrapping_mul(3) ^ e.rotate_left(7) ^ c
+}
+
+extern "C" fn h_stop(a: u64, b: u64, c: u64, d: u64, e: u64, env: &mut CallEnv) -> u64 {
+    log(H_STOP, [a, b, c, d, e], 0);
+    if a.is_multiple_of(8) {
+        env.request_exit(b);
+    }
+    a ^ b
+}
+
+extern "C" fn h_fault(a: u64, b: u64, c: u64, d: u64, e: u64, env: &mut CallEnv) -> u64 {
+    log(H_FAULT, [a, b, c, d, e], 0);
+    if a % 8 == 1 {
+        env.fault(b as u32);
+    }
+    a.wrapping_add(1)
+}
+
+extern "C" fn h_read(a: u64, b: u64, c: u64, d: u64, e: u64, env: &mut CallEnv) -> u64 {
+    let off = a & 56;
+    let mut buf = [0u8; 8];
+    let ok = env.read_guest(env.ctx + off, &mut buf);
+    let v = u64::from_le_bytes(buf);
+    log(H_READ, [a, b, c, d, e], u64::from(ok) << 63 | (v >> 1));
+    v
+}
+
+extern "C" fn h_write(a: u64, b: u64, c: u64, d: u64, e: u64, env: &mut CallEnv) -> u64 {
+    let off = a & 56;
+    let ok = env.write_guest(env.ctx + off, &b.to_le_bytes());
+    log(H_WRITE, [a, b, c, d, e], u64::from(ok));
+    u64::from(ok)
+}
+
+extern "C" fn h_lookup(a: u64, b: u64, c: u64, d: u64, e: u64, env: &mut CallEnv) -> u64 {
+    log(H_LOOKUP, [a, b, c, d, e], 0);
+    let addr = BUF.with(|b| b.0.as_ptr() as u64);
+    // Read-only for odd r1: stores to it trap in checked mode.
+    // SAFETY: the thread-local buffer lives for the thread, longer than any run; it is only
+    // accessed through `Cell`s (interior mutability) outside runs.
+    unsafe { env.grant(addr, 64, a.is_multiple_of(2)) };
+    addr
+}
+
+fn helpers() -> HelperRegistry {
+    let mut h = HelperRegistry::new();
+    h.register(H_LOG, "log", h_log)
+        .register_stopping(H_STOP, "stop", h_stop)
+        .register_stopping(H_FAULT, "fault", h_fault)
+        .register(H_READ, "read", h_read)
+        .register(H_WRITE, "write", h_write)
+        .register(H_LOOKUP, "lookup", h_lookup);
+    h
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generator.
+
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn for_case(seed: u64, case: u64) -> Self {
+        let mut r = Rng(seed ^ case.wrapping_mul(0xa076_1d64_78bd_642f));
+        r.next();
+        r
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+    fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+    fn value64(&mut self) -> u64 {
+        match self.below(8) {
+            0 => self.pick(&[
+                0,
+                1,
+                u64::MAX,
+                i64::MIN as u64,
+                i64::MAX as u64,
+                u64::from(u32::MAX),
+                0x8000_0000,
+                0xffff_ffff_8000_0000,
+                0x1_0000_0000,
+                0x7fff_ffff,
+                0xffff_ffff_0000_0000,
+                32,
+                64,
+            ]),
+            1 => self.below(256),
+            2 => self.range(-128, 127) as u64,
+            3 => u64::from(self.next() as u32),
+            4 => self.next() as i32 as i64 as u64,
+            _ => self.next(),
+        }
+    }
+    fn imm32(&mut self) -> i32 {
+        match self.below(6) {
+            0 => self.pick(&[
+                0,
+                1,
+                -1,
+                2,
+                i32::MIN,
+                i32::MAX,
+                0x7fff,
+                -0x8000,
+                0xffff,
+                64,
+                32,
+                8,
+                16,
+            ]),
+            1 | 2 => self.range(-8, 63) as i32,
+            _ => self.next() as i32,
+        }
+    }
+    fn data_reg(&mut self) -> u8 {
+        self.below(u64::from(DATA_REGS)) as u8
+    }
+    fn width(&mut self) -> Width {
+        if self.percent(50) {
+            Width::W64
+        } else {
+            Width::W32
+        }
+    }
+    fn size(&mut self) -> Size {
+        self.pick(&[Size::B, Size::H, Size::W, Size::DW])
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Unit {
+    /// Straight-line code.
+    Code(Vec<Insn>),
+    /// A forward jump to unit `target` of the same function (`== len`: its end).
+    Jump { insn: Insn, target: usize },
+    /// A bpf-to-bpf call of function `func` (always a later one).
+    Call { func: usize },
+    /// `count` iterations of straight-line `body`, counted in r8.
+    Loop { count: i32, body: Vec<Insn> },
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    init: [u64; SCRATCH as usize + 1],
+    funcs: Vec<Vec<Unit>>,
+    mem: Vec<u8>,
+    readonly: bool,
+    /// Whether the epilogue stores r3 (when not, and nothing else reads r3, the JIT may use
+    /// rdx as scratch).
+    dump_r3: bool,
+}
+
+fn one(op: Op) -> Vec<Insn> {
+    encode(&op)
+}
+
+/// Resets r1–r5 after a helper call (the JIT clobbers them).
+fn reset_args(rng: &mut Rng, out: &mut Vec<Insn>) {
+    for r in 1..=5u8 {
+        out.extend(encode(&Op::Alu {
+            width: Width::W64,
+            op: AluOp::Mov,
+            dst: r,
+            src: Src::Imm(rng.imm32()),
+        }));
+    }
+}
+
+fn gen_alu(rng: &mut Rng) -> Vec<Insn> {
+    let dst = rng.data_reg();
+    match rng.below(20) {
+        0 => one(Op::Neg {
+            width: rng.width(),
+            dst,
+        }),
+        1 => {
+            let width = rng.width();
+            let bits = match width {
+                Width::W32 => rng.pick(&[8, 16]),
+                Width::W64 => rng.pick(&[8, 16, 32]),
+            };
+            one(Op::MovSx {
+                width,
+                dst,
+                src: rng.data_reg(),
+                bits,
+            })
+        }
+        2 => one(Op::Endian {
+            kind: rng.pick(&[Endian::Le, Endian::Be, Endian::Swap]),
+            bits: rng.pick(&[16, 32, 64]),
+            dst,
+        }),
+        3 => {
+            let v = rng.value64();
+            one(Op::LdImm64 {
+                dst,
+                kind: bpftime_vm::isa::LdImmKind::Imm64,
+                lo: v as u32 as i32,
+                hi: (v >> 32) as u32 as i32,
+            })
+        }
+        _ => {
+            let op = rng.pick(&[
+                AluOp::Add,
+                AluOp::Sub,
+                AluOp::Mul,
+                AluOp::Div,
+                AluOp::SDiv,
+                AluOp::Or,
+                AluOp::And,
+                AluOp::Lsh,
+                AluOp::Rsh,
+                AluOp::Mod,
+                AluOp::SMod,
+                AluOp::Xor,
+                AluOp::Mov,
+                AluOp::Arsh,
+            ]);
+            let width = rng.width();
+            let src = if rng.percent(50) {
+                Src::Reg(rng.data_reg())
+            } else {
+                Src::Imm(match op {
+                    AluOp::Lsh | AluOp::Rsh | AluOp::Arsh if rng.percent(80) => {
+                        rng.below(64) as i32
+                    }
+                    AluOp::Div | AluOp::Mod if rng.percent(30) => {
+                        rng.pick(&[1, 2, 4, 8, 64, 1 << 20, i32::MIN, 3, 10])
+                    }
+                    _ => rng.imm32(),
+                })
+            };
+            one(Op::Alu {
+                width,
+                op,
+                dst,
+                src,
+            })
+        }
+    }
+}
+
+/// A base and an in-bounds offset for `len` bytes; `r8_ok`: r8 may be set to a stack pointer.
+fn address(rng: &mut Rng, len: i64, r8_ok: bool, out: &mut Vec<Insn>) -> (u8, i16) {
+    match rng.below(10) {
+        0..=3 => (10, rng.range(-(STACK_WINDOW as i64), -len) as i16),
+        4..=7 => (BASE, rng.range(0, MEM_DATA as i64 - len) as i16),
+        _ if r8_ok => {
+            let k = rng.range(1, 8) * 8;
+            out.extend(encode(&Op::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst: SCRATCH,
+                src: Src::Reg(10),
+            }));
+            out.extend(encode(&Op::Alu {
+                width: Width::W64,
+                op: AluOp::Add,
+                dst: SCRATCH,
+                src: Src::Imm(-k as i32),
+            }));
+            // r8 + off in [fp - 64, fp - len].
+            (SCRATCH, rng.range(k - STACK_WINDOW as i64, k - len) as i16)
+        }
+        _ => (BASE, rng.range(0, MEM_DATA as i64 - len) as i16),
+    }
+}
+
+/// An address that is (almost surely) outside every region.
+fn bad_address(rng: &mut Rng) -> (u8, i16) {
+    match rng.below(3) {
+        0 => (rng.data_reg(), rng.next() as i16),
+        1 => (
+            BASE,
+            rng.range(MEM_LEN as i64 - 7, MEM_LEN as i64 + 300) as i16,
+        ),
+        _ => (BASE, rng.range(-300, -1) as i16),
+    }
+}
+
+fn gen_mem(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
+    let mut out = Vec::new();
+    let size = rng.size();
+    let len = size.bytes() as i64;
+    let (base, off) = if rng.percent(4) {
+        bad_address(rng)
+    } else {
+        address(rng, len, r8_ok, &mut out)
+    };
+    let op = match rng.below(3) {
+        0 => Op::Load {
+            size,
+            signed: size != Size::DW && rng.percent(30),
+            dst: rng.data_reg(),
+            src: base,
+            off,
+        },
+        1 => Op::Store {
+            size,
+            dst: base,
+            off,
+            src: Src::Reg(rng.data_reg()),
+        },
+        _ => Op::Store {
+            size,
+            dst: base,
+            off,
+            src: Src::Imm(rng.imm32()),
+        },
+    };
+    out.extend(encode(&op));
+    out
+}
+
+fn gen_atomic(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
+    let mut out = Vec::new();
+    let size = rng.pick(&[Size::W, Size::DW]);
+    let len = size.bytes() as i64;
+    let (base, mut off) = if rng.percent(3) {
+        bad_address(rng)
+    } else {
+        address(rng, len, r8_ok, &mut out)
+    };
+    if !rng.percent(6) {
+        // Round down to natural alignment (r9, r10 and r8 = fp - 8k are 8-aligned); stays
+        // inside the block or the frame.
+        off &= !(len as i16 - 1);
+    }
+    let (op, fetch) = rng.pick(&[
+        (AtomicOp::Add, false),
+        (AtomicOp::Add, true),
+        (AtomicOp::Or, false),
+        (AtomicOp::Or, true),
+        (AtomicOp::And, false),
+        (AtomicOp::And, true),
+        (AtomicOp::Xor, false),
+        (AtomicOp::Xor, true),
+        (AtomicOp::Xchg, true),
+        (AtomicOp::CmpXchg, true),
+    ]);
+    out.extend(encode(&Op::Atomic {
+        size,
+        op,
+        fetch,
+        dst: base,
+        src: rng.data_reg(),
+        off,
+    }));
+    out
+}
+
+fn gen_helper_call(rng: &mut Rng) -> Vec<Insn> {
+    let id = rng.pick(&HELPER_IDS);
+    let mut out = encode(&Op::Call { id });
+    reset_args(rng, &mut out);
+    if id == H_LOOKUP {
+        // Use the granted buffer through r0.
+        let k = rng.range(0, 7) as i16 * 8;
+        let op = match rng.below(4) {
+            0 => Op::Load {
+                size: Size::DW,
+                signed: false,
+                dst: rng.data_reg(),
+                src: 0,
+                off: k,
+            },
+            1 => Op::Store {
+                size: Size::DW,
+                dst: 0,
+                off: k,
+                src: Src::Reg(rng.range(1, 7) as u8),
+            },
+            2 => Op::Atomic {
+                size: Size::DW,
+                op: AtomicOp::Add,
+                fetch: true,
+                dst: 0,
+                src: rng.range(1, 7) as u8,
+                off: k,
+            },
+            _ => Op::Load {
+                size: Size::W,
+                signed: true,
+                dst: rng.range(1, 7) as u8,
+                src: 0,
+                off: k + 4,
+            },
+        };
+        out.extend(encode(&op));
+    }
+    out
+}
+
+fn gen_callx(rng: &mut Rng) -> Vec<Insn> {
+    let id: u64 = if rng.percent(15) {
+        rng.pick(&[0, 99, 5, 1 << 32 | u64::from(H_LOG), u64::MAX])
+    } else {
+        u64::from(rng.pick(&HELPER_IDS))
+    };
+    let mut out = encode(&Op::LdImm64 {
+        dst: SCRATCH,
+        kind: bpftime_vm::isa::LdImmKind::Imm64,
+        lo: id as u32 as i32,
+        hi: (id >> 32) as u32 as i32,
+    });
+    out.extend(encode(&Op::Callx { reg: SCRATCH }));
+    reset_args(rng, &mut out);
+    out
+}
+
+/// Straight-line code (no jumps, r8 untouched when `!r8_ok`).
+fn gen_code(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
+    match rng.below(100) {
+        0..=44 => gen_alu(rng),
+        45..=69 => gen_mem(rng, r8_ok),
+        70..=81 => gen_atomic(rng, r8_ok),
+        82..=91 => gen_helper_call(rng),
+        _ if r8_ok => gen_callx(rng),
+        _ => gen_alu(rng),
+    }
+}
+
+fn gen_jump(rng: &mut Rng) -> Insn {
+    const CONDS: [JmpCond; 11] = [
+        JmpCond::Eq,
+        JmpCond::Gt,
+        JmpCond::Ge,
+        JmpCond::Set,
+        JmpCond::Ne,
+        JmpCond::Sgt,
+        JmpCond::Sge,
+        JmpCond::Lt,
+        JmpCond::Le,
+        JmpCond::Slt,
+        JmpCond::Sle,
+    ];
+    match rng.below(10) {
+        0 => Insn::new(JA, 0, 0, 0, 0),
+        1 => Insn::new(JA32, 0, 0, 0, 0),
+        _ => {
+            let src = if rng.percent(50) {
+                Src::Reg(rng.data_reg())
+            } else {
+                Src::Imm(rng.imm32())
+            };
+            encode(&Op::Jmp {
+                width: rng.width(),
+                cond: rng.pick(&CONDS),
+                dst: rng.data_reg(),
+                src,
+                off: 0,
+            })[0]
+        }
+    }
+}
+
+fn gen_unit(rng: &mut Rng, func: usize, nfuncs: usize, index: usize, len: usize) -> Unit {
+    match rng.below(100) {
+        0..=71 => Unit::Code(gen_code(rng, true)),
+        72..=83 => Unit::Jump {
+            insn: gen_jump(rng),
+            target: index + 1 + rng.below((len - index) as u64) as usize,
+        },
+        84..=88 if func + 1 < nfuncs => Unit::Call {
+            func: rng.range(func as i64 + 1, nfuncs as i64 - 1) as usize,
+        },
+        89..=94 => {
+            let body = (0..rng.range(1, 4))
+                .flat_map(|_| gen_code(rng, false))
+                .collect();
+            Unit::Loop {
+                count: rng.range(1, 5) as i32,
+                body,
+            }
+        }
+        95 | 96 => Unit::Code(vec![Insn::new(EXIT, 0, 0, 0, 0)]),
+        _ => Unit::Code(gen_code(rng, true)),
+    }
+}
+
+fn gen_case(rng: &mut Rng) -> Case {
+    let mut init = [0u64; SCRATCH as usize + 1];
+    for v in &mut init {
+        *v = rng.value64();
+    }
+    let nfuncs = 1 + rng.below(4) as usize;
+    let funcs = (0..nfuncs)
+        .map(|f| {
+            let len = if f == 0 {
+                1 + rng.below(30) as usize
+            } else {
+                1 + rng.below(8) as usize
+            };
+            (0..len).map(|i| gen_unit(rng, f, nfuncs, i, len)).collect()
+        })
+        .collect();
+    let mut mem = vec![0u8; MEM_LEN];
+    for b in &mut mem[..MEM_DATA] {
+        *b = rng.next() as u8;
+    }
+    Case {
+        init,
+        funcs,
+        mem,
+        readonly: rng.percent(5),
+        dump_r3: rng.percent(70),
+    }
+}
+
+fn unit_len(u: &Unit) -> usize {
+    match u {
+        Unit::Code(c) => c.len(),
+        Unit::Jump { .. } | Unit::Call { .. } => 1,
+        Unit::Loop { body, .. } => body.len() + 3,
+    }
+}
+
+/// Lays out all functions, resolving jump and call targets.
+fn layout(case: &Case) -> Vec<Insn> {
+    let mut prologue = vec![Insn::new(BPF_ALU64 | BPF_MOV | BPF_X, BASE, 1, 0, 0)];
+    for (r, &v) in case.init.iter().enumerate() {
+        prologue.extend(encode(&Op::LdImm64 {
+            dst: r as u8,
+            kind: bpftime_vm::isa::LdImmKind::Imm64,
+            lo: v as u32 as i32,
+            hi: (v >> 32) as u32 as i32,
+        }));
+    }
+    let mut epilogue = Vec::new();
+    for r in (0..DATA_REGS).filter(|&r| r != 3 || case.dump_r3) {
+        let off = (DUMP_REGS + 8 * r as usize) as i16;
+        epilogue.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, r, off, 0));
+    }
+    for k in 0..STACK_WINDOW / 8 {
+        let from = -8 * (k as i16 + 1);
+        let to = (DUMP_STACK + 8 * k) as i16;
+        epilogue.push(Insn::new(BPF_LDX | BPF_MEM | BPF_DW, SCRATCH, 10, from, 0));
+        epilogue.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, SCRATCH, to, 0));
+    }
+    epilogue.push(Insn::new(EXIT, 0, 0, 0, 0));
+    let exit = [Insn::new(EXIT, 0, 0, 0, 0)];
+
+    // Pass 1: unit starts per function.
+    let mut starts: Vec<Vec<usize>> = Vec::new();
+    let mut func_start = Vec::new();
+    let mut pc = 0;
+    for (f, units) in case.funcs.iter().enumerate() {
+        func_start.push(pc);
+        if f == 0 {
+            pc += prologue.len();
+        }
+        let mut s = Vec::new();
+        for u in units {
+            s.push(pc);
+            pc += unit_len(u);
+        }
+        s.push(pc);
+        pc += if f == 0 { epilogue.len() } else { 1 };
+        starts.push(s);
+    }
+    // Pass 2: emit.
+    let mut insns = Vec::with_capacity(pc);
+    for (f, units) in case.funcs.iter().enumerate() {
+        if f == 0 {
+            insns.extend_from_slice(&prologue);
+        }
+        for (i, u) in units.iter().enumerate() {
+            let here = insns.len() as i64;
+            match u {
+                Unit::Code(c) => insns.extend_from_slice(c),
+                Unit::Jump { insn, target } => {
+                    let off = starts[f][*target] as i64 - (here + 1);
+                    if insn.code == JA32 {
+                        insns.push(Insn {
+                            imm: off as i32,
+                            ..*insn
+                        });
+                    } else {
+                        insns.push(Insn {
+                            off: i16::try_from(off).expect("programs are short"),
+                            ..*insn
+                        });
+                    }
+                }
+                Unit::Call { func } => {
+                    let off = func_start[*func] as i64 - (here + 1);
+                    insns.push(encode(&Op::CallLocal { off: off as i32 })[0]);
+                }
+                Unit::Loop { count, body } => {
+                    insns.push(Insn::new(
+                        BPF_ALU64 | BPF_MOV | BPF_K,
+                        SCRATCH,
+                        0,
+                        0,
+                        *count,
+                    ));
+                    insns.extend_from_slice(body);
+                    insns.push(Insn::new(BPF_ALU64 | BPF_ADD | BPF_K, SCRATCH, 0, 0, -1));
+                    let back = -(body.len() as i16 + 2);
+                    insns.push(Insn::new(BPF_JMP | BPF_JNE | BPF_K, SCRATCH, 0, back, 0));
+                }
+            }
+            debug_assert_eq!(insns.len(), starts[f][i] + unit_len(u));
+        }
+        insns.extend_from_slice(if f == 0 { &epilogue } else { &exit });
+    }
+    insns
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running and comparing.
+
+/// Where an address points, relative to the run's own allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Addr {
+    Mem(i64),
+    Stack(i64),
+    Abs(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Exit(u64),
+    Trap {
+        pc: usize,
+        kind: String,
+        addr: Option<Addr>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Run {
+    outcome: Outcome,
+    mem: Vec<u8>,
+    buf: [u64; 8],
+    log: Vec<Call>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Interpreter,
+    Checked,
+    Unchecked,
+}
+
+/// Inside the stack, or near the block (out-of-bounds offsets stay inside the block's padding,
+/// so they never fall into the stack), or elsewhere.
+fn normalize(addr: u64, mem: u64, stack_lo: u64) -> Addr {
+    const NEAR: u64 = PAD as u64;
+    let s = addr.wrapping_sub(stack_lo);
+    if s < (MAX_FRAMES * bpftime_vm::memory::FRAME_SIZE) as u64 {
+        return Addr::Stack(s as i64);
+    }
+    let d = addr.wrapping_sub(mem);
+    if d < MEM_LEN as u64 + NEAR || d.wrapping_neg() <= NEAR {
+        return Addr::Mem(d as i64);
+    }
+    Addr::Abs(addr)
+}
+
+fn run_engine(
+    engine: Engine,
+    prog: &bpftime_vm::verifier::Program,
+    helpers: &HelperRegistry,
+    case: &Case,
+) -> Result<Run, String> {
+    let mut backing = vec![0u8; PAD + MEM_LEN + PAD];
+    backing[PAD..PAD + MEM_LEN].copy_from_slice(&case.mem);
+    let block = &mut backing[PAD..PAD + MEM_LEN];
+    let start = block.as_mut_ptr() as u64;
+    let mut gm = GuestMemory::new();
+    // SAFETY: `backing` outlives `gm` and is only accessed through the run while it lasts.
+    unsafe {
+        gm.add_region(MemRegion {
+            start,
+            len: MEM_LEN as u64,
+            writable: !case.readonly,
+        })
+    };
+    let stack_lo = gm.frame_pointer(MAX_FRAMES);
+    BUF.with(|b| {
+        for (i, c) in b.0.iter().enumerate() {
+            c.set(0x0101_0101_0101_0101 * (i as u64 + 1));
+        }
+    });
+    LOG.with(|l| l.borrow_mut().clear());
+    let r = match engine {
+        Engine::Interpreter => Interpreter::new(prog, helpers).run_in(
+            &mut gm,
+            start,
+            MEM_LEN as u64,
+            std::ptr::null_mut(),
+        ),
+        Engine::Checked | Engine::Unchecked => {
+            let opts = JitOptions {
+                checked: engine == Engine::Checked,
+            };
+            let jit = JitProgram::new(prog, helpers, &opts).map_err(|e| e.to_string())?;
+            jit.run_in(&mut gm, start, MEM_LEN as u64, std::ptr::null_mut())
+        }
+    };
+    drop(gm);
+    let outcome = match r {
+        Ok(v) => Outcome::Exit(v),
+        Err(Trap { kind, pc }) => {
+            let addr = match kind {
+                TrapKind::OutOfBounds { addr, .. } | TrapKind::Misaligned { addr, .. } => {
+                    Some(normalize(addr, start, stack_lo))
+                }
+                _ => None,
+            };
+            let kind = match kind {
+                TrapKind::OutOfBounds { len, write, .. } => format!("oob len {len} write {write}"),
+                TrapKind::Misaligned { len, .. } => format!("misaligned len {len}"),
+                k => format!("{k:?}"),
+            };
+            Outcome::Trap { pc, kind, addr }
+        }
+    };
+    Ok(Run {
+        outcome,
+        mem: backing[PAD..PAD + MEM_LEN].to_vec(),
+        buf: BUF.with(|b| std::array::from_fn(|i| b.0[i].get())),
+        log: LOG.with(|l| std::mem::take(&mut *l.borrow_mut())),
+    })
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    exits: u64,
+    traps: std::collections::BTreeMap<String, u64>,
+    unchecked_runs: u64,
+    helper_calls: u64,
+    slots: u64,
+}
+
+/// The fields of two runs that differ, interpreter first.
+fn diff(a: &Run, b: &Run) -> String {
+    let mut out = String::new();
+    if a.outcome != b.outcome {
+        out += &format!("  outcome: {:x?} vs {:x?}\n", a.outcome, b.outcome);
+    }
+    for (i, (x, y)) in a.mem.iter().zip(&b.mem).enumerate() {
+        if x != y {
+            out += &format!("  mem[{i}]: {x:#04x} vs {y:#04x}\n");
+        }
+    }
+    if a.buf != b.buf {
+        out += &format!("  lookup buffer: {:x?} vs {:x?}\n", a.buf, b.buf);
+    }
+    if a.log != b.log {
+        out += &format!("  helper log: {:x?}\n   vs {:x?}\n", a.log, b.log);
+    }
+    out
+}
+
+/// Runs the engines; `Err` describes the first disagreement.
+fn compare(case: &Case, helpers: &HelperRegistry, stats: Option<&mut Stats>) -> Result<(), String> {
+    let insns = layout(case);
+    let prog = verify(&insns, helpers).map_err(|e| format!("the loader rejected it: {e}"))?;
+    let reference = run_engine(Engine::Interpreter, &prog, helpers, case)?;
+    let checked = run_engine(Engine::Checked, &prog, helpers, case)?;
+    if checked != reference {
+        return Err(format!(
+            "checked JIT disagrees:\n{}",
+            diff(&reference, &checked)
+        ));
+    }
+    let run_unchecked = matches!(reference.outcome, Outcome::Exit(_)) && !case.readonly;
+    if run_unchecked {
+        let unchecked = run_engine(Engine::Unchecked, &prog, helpers, case)?;
+        if unchecked != reference {
+            return Err(format!(
+                "unchecked JIT disagrees:\n{}",
+                diff(&reference, &unchecked)
+            ));
+        }
+    }
+    if let Some(s) = stats {
+        s.slots += insns.len() as u64;
+        s.helper_calls += reference.log.len() as u64;
+        s.unchecked_runs += u64::from(run_unchecked);
+        match &reference.outcome {
+            Outcome::Exit(_) => s.exits += 1,
+            Outcome::Trap { kind, .. } => {
+                let k = kind.split([' ', '{']).next().unwrap_or(kind).to_string();
+                *s.traps.entry(k).or_default() += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes units (last function first) while the disagreement persists.
+fn shrink(mut case: Case, helpers: &HelperRegistry) -> Case {
+    for f in (0..case.funcs.len()).rev() {
+        let mut i = 0;
+        while i < case.funcs[f].len() {
+            let mut smaller = case.clone();
+            smaller.funcs[f].remove(i);
+            for u in &mut smaller.funcs[f] {
+                if let Unit::Jump { target, .. } = u
+                    && *target > i
+                {
+                    *target -= 1;
+                }
+            }
+            if compare(&smaller, helpers, None).is_err() {
+                case = smaller;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    case
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn jit_agrees_with_interpreter_on_generated_programs() {
+    let seed = env_u64("BPFTIME_JIT_DIFF_SEED").unwrap_or(DEFAULT_SEED);
+    let n = env_u64("BPFTIME_JIT_DIFF_CASES").unwrap_or(DEFAULT_CASES);
+    let helpers = helpers();
+    let mut stats = Stats::default();
+    let start = Instant::now();
+    for case_no in 0..n {
+        let case = gen_case(&mut Rng::for_case(seed, case_no));
+        if let Err(first) = compare(&case, &helpers, Some(&mut stats)) {
+            let mut small = shrink(case.clone(), &helpers);
+            let why = match compare(&small, &helpers, None) {
+                Err(why) => why,
+                Ok(()) => {
+                    // Not reproducible while shrinking: report the case as generated.
+                    small = case.clone();
+                    format!("(not reproduced on re-run) {first}")
+                }
+            };
+            panic!(
+                "interpreter and x86_64 JIT disagree: BPFTIME_JIT_DIFF_SEED={seed:#x}, case {case_no}\n\
+                 first report: {first}\n\
+                 shrunk program (read-only block: {}):\n{}\n{why}\n\
+                 memory block before the run: {}",
+                small.readonly,
+                disassemble(&layout(&small)),
+                hex(&small.mem),
+            );
+        }
+    }
+    println!(
+        "jit differential: {n} programs ({} slots), seed {seed:#x}, {:?}: {} exits, traps {:?}, \
+         {} also unchecked, {} helper calls, zero mismatches",
+        stats.slots,
+        start.elapsed(),
+        stats.exits,
+        stats.traps,
+        stats.unchecked_runs,
+        stats.helper_calls,
+    );
+    assert!(
+        stats.exits * 3 > n,
+        "too few programs run to exit: {stats:?}"
+    );
+    for kind in ["oob", "misaligned", "UnknownHelper", "HelperFault"] {
+        assert!(
+            stats.traps.keys().any(|k| k.starts_with(kind)),
+            "no {kind} trap generated: {stats:?}"
+        );
+    }
+}
+
+/// Runs `f` on `gm` with the stack zeroed and `block` (registered as the only region) restored
+/// to `init`; returns r0 or the trap, the block and the stack afterwards.
+fn run_same_memory(
+    gm: &mut GuestMemory,
+    block: &mut [u8],
+    init: &[u8],
+    f: impl FnOnce(&mut GuestMemory, u64) -> Result<u64, Trap>,
+) -> (Result<u64, Trap>, Vec<u8>, Vec<u8>) {
+    gm.reset();
+    block.copy_from_slice(init);
+    let start = block.as_mut_ptr() as u64;
+    // SAFETY: `block` outlives the run and is only accessed through it meanwhile.
+    unsafe {
+        gm.add_region(MemRegion {
+            start,
+            len: block.len() as u64,
+            writable: true,
+        })
+    };
+    let r = f(gm, start);
+    let stack = (gm.frame_pointer(MAX_FRAMES)..gm.frame_pointer(0))
+        .step_by(8)
+        .flat_map(|a| gm.load(a, 8).expect("stack").to_le_bytes())
+        .collect();
+    (r, block.to_vec(), stack)
+}
+
+/// Generated programs with random bit flips and random dead slots after the last `exit` (the
+/// in-CI version of `fuzz/fuzz_targets/jit_differential.rs`): whatever the loader accepts, the
+/// JIT compiles (checked and unchecked) without error or panic, and — for programs without
+/// helper calls, whose r1–r5 the JIT clobbers — the checked JIT agrees with the interpreter
+/// exactly: both run on the same `GuestMemory` and block, so even results that are pointers
+/// must be equal.
+#[test]
+fn mutated_programs_compile_and_agree() {
+    let seed = env_u64("BPFTIME_JIT_DIFF_SEED").unwrap_or(DEFAULT_SEED) ^ 0x5eed;
+    let n = env_u64("BPFTIME_JIT_DIFF_CASES").unwrap_or(DEFAULT_CASES) / 5;
+    let helpers = helpers();
+    let (mut verified, mut compared) = (0u64, 0u64);
+    for case_no in 0..n {
+        let mut rng = Rng::for_case(seed, case_no);
+        let mut case = gen_case(&mut rng);
+        // No helper calls (the JIT clobbers r1–r5 and a flip may make the program read them).
+        for u in case.funcs.iter_mut().flatten() {
+            let calls = |c: &[Insn]| {
+                c.iter()
+                    .any(|i| i.code == CALL && i.src == 0 || i.code == CALLX)
+            };
+            match u {
+                Unit::Code(c) if calls(c) => *u = Unit::Code(Vec::new()),
+                Unit::Loop { body, .. } if calls(body) => *u = Unit::Code(Vec::new()),
+                _ => {}
+            }
+        }
+        let mut insns = layout(&case);
+        // Dead code after the last exit: valid instructions, and jumps anywhere (the loader
+        // does not check unreachable jumps).
+        for _ in 0..rng.below(4) {
+            if rng.percent(50) {
+                insns.extend(gen_code(&mut rng, true));
+            } else {
+                let mut j = gen_jump(&mut rng);
+                j.off = rng.next() as i16 % 64;
+                insns.push(j);
+            }
+        }
+        if rng.percent(50) {
+            let slot = rng.below(insns.len() as u64) as usize;
+            let bit = rng.below(64);
+            insns[slot] = Insn::from_u64(insns[slot].to_u64() ^ (1 << bit));
+        }
+        let Ok(prog) = verify(&insns, &helpers) else {
+            continue;
+        };
+        verified += 1;
+        let compile = |checked| {
+            JitProgram::new(&prog, &helpers, &JitOptions { checked }).unwrap_or_else(|e| {
+                panic!(
+                    "case {case_no}: verified program does not compile: {e}\n{}",
+                    disassemble(&insns)
+                )
+            })
+        };
+        let (checked, _unchecked) = (compile(true), compile(false));
+        // A flipped bit may turn the reset of r1–r5 after a helper call into something that
+        // reads them: after calls, only compile (the JIT clobbers r1–r5, as the kernel does).
+        if prog
+            .ops()
+            .iter()
+            .flatten()
+            .any(|op| matches!(op, Op::Call { .. } | Op::Callx { .. }))
+        {
+            continue;
+        }
+        let mut gm = GuestMemory::new();
+        let mut block = case.mem.clone();
+        let interp = run_same_memory(&mut gm, &mut block, &case.mem, |gm, r1| {
+            Interpreter::new(&prog, &helpers)
+                .with_budget(Some(100_000))
+                .run_in(gm, r1, MEM_LEN as u64, std::ptr::null_mut())
+        });
+        if matches!(
+            interp.0,
+            Err(Trap {
+                kind: TrapKind::BudgetExhausted,
+                ..
+            })
+        ) {
+            continue; // a flipped loop counter: the JIT has no budget
+        }
+        let log_interp = LOG.with(|l| std::mem::take(&mut *l.borrow_mut()));
+        let jit = run_same_memory(&mut gm, &mut block, &case.mem, |gm, r1| {
+            checked.run_in(gm, r1, MEM_LEN as u64, std::ptr::null_mut())
+        });
+        let log_jit = LOG.with(|l| std::mem::take(&mut *l.borrow_mut()));
+        if interp != jit || log_interp != log_jit {
+            let stack_diff: Vec<_> = (0..interp.2.len())
+                .filter(|&i| interp.2[i] != jit.2[i])
+                .map(|i| (i as i64 - interp.2.len() as i64, interp.2[i], jit.2[i]))
+                .collect();
+            panic!(
+                "BPFTIME_JIT_DIFF_SEED={seed:#x} (^0x5eed), case {case_no}: interpreter {:x?} vs \
+                 checked JIT {:x?}\nblock {}\n   vs {}\nstack (offset from the top, \
+                 interpreter, JIT): {stack_diff:x?}\nhelper calls {log_interp:x?}\n   vs \
+                 {log_jit:x?}\n{}",
+                interp.0,
+                jit.0,
+                hex(&interp.1),
+                hex(&jit.1),
+                disassemble(&insns)
+            );
+        }
+        compared += 1;
+    }
+    println!(
+        "mutated programs: {n} generated, {verified} verified, {compared} compared, all agree"
+    );
+    assert!(
+        compared * 4 > n,
+        "too few mutated programs ran: {compared} of {n}"
+    );
+}
+
+#[test]
+fn dead_call_of_the_main_function_compiles() {
+    // Found by the fuzzer: main; a subprogram nobody calls, which calls main.
+    let insns = [
+        Insn::new(BPF_ALU64 | BPF_MOV | BPF_K, 0, 0, 0, 7),
+        Insn::new(EXIT, 0, 0, 0, 0),
+        Insn::new(CALL, 0, BPF_PSEUDO_CALL, 0, -3),
+        Insn::new(EXIT, 0, 0, 0, 0),
+        Insn::new(CALL, 0, BPF_PSEUDO_CALL, 0, -3),
+        Insn::new(EXIT, 0, 0, 0, 0),
+    ];
+    let helpers = helpers();
+    let prog = verify(&insns, &helpers).expect("dead calls are not checked for recursion");
+    for checked in [false, true] {
+        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked }).expect("compiles");
+        assert_eq!(jit.run(&mut []), Ok(7));
+    }
+}
+
+#[test]
+fn dead_jump_out_of_the_program_compiles() {
+    // Found by the fuzzer: the loader checks the targets of reachable jumps only.
+    let insns = [
+        Insn::new(EXIT, 0, 0, 0, 0),
+        Insn::new(BPF_JMP | BPF_JEQ, 0, 0, 0, 0),
+    ];
+    let helpers = helpers();
+    let prog = verify(&insns, &helpers).expect("the dead jump is not checked");
+    for checked in [false, true] {
+        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked }).expect("compiles");
+        assert_eq!(jit.run(&mut []), Ok(0));
+    }
+}

@@ -1,0 +1,176 @@
+//! `bpf_tail_call` (helper 12) on the x86_64 JIT, with hand-built program arrays: the jump, the
+//! kernel's fall-through cases (wrong map, index out of range, empty slot) and the limit of 33.
+#![cfg(target_arch = "x86_64")]
+
+use bpftime_jit::abi::MAX_TAIL_CALLS;
+use bpftime_jit::{JitOptions, JitProgram, ProgArray};
+use bpftime_vm::asm::assemble;
+use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion};
+use bpftime_vm::memory::GuestMemory;
+use bpftime_vm::verifier::verify;
+
+const MAP: u64 = 0xabcd_0001;
+
+extern "C" fn tail_call_placeholder(
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: &mut CallEnv,
+) -> u64 {
+    // Only registered so that the loader accepts `call 12`; the JIT never calls it.
+    u64::MAX
+}
+
+fn helpers() -> HelperRegistry {
+    let mut h = HelperRegistry::new();
+    h.register(12, "bpf_tail_call", tail_call_placeholder);
+    h
+}
+
+fn jit(src: &str, checked: bool) -> JitProgram {
+    let h = helpers();
+    let prog = verify(&assemble(src).expect("assembles"), &h).expect("verifies");
+    JitProgram::new(&prog, &h, &JitOptions { checked }).expect("compiles")
+}
+
+/// Tail-calls `index` of `map`; 99 when the call falls through.
+fn caller(map: u64, index: u64) -> String {
+    format!(
+        "mov %r6, %r1
+         stdw [%r10-8], 7
+         lddw %r2, {map:#x}
+         lddw %r3, {index:#x}
+         call 12
+         mov %r0, 99
+         exit"
+    )
+}
+
+/// r0 = first word of the block + 1000 + the word at fp-8 (the caller's stack survives).
+const TARGET: &str = "ldxdw %r0, [%r1+0]
+    add %r0, 1000
+    ldxdw %r2, [%r10-8]
+    add %r0, %r2
+    exit";
+
+fn run(p: &JitProgram, arrays: &[ProgArray<'_>], block: &mut [u64; 1]) -> u64 {
+    let mut gm = GuestMemory::new();
+    let start = block.as_mut_ptr() as u64;
+    // SAFETY: `block` outlives `gm` and is only accessed through the run.
+    unsafe {
+        gm.add_region(MemRegion {
+            start,
+            len: 8,
+            writable: true,
+        })
+    };
+    p.run_with_tail_calls(&mut gm, start, 8, std::ptr::null_mut(), arrays)
+        .expect("runs")
+}
+
+#[test]
+fn tail_call_jumps_to_the_target_with_ctx_and_stack() {
+    for checked in [false, true] {
+        let target = jit(TARGET, checked);
+        let a = jit(&caller(MAP, 1), checked);
+        let mut arr = ProgArray::new(MAP, 4);
+        assert!(arr.set(1, Some(&target)));
+        assert_eq!(
+            run(&a, &[arr], &mut [5]),
+            5 + 1000 + 7,
+            "checked: {checked}"
+        );
+    }
+}
+
+#[test]
+fn tail_call_falls_through_like_the_kernel() {
+    let target = jit(TARGET, true);
+    let mut arr = ProgArray::new(MAP, 4);
+    arr.set(1, Some(&target));
+    let cases = [
+        ("empty slot", caller(MAP, 2)),
+        ("index out of range", caller(MAP, 4)),
+        ("index truncated to 32 bits", caller(MAP, 1 << 32 | 9)),
+        ("other map", caller(MAP + 1, 1)),
+    ];
+    for (what, src) in cases {
+        let a = jit(&src, false);
+        assert_eq!(run(&a, std::slice::from_ref(&arr), &mut [5]), 99, "{what}");
+    }
+    // No arrays at all.
+    assert_eq!(run(&jit(&caller(MAP, 1), false), &[], &mut [5]), 99);
+    // Index as u32: 1 << 32 | 1 selects slot 1.
+    let a = jit(&caller(MAP, 1 << 32 | 1), false);
+    assert_eq!(run(&a, &[arr], &mut [5]), 1012);
+}
+
+#[test]
+fn tail_calls_stop_after_33() {
+    // Counts its runs in the block, then tail-calls itself; r0 = the count once a tail call
+    // falls through.
+    let src = format!(
+        "ldxdw %r2, [%r1+0]
+         add %r2, 1
+         stxdw [%r1+0], %r2
+         mov %r6, %r1
+         lddw %r2, {MAP:#x}
+         mov %r3, 0
+         call 12
+         ldxdw %r0, [%r6+0]
+         exit"
+    );
+    let p = jit(&src, true);
+    let mut arr = ProgArray::new(MAP, 1);
+    arr.set(0, Some(&p));
+    let mut block = [0u64];
+    assert_eq!(run(&p, &[arr], &mut block), MAX_TAIL_CALLS + 1);
+    assert_eq!(block[0], 34);
+}
+
+#[test]
+fn tail_call_from_a_subprogram_replaces_the_whole_program() {
+    let src = format!(
+        "mov %r6, %r1
+         call local f
+         mov %r0, 55
+         exit
+         f:
+         lddw %r2, {MAP:#x}
+         mov %r3, 0
+         call 12
+         mov %r0, 66
+         exit"
+    );
+    let target = jit("mov %r0, 77\nexit", false);
+    let a = jit(&src, false);
+    let mut arr = ProgArray::new(MAP, 1);
+    arr.set(0, Some(&target));
+    assert_eq!(run(&a, std::slice::from_ref(&arr), &mut [0]), 77);
+    // Falling through returns to the caller as usual.
+    arr.set(0, None);
+    assert_eq!(run(&a, &[arr], &mut [0]), 55);
+}
+
+#[test]
+fn checked_target_traps_with_its_own_pc() {
+    let target = jit("mov %r0, 0\nldxdw %r0, [%r0+16]\nexit", true);
+    let a = jit(&caller(MAP, 0), true);
+    let mut arr = ProgArray::new(MAP, 1);
+    arr.set(0, Some(&target));
+    let mut gm = GuestMemory::new();
+    let t = a
+        .run_with_tail_calls(&mut gm, 0, 0, std::ptr::null_mut(), &[arr])
+        .unwrap_err();
+    assert_eq!(t.pc, 1);
+    assert_eq!(
+        t.kind,
+        bpftime_vm::interpreter::TrapKind::OutOfBounds {
+            addr: 16,
+            len: 8,
+            write: false
+        }
+    );
+}

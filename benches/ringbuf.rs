@@ -295,6 +295,27 @@ fn latency(n: u64, other_process: bool) -> Vec<u64> {
     lat
 }
 
+/// The OS's floor for the same wake-up: a thread sends a stamped datagram every 500 µs on a
+/// Unix datagram socket pair; the receiver blocks in `recv`.
+fn os_floor(n: u64) -> Vec<u64> {
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
+    let mut lat = Vec::with_capacity(n as usize);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for _ in 0..n {
+                std::thread::sleep(Duration::from_micros(500));
+                a.send(&monotonic_raw_ns().to_ne_bytes()).expect("send");
+            }
+        });
+        let mut buf = [0u8; 8];
+        for _ in 0..n {
+            b.recv(&mut buf).expect("recv");
+            lat.push(monotonic_raw_ns().saturating_sub(u64::from_ne_bytes(buf)));
+        }
+    });
+    lat
+}
+
 fn pct(v: &mut [u64], p: f64) -> f64 {
     v.sort_unstable();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -327,7 +348,10 @@ fn main() {
     );
     let show = |name: &str, f: &dyn Fn() -> Run| {
         let runs: Vec<Run> = (0..reps).map(|_| f()).collect();
-        let mut rate: Vec<f64> = runs.iter().map(|r| r.events as f64 / r.secs / 1e6).collect();
+        let mut rate: Vec<f64> = runs
+            .iter()
+            .map(|r| r.events as f64 / r.secs / 1e6)
+            .collect();
         let mut cpu: Vec<f64> = runs
             .iter()
             .map(|r| r.cpu_ns as f64 / r.events as f64)
@@ -360,11 +384,17 @@ fn main() {
         processes(per_thread_total / 8)
     });
     let n = if quick { 200 } else { 4000 };
-    for other in [false, true] {
-        let mut l = latency(n, other);
+    let cases: [(&str, &dyn Fn() -> Vec<u64>); 3] = [
+        ("ring buffer, producer thread", &|| latency(n, false)),
+        ("ring buffer, producer process", &|| latency(n, true)),
+        ("OS floor: unix datagram to a blocked thread", &|| {
+            os_floor(n)
+        }),
+    ];
+    for (name, f) in cases {
+        let mut l = f();
         println!(
-            "wake-up latency, producer {}: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs ({n} wake-ups)",
-            if other { "process" } else { "thread" },
+            "wake-up latency, {name}: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs ({n} wake-ups)",
             pct(&mut l, 0.5),
             pct(&mut l, 0.9),
             pct(&mut l, 0.99)

@@ -85,7 +85,12 @@ fn under_bpftime(example: &str, tool: &str, n: u64, extra: &[&str]) -> Option<Ve
     v.wait_line(T, |l| l.starts_with("pid "));
     let vpid = v.pid();
     poll(T, "the agent to register", || attached_events(&store, vpid));
-    let mut args = vec!["-n".to_string(), n.to_string(), "-p".into(), vpid.to_string()];
+    let mut args = vec![
+        "-n".to_string(),
+        n.to_string(),
+        "-p".into(),
+        vpid.to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let l = loader(&store, &build, tool, &args);
@@ -116,10 +121,17 @@ fn on_kernel(example: &str, tool: &str, n: u64, extra: &[&str]) -> Option<Vec<St
     );
     v.wait_line(T, |l| l.starts_with("pid "));
     let mut c = Command::new(build.join(tool));
-    c.args(["-t", "30000", "-n", &n.to_string(), "-p", &v.pid().to_string()])
-        .args(extra)
-        .arg(build.join("victim"))
-        .arg("target_function");
+    c.args([
+        "-t",
+        "30000",
+        "-n",
+        &n.to_string(),
+        "-p",
+        &v.pid().to_string(),
+    ])
+    .args(extra)
+    .arg(build.join("victim"))
+    .arg("target_function");
     let mut k = Proc::spawn(c, &format!("{tool} on the kernel"));
     k.wait_line(T, |l| l == "attached");
     v.send_line("go");

@@ -180,13 +180,13 @@ impl Agent {
             .collect();
         for addr in gone {
             if let Some(mut site) = self.sites.remove(&addr) {
-                if let Some(h) = site.hook.take() {
-                    if let Err(e) = h.remove() {
-                        tracing::error!("detach at {addr:#x}: {e}");
-                        // The hook may still fire: keep its data alive for good.
-                        Box::leak(site.data);
-                        continue;
-                    }
+                if let Some(h) = site.hook.take()
+                    && let Err(e) = h.remove()
+                {
+                    tracing::error!("detach at {addr:#x}: {e}");
+                    // The hook may still fire: keep its data alive for good.
+                    Box::leak(site.data);
+                    continue;
                 }
                 tracing::info!("detached {addr:#x}");
             }
@@ -265,10 +265,10 @@ impl Drop for Agent {
             self.store.release(rec);
         }
         for (_, mut site) in self.sites.drain() {
-            if let Some(h) = site.hook.take() {
-                if h.remove().is_err() {
-                    Box::leak(site.data);
-                }
+            if let Some(h) = site.hook.take()
+                && h.remove().is_err()
+            {
+                Box::leak(site.data);
             }
         }
     }

@@ -473,7 +473,7 @@ fn every_verified_random_program_compiles() {
                 _ => next() as i16,
             };
             // Unused fields must be zero: make zero common.
-            let zero_or = |v: u64, x: u64| if v % 2 == 0 { 0 } else { x };
+            let zero_or = |v: u64, x: u64| if v.is_multiple_of(2) { 0 } else { x };
             let src = zero_or(next(), next() % 11) as u8;
             let off = if next() % 2 == 0 { 0 } else { off };
             let imm = if next() % 2 == 0 { 0 } else { imm };

@@ -1162,3 +1162,61 @@ fn dead_jump_out_of_the_program_compiles() {
         assert_eq!(jit.run(&mut []), Ok(0));
     }
 }
+
+/// Runs of `jeq r, k` compile to a jump table: every input value (in range, out of range,
+/// negative, above 32 bits for JMP32), duplicates (the first wins) and jumps into the middle of
+/// the run agree with the interpreter.
+#[test]
+fn switch_chains_agree_with_the_interpreter() {
+    for width in ["", "32"] {
+        // r1 = the input; r0 = 100 + the case taken, or 99 when none.
+        let src = format!(
+            "ldxdw %r1, [%r1+0]
+             jgt %r1, 1000, middle
+             jeq{width} %r1, 0, c0
+             jeq{width} %r1, 3, c3
+             jeq{width} %r1, 2, c2
+             jeq{width} %r1, 3, c2
+             middle:
+             jeq{width} %r1, 7, c7
+             jeq{width} %r1, 63, c63
+             mov %r0, 99
+             exit
+             c0:
+             mov %r0, 100
+             exit
+             c2:
+             mov %r0, 102
+             exit
+             c3:
+             mov %r0, 103
+             exit
+             c7:
+             mov %r0, 107
+             exit
+             c63:
+             mov %r0, 163
+             exit"
+        );
+        let insns = bpftime_vm::asm::assemble(&src).expect("assembles");
+        let helpers = helpers();
+        let prog = verify(&insns, &helpers).expect("verifies");
+        let jit =
+            JitProgram::new(&prog, &helpers, &JitOptions { checked: true }).expect("compiles");
+        let inputs = (0..70u64).chain([
+            u64::MAX,
+            1 << 32,
+            (1 << 32) | 3,
+            (1 << 32) | 7,
+            1001,
+            1 << 63,
+            0xffff_ffff,
+        ]);
+        for v in inputs {
+            let mut a = v.to_le_bytes();
+            let mut b = v.to_le_bytes();
+            let want = Interpreter::new(&prog, &helpers).run(&mut a);
+            assert_eq!(jit.run(&mut b), want, "jeq{width} with input {v:#x}");
+        }
+    }
+}

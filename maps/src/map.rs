@@ -1105,9 +1105,11 @@ pub fn reclaim_dead_owners(store: &Arc<Store>) -> usize {
         if store.owner_alive(id) {
             continue;
         }
+        // A map's data, or a perf event's ring (made when its loader mmapped it).
         let data = Map::open(store, id)
             .ok()
-            .map(|m| (m.data_offset(), m.data_len()));
+            .map(|m| (m.data_offset(), m.data_len()))
+            .or_else(|| perf_array::event_ring(store, id).map(|r| (r.offset(), r.len())));
         if store.force_release(id).is_some() {
             n += 1;
             if let Some((off, len)) = data {

@@ -89,7 +89,7 @@ fn index(key: &[u8]) -> u32 {
     u32::from_ne_bytes([key[0], key[1], key[2], key[3]])
 }
 
-fn slot<'a>(map: &'a Map, i: u32) -> Result<&'a AtomicU32, MapError> {
+fn slot(map: &Map, i: u32) -> Result<&AtomicU32, MapError> {
     if i >= map.def.max_entries {
         return Err(MapError::TooBig);
     }
@@ -210,15 +210,15 @@ pub fn attach_ring<'a>(
     }
     let off = PerfRing::create(store, data_pages, id)?;
     match field.compare_exchange(0, off, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => PerfRing::open(store, off).ok_or(MapError::Store(StoreError::Corrupt {
-            what: "perf ring",
-        })),
+        Ok(_) => PerfRing::open(store, off)
+            .ok_or(MapError::Store(StoreError::Corrupt { what: "perf ring" })),
         Err(other) => {
             // Another thread attached one first.
             store.free(off, PerfRing::block_len(data_pages));
-            check(PerfRing::open(store, other).ok_or(MapError::Store(StoreError::Corrupt {
-                what: "perf ring",
-            }))?)
+            check(
+                PerfRing::open(store, other)
+                    .ok_or(MapError::Store(StoreError::Corrupt { what: "perf ring" }))?,
+            )
         }
     }
 }
@@ -372,8 +372,12 @@ impl<'a> PerfRing<'a> {
         let (head_a, lost_a, user_head, user_tail) = (
             self.w64(R_HEAD).ok_or(corrupt)?,
             self.w64(R_LOST).ok_or(corrupt)?,
-            self.seg.atomic_u64(self.user_page() + U_DATA_HEAD).ok_or(corrupt)?,
-            self.seg.atomic_u64(self.user_page() + U_DATA_TAIL).ok_or(corrupt)?,
+            self.seg
+                .atomic_u64(self.user_page() + U_DATA_HEAD)
+                .ok_or(corrupt)?,
+            self.seg
+                .atomic_u64(self.user_page() + U_DATA_TAIL)
+                .ok_or(corrupt)?,
         );
         let guard = lock::lock(self.w64(R_LOCK).ok_or(corrupt)?);
         let head = head_a.load(Ordering::Relaxed);
@@ -531,7 +535,10 @@ mod tests {
         while ring.output(&[sent as u8; 20]).is_ok() {
             sent += 1;
         }
-        assert_eq!(sent, 127, "4096 bytes hold 127 32-byte records (one byte stays free)");
+        assert_eq!(
+            sent, 127,
+            "4096 bytes hold 127 32-byte records (one byte stays free)"
+        );
         assert_eq!(ring.output(&[0; 20]), Err(libc::ENOSPC));
         assert_eq!(ring.lost_total(), 2);
         let mut n = 0;
@@ -550,7 +557,10 @@ mod tests {
         ring.read(|ty, rec| recs.push((ty, rec.to_vec())));
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].0, PERF_RECORD_LOST);
-        assert_eq!(u64::from_ne_bytes(recs[0].1[8..16].try_into().unwrap()), u64::from(id));
+        assert_eq!(
+            u64::from_ne_bytes(recs[0].1[8..16].try_into().unwrap()),
+            u64::from(id)
+        );
         assert_eq!(u64::from_ne_bytes(recs[0].1[16..24].try_into().unwrap()), 2);
         // 5 bytes: raw size round_up(9, 8) - 4 = 12, zero padding.
         assert_eq!(recs[1].1.len(), 24);
@@ -583,7 +593,10 @@ mod tests {
         assert_eq!(clear(&m, 0).unwrap(), id);
         assert_eq!(clear(&m, 0).unwrap_err().errno(), libc::ENOENT);
         let mut v = [0u8; 4];
-        assert_eq!(m.lookup(&0u32.to_ne_bytes(), &mut v).unwrap_err().errno(), 524);
+        assert_eq!(
+            m.lookup(&0u32.to_ne_bytes(), &mut v).unwrap_err().errno(),
+            524
+        );
         std::fs::remove_file(p).unwrap();
     }
 }

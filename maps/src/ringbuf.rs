@@ -18,7 +18,10 @@
 //!   bpf_ringbuf`, whose data starts at page 3) once committed; while a record is busy it holds
 //!   the reserving process's pid, so a record whose producer was killed before committing can
 //!   be discarded by whoever finds it blocking the ring (the kernel needs no such recovery: its
-//!   verifier guarantees every reservation is committed).
+//!   verifier guarantees every reservation is committed). The header is only ever changed as
+//!   one 64-bit word (commit and recovery are compare-and-swaps of `{len, pg_off}`), so an
+//!   owner is never read apart from the busy state it belongs to, and a live producer's record
+//!   can never be taken for a dead one's.
 //! - Reservation runs under a robust cross-process lock ([`crate::lock`], the kernel's
 //!   `rb->spinlock`): read `consumer_pos`, advance `pending_pos` over committed records, check
 //!   both space conditions, write the busy header, publish `producer_pos` (release). Commit is
@@ -105,6 +108,19 @@ pub(crate) fn check_def(def: &MapDef) -> Result<u64, MapError> {
         });
     }
     Ok(max)
+}
+
+/// A header word: `len` in the low half, `pg_off` in the high half (little-endian layout of
+/// `struct bpf_ringbuf_hdr`).
+#[inline]
+fn header(len: u32, pg_off: u32) -> u64 {
+    u64::from(len) | (u64::from(pg_off) << 32)
+}
+
+/// The kernel's `pg_off` of a header at data offset `h`.
+#[inline]
+fn kernel_pg_off(h: u64) -> u32 {
+    (DATA_PGOFF + (h >> 12)) as u32
 }
 
 /// Initializes a new ring buffer's private state (positions start zeroed).
@@ -210,8 +226,7 @@ impl<'a> RingBuf<'a> {
 
     /// Reservations refused because the ring was full.
     pub fn drops(&self) -> u64 {
-        self.word(P_DROPS)
-            .map_or(0, |a| a.load(Ordering::Relaxed))
+        self.word(P_DROPS).map_or(0, |a| a.load(Ordering::Relaxed))
     }
 
     /// `consumer_pos`.
@@ -248,20 +263,19 @@ impl<'a> RingBuf<'a> {
         let h = pos & self.mask();
         // Headers are 8-byte aligned, so they never straddle the end: the store's single
         // mapping of the data is enough (no mirror needed by the consumer side).
-        let (Some(len), Some(owner)) = (
-            self.seg.atomic_u32(self.data + h),
-            self.seg.atomic_u32(self.data + h + 4),
-        ) else {
+        let Some(w) = self.seg.atomic_u64(self.data + h) else {
             return false;
         };
-        let cur = len.load(Ordering::Acquire);
-        if cur & BPF_RINGBUF_BUSY_BIT == 0 || pid_alive(owner.load(Ordering::Relaxed)) {
+        let cur = w.load(Ordering::Acquire);
+        let (len, owner) = (cur as u32, (cur >> 32) as u32);
+        if len & BPF_RINGBUF_BUSY_BIT == 0 || pid_alive(owner) {
             return false;
         }
-        owner.store((DATA_PGOFF + (h >> 12)) as u32, Ordering::Relaxed);
-        len.compare_exchange(
+        let discarded = (len & !BPF_RINGBUF_BUSY_BIT) | BPF_RINGBUF_DISCARD_BIT;
+        // Fails if the owner committed meanwhile (the word changed).
+        w.compare_exchange(
             cur,
-            (cur & !BPF_RINGBUF_BUSY_BIT) | BPF_RINGBUF_DISCARD_BIT,
+            header(discarded, kernel_pg_off(h)),
             Ordering::SeqCst,
             Ordering::Relaxed,
         )
@@ -290,9 +304,8 @@ impl<'a> RingBuf<'a> {
         let prod = prod_a.load(Ordering::Relaxed);
         let new_prod = prod.wrapping_add(len);
         let mut pend = self.scan_pending(m, pend_a.load(Ordering::Relaxed), prod);
-        let fits = |pend: u64| {
-            new_prod.wrapping_sub(cons) <= mask && new_prod.wrapping_sub(pend) <= mask
-        };
+        let fits =
+            |pend: u64| new_prod.wrapping_sub(cons) <= mask && new_prod.wrapping_sub(pend) <= mask;
         if !fits(pend) {
             // A record whose producer died before committing blocks the ring forever.
             let blocked = pend < prod && self.recover(pend);
@@ -310,9 +323,10 @@ impl<'a> RingBuf<'a> {
         }
         pend_a.store(pend, Ordering::Relaxed);
         let h = (prod & mask) as usize;
-        let (hlen, owner) = (m.atomic_u32(h)?, m.atomic_u32(h + 4)?);
-        owner.store(cached_pid(), Ordering::Relaxed);
-        hlen.store(size as u32 | BPF_RINGBUF_BUSY_BIT, Ordering::Relaxed);
+        m.atomic_u64(h)?.store(
+            header(size as u32 | BPF_RINGBUF_BUSY_BIT, cached_pid()),
+            Ordering::Relaxed,
+        );
         // Pairs with the consumer's acquire load of producer_pos.
         prod_a.store(new_prod, Ordering::Release);
         drop(guard);
@@ -331,20 +345,30 @@ impl<'a> RingBuf<'a> {
             return false;
         };
         let h = (pos & self.mask()) as usize;
-        let (Some(len), Some(pg)) = (m.atomic_u32(h), m.atomic_u32(h + 4)) else {
+        let Some(w) = m.atomic_u64(h) else {
             return false;
         };
-        let cur = len.load(Ordering::Relaxed);
-        if cur & BPF_RINGBUF_BUSY_BIT == 0 {
+        let cur = w.load(Ordering::Relaxed);
+        if cur as u32 & BPF_RINGBUF_BUSY_BIT == 0 {
             return false;
         }
-        let mut new = cur ^ BPF_RINGBUF_BUSY_BIT;
+        let mut len = cur as u32 ^ BPF_RINGBUF_BUSY_BIT;
         if discard {
-            new |= BPF_RINGBUF_DISCARD_BIT;
+            len |= BPF_RINGBUF_DISCARD_BIT;
         }
-        pg.store((DATA_PGOFF + (h as u64 >> 12)) as u32, Ordering::Relaxed);
-        // SeqCst: orders the commit before the read of the wake slot (see `wake`).
-        len.swap(new, Ordering::SeqCst);
+        // One CAS of `{len, pg_off}` (the kernel's `xchg(&hdr->len)`, plus the pg_off that held
+        // our pid); it fails only if the record was discarded as a dead producer's. SeqCst:
+        // orders the commit before the read of the wake slot (see `wake`).
+        if w.compare_exchange(
+            cur,
+            header(len, kernel_pg_off(h as u64)),
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        )
+        .is_err()
+        {
+            return false;
+        }
         let force = flags & BPF_RB_FORCE_WAKEUP != 0;
         if force || flags & BPF_RB_NO_WAKEUP == 0 {
             wake::notify(self.seg, self.wake_slot(), force);
@@ -455,8 +479,7 @@ impl<'a> RingBuf<'a> {
                     None => break,
                 };
                 let sample = (len & !BPF_RINGBUF_DISCARD_BIT) as usize;
-                if len & BPF_RINGBUF_BUSY_BIT != 0
-                    || sample as u64 > self.size - BPF_RINGBUF_HDR_SZ
+                if len & BPF_RINGBUF_BUSY_BIT != 0 || sample as u64 > self.size - BPF_RINGBUF_HDR_SZ
                 {
                     break;
                 }

@@ -467,6 +467,17 @@ impl Mirror {
         Some(unsafe { AtomicU32::from_ptr(p.cast()) })
     }
 
+    /// The `AtomicU64` at `pos` (8-byte aligned, in bounds).
+    #[inline]
+    pub fn atomic_u64(&self, pos: usize) -> Option<&AtomicU64> {
+        if !pos.is_multiple_of(8) {
+            return None;
+        }
+        let p = self.ptr(pos, 8)?;
+        // SAFETY: as for `atomic_u32`, with 8-byte alignment.
+        Some(unsafe { AtomicU64::from_ptr(p.cast()) })
+    }
+
     /// Copies `data` to `pos`.
     pub fn write(&self, pos: usize, data: &[u8]) -> Option<()> {
         let p = self.ptr(pos, data.len())?;
@@ -565,14 +576,7 @@ pub fn dgram_drain(fd: i32) {
     let mut b = [0u8; 64];
     loop {
         // SAFETY: `b` is a writable buffer of its length; a bad fd returns -1.
-        let r = unsafe {
-            libc::recv(
-                fd,
-                b.as_mut_ptr().cast(),
-                b.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let r = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
         if r < 0 {
             return;
         }

@@ -132,8 +132,11 @@ fn child_produce() {
                 let p = first + t;
                 let (refused, extra) = produce(&rb, p, count);
                 let text: Vec<String> = refused.iter().map(u32::to_string).collect();
-                std::fs::write(format!("{dir}.refused.{p}"), format!("{extra};{}", text.join(",")))
-                    .unwrap();
+                std::fs::write(
+                    format!("{dir}.refused.{p}"),
+                    format!("{extra};{}", text.join(",")),
+                )
+                .unwrap();
             });
         }
     });
@@ -209,16 +212,27 @@ fn run_producers(size: u32, count: u32, consume_while: bool) -> (usize, u64) {
     let (mut refused_total, mut extra_total) = (0, 0);
     for p in 0..8u32 {
         let seqs = next.remove(&p).unwrap_or_default();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "producer {p} out of order");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "producer {p} out of order"
+        );
         let (refused, extra) = refused_of(&path, p);
         refused_total += refused.len() as u64;
         extra_total += extra;
         let mut all: Vec<u32> = seqs.iter().chain(refused.iter()).copied().collect();
         all.sort_unstable();
-        assert_eq!(all, (0..count).collect::<Vec<_>>(), "producer {p}: delivered ∪ refused");
+        assert_eq!(
+            all,
+            (0..count).collect::<Vec<_>>(),
+            "producer {p}: delivered ∪ refused"
+        );
     }
     assert!(next.is_empty(), "records of unknown producers");
-    assert_eq!(rb.drops(), refused_total + extra_total, "every refusal is counted");
+    assert_eq!(
+        rb.drops(),
+        refused_total + extra_total,
+        "every refusal is counted"
+    );
     std::fs::remove_file(path).unwrap();
     (got.len(), refused_total)
 }
@@ -295,10 +309,12 @@ fn a_commit_in_another_process_wakes_a_sleeping_consumer() {
     assert!(rb.arm(sock.nonce()), "a record is there");
     rb.consume(|_| {});
     assert!(!rb.arm(sock.nonce()));
-    rb.output(&[2; 8], bpftime_maps::ringbuf::BPF_RB_NO_WAKEUP).unwrap();
+    rb.output(&[2; 8], bpftime_maps::ringbuf::BPF_RB_NO_WAKEUP)
+        .unwrap();
     assert!(!sock.wait(100));
     rb.disarm();
-    rb.output(&[3; 8], bpftime_maps::ringbuf::BPF_RB_FORCE_WAKEUP).unwrap();
+    rb.output(&[3; 8], bpftime_maps::ringbuf::BPF_RB_FORCE_WAKEUP)
+        .unwrap();
     assert!(sock.wait(1000));
     std::fs::remove_file(path).unwrap();
 }
@@ -341,5 +357,45 @@ fn a_producer_killed_holding_a_reservation_does_not_wedge_the_ring() {
     assert_eq!(got[0], vec![7; 16]);
     assert_eq!(got.len(), 101);
     assert_eq!(rb.drops(), 0);
+    std::fs::remove_file(path).unwrap();
+}
+
+/// Regression: a consumer checking for a dead producer's reservation (while the head record is
+/// busy) raced with the producer's commit and discarded a live record. A fast producer and a
+/// consumer that keeps arming on busy records, a million records.
+#[test]
+fn a_consumer_arming_on_busy_records_never_discards_live_ones() {
+    let (store, path) = temp_store("race");
+    let m = ringbuf(&store, 1 << 18);
+    let n: u64 = 1_000_000;
+    std::thread::scope(|s| {
+        let m2 = m.clone();
+        s.spawn(move || {
+            let rb = RingBuf::new(&m2).unwrap();
+            for seq in 0..n {
+                loop {
+                    if let Some(r) = rb.reserve(8) {
+                        rb.write(&r, &seq.to_ne_bytes()).unwrap();
+                        assert!(rb.submit(&r, 0), "record {seq} was taken from us");
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let rb = RingBuf::new(&m).unwrap();
+        let sock = WakeSocket::new().unwrap();
+        let mut next = 0u64;
+        while next < n {
+            rb.consume(|s| {
+                assert_eq!(u64::from_ne_bytes(s.try_into().unwrap()), next);
+                next += 1;
+            });
+            if next < n && !rb.arm(sock.nonce()) {
+                sock.wait(100);
+            }
+            rb.disarm();
+        }
+    });
     std::fs::remove_file(path).unwrap();
 }

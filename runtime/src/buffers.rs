@@ -161,7 +161,14 @@ extern "C" fn ringbuf_output(
 }
 
 /// `bpf_ringbuf_query(map, flags)`.
-extern "C" fn ringbuf_query(map: u64, flags: u64, _: u64, _: u64, _: u64, env: &mut CallEnv) -> u64 {
+extern "C" fn ringbuf_query(
+    map: u64,
+    flags: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    env: &mut CallEnv,
+) -> u64 {
     host::map_arg(env, map)
         .and_then(|m| RingBuf::new(m).ok())
         .map_or(0, |rb| rb.query(flags))
@@ -191,7 +198,9 @@ extern "C" fn perf_event_output(
     if size > MAX_PERF_SAMPLE {
         return neg(libc::E2BIG);
     }
-    match with_guest(env, data, size as usize, |d| perf_array::output(m, index, d)) {
+    match with_guest(env, data, size as usize, |d| {
+        perf_array::output(m, index, d)
+    }) {
         Some(Ok(())) => 0,
         Some(Err(e)) => neg(e),
         None => neg(libc::EFAULT),

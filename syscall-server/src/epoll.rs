@@ -69,13 +69,11 @@ impl Emulator {
             return;
         }
         match op {
-            ADD => {
-                if self.entry(fd).is_some_and(|e| e.wake != 0) {
-                    let mut sets = self.epolls.sets.lock();
-                    let v = sets.entry(epfd).or_default();
-                    if !v.contains(&fd) {
-                        v.push(fd);
-                    }
+            ADD if self.entry(fd).is_some_and(|e| e.wake != 0) => {
+                let mut sets = self.epolls.sets.lock();
+                let v = sets.entry(epfd).or_default();
+                if !v.contains(&fd) {
+                    v.push(fd);
                 }
             }
             DEL => {

@@ -20,18 +20,23 @@
 //! and `fd_array` index references rewritten to object ids, the VM's loader checks, a
 //! verifier-style log); `BPF_BTF_LOAD`; `BPF_PROG_BIND_MAP`; `BPF_LINK_CREATE` for perf
 //! events; `BPF_OBJ_GET_INFO_BY_FD` for maps, programs, BTF and links; `BPF_*_GET_NEXT_ID` and
-//! `BPF_*_GET_FD_BY_ID`; `perf_event_open` of the uprobe PMU; the perf ioctls (enable,
-//! disable, `SET_BPF`, id); `mmap` of `BPF_F_MMAPABLE` arrays; the uprobe PMU's sysfs files.
+//! `BPF_*_GET_FD_BY_ID`; `perf_event_open` of the uprobe PMU and of `PERF_COUNT_SW_BPF_OUTPUT`
+//! software events; the perf ioctls (enable, disable, `SET_BPF`, id); `mmap` of
+//! `BPF_F_MMAPABLE` arrays, of ring buffer maps (consumer page; producer page and the data
+//! twice) and of BPF-output perf events (the kernel's perf ring layout); perf event array
+//! updates with perf event fds; readiness of ring buffer and perf event fds for `epoll_wait`,
+//! `epoll_pwait(2)`, `poll` and `ppoll` ([`epoll`]); the uprobe PMU's sysfs files.
 //! Everything else fails with the kernel's errno for it (usually `EINVAL`) and a warning.
 //!
 //! What it does not do: run programs or attach hooks (agents do), or emulate map types the
-//! store does not implement (ringbuf, per-CPU, perf event arrays), software perf events or
-//! tracepoints (yet).
+//! store does not implement, software perf events other than `BPF_OUTPUT`, or tracepoints
+//! (yet).
 //!
 //! Invariants:
 //! - Objects are addressed by store object id; each process keeps its own fd → (kind, id)
-//!   table. Every fd handed out is a real placeholder (a memfd), so fd numbers, `close`, `dup`
-//!   and `fork` behave. An fd holds one store reference; the last release removes the object
+//!   table. Every fd handed out is a real placeholder (a memfd; for ring buffer maps and
+//!   BPF-output perf events a wake-up socket that epoll sees readable), so fd numbers,
+//!   `close`, `dup` and `fork` behave. An fd holds one store reference; the last release removes the object
 //!   and drops the references it held (a link holds its program and perf event, a program its
 //!   maps). At exit, a process releases all it holds.
 //! - Loader memory is untrusted: it is read and written only through fault-safe copies
@@ -41,7 +46,7 @@
 
 mod bpf;
 mod emu;
-mod epoll;
+pub mod epoll;
 pub mod ffi;
 mod files;
 mod log;

@@ -158,7 +158,10 @@ impl Emulator {
         }
         let size = rb.size();
         // remap_vmalloc_range(): the range must lie inside the mmap-able part.
-        if off.checked_add(span).is_none_or(|end| end > 2 * PAGE + 2 * size) {
+        if off
+            .checked_add(span)
+            .is_none_or(|end| end > 2 * PAGE + 2 * size)
+        {
             return Err(e(libc::EINVAL));
         }
         let pieces = [

@@ -89,7 +89,7 @@ impl Fixture {
         let mut attr = perf_event_attr {
             type_: PERF_TYPE_SOFTWARE,
             size: 136,
-            config: 10, // PERF_COUNT_SW_BPF_OUTPUT
+            config: 10,           // PERF_COUNT_SW_BPF_OUTPUT
             sample_type: 1 << 10, // PERF_SAMPLE_RAW
             ..Default::default()
         };
@@ -136,7 +136,8 @@ fn mprotect(addr: u64, len: u64, prot: i32) -> i32 {
 
 fn munmap(f: &Fixture, addr: u64, len: u64) {
     // SAFETY: unmapping a mapping the test made and no longer uses.
-    assert_eq!(unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) }, 0);
+    let r = unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) };
+    assert_eq!(r, 0);
     f.emu().munmapped(addr, len);
 }
 
@@ -162,11 +163,18 @@ fn ringbuf_maps_have_the_kernels_errnos_and_mmap_rules() {
     assert_eq!(f.mmap(2 * PAGE, RW, SHARED, fd, 0), Err(EPERM));
     assert_eq!(f.mmap(PAGE, RW, SHARED, fd, PAGE), Err(EPERM));
     assert_eq!(f.mmap(PAGE, RO, libc::MAP_PRIVATE, fd, 0), Err(EINVAL));
-    assert_eq!(f.mmap(PAGE + 2 * size + PAGE, RO, SHARED, fd, PAGE), Err(EINVAL));
+    assert_eq!(
+        f.mmap(PAGE + 2 * size + PAGE, RO, SHARED, fd, PAGE),
+        Err(EINVAL)
+    );
     let all = f.mmap(2 * PAGE + 2 * size, RO, SHARED, fd, 0).unwrap();
     // libbpf's producer mapping: producer page + the data twice.
     let prod = f.mmap(PAGE + 2 * size, RO, SHARED, fd, PAGE).unwrap();
-    assert_eq!(mprotect(prod, PAGE, RW), libc::EACCES, "VM_MAYWRITE cleared");
+    assert_eq!(
+        mprotect(prod, PAGE, RW),
+        libc::EACCES,
+        "VM_MAYWRITE cleared"
+    );
 
     // A producer elsewhere writes records, one of them wrapping around the end.
     let m = f.open(fd);
@@ -183,7 +191,11 @@ fn ringbuf_maps_have_the_kernels_errnos_and_mmap_rules() {
             let hdr = data + (c & (size - 1));
             let len = word(hdr).load(Ordering::Acquire) as u32;
             assert_eq!(len & (3 << 30), 0, "committed, not discarded");
-            assert_eq!(read_bytes(hdr + 8, len as usize), sample(seen), "record {seen}");
+            assert_eq!(
+                read_bytes(hdr + 8, len as usize),
+                sample(seen),
+                "record {seen}"
+            );
             // pg_off: the kernel's page offset of the header in struct bpf_ringbuf.
             let pg = (word(hdr).load(Ordering::Relaxed) >> 32) as u32;
             assert_eq!(u64::from(pg), 3 + (c & (size - 1)) / PAGE);
@@ -191,7 +203,11 @@ fn ringbuf_maps_have_the_kernels_errnos_and_mmap_rules() {
             seen += 1;
             word(cons).store(c, Ordering::Release);
         }
-        assert_eq!(rb.query(BPF_RB_CONS_POS), c, "the producer sees our consumer_pos");
+        assert_eq!(
+            rb.query(BPF_RB_CONS_POS),
+            c,
+            "the producer sees our consumer_pos"
+        );
     }
     assert_eq!(seen, 20);
     // The all-pages view shows the same consumer and producer pages.
@@ -203,7 +219,11 @@ fn ringbuf_maps_have_the_kernels_errnos_and_mmap_rules() {
         word(all + PAGE).load(Ordering::Relaxed),
         word(prod).load(Ordering::Relaxed)
     );
-    for (a, l) in [(cons, PAGE), (all, 2 * PAGE + 2 * size), (prod, PAGE + 2 * size)] {
+    for (a, l) in [
+        (cons, PAGE),
+        (all, 2 * PAGE + 2 * size),
+        (prod, PAGE + 2 * size),
+    ] {
         munmap(&f, a, l);
     }
     f.emu().close(fd).unwrap();
@@ -225,11 +245,9 @@ fn epoll_add(emu: &Emulator, epfd: i32, fd: i32) {
         events: libc::EPOLLIN as u32,
         u64: fd as u64,
     };
-    // SAFETY: plain epoll_ctl on fds we own.
-    assert_eq!(
-        unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) },
-        0
-    );
+    // SAFETY: plain epoll_ctl on fds we own, with a valid event.
+    let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    assert_eq!(r, 0);
     emu.epoll_ctl_done(epfd, libc::EPOLL_CTL_ADD, fd);
 }
 
@@ -291,16 +309,36 @@ fn bpf_output_perf_events_have_the_kernels_mmap_layout_and_array_semantics() {
     let f = Fixture::new();
     let ev = f.bpf_output_event(0);
     assert_ne!(f.emu().entry(ev).unwrap().wake, 0, "a pollable placeholder");
-    assert_eq!(f.mmap(4 * PAGE, RW, SHARED, ev, 0), Err(EINVAL), "1 + 3 pages");
+    assert_eq!(
+        f.mmap(4 * PAGE, RW, SHARED, ev, 0),
+        Err(EINVAL),
+        "1 + 3 pages"
+    );
     assert_eq!(f.mmap(3 * PAGE, RW, libc::MAP_PRIVATE, ev, 0), Err(EINVAL));
-    assert_eq!(f.mmap(3 * PAGE, RW, SHARED, ev, PAGE), Err(EINVAL), "no AUX area");
+    assert_eq!(
+        f.mmap(3 * PAGE, RW, SHARED, ev, PAGE),
+        Err(EINVAL),
+        "no AUX area"
+    );
     let up = f.mmap(3 * PAGE, RW, SHARED, ev, 0).unwrap();
-    assert_eq!(f.mmap(5 * PAGE, RW, SHARED, ev, 0), Err(EINVAL), "another size");
+    assert_eq!(
+        f.mmap(5 * PAGE, RW, SHARED, ev, 0),
+        Err(EINVAL),
+        "another size"
+    );
     // struct perf_event_mmap_page as perf_event_init_userpage() fills it.
-    assert_eq!(word(up + 40).load(Ordering::Relaxed), 2, "cap_bit0_is_deprecated");
+    assert_eq!(
+        word(up + 40).load(Ordering::Relaxed),
+        2,
+        "cap_bit0_is_deprecated"
+    );
     assert_eq!(word(up + 72).load(Ordering::Relaxed) as u32, 96, "size");
     assert_eq!(word(up + 1040).load(Ordering::Relaxed), PAGE, "data_offset");
-    assert_eq!(word(up + 1048).load(Ordering::Relaxed), 2 * PAGE, "data_size");
+    assert_eq!(
+        word(up + 1048).load(Ordering::Relaxed),
+        2 * PAGE,
+        "data_size"
+    );
 
     let arr = f.map(4, 4, 4, 2).unwrap();
     let rb = f.map(27, 0, 0, 4096).unwrap();
@@ -327,7 +365,10 @@ fn bpf_output_perf_events_have_the_kernels_mmap_layout_and_array_semantics() {
     let head = word(up + 1024).load(Ordering::Acquire);
     assert_eq!(head, 32);
     let rec = read_bytes(up + PAGE, 32);
-    assert_eq!(u32::from_ne_bytes(rec[..4].try_into().unwrap()), PERF_RECORD_SAMPLE);
+    assert_eq!(
+        u32::from_ne_bytes(rec[..4].try_into().unwrap()),
+        PERF_RECORD_SAMPLE
+    );
     assert_eq!(u16::from_ne_bytes(rec[6..8].try_into().unwrap()), 32);
     assert_eq!(u32::from_ne_bytes(rec[8..12].try_into().unwrap()), 20);
     assert_eq!(&rec[12..32], &[0xab; 20]);
@@ -348,10 +389,7 @@ fn bpf_output_perf_events_have_the_kernels_mmap_layout_and_array_semantics() {
     word(up + 1032).store(head, Ordering::Release);
     assert_eq!(ready(100), 0);
     // A disabled event refuses output (the kernel's oncpu check fails).
-    assert_eq!(
-        f.emu().ioctl(ev, PERF_EVENT_IOC_DISABLE, 0),
-        Some(Ok(0))
-    );
+    assert_eq!(f.emu().ioctl(ev, PERF_EVENT_IOC_DISABLE, 0), Some(Ok(0)));
     assert_eq!(perf_array::output(&am, 0, &[1]), Err(libc::EOPNOTSUPP));
     assert_eq!(f.emu().ioctl(ev, PERF_EVENT_IOC_ENABLE, 0), Some(Ok(0)));
     // The array holds the event: closing the fd and unmapping keep it for the array.
@@ -361,7 +399,10 @@ fn bpf_output_perf_events_have_the_kernels_mmap_layout_and_array_semantics() {
     assert!(f.emu().store().object(ev_id).is_some(), "held by the array");
     perf_array::output(&am, 0, &[2; 8]).unwrap();
     assert_eq!(f.elem(BPF_MAP_DELETE_ELEM, arr, k0p, 0, 0), Ok(0));
-    assert!(f.emu().store().object(ev_id).is_none(), "released with the entry");
+    assert!(
+        f.emu().store().object(ev_id).is_none(),
+        "released with the entry"
+    );
     assert_eq!(f.elem(BPF_MAP_DELETE_ELEM, arr, k0p, 0, 0), Err(ENOENT));
     drop(am);
     f.emu().close(arr).unwrap();

@@ -45,9 +45,12 @@ fn loader(store: &TestStore, build: &Path, args: &[&str]) -> Proc {
 fn victim(store: &TestStore, build: &Path, args: &[&str]) -> Proc {
     let a = artifacts();
     let mut c = unprivileged(&a.bpftime);
-    c.args(["start", "--store", &store.name, "--"])
-        .arg(build.join("victim"))
-        .args(args);
+    c.args(["start", "--store", &store.name]);
+    // One test runs the agent's programs on the interpreter; the rest use the default JIT.
+    if store.name.contains("interp") {
+        c.arg("--no-jit");
+    }
+    c.arg("--").arg(build.join("victim")).args(args);
     Proc::spawn(c, "bpftime start victim")
 }
 
@@ -83,6 +86,19 @@ fn load_then_start_counts_exactly_as_unprivileged_user() {
     assert_eq!(vout.last().map(String::as_str), Some("calls 1000"));
     let out = l.finish(T);
     assert_eq!(results(&out, vpid), expected(1000), "{out:?}");
+}
+
+#[test]
+fn interpreter_engine_counts_exactly_too() {
+    let Some(build) = build_example("uprobe-counter") else {
+        return;
+    };
+    let store = TestStore::new("interp");
+    let l = loader(&store, &build, &["-n", "400"]);
+    let v = victim(&store, &build, &["400"]);
+    let vpid = v.pid();
+    v.finish(T);
+    assert_eq!(results(&l.finish(T), vpid), expected(400));
 }
 
 #[test]

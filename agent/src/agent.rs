@@ -3,11 +3,11 @@
 use crate::ffi;
 use bpftime_attach::{Hook, resolve_file_offset};
 use bpftime_maps::Store;
-use bpftime_runtime::LoadedProg;
 use bpftime_runtime::helpers::registry;
 use bpftime_runtime::object::{
     Attachment, PerfKind, attachments, create_agent_record, update_agent_record,
 };
+use bpftime_runtime::{Engine, LoadedProg};
 use bpftime_vm::helper::HelperRegistry;
 use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub store: String,
     /// Longest wait between rescans, so dead loaders' probes are noticed without a wake-up.
     pub rescan: Duration,
+    /// Engine for programs (`BPFTIME_NO_JIT`, `BPFTIME_JIT_UNCHECKED`; default checked JIT).
+    pub engine: Engine,
 }
 
 impl AgentConfig {
@@ -30,6 +32,7 @@ impl AgentConfig {
         AgentConfig {
             store: std::env::var("BPFTIME_STORE").unwrap_or_else(|_| "default".into()),
             rescan: Duration::from_millis(200),
+            engine: Engine::from_env(),
         }
     }
 }
@@ -61,6 +64,7 @@ pub struct Agent {
     warned: HashSet<(u32, String)>,
     record: Option<u32>,
     reported: Vec<u32>,
+    engine: Engine,
 }
 
 impl std::fmt::Debug for Agent {
@@ -88,6 +92,7 @@ impl Agent {
             warned: HashSet::new(),
             record,
             reported: Vec::new(),
+            engine: cfg.engine,
         })
     }
 
@@ -143,7 +148,9 @@ impl Agent {
         if let Some(p) = self.progs.get(&id) {
             return Some(p.clone());
         }
-        match LoadedProg::load(&self.store, id, self.helpers.clone()) {
+        match LoadedProg::load(&self.store, id, self.helpers.clone())
+            .and_then(|p| p.with_engine(self.engine))
+        {
             Ok(p) => {
                 let p = Arc::new(p);
                 self.progs.insert(id, p.clone());
@@ -212,7 +219,11 @@ impl Agent {
             });
             match ffi::install_hook(addr, &data) {
                 Ok(hook) => {
-                    tracing::info!("attached {} program(s) at {addr:#x}", ids.len());
+                    tracing::info!(
+                        "attached {} program(s) at {addr:#x} ({:?})",
+                        ids.len(),
+                        self.engine
+                    );
                     self.sites.insert(
                         addr,
                         Site {

@@ -1163,11 +1163,11 @@ fn dead_jump_out_of_the_program_compiles() {
     }
 }
 
-/// Runs of `jeq r, k` compile to a jump table: every input value (in range, out of range,
-/// negative, above 32 bits for JMP32), duplicates (the first wins) and jumps into the middle of
-/// the run agree with the interpreter.
+/// A `switch` as compilers emit it, a run of `jeq r, k`: every input value (in range, out of
+/// range, above 32 bits for JMP32), duplicate cases (the first wins) and jumps into the middle
+/// of the run agree with the interpreter.
 #[test]
-fn switch_chains_agree_with_the_interpreter() {
+fn switch_like_jeq_runs_agree_with_the_interpreter() {
     for width in ["", "32"] {
         // r1 = the input; r0 = 100 + the case taken, or 99 when none.
         let src = format!(

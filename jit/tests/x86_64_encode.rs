@@ -267,33 +267,6 @@ fn shifts_by_register_use_bmi2_on_hosts_that_have_it() {
 }
 
 #[test]
-fn a_run_of_jeq_compiles_to_a_jump_table() {
-    let src = "jeq %r1, 0, +4\njeq %r1, 1, +4\njeq %r1, 3, +4\njeq %r1, 1, +3\n\
-               mov %r0, 9\nexit\nmov %r0, 0\nexit\nmov %r0, 1\nexit\nmov %r0, 3\nexit";
-    let c = compiled(src, false);
-    let code = decode(
-        &c.code,
-        c.insn_offsets[0] as usize,
-        c.insn_offsets[1] as usize,
-    );
-    let t = text(&code);
-    assert!(
-        t.starts_with("mov r10, rdi; cmp r10, 3; ja "),
-        "bounds check first: {t}"
-    );
-    let jumps: Vec<u64> = code
-        .iter()
-        .skip_while(|i| i.mnemonic() != iced_x86::Mnemonic::Jmp)
-        .skip(1)
-        .map(|i| i.near_branch_target())
-        .collect();
-    let slot = |pc: usize| u64::from(c.insn_offsets[pc]);
-    // Entries 0..=3: the targets of k = 0 (slot 5) and k = 1 (slot 6, the first of the two),
-    // no case for 2 (the slot after the run), k = 3 (slot 7).
-    assert_eq!(jumps, [slot(5), slot(6), slot(4), slot(7)], "{t}");
-}
-
-#[test]
 fn conditional_jumps_branch_to_the_target_slot() {
     let cases = [
         ("jeq %r1, 0, +1", "test rdi, rdi", "je"),

@@ -12,20 +12,26 @@
 
 use crate::host::ProgHost;
 use bpftime_vm::helper::MemRegion;
-use bpftime_vm::interpreter::{Interpreter, Trap};
+use bpftime_vm::interpreter::Trap;
 use bpftime_vm::memory::GuestMemory;
 use std::cell::RefCell;
+use std::ffi::c_void;
 
 thread_local! {
     static MEM: RefCell<GuestMemory> = RefCell::new(GuestMemory::new());
 }
 
-/// Runs `interp` with `ctx` in r1.
+/// An engine's `run_in(gm, r1, r2, host)`: the interpreter's or the JIT's, same contract.
+pub(crate) type RunIn<'a> =
+    dyn Fn(&mut GuestMemory, u64, u64, *mut c_void) -> Result<u64, Trap> + 'a;
+
+/// Runs a program with `ctx` in r1 on this thread's guest memory: `engine` is the interpreter's
+/// or the JIT's `run_in` (same contract).
 ///
 /// # Safety
 /// `ctx` must be valid for reads and writes of `ctx_len` bytes during the call.
-pub(crate) unsafe fn run_interpreted(
-    interp: &Interpreter<'_>,
+pub(crate) unsafe fn run_on_thread_memory(
+    engine: &RunIn<'_>,
     host: &ProgHost,
     values: &[MemRegion],
     ctx: *mut u8,
@@ -47,7 +53,7 @@ pub(crate) unsafe fn run_interpreted(
             }
         }
         let host = host as *const ProgHost as *mut std::ffi::c_void;
-        interp.run_in(gm, ctx as u64, 0, host)
+        engine(gm, ctx as u64, 0, host)
     };
     MEM.with(|m| match m.try_borrow_mut() {
         Ok(mut gm) => go(&mut gm),

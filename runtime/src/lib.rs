@@ -19,4 +19,4 @@ pub mod prog;
 pub mod trace;
 
 pub use object::RuntimeError;
-pub use prog::{LoadError, LoadedProg};
+pub use prog::{Engine, LoadError, LoadedProg};

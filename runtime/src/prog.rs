@@ -31,6 +31,36 @@ pub struct LoadedProg {
     maps: Vec<Box<Map>>,
     host: Box<ProgHost>,
     value_regions: Vec<MemRegion>,
+    #[cfg(target_arch = "x86_64")]
+    jit: Option<bpftime_jit::program::JitProgram>,
+}
+
+/// Which engine runs a loaded program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The interpreter (every access checked).
+    Interpreter,
+    /// Native code. `checked`: every memory access is checked like the interpreter's (a bad
+    /// pointer traps instead of crashing the target); unchecked trusts the program.
+    Jit {
+        /// Check memory accesses.
+        checked: bool,
+    },
+}
+
+impl Engine {
+    /// From the environment: `BPFTIME_NO_JIT` (set, non-empty) selects the interpreter;
+    /// `BPFTIME_JIT_UNCHECKED=1` drops the per-access checks; the default is the checked JIT.
+    pub fn from_env() -> Engine {
+        let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty() && x != "0");
+        if set("BPFTIME_NO_JIT") {
+            Engine::Interpreter
+        } else {
+            Engine::Jit {
+                checked: !set("BPFTIME_JIT_UNCHECKED"),
+            }
+        }
+    }
 }
 
 /// Why a program could not be loaded.
@@ -42,6 +72,9 @@ pub enum LoadError {
     /// The loader checks rejected it.
     #[error("program rejected: {0}")]
     Verify(#[from] VerifyError),
+    /// The JIT could not compile it.
+    #[error("JIT: {0}")]
+    Jit(#[from] bpftime_jit::JitError),
     /// A map reference the runtime cannot resolve.
     #[error("instruction {pc}: {what}")]
     Reloc {
@@ -57,7 +90,7 @@ impl LoadError {
     pub fn errno(&self) -> i32 {
         match self {
             LoadError::Runtime(e) => e.errno(),
-            LoadError::Verify(_) | LoadError::Reloc { .. } => libc::EINVAL,
+            LoadError::Verify(_) | LoadError::Reloc { .. } | LoadError::Jit(_) => libc::EINVAL,
         }
     }
 }
@@ -165,7 +198,39 @@ impl LoadedProg {
             maps,
             host,
             value_regions,
+            #[cfg(target_arch = "x86_64")]
+            jit: None,
         })
+    }
+
+    /// Selects the engine: with [`Engine::Jit`] the program is compiled to native code now
+    /// (x86_64; elsewhere the interpreter keeps running it).
+    pub fn with_engine(mut self, engine: Engine) -> Result<Self, LoadError> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.jit = match engine {
+                Engine::Interpreter => None,
+                Engine::Jit { checked } => Some(bpftime_jit::program::JitProgram::new(
+                    &self.prog,
+                    &self.helpers,
+                    &bpftime_jit::JitOptions { checked },
+                )?),
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = engine;
+        Ok(self)
+    }
+
+    /// The engine running this program.
+    pub fn engine(&self) -> Engine {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(j) = &self.jit {
+            return Engine::Jit {
+                checked: j.is_checked(),
+            };
+        }
+        Engine::Interpreter
     }
 
     /// Object id.
@@ -205,10 +270,19 @@ impl LoadedProg {
         cookie: u64,
     ) -> Result<u64, Trap> {
         let _cookie = crate::helpers::CookieGuard::set(cookie);
-        let interp = Interpreter::new(&self.prog, &self.helpers);
         // Ring buffer records the program leaves uncommitted are discarded when it ends.
         let _commit = crate::buffers::RunGuard(&self.maps);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(j) = &self.jit {
+            let run = |gm: &mut _, r1, r2, host| j.run_in(gm, r1, r2, host);
+            // SAFETY: forwarded contract on `ctx`.
+            return unsafe {
+                exec::run_on_thread_memory(&run, &self.host, &self.value_regions, ctx, ctx_len)
+            };
+        }
+        let interp = Interpreter::new(&self.prog, &self.helpers);
+        let run = |gm: &mut _, r1, r2, host| interp.run_in(gm, r1, r2, host);
         // SAFETY: forwarded contract on `ctx`.
-        unsafe { exec::run_interpreted(&interp, &self.host, &self.value_regions, ctx, ctx_len) }
+        unsafe { exec::run_on_thread_memory(&run, &self.host, &self.value_regions, ctx, ctx_len) }
     }
 }

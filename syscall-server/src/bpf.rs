@@ -835,6 +835,10 @@ impl Emulator {
                 log.line(&format!("{pc}: {what}"));
                 Err(e(libc::EINVAL))
             }
+            Err(err @ LoadError::Jit(_)) => {
+                log.line(&err.to_string());
+                Err(e(libc::EINVAL))
+            }
             Err(LoadError::Runtime(err)) => Err(e(err.errno())),
         }
     }

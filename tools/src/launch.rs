@@ -33,6 +33,11 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
 
+    /// `start`: run programs on the interpreter instead of the (checked) JIT
+    /// (sets `BPFTIME_NO_JIT=1` for the agent).
+    #[arg(long)]
+    pub no_jit: bool,
+
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -114,6 +119,9 @@ pub fn exec_with(lib: Library, args: &LaunchArgs) -> anyhow::Error {
     }
     if let Some(f) = &args.log_file {
         cmd.env("BPFTIME_LOG_FILE", f);
+    }
+    if args.no_jit {
+        cmd.env("BPFTIME_NO_JIT", "1");
     }
     let err = cmd.exec();
     anyhow::Error::new(err).context(format!(

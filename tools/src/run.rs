@@ -11,6 +11,8 @@ use crate::input::{
 };
 use crate::object::{self, Select};
 use anyhow::{Context as _, Result, bail};
+use bpftime_jit::JitOptions;
+use bpftime_jit::program::JitProgram;
 use bpftime_vm::disasm;
 use bpftime_vm::helper::{HelperRegistry, conformance_helpers};
 use bpftime_vm::interpreter::{Interpreter, Trap, TrapKind};
@@ -36,8 +38,8 @@ pub struct RunArgs {
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 
-    /// Run in the interpreter. This is the default, and for now the only engine: there is no
-    /// JIT yet.
+    /// Run in the interpreter instead of the JIT (the default engine, which checks every
+    /// memory access like the interpreter: a bad access is the same trap).
     #[arg(long)]
     pub no_jit: bool,
 
@@ -58,9 +60,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub program: Option<String>,
 
-    /// Stop the program with a trap after this many instructions; 0 means no limit.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_BUDGET)]
-    pub budget: u64,
+    /// Stop the program with a trap after this many instructions; 0 means no limit. Counting
+    /// needs the interpreter, so a budget implies `--no-jit` (whose default budget is
+    /// 100,000,000).
+    #[arg(long, value_name = "N")]
+    pub budget: Option<u64>,
 
     /// How FILE is encoded; detected by default (ELF magic, `.s`/`.asm` extension, hex
     /// digits only).
@@ -122,8 +126,21 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
     } else {
         runner_helpers()
     };
-    let budget = (args.budget != 0).then_some(args.budget);
-    Ok(execute(&insns, &helpers, &mut mem, budget))
+    let engine = match (args.no_jit, args.budget) {
+        (false, None) => Engine::Jit,
+        (_, Some(b)) => Engine::Interpreter((b != 0).then_some(b)),
+        (true, None) => Engine::Interpreter(Some(DEFAULT_BUDGET)),
+    };
+    execute(&insns, &helpers, &mut mem, engine)
+}
+
+/// Which engine `bpftime run` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The x86_64 JIT in checked mode.
+    Jit,
+    /// The interpreter, with an optional instruction budget.
+    Interpreter(Option<u64>),
 }
 
 /// Checks and runs `insns` with `helpers` over `mem`.
@@ -131,19 +148,24 @@ pub fn execute(
     insns: &[Insn],
     helpers: &HelperRegistry,
     mem: &mut [u8],
-    budget: Option<u64>,
-) -> Outcome {
+    engine: Engine,
+) -> Result<Outcome> {
     let prog = match verify(insns, helpers) {
         Ok(prog) => prog,
-        Err(e) => return Outcome::Rejected(rejection(&e, helpers)),
+        Err(e) => return Ok(Outcome::Rejected(rejection(&e, helpers))),
     };
-    match Interpreter::new(&prog, helpers)
-        .with_budget(budget)
-        .run(mem)
-    {
+    let result = match engine {
+        Engine::Interpreter(budget) => Interpreter::new(&prog, helpers)
+            .with_budget(budget)
+            .run(mem),
+        Engine::Jit => JitProgram::new(&prog, helpers, &JitOptions { checked: true })
+            .context("the JIT cannot compile this program (try --no-jit)")?
+            .run(mem),
+    };
+    Ok(match result {
         Ok(r0) => Outcome::Returned(r0),
         Err(trap) => Outcome::Trapped(describe_trap(&trap, prog.insns())),
-    }
+    })
 }
 
 fn load_program(args: &RunArgs) -> Result<Vec<Insn>> {
@@ -224,7 +246,28 @@ mod tests {
 
     fn exec(src: &str, mem: &mut [u8]) -> Outcome {
         let insns = assemble(src).unwrap();
-        execute(&insns, &runner_helpers(), mem, Some(1000))
+        execute(
+            &insns,
+            &runner_helpers(),
+            mem,
+            Engine::Interpreter(Some(1000)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn jit_and_interpreter_agree_including_traps() {
+        for (src, mem) in [
+            ("mov %r0, %r2\nexit\n", vec![0u8; 3]),
+            ("mov %r0, 0\nldxw %r0, [%r1+8]\nexit\n", vec![0u8; 4]),
+        ] {
+            let insns = assemble(src).unwrap();
+            // The same buffer for both, so trap addresses compare equal.
+            let mut m = mem;
+            let i = execute(&insns, &runner_helpers(), &mut m, Engine::Interpreter(None));
+            let j = execute(&insns, &runner_helpers(), &mut m, Engine::Jit);
+            assert_eq!(i.unwrap(), j.unwrap(), "{src}");
+        }
     }
 
     #[test]

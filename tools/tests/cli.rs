@@ -591,7 +591,10 @@ fn plugin_passes_every_conformance_vector() {
     assert!(vectors.len() >= 20, "only {} vectors", vectors.len());
     let start = Instant::now();
     let mut failures = Vec::new();
-    for v in &vectors {
+    for (v, engine) in vectors
+        .iter()
+        .flat_map(|v| [(v, "--interpret"), (v, "--jit")])
+    {
         let name = v["name"].as_str().unwrap();
         let code = harness_hex(v["code"].as_str().unwrap());
         let mem = v["mem"].as_str().unwrap();
@@ -603,13 +606,13 @@ fn plugin_passes_every_conformance_vector() {
         if !mem.is_empty() {
             args.push(mem_arg.as_str());
         }
-        args.push("--interpret");
+        args.push(engine);
         let out = plugin(&args, &format!("{code}\n"));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let got = u64::from_str_radix(stdout.trim(), 16).ok();
         if !out.status.success() || got != Some(expected) {
             failures.push(format!(
-                "{name}: expected {expected:x}, got {:?} (exit {:?}, stderr {})",
+                "{name} {engine}: expected {expected:x}, got {:?} (exit {:?}, stderr {})",
                 stdout.trim(),
                 out.status.code(),
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -641,7 +644,7 @@ fn plugin_prints_lowercase_hex_without_prefix() {
 }
 
 #[test]
-fn plugin_reports_rejection_traps_and_jit_on_stderr() {
+fn plugin_reports_rejection_and_traps_on_stderr_with_both_engines() {
     let out = plugin(&[], "ff00000000000000 9500000000000000");
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
@@ -656,11 +659,19 @@ fn plugin_reports_rejection_traps_and_jit_on_stderr() {
         "{stderr}"
     );
 
+    // The JIT (checked mode) gives the same result and the same trap.
     let out = plugin(&["--jit"], "b700000001000000 9500000000000000");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    let out = plugin(
+        &["00  11  22  33  ", "--jit"],
+        "6110080000000000 9500000000000000",
+    );
     assert!(!out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "JIT not available yet"
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("trap at pc 0") && stderr.contains("ldxw"),
+        "{stderr}"
     );
 }
 

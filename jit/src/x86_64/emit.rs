@@ -175,53 +175,6 @@ struct Emitter<'a> {
     r3_read: bool,
 }
 
-/// Longest table a chain of `jeq r, k` turns into (k < this).
-const TABLE_MAX: i32 = 64;
-
-/// Runs of at least 4 consecutive `jeq r, k` on the same register and width with
-/// `0 <= k < TABLE_MAX` and valid targets, inside one function: `(first slot, length)`, sorted.
-/// Compiled as one bounds check and a jump through a table (as compilers do for `switch`);
-/// the slots after the first are also compiled as usual, for jumps into the middle of the run.
-fn switch_chains(prog: &Program) -> Vec<(usize, usize)> {
-    let ops = prog.ops();
-    let n = ops.len();
-    let key = |pc: usize| match ops.get(pc).copied().flatten() {
-        Some(Op::Jmp {
-            width,
-            cond: JmpCond::Eq,
-            dst,
-            src: Src::Imm(k),
-            off,
-        }) if (0..TABLE_MAX).contains(&k) => {
-            let t = pc as i64 + 1 + i64::from(off);
-            let valid = usize::try_from(t).is_ok_and(|t| ops.get(t).is_some_and(Option::is_some));
-            valid.then_some((width, dst))
-        }
-        _ => None,
-    };
-    let mut chains = Vec::new();
-    let mut pc = 0;
-    while pc < n {
-        let Some(k) = key(pc) else {
-            pc += 1;
-            continue;
-        };
-        let mut len = 1;
-        while pc + len < n
-            && key(pc + len) == Some(k)
-            && prog.functions().binary_search(&(pc + len)).is_err()
-        {
-            len += 1;
-        }
-        // The fall-through slot must exist (it does when the chain is reachable).
-        if len >= 4 && ops.get(pc + len).is_some_and(Option::is_some) {
-            chains.push((pc, len));
-        }
-        pc += len;
-    }
-    chains
-}
-
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
 /// it: r10 itself, copies of such pointers and their sums with anything. Only a hint for the
 /// order of checked-mode tests (both tests are always made), so precision is not critical.
@@ -397,16 +350,6 @@ pub fn compile(
             };
         }
     }
-    // Chains of `jeq r, k` (k small) become jump tables; the slot after a chain needs a label.
-    let chains = switch_chains(prog);
-    for &(pc, len) in &chains {
-        let fall = pc + len;
-        if label_of[fall] == NONE {
-            label_of[fall] = targets as u32;
-            targets += 1;
-        }
-    }
-    let mut chain_at = chains.into_iter().peekable();
     // ~6 bytes of code per instruction on average (more in checked mode); grows as needed.
     let mut ops = VecAssembler::<X64Relocation>::new_with_capacity(
         0,
@@ -484,11 +427,6 @@ pub fn compile(
             asm!(e.ops; =>l);
         }
         e.offsets[pc] = e.ops.offset().0 as u32;
-        if chain_at.peek().is_some_and(|&(start, _)| start == pc) {
-            let (start, len) = chain_at.next().unwrap_or((pc, 1));
-            e.jump_table(prog, start, len);
-            continue;
-        }
         e.insn(pc, op, pc < main_end, prog)?;
     }
     e.finish();
@@ -850,52 +788,6 @@ impl Emitter<'_> {
             }
         }
         Ok(())
-    }
-
-    /// A run of `jeq r, k` at `start..start + len` (see [`switch_chains`]): bounds check, then
-    /// a jump through a table of `jmp rel32` (5 bytes each) indexed by r; values without a
-    /// `jeq` (or above the largest k) go to the slot after the run. The first `jeq` with a
-    /// given k wins, as in the chain.
-    fn jump_table(&mut self, prog: &Program, start: usize, len: usize) {
-        let mut targets = [None; TABLE_MAX as usize];
-        let (mut max, mut width, mut reg) = (0usize, Width::W64, 0u8);
-        for pc in start..start + len {
-            if let Some(Op::Jmp {
-                width: w,
-                dst,
-                src: Src::Imm(k),
-                off,
-                ..
-            }) = prog.ops()[pc]
-            {
-                let k = k as usize;
-                let slot = &mut targets[k];
-                if slot.is_none() {
-                    *slot = Some((pc as i64 + 1 + i64::from(off)) as usize);
-                }
-                (max, width, reg) = (max.max(k), w, dst);
-            }
-        }
-        let fall = self.label(start + len);
-        let table = self.ops.new_dynamic_label();
-        let r = native(reg);
-        match width {
-            Width::W64 => asm!(self.ops; mov r10, Rq(r)),
-            Width::W32 => asm!(self.ops; mov r10d, Rd(r)),
-        }
-        asm!(self.ops
-            ; cmp r10, max as i32
-            ; ja =>fall
-            ; lea r11, [=>table]
-            ; lea r10, [r10 + r10 * 4]
-            ; add r11, r10
-            ; jmp r11
-            ; =>table
-        );
-        for t in &targets[..=max] {
-            let l = t.map_or(fall, |t| self.label(t));
-            asm!(self.ops; jmp =>l);
-        }
     }
 
     /// The label of jump target `t` (every valid target got one in `compile`).

@@ -8,12 +8,14 @@
 //! - r0 is printed in lowercase hex without a prefix (`std::hex` in the reference plugin), exit 0;
 //! - a rejected or trapping program prints one line on stderr and exits 1.
 //!
-//! Options: `--interpret` (default), `--jit` (not available yet: exits 1), `--elf`, `--debug`
+//! Options: `--interpret` (default), `--jit` (the x86_64 JIT, checked mode), `--elf`, `--debug`
 //! (prints the disassembly to stderr). Helpers: the conformance set (#5 = "unwind").
 
 #![forbid(unsafe_code)]
 
 use anyhow::{Context as _, Result, bail};
+use bpftime_jit::JitOptions;
+use bpftime_jit::program::JitProgram;
 use bpftime_tools::input::{decode_hex, insns_from_hex};
 use bpftime_tools::object::{self, Select};
 use bpftime_vm::disasm;
@@ -33,6 +35,7 @@ struct Options {
     memory: Option<String>,
     elf: bool,
     debug: bool,
+    jit: bool,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options> {
@@ -53,8 +56,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options> {
         }
         for flag in arg.split_whitespace() {
             match flag {
-                "--interpret" => {}
-                "--jit" => bail!("JIT not available yet"),
+                "--interpret" => opts.jit = false,
+                "--jit" => opts.jit = true,
                 "--elf" => opts.elf = true,
                 "--debug" => opts.debug = true,
                 "--program" => {
@@ -98,12 +101,18 @@ fn run(opts: &Options) -> Result<u64> {
     };
     let helpers = conformance_helpers();
     let prog = verify(&insns, &helpers).context("program rejected")?;
-    let r0 = Interpreter::new(&prog, &helpers)
-        .with_budget(Some(BUDGET))
-        .run(&mut memory)
-        .map_err(|trap| {
-            anyhow::anyhow!("{trap} ({})", disasm::disassemble_at(prog.insns(), trap.pc))
-        })?;
+    let result = if opts.jit {
+        JitProgram::new(&prog, &helpers, &JitOptions { checked: true })
+            .context("JIT compilation failed")?
+            .run(&mut memory)
+    } else {
+        Interpreter::new(&prog, &helpers)
+            .with_budget(Some(BUDGET))
+            .run(&mut memory)
+    };
+    let r0 = result.map_err(|trap| {
+        anyhow::anyhow!("{trap} ({})", disasm::disassemble_at(prog.insns(), trap.pc))
+    })?;
     Ok(r0)
 }
 
@@ -142,11 +151,9 @@ mod tests {
     }
 
     #[test]
-    fn jit_and_unknown_options_are_errors() {
-        assert_eq!(
-            parse(&["--jit"]).unwrap_err().to_string(),
-            "JIT not available yet"
-        );
+    fn engine_flags_select_and_unknown_options_are_errors() {
+        assert!(parse(&["--jit"]).unwrap().jit);
+        assert!(!parse(&["--jit --interpret"]).unwrap().jit);
         assert!(parse(&["--frobnicate"]).is_err());
         assert!(parse(&["aa", "bb"]).is_err());
     }

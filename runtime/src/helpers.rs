@@ -71,17 +71,18 @@ pub const MAP_LOOKUP_PERCPU_ELEM: u32 = 195;
 /// Largest buffer a probe-read helper copies in one call.
 const MAX_READ: u64 = 1 << 16;
 
-/// A key buffer: on the stack up to `MAX_KEY_SIZE` bytes (what programs build on theirs),
+/// A key buffer: on the stack up to 64 bytes (nearly every key programs build),
 /// on the heap beyond (maps may have larger keys).
 struct KeyBuf {
-    stack: [u8; bpftime_maps::map::MAX_KEY_SIZE as usize],
+    // Small on purpose: it is zeroed on every helper call (keys are rarely over 64 bytes).
+    stack: [u8; 64],
     heap: Vec<u8>,
 }
 
 impl KeyBuf {
     fn new() -> Self {
         KeyBuf {
-            stack: [0; bpftime_maps::map::MAX_KEY_SIZE as usize],
+            stack: [0; 64],
             heap: Vec::new(),
         }
     }

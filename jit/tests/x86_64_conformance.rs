@@ -6,48 +6,17 @@ use bpftime_jit::{JitOptions, JitProgram};
 use bpftime_vm::helper::conformance_helpers;
 use bpftime_vm::isa::insns_from_bytes;
 use bpftime_vm::verifier::verify;
-use std::path::PathBuf;
-
-fn conformance_dir() -> PathBuf {
-    std::env::var_os("BPF_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
-        })
-}
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
-fn parse_result(s: &str) -> u64 {
-    let s = s.trim();
-    match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).expect("hex result"),
-        None => s.parse::<i64>().map(|v| v as u64).expect("decimal result"),
-    }
-}
 
 fn run_all(checked: bool) {
-    let path = conformance_dir().join("vectors.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("conformance vectors missing at {}: {e}", path.display()));
-    let vectors: serde_json::Value = serde_json::from_str(&text).expect("valid json");
-    let vectors = vectors.as_array().expect("array");
+    let vectors = bpftime_testkit::vectors();
     let helpers = conformance_helpers();
     let opts = JitOptions { checked };
     let mut failures = Vec::new();
-    for v in vectors {
-        let name = v["name"].as_str().unwrap();
-        let insns = insns_from_bytes(&hex(v["code"].as_str().unwrap())).unwrap();
-        let mut mem = hex(v["mem"].as_str().unwrap());
-        let expected = parse_result(v["result"].as_str().unwrap());
+    for v in &vectors {
+        let name = &v.name;
+        let insns = insns_from_bytes(&v.code).unwrap();
+        let mut mem = v.mem.clone();
+        let expected = v.result;
         let prog = match verify(&insns, &helpers) {
             Ok(p) => p,
             Err(e) => {

@@ -71,8 +71,9 @@ pub const MAP_LOOKUP_PERCPU_ELEM: u32 = 195;
 /// Largest buffer a probe-read helper copies in one call.
 const MAX_READ: u64 = 1 << 16;
 
-/// A key buffer: on the stack up to 64 bytes (nearly every key programs build),
-/// on the heap beyond (maps may have larger keys).
+/// A scratch buffer for a key or value copied out of the program: on the stack up to 64 bytes
+/// (nearly every key and value programs pass), on the heap beyond — no allocation on the
+/// common helper path.
 struct KeyBuf {
     // Small on purpose: it is zeroed on every helper call (keys are rarely over 64 bytes).
     stack: [u8; 64],
@@ -100,6 +101,14 @@ impl KeyBuf {
 
 fn neg(errno: i32) -> u64 {
     (-(errno as i64)) as u64
+}
+
+/// A map operation's result as a helper returns it: 0 or a negative errno.
+fn status(r: Result<(), bpftime_maps::MapError>) -> u64 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => neg(e.errno()),
+    }
 }
 
 /// The helpers every program type gets, under their kernel names.
@@ -254,16 +263,13 @@ extern "C" fn map_update_elem(
     if !prog_may_write(m) {
         return neg(libc::EPERM);
     }
-    let mut kb = KeyBuf::new();
+    let (mut kb, mut vb) = (KeyBuf::new(), KeyBuf::new());
     let k = kb.get(m.def().key_size);
-    let mut v = vec![0u8; m.def().value_size as usize];
-    if !env.read_guest(key, k) || !env.read_guest(value, &mut v) {
+    let v = vb.get(m.def().value_size);
+    if !env.read_guest(key, k) || !env.read_guest(value, v) {
         return neg(libc::EFAULT);
     }
-    match m.update(k, &v, flags) {
-        Ok(()) => 0,
-        Err(e) => neg(e.errno()),
-    }
+    status(m.update(k, v, flags))
 }
 
 extern "C" fn map_delete_elem(
@@ -285,10 +291,7 @@ extern "C" fn map_delete_elem(
     if !env.read_guest(key, k) {
         return neg(libc::EFAULT);
     }
-    match m.delete(k) {
-        Ok(()) => 0,
-        Err(e) => neg(e.errno()),
-    }
+    status(m.delete(k))
 }
 
 /// `bpf_map_push_elem(map, value, flags)`: queue, stack, bloom filter.
@@ -306,14 +309,12 @@ extern "C" fn map_push_elem(
     if !prog_may_write(m) {
         return neg(libc::EPERM);
     }
-    let mut v = vec![0u8; m.def().value_size as usize];
-    if !env.read_guest(value, &mut v) {
+    let mut vb = KeyBuf::new();
+    let v = vb.get(m.def().value_size);
+    if !env.read_guest(value, v) {
         return neg(libc::EFAULT);
     }
-    match m.push(&v, flags) {
-        Ok(()) => 0,
-        Err(e) => neg(e.errno()),
-    }
+    status(m.push(v, flags))
 }
 
 /// `bpf_map_pop_elem(map, value)` and `bpf_map_peek_elem(map, value)`.

@@ -47,6 +47,7 @@ pub mod error;
 pub mod procmaps;
 pub mod regs;
 pub mod resolve;
+pub mod syscall;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod x86_64;
 

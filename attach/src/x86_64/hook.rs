@@ -34,14 +34,16 @@ use crate::{AttachError, PtRegs};
 pub type HookHandler = extern "C" fn(regs: &mut PtRegs, user: *mut c_void);
 
 #[derive(Debug, Clone, Copy)]
-struct Range {
-    start: usize,
-    end: usize,
+pub(crate) struct Range {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 static REGISTRY: Mutex<Vec<Range>> = Mutex::new(Vec::new());
 
-fn registry() -> MutexGuard<'static, Vec<Range>> {
+/// The registry of patched byte ranges (uprobe hooks and syscall sites); held across every
+/// patch, stop and trap arming.
+pub(crate) fn registry() -> MutexGuard<'static, Vec<Range>> {
     REGISTRY
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -9,14 +9,14 @@
 //! - `hook`: [`install`] and [`Hook`], the order of the steps.
 
 #[allow(unsafe_code)]
-mod code_mem;
+pub(crate) mod code_mem;
 #[allow(unsafe_code)]
-mod hook;
+pub(crate) mod hook;
 #[allow(unsafe_code)]
-mod patch;
+pub(crate) mod patch;
 mod prologue;
 #[allow(unsafe_code)]
-mod signals;
+pub(crate) mod signals;
 mod stub;
 
 pub use hook::{Hook, HookHandler, install};

@@ -272,36 +272,62 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word` (a live static) and sleeps; the
     // timeout pointer is null or points to a live timespec.
     unsafe {
-        libc::syscall(
+        raw_syscall4(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            ts_ptr,
+            word.as_ptr() as u64,
+            (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as u64,
+            u64::from(expected),
+            ts_ptr as u64,
         );
     }
+}
+
+/// A system call made by our own `syscall` instruction, not through libc: the handlers here
+/// run with every signal blocked, and libc's system call sites may be patched (syscall
+/// tracepoints) or briefly hold an int3 while they are.
+///
+/// # Safety
+/// As for the system call made.
+unsafe fn raw_syscall4(nr: libc::c_long, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: forwarded contract; `syscall` clobbers rcx and r11 only.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as i64 => ret,
+            in("rdi") a0,
+            in("rsi") a1,
+            in("rdx") a2,
+            in("r10") a3,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
 }
 
 fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key.
     unsafe {
-        libc::syscall(
+        raw_syscall4(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            n,
+            word.as_ptr() as u64,
+            (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as u64,
+            n as u64,
+            0,
         );
     }
 }
 
 fn gettid() -> i32 {
     // SAFETY: no arguments, no memory.
-    unsafe { libc::gettid() }
+    unsafe { raw_syscall4(libc::SYS_gettid, 0, 0, 0, 0) as i32 }
 }
 
 fn getpid() -> i32 {
     // SAFETY: no arguments, no memory.
-    unsafe { libc::getpid() }
+    unsafe { raw_syscall4(libc::SYS_getpid, 0, 0, 0, 0) as i32 }
 }
 
 extern "C" fn on_stop(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {

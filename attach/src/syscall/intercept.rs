@@ -1,0 +1,704 @@
+//! Intercepting the system calls a library makes: per-site stubs and one process-wide gate.
+//!
+//! Each patched site (see [`super::sites`]) jumps to its own stub:
+//!
+//! ```text
+//! stub:  <relocated instructions of the window before the syscall>
+//! call:  lea rsp, [rsp-128]          ; keep the red zone of the interrupted code
+//!        mov r11, <site descriptor>  ; rcx and r11 are free: `syscall` clobbers them anyway
+//!        mov rcx, <gate>
+//!        call rcx                    ; the gate returns here, or to `native`
+//!        lea rsp, [rsp+128]
+//!        jmp post
+//! native: lea rsp, [rsp+128]
+//!        syscall                     ; calls that must run on the caller's registers and stack
+//! post:  <relocated instructions of the window after the syscall>
+//!        jmp <end of the window>
+//! ```
+//!
+//! The gate saves every general-purpose register, the flags and xmm0–xmm15, and calls
+//! `gate_main`, which builds a [`SyscallCall`] (number in rax, arguments in rdi, rsi, rdx, r10,
+//! r8, r9), calls the enter handler (which may skip the call and set its result), makes the
+//! system call from its own `syscall` instruction, calls the exit handler with the result and
+//! puts the result in rax (rcx and r11 get what `syscall` leaves there: the return address and
+//! the flags). Calls that must not run inside the gate's frame (`clone`, `clone3`, `fork`,
+//! `vfork`, `rt_sigreturn`, reached through a site whose number is only known at run time) get
+//! their enter handler, then return to `native` with every register as it was, and run there
+//! with no exit handler.
+//!
+//! # Invariants
+//!
+//! - Stubs and descriptors are written once, sealed (read-execute code page) and never
+//!   unmapped; re-patching a site reuses its stub, so attach/detach cycles allocate nothing.
+//! - Patching and unpatching hold the hook engine's registry lock (one patch at a time in the
+//!   process, no overlap with uprobe hooks), make the text page writable only while writing,
+//!   and use the engine's protocol: int3 on the first byte (trapping threads go to the stub),
+//!   stop the world, move threads suspended at an inner instruction boundary of the window
+//!   (e.g. a call interrupted with `EINTR` returns after the `syscall` instruction) to the
+//!   matching stub instruction, write the jump, release.
+//! - The gate's hot path takes no lock and allocates nothing; the handlers it calls are plain
+//!   `extern "C"` functions set once with [`set_handlers`].
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, MemoryOperand, Register,
+};
+
+use super::sites::{self, NEVER_PATCHED, Site};
+use crate::AttachError;
+use crate::procmaps::read_self_maps;
+use crate::x86_64::code_mem::{self, CodeBlock, PAGE};
+use crate::x86_64::hook::{Range, registry};
+use crate::x86_64::patch::{self, INT3};
+use crate::x86_64::signals::{self, Fixup};
+
+/// One system call as the gate sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct SyscallCall {
+    /// The number (rax).
+    pub nr: u64,
+    /// The arguments (rdi, rsi, rdx, r10, r8, r9).
+    pub args: [u64; 6],
+    /// The result: set by the enter handler together with `skip`, else the kernel's.
+    pub ret: i64,
+    /// Set to non-zero by the enter handler: do not make the call; its result is `ret`.
+    pub skip: u64,
+    /// Address of the `syscall` instruction in the library.
+    pub site: u64,
+}
+
+/// Called before each intercepted system call, on the calling thread.
+pub type EnterHandler = extern "C" fn(call: &mut SyscallCall);
+/// Called after each intercepted system call that returns (not after `exit`, a successful
+/// `execve`, or the calls run natively), with `ret` set.
+pub type ExitHandler = extern "C" fn(call: &SyscallCall);
+
+static ENTER: AtomicUsize = AtomicUsize::new(0);
+static EXIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the handlers the gate calls (`None`: no call).
+pub fn set_handlers(enter: Option<EnterHandler>, exit: Option<ExitHandler>) {
+    ENTER.store(enter.map_or(0, |f| f as usize), Ordering::Release);
+    EXIT.store(exit.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+/// What a stub passes to the gate in r11.
+#[repr(C)]
+struct SiteDesc {
+    /// Address just after the site's `syscall` instruction (what `syscall` puts in rcx).
+    after: u64,
+    /// Where the gate returns to run the call natively.
+    native: u64,
+}
+
+/// The registers the gate saves, lowest address first.
+#[repr(C)]
+struct GateFrame {
+    flags: u64,
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rbp: u64,
+    rbx: u64,
+    rdx: u64,
+    rcx: u64,
+    rax: u64,
+    ret: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GateFrame>() == 17 * 8);
+
+core::arch::global_asm!(
+    ".text",
+    ".p2align 4",
+    ".globl bpftime_syscall_gate",
+    ".hidden bpftime_syscall_gate",
+    ".type bpftime_syscall_gate, @function",
+    "bpftime_syscall_gate:",
+    "push rax",
+    "push rcx",
+    "push rdx",
+    "push rbx",
+    "push rbp",
+    "push rsi",
+    "push rdi",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "pushfq",
+    "mov rbx, rsp",
+    "and rsp, -16",
+    "sub rsp, 256",
+    "movaps [rsp], xmm0",
+    "movaps [rsp+16], xmm1",
+    "movaps [rsp+32], xmm2",
+    "movaps [rsp+48], xmm3",
+    "movaps [rsp+64], xmm4",
+    "movaps [rsp+80], xmm5",
+    "movaps [rsp+96], xmm6",
+    "movaps [rsp+112], xmm7",
+    "movaps [rsp+128], xmm8",
+    "movaps [rsp+144], xmm9",
+    "movaps [rsp+160], xmm10",
+    "movaps [rsp+176], xmm11",
+    "movaps [rsp+192], xmm12",
+    "movaps [rsp+208], xmm13",
+    "movaps [rsp+224], xmm14",
+    "movaps [rsp+240], xmm15",
+    "cld",
+    "mov rdi, rbx",
+    "call {main}",
+    "movaps xmm0, [rsp]",
+    "movaps xmm1, [rsp+16]",
+    "movaps xmm2, [rsp+32]",
+    "movaps xmm3, [rsp+48]",
+    "movaps xmm4, [rsp+64]",
+    "movaps xmm5, [rsp+80]",
+    "movaps xmm6, [rsp+96]",
+    "movaps xmm7, [rsp+112]",
+    "movaps xmm8, [rsp+128]",
+    "movaps xmm9, [rsp+144]",
+    "movaps xmm10, [rsp+160]",
+    "movaps xmm11, [rsp+176]",
+    "movaps xmm12, [rsp+192]",
+    "movaps xmm13, [rsp+208]",
+    "movaps xmm14, [rsp+224]",
+    "movaps xmm15, [rsp+240]",
+    "mov rsp, rbx",
+    "popfq",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rbp",
+    "pop rbx",
+    "pop rdx",
+    "pop rcx",
+    "pop rax",
+    "ret",
+    ".size bpftime_syscall_gate, . - bpftime_syscall_gate",
+    main = sym gate_main,
+);
+
+unsafe extern "C" {
+    /// The gate (above); called only by stubs, with r11 = a `SiteDesc`.
+    fn bpftime_syscall_gate();
+}
+
+/// Whether `nr` must run on the caller's own stack and registers.
+fn native_only(nr: u64) -> bool {
+    NEVER_PATCHED.iter().any(|&n| u64::from(n) == nr)
+}
+
+/// One `syscall` instruction with six arguments.
+///
+/// # Safety
+/// The call must be sound for the process as the original code would have made it (it is: the
+/// same number and arguments the interrupted code was about to pass).
+#[inline(always)]
+unsafe fn raw_syscall(nr: u64, a: &[u64; 6]) -> u64 {
+    let ret: u64;
+    // SAFETY: forwarded contract; `syscall` clobbers only rcx, r11 and rax here.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+extern "C" fn gate_main(f: &mut GateFrame) {
+    // SAFETY: stubs load r11 with the address of their descriptor, which lives in a data page
+    // that is never unmapped (module invariants).
+    let desc = unsafe { &*(f.r11 as *const SiteDesc) };
+    let mut call = SyscallCall {
+        nr: f.rax,
+        args: [f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9],
+        ret: 0,
+        skip: 0,
+        site: desc.after - 2,
+    };
+    let enter = ENTER.load(Ordering::Acquire);
+    if enter != 0 {
+        // SAFETY: only `set_handlers` stores here, always an `EnterHandler`.
+        let enter: EnterHandler = unsafe { core::mem::transmute::<usize, EnterHandler>(enter) };
+        enter(&mut call);
+    }
+    if call.skip == 0 {
+        if native_only(call.nr) {
+            f.ret = desc.native;
+            return;
+        }
+        // SAFETY: the call the interrupted code was making, unchanged.
+        call.ret = unsafe { raw_syscall(call.nr, &call.args) } as i64;
+    }
+    let exit = EXIT.load(Ordering::Acquire);
+    if exit != 0 {
+        // SAFETY: only `set_handlers` stores here, always an `ExitHandler`.
+        let exit: ExitHandler = unsafe { core::mem::transmute::<usize, ExitHandler>(exit) };
+        exit(&call);
+    }
+    f.rax = call.ret as u64;
+    f.rcx = desc.after;
+    f.r11 = f.flags;
+}
+
+/// A site with its stub, patched or not.
+#[derive(Debug)]
+struct Prepared {
+    /// Runtime address of the window.
+    start: usize,
+    len: usize,
+    /// The window's first bytes as in the library (what a removal writes back).
+    original: [u8; 5],
+    /// Runtime address of the `syscall` instruction.
+    syscall: usize,
+    nr: Option<u32>,
+    entry: usize,
+    fixups: Vec<Fixup>,
+    patched: bool,
+}
+
+/// The syscall sites of one library in this process, with their stubs.
+#[derive(Debug)]
+pub struct Interceptor {
+    path: PathBuf,
+    sites: Vec<Prepared>,
+    skipped: usize,
+    // Never freed: sealed code (module invariants).
+    _blocks: Vec<CodeBlock>,
+}
+
+/// The path of the C library mapped in this process.
+pub fn libc_path() -> Result<PathBuf, AttachError> {
+    let maps = read_self_maps()?;
+    maps.iter()
+        .filter(|m| m.exec && m.path.starts_with('/'))
+        .map(|m| Path::new(&m.path))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
+        })
+        .map(Path::to_path_buf)
+        .ok_or_else(|| AttachError::Io {
+            path: "libc.so.6".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no C library is mapped"),
+        })
+}
+
+struct Encoded {
+    code: Vec<u8>,
+    entry: u64,
+    fixups: Vec<Fixup>,
+    native: u64,
+}
+
+fn iced_err(addr: usize) -> impl Fn(iced_x86::IcedError) -> AttachError {
+    move |e| AttachError::Relocation {
+        addr,
+        message: e.to_string(),
+    }
+}
+
+/// Encodes the stub of the window `insns` (decoded at their runtime addresses) at `base`.
+fn encode_stub(
+    base: u64,
+    insns: &[Instruction],
+    syscall: u64,
+    end: u64,
+    desc: u64,
+) -> Result<Encoded, AttachError> {
+    let err = iced_err(syscall as usize);
+    let pre: Vec<Instruction> = insns.iter().copied().filter(|i| i.ip() < syscall).collect();
+    let post: Vec<Instruction> = insns.iter().copied().filter(|i| i.ip() > syscall).collect();
+    let rsp_m = |d: i64| MemoryOperand::with_base_displ(Register::RSP, d);
+    let mut v: Vec<Instruction> = pre.clone();
+    let call_at = v.len();
+    v.push(Instruction::with2(Code::Lea_r64_m, Register::RSP, rsp_m(-128)).map_err(&err)?);
+    v.push(Instruction::with2(Code::Mov_r64_imm64, Register::R11, desc).map_err(&err)?);
+    v.push(
+        Instruction::with2(
+            Code::Mov_r64_imm64,
+            Register::RCX,
+            bpftime_syscall_gate as *const () as usize as u64,
+        )
+        .map_err(&err)?,
+    );
+    v.push(Instruction::with1(Code::Call_rm64, Register::RCX).map_err(&err)?);
+    v.push(Instruction::with2(Code::Lea_r64_m, Register::RSP, rsp_m(128)).map_err(&err)?);
+    let after = post.first().map_or(end, Instruction::ip);
+    v.push(Instruction::with_branch(Code::Jmp_rel32_64, after).map_err(&err)?);
+    let native_at = v.len();
+    v.push(Instruction::with2(Code::Lea_r64_m, Register::RSP, rsp_m(128)).map_err(&err)?);
+    v.push(Instruction::with(Code::Syscall));
+    let post_at = v.len();
+    v.extend(post.iter().copied());
+    let falls_through = post.last().is_none_or(|i| {
+        matches!(
+            i.flow_control(),
+            FlowControl::Next | FlowControl::ConditionalBranch
+        )
+    });
+    if falls_through {
+        v.push(Instruction::with_branch(Code::Jmp_rel32_64, end).map_err(&err)?);
+    }
+    let out = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&v, base),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(&err)?;
+    let at = |i: usize| -> Result<u64, AttachError> {
+        match out.new_instruction_offsets.get(i) {
+            Some(&off) if off != u32::MAX => Ok(base + u64::from(off)),
+            _ => Err(AttachError::Relocation {
+                addr: syscall as usize,
+                message: format!("stub instruction {i} has no known address"),
+            }),
+        }
+    };
+    let mut fixups = Vec::new();
+    for (k, i) in pre.iter().enumerate().skip(1) {
+        fixups.push((i.ip(), at(k)?));
+    }
+    if !pre.is_empty() {
+        fixups.push((syscall, at(call_at)?));
+    }
+    for (j, i) in post.iter().enumerate() {
+        fixups.push((i.ip(), at(post_at + j)?));
+    }
+    Ok(Encoded {
+        code: out.code_buffer,
+        entry: base,
+        fixups: fixups
+            .into_iter()
+            .map(|(from, to)| Fixup {
+                from: from as usize,
+                to: to as usize,
+                rsp_delta: 0,
+            })
+            .collect(),
+        native: at(native_at)?,
+    })
+}
+
+/// Bytes reserved at the end of a code page (never filled with a stub).
+const MAX_STUB: usize = 256;
+/// Descriptors start here in a block's data page (the engine's in-flight counter is at 0).
+const DESC_BASE: usize = 64;
+
+impl Interceptor {
+    /// Finds the `syscall` sites of the C library mapped in this process and prepares a stub
+    /// for each; patches nothing yet.
+    pub fn for_libc() -> Result<Interceptor, AttachError> {
+        Interceptor::for_library(&libc_path()?)
+    }
+
+    /// As [`Interceptor::for_libc`], for the library at `path` (mapped in this process).
+    pub fn for_library(path: &Path) -> Result<Interceptor, AttachError> {
+        let scan = sites::scan_file(path)?;
+        let maps = read_self_maps()?;
+        let mut out = Interceptor {
+            path: path.to_path_buf(),
+            sites: Vec::new(),
+            skipped: scan.skipped.len(),
+            _blocks: Vec::new(),
+        };
+        let mut bias: Option<i64> = None;
+        let mut block: Option<(CodeBlock, Vec<u8>, usize)> = None;
+        for site in &scan.sites {
+            let b = match bias {
+                Some(b) => b,
+                None => {
+                    let off = scan.file_offset(site.start).ok_or(AttachError::NotMapped {
+                        addr: site.start as usize,
+                    })?;
+                    let addr = crate::resolve_file_offset(path, off)?;
+                    *bias.insert(addr as i64 - site.start as i64)
+                }
+            };
+            let start = (site.start as i64 + b) as usize;
+            match prepare_one(&maps, site, start, &mut block, &mut out._blocks) {
+                Ok(p) => out.sites.push(p),
+                Err(_) => out.skipped += 1,
+            }
+        }
+        if let Some((blk, code, _)) = block.take() {
+            seal_block(blk, &code, &mut out._blocks)?;
+        }
+        Ok(out)
+    }
+
+    /// The library.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `(sites that can be patched, syscall instructions left alone)`.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.sites.len(), self.skipped)
+    }
+
+    /// Sites patched now.
+    pub fn patched(&self) -> usize {
+        self.sites.iter().filter(|s| s.patched).count()
+    }
+
+    /// Runtime addresses of the `syscall` instructions of the patchable sites, with their
+    /// statically known numbers.
+    pub fn sites(&self) -> impl Iterator<Item = (usize, Option<u32>)> + '_ {
+        self.sites.iter().map(|s| (s.syscall, s.nr))
+    }
+
+    /// Patches the sites `want(nr)` accepts (`nr` = the statically known number, `None` when it
+    /// is only known at run time) and unpatches the others. Returns how many are patched; the
+    /// first error stops the pass (sites already handled stay as they are).
+    pub fn apply(&mut self, want: impl Fn(Option<u32>) -> bool) -> Result<usize, AttachError> {
+        let mut reg = registry();
+        signals::init()?;
+        patch::init_sync_core();
+        let maps = read_self_maps()?;
+        for s in &mut self.sites {
+            let w = want(s.nr);
+            if w == s.patched {
+                continue;
+            }
+            if w {
+                if let Some(r) = reg
+                    .iter()
+                    .find(|r| r.start < s.start + s.len && s.start < r.end)
+                {
+                    // A uprobe hook owns these bytes: leave the site alone.
+                    let _ = r;
+                    continue;
+                }
+                patch_site(&maps, s)?;
+                reg.push(Range {
+                    start: s.start,
+                    end: s.start + s.len,
+                });
+            } else {
+                unpatch_site(&maps, s)?;
+                reg.retain(|r| r.start != s.start);
+            }
+        }
+        drop(reg);
+        Ok(self.patched())
+    }
+}
+
+impl Drop for Interceptor {
+    fn drop(&mut self) {
+        if self.apply(|_| false).is_err() {
+            eprintln!("bpftime-attach: cannot restore a patched syscall site");
+            std::process::abort();
+        }
+    }
+}
+
+fn seal_block(blk: CodeBlock, code: &[u8], keep: &mut Vec<CodeBlock>) -> Result<(), AttachError> {
+    blk.write_code(code)?;
+    blk.seal()?;
+    keep.push(blk);
+    Ok(())
+}
+
+fn prepare_one(
+    maps: &[crate::procmaps::MapEntry],
+    site: &Site,
+    start: usize,
+    block: &mut Option<(CodeBlock, Vec<u8>, usize)>,
+    keep: &mut Vec<CodeBlock>,
+) -> Result<Prepared, AttachError> {
+    let len = site.bytes.len();
+    let now = code_mem::read_code(maps, start, len)?;
+    if now != site.bytes {
+        // Not the file's bytes (patched by someone else, or another file).
+        return Err(AttachError::Undecodable { at: start });
+    }
+    let syscall = start + (site.syscall - site.start) as usize;
+    let insns: Vec<Instruction> = Decoder::with_ip(64, &now, start as u64, DecoderOptions::NONE)
+        .into_iter()
+        .collect();
+    if insns.iter().any(Instruction::is_invalid) {
+        return Err(AttachError::Undecodable { at: start });
+    }
+    let end = (start + len) as u64;
+    for _ in 0..2 {
+        if block.is_none() {
+            let b = match code_mem::alloc_near(start, maps)? {
+                Some(b) => b,
+                None => return Err(AttachError::NotMapped { addr: start }),
+            };
+            *block = Some((b, Vec::new(), 0));
+        }
+        let Some((blk, code, ndesc)) = block.as_mut() else {
+            unreachable!("set above");
+        };
+        let reach = (blk.code_addr() as i64 - start as i64).unsigned_abs();
+        let desc = blk.inflight_addr() + DESC_BASE + 16 * *ndesc;
+        let fits_desc = desc + 16 <= blk.inflight_addr() + PAGE;
+        if reach < (1 << 31) - (64 << 20) && fits_desc && code.len() + MAX_STUB <= PAGE {
+            let base = blk.code_addr() + code.len();
+            let enc = encode_stub(base as u64, &insns, syscall as u64, end, desc as u64)?;
+            if enc.code.len() <= MAX_STUB {
+                code.extend_from_slice(&enc.code);
+                // Keep stubs 16-aligned.
+                code.resize(code.len().next_multiple_of(16), 0xcc);
+                write_desc(
+                    desc,
+                    SiteDesc {
+                        after: syscall as u64 + 2,
+                        native: enc.native,
+                    },
+                );
+                *ndesc += 1;
+                let mut original = [0u8; 5];
+                original.copy_from_slice(&now[..5]);
+                return Ok(Prepared {
+                    start,
+                    len,
+                    original,
+                    syscall,
+                    nr: site.nr,
+                    entry: enc.entry as usize,
+                    fixups: enc.fixups,
+                    patched: false,
+                });
+            }
+        }
+        // Full (or out of reach): seal this block and start another.
+        if let Some((blk, code, _)) = block.take() {
+            seal_block(blk, &code, keep)?;
+        }
+    }
+    Err(AttachError::Relocation {
+        addr: syscall,
+        message: "stub does not fit in a code page".into(),
+    })
+}
+
+fn write_desc(at: usize, d: SiteDesc) {
+    // SAFETY: `at` is 16-byte slot inside a block's data page (checked by the caller), mapped
+    // read-write for the life of the process and not yet used by any stub (the stub that reads
+    // it is not reachable before the site is patched, after this write).
+    unsafe { core::ptr::write_volatile(at as *mut SiteDesc, d) };
+}
+
+fn patch_site(maps: &[crate::procmaps::MapEntry], s: &mut Prepared) -> Result<(), AttachError> {
+    let rel = (s.entry as i64 - (s.start as i64 + 5)) as i32;
+    let mut jump = [0xe9, 0, 0, 0, 0];
+    jump[1..].copy_from_slice(&rel.to_le_bytes());
+    let writable = patch::make_writable(maps, s.start, s.len)?;
+    signals::arm_trap(s.start, s.entry);
+    patch::store_byte(s.start, INT3);
+    patch::sync_cores();
+    let r = match signals::stop_the_world(&s.fixups) {
+        Ok(stopped) => {
+            patch::write_instruction(s.start, &jump);
+            stopped.release(true);
+            s.patched = true;
+            Ok(())
+        }
+        Err(e) => {
+            patch::store_byte(s.start, s.original[0]);
+            patch::sync_cores();
+            Err(e)
+        }
+    };
+    signals::disarm_trap();
+    let restored = writable.restore();
+    r.and(restored)
+}
+
+fn unpatch_site(maps: &[crate::procmaps::MapEntry], s: &mut Prepared) -> Result<(), AttachError> {
+    let writable = patch::make_writable(maps, s.start, s.len)?;
+    // Threads in the stub finish there and jump back to the end of the window, which is an
+    // instruction boundary of the original code too; the stub stays mapped.
+    signals::arm_trap(s.start, s.entry);
+    patch::write_instruction(s.start, &s.original);
+    signals::disarm_trap();
+    s.patched = false;
+    writable.restore()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::Mnemonic;
+
+    #[test]
+    fn stub_calls_the_gate_and_keeps_the_native_path() {
+        // mov eax, 39; syscall; ret  at 0x7000_0000_1000
+        let code = [0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3];
+        let ip = 0x7000_0000_1000u64;
+        let insns: Vec<Instruction> = Decoder::with_ip(64, &code, ip, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let base = 0x7000_0100_0000u64;
+        let enc = encode_stub(base, &insns, ip + 5, ip + 8, 0x1234).unwrap();
+        let out: Vec<Instruction> = Decoder::with_ip(64, &enc.code, base, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let m: Vec<Mnemonic> = out.iter().map(Instruction::mnemonic).collect();
+        assert_eq!(
+            m,
+            [
+                Mnemonic::Mov,
+                Mnemonic::Lea,
+                Mnemonic::Mov,
+                Mnemonic::Mov,
+                Mnemonic::Call,
+                Mnemonic::Lea,
+                Mnemonic::Jmp,
+                Mnemonic::Lea,
+                Mnemonic::Syscall,
+                Mnemonic::Ret
+            ]
+        );
+        // The done path jumps to the relocated `ret`; the native path falls into it.
+        assert_eq!(out[6].near_branch_target(), out[9].ip());
+        assert_eq!(enc.native, out[7].ip());
+        // A thread restarted at the original syscall goes to the gate call.
+        assert_eq!(
+            enc.fixups
+                .iter()
+                .map(|f| (f.from as u64, f.to as u64))
+                .collect::<Vec<_>>(),
+            vec![(ip + 5, out[1].ip()), (ip + 7, out[9].ip())]
+        );
+    }
+}

@@ -226,6 +226,7 @@ impl Emulator {
             BPF_BTF_LOAD => self.btf_load(attr, uattr, size),
             BPF_PROG_BIND_MAP => self.prog_bind_map(attr),
             BPF_LINK_CREATE => self.link_create(attr),
+            BPF_RAW_TRACEPOINT_OPEN => self.raw_tracepoint_open(&attr[..]),
             BPF_OBJ_GET_INFO_BY_FD => self.obj_get_info(attr, uattr),
             BPF_PROG_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Prog),
             BPF_MAP_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Map),

@@ -469,8 +469,9 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     fcntl_common(fd, cmd, arg, next!(c"fcntl64", FcntlFn))
 }
 
-/// Longest path we serve, plus one.
-const VPATH_MAX: usize = 80;
+/// Longest path we serve, plus one (tracefs: `/sys/kernel/debug/tracing/events/syscalls/
+/// sys_enter_sched_get_priority_max/format` is 81 bytes).
+const VPATH_MAX: usize = 128;
 
 /// The content of a file we serve, if `path` names one. Reads the caller's string
 /// fault-safely into a stack buffer (no allocation: `open` may be called from inside an

@@ -52,6 +52,7 @@ mod files;
 mod log;
 mod mmap;
 mod perf;
+mod tracepoint;
 pub mod sys;
 pub mod uapi;
 

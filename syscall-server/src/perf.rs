@@ -119,11 +119,7 @@ impl Emulator {
                 return Err(e(libc::EOPNOTSUPP));
             }
             PERF_TYPE_TRACEPOINT => {
-                tracing::warn!(
-                    "perf_event_open: tracepoint {} is not emulated: ENOENT",
-                    attr.config
-                );
-                return Err(e(libc::ENOENT));
+                return self.open_tracepoint(&attr, pid_filter, cpu, flags);
             }
             t => {
                 tracing::warn!("perf_event_open: PMU type {t} is not emulated: ENOENT");

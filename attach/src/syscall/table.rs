@@ -12,6 +12,10 @@ use std::sync::OnceLock;
 
 pub use super::generated::{RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID};
 
+/// Set in a tracepoint perf event's id when it stands for a raw tracepoint attachment
+/// (`BPF_RAW_TRACEPOINT_OPEN`, context [`RawTpCtx`]) rather than a perf tracepoint event.
+pub const RAW_TP_FLAG: u64 = 1 << 32;
+
 /// One argument of a system call as its tracepoint format lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arg {

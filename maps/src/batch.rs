@@ -119,6 +119,12 @@ impl Map {
             BatchOp::Lookup
         };
         self.batch_precheck(op, elem_flags, flags)?;
+        if self.kernel_id != 0 {
+            let cursor = self.batch_cursor_len();
+            return self
+                .conn()?
+                .lookup_batch(in_batch, cursor, count, elem_flags, flags, delete);
+        }
         let ty = MapType::try_from(self.def.map_type)?;
         if hash_family(ty) {
             self.hash_batch(in_batch, count, delete)

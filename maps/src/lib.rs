@@ -4,7 +4,8 @@
 //! types that live in it.
 //!
 //! - [`shm`]: the store file mapped at a fixed base in each process (the only module that
-//!   turns offsets into memory; all of this crate's unsafe code is there).
+//!   turns offsets into memory; all of this crate's unsafe code is there, except the raw
+//!   `bpf()` calls and kernel map mappings of [`kernel`]).
 //! - [`lock`]: a cross-process lock that a killed holder cannot wedge.
 //! - [`store`]: header, allocator, object table, generation counter.
 //! - [`map`]: map definitions, kernel errnos, the per-process [`map::Map`] handle and its
@@ -16,6 +17,8 @@
 //! - [`ringbuf`] (`BPF_MAP_TYPE_RINGBUF`) and [`perf_array`] (`BPF_MAP_TYPE_PERF_EVENT_ARRAY` and
 //!   the perf ring buffers behind it) in the kernel's mmap layouts; [`wake`]: how their
 //!   producers wake consumers in other processes through a real file descriptor.
+//! - [`kernel`]: kernel-backed maps (`--kernel-maps`): maps created in the kernel, recorded in
+//!   the store by kernel id and used through the same [`map::Map`] handle.
 //!
 //! Invariants: the store holds offsets, never pointers; every offset or length read from it is
 //! bounds-checked before use; no process-local lock (parking_lot, std) ever lives in it.
@@ -24,6 +27,7 @@ pub mod array;
 pub mod batch;
 pub mod bloom;
 pub mod hash;
+pub mod kernel;
 pub mod lock;
 pub mod lpm;
 pub mod map;

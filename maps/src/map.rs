@@ -14,6 +14,7 @@
 use crate::array;
 use crate::bloom;
 use crate::hash;
+use crate::kernel;
 use crate::lpm;
 use crate::of_maps;
 use crate::percpu;
@@ -341,6 +342,12 @@ pub enum MapError {
     /// A memory read failed (a user stack that cannot be walked).
     #[error("bad address")]
     Fault,
+    /// A `bpf()` call on a kernel-backed map failed with this errno (see [`crate::kernel`]).
+    #[error("kernel map operation failed (errno {errno})")]
+    Kernel {
+        /// The kernel's errno.
+        errno: i32,
+    },
 }
 
 impl MapError {
@@ -362,6 +369,7 @@ impl MapError {
             MapError::KernelNotSupported => 524,
             MapError::NoSpace => libc::ENOSPC,
             MapError::Fault => libc::EFAULT,
+            MapError::Kernel { errno } => *errno,
         }
     }
 }
@@ -388,6 +396,10 @@ pub(crate) mod meta {
     /// five `u32`s).
     pub const INNER_DEF: u64 = 96;
     pub const FREELIST: u64 = 64;
+    /// Kernel-backed maps: the kernel's map id (0: the map lives in the store).
+    pub const KERNEL_ID: u64 = 116;
+    /// Kernel-backed maps: the flags the kernel map was created with.
+    pub const KERNEL_FLAGS: u64 = 120;
 }
 
 /// `x` rounded up to a multiple of 8.
@@ -411,6 +423,12 @@ pub struct Map {
     pub(crate) mirror: ringbuf::MirrorCell,
     /// `map_extra` (bloom filter: number of hash functions).
     pub(crate) map_extra: u64,
+    /// Kernel-backed maps: the kernel's map id (0: a store map).
+    pub(crate) kernel_id: u32,
+    /// Kernel-backed maps: the kernel map's flags.
+    pub(crate) kernel_flags: u32,
+    /// Kernel-backed maps: this process's connection (`None` for [`Map::open_meta`] handles).
+    pub(crate) kernel: Option<Arc<kernel::Conn>>,
 }
 
 /// `BPF_MAP_CREATE` attributes beyond [`MapDef`].
@@ -527,6 +545,9 @@ impl Map {
             nr_cpus,
             mirror: Default::default(),
             map_extra: extra.map_extra,
+            kernel_id: 0,
+            kernel_flags: 0,
+            kernel: None,
         };
         if let Err(e) = map.init_data() {
             store.publish(id);
@@ -538,8 +559,27 @@ impl Map {
         Ok(map)
     }
 
-    /// Opens map `id`, validating its metadata.
+    /// Opens map `id`, validating its metadata. A kernel-backed map is connected to (its fd
+    /// opened by id, an array's values mapped): see [`crate::kernel`].
     pub fn open(store: &Arc<Store>, id: u32) -> Result<Map, MapError> {
+        let mut m = Self::open_meta(store, id)?;
+        if m.kernel_id != 0 {
+            let conn = kernel::Conn::connect(
+                m.kernel_id,
+                &m.def,
+                m.kernel_flags,
+                m.nr_cpus,
+                m.is_frozen(),
+            )?;
+            m.data_len = conn.mapped_len();
+            m.kernel = Some(Arc::new(conn));
+        }
+        Ok(m)
+    }
+
+    /// Opens map `id` for its definition and metadata only: a kernel-backed map is not
+    /// connected to, and its element operations fail (`EBADF`).
+    pub fn open_meta(store: &Arc<Store>, id: u32) -> Result<Map, MapError> {
         let info = store.object(id).ok_or(MapError::NotFound)?;
         if info.kind != ObjectKind::Map || info.payload_len < meta::LEN {
             return Err(MapError::NotFound);
@@ -568,6 +608,32 @@ impl Map {
         };
         let ty = MapType::try_from(def.map_type)?;
         let nr_cpus = r32(meta::NR_CPUS)?;
+        let kernel_id = r32(meta::KERNEL_ID)?;
+        if kernel_id != 0 {
+            let expect = if ty.is_percpu() {
+                percpu::nr_possible_cpus()
+            } else {
+                1
+            };
+            if !kernel::shareable(ty) || nr_cpus != expect {
+                return Err(bad().into());
+            }
+            return Ok(Map {
+                store: store.clone(),
+                id,
+                def,
+                meta_off: m,
+                data_off: 0,
+                data_len: 0,
+                seed: 0,
+                nr_cpus,
+                mirror: Default::default(),
+                map_extra: r64(meta::MAP_EXTRA)?,
+                kernel_id,
+                kernel_flags: r32(meta::KERNEL_FLAGS)?,
+                kernel: None,
+            });
+        }
         if nr_cpus != 1 && !ty.is_percpu()
             || ty == MapType::RingBuf && info.payload_len < ringbuf::PAYLOAD_LEN
         {
@@ -591,6 +657,9 @@ impl Map {
             nr_cpus,
             mirror: Default::default(),
             map_extra,
+            kernel_id: 0,
+            kernel_flags: 0,
+            kernel: None,
         })
     }
 
@@ -627,13 +696,27 @@ impl Map {
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
-    /// Offset of the map's data in the store (page-aligned for mmap-able arrays).
+    /// Offset of the map's data in the store (page-aligned for mmap-able arrays; 0 for a
+    /// kernel-backed map, whose data is the kernel's).
     pub fn data_offset(&self) -> u64 {
         self.data_off
     }
-    /// Bytes of data.
+    /// Bytes of data (a connected kernel-backed array: bytes of its mapped values, which
+    /// [`Map::lookup_ptr`] of index 0 starts; other kernel-backed maps: 0).
     pub fn data_len(&self) -> u64 {
         self.data_len
+    }
+    /// The kernel's map id if this map lives in the kernel (`--kernel-maps`), else `None`.
+    pub fn kernel_id(&self) -> Option<u32> {
+        (self.kernel_id != 0).then_some(self.kernel_id)
+    }
+
+    /// The kernel connection of a kernel-backed map (`EBADF` for an [`Map::open_meta`]
+    /// handle).
+    pub(crate) fn conn(&self) -> Result<&kernel::Conn, MapError> {
+        self.kernel
+            .as_deref()
+            .ok_or(MapError::Kernel { errno: libc::EBADF })
     }
 
     fn ty(&self) -> MapType {
@@ -648,8 +731,12 @@ impl Map {
             .is_some_and(|a| a.load(Ordering::Acquire) != 0)
     }
 
-    /// `BPF_MAP_FREEZE`.
+    /// `BPF_MAP_FREEZE` (a connected kernel-backed map is frozen in the kernel too, when the
+    /// kernel allows it).
     pub fn freeze(&self) {
+        if let Some(k) = &self.kernel {
+            let _ = k.freeze();
+        }
         if let Some(a) = self
             .store
             .segment()
@@ -683,6 +770,10 @@ impl Map {
     /// per-CPU maps give the current CPU's value).
     pub fn lookup_offset(&self, key: &[u8]) -> Result<u64, MapError> {
         self.check_key(key)?;
+        if self.kernel_id != 0 {
+            // Kernel data has no store offset: see lookup_ptr.
+            return Err(MapError::NotSupported);
+        }
         match self.ty() {
             MapType::Array => array::lookup(self, key),
             MapType::PercpuArray => percpu::lookup(self, key),
@@ -705,6 +796,10 @@ impl Map {
 
     /// The address of `key`'s value in this process, if present.
     pub fn lookup_ptr(&self, key: &[u8]) -> Result<*mut u8, MapError> {
+        if self.kernel_id != 0 {
+            self.check_key(key)?;
+            return self.conn()?.lookup_ptr(key);
+        }
         let off = self.lookup_offset(key)?;
         self.value_ptr(off)
     }
@@ -720,6 +815,9 @@ impl Map {
     /// only; `NotFound` for a CPU that is not possible, as the kernel returns NULL).
     pub fn lookup_percpu_ptr(&self, key: &[u8], cpu: u32) -> Result<*mut u8, MapError> {
         self.check_key(key)?;
+        if self.kernel_id != 0 {
+            return self.conn()?.lookup_percpu_ptr(key, cpu);
+        }
         let off = match self.ty() {
             MapType::PercpuArray => percpu::lookup_cpu(self, key, cpu)?,
             MapType::PercpuHash | MapType::LruPercpuHash => {
@@ -767,6 +865,12 @@ impl Map {
     pub fn lookup(&self, key: &[u8], out: &mut [u8]) -> Result<(), MapError> {
         self.check_syscall_value(out)?;
         self.check_key(key)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack | MapType::BloomFilter => self.conn()?.peek(out),
+                _ => self.conn()?.lookup(key, out),
+            };
+        }
         match self.ty() {
             MapType::PercpuArray => percpu::lookup_all(self, key, out),
             MapType::Queue | MapType::Stack => queue_stack::take(self, out, false),
@@ -801,6 +905,12 @@ impl Map {
     pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> Result<(), MapError> {
         self.check_key(key)?;
         self.check_value(value)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack | MapType::BloomFilter => Err(MapError::InvalidOp),
+                _ => self.conn()?.update(key, value, flags),
+            };
+        }
         match self.ty() {
             MapType::Array => array::update(self, key, value, flags),
             MapType::PercpuArray => percpu::update(self, key, value, flags),
@@ -833,6 +943,14 @@ impl Map {
         }
         self.check_key(key)?;
         self.check_syscall_value(value)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack | MapType::BloomFilter => {
+                    self.conn()?.push(value, flags)
+                }
+                _ => self.conn()?.update_syscall(key, value, flags),
+            };
+        }
         match self.ty() {
             MapType::PercpuArray => percpu::update_all(self, key, value, flags),
             MapType::PercpuHash | MapType::LruPercpuHash => {
@@ -848,6 +966,14 @@ impl Map {
     /// `BPF_EXIST` to overwrite the oldest element when full (else `E2BIG`).
     pub fn push(&self, value: &[u8], flags: u64) -> Result<(), MapError> {
         self.check_value(value)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack | MapType::BloomFilter => {
+                    self.conn()?.push(value, flags)
+                }
+                _ => Err(MapError::InvalidOp),
+            };
+        }
         match self.ty() {
             MapType::Queue | MapType::Stack => queue_stack::push(self, value, flags),
             MapType::BloomFilter => bloom::push(self, value, flags),
@@ -858,6 +984,13 @@ impl Map {
     /// `bpf_map_pop_elem`: removes and copies the next element; `ENOENT` when empty.
     pub fn pop(&self, out: &mut [u8]) -> Result<(), MapError> {
         self.check_value(out)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack => self.conn()?.lookup_and_delete(&[], out),
+                MapType::BloomFilter => Err(MapError::NotSupported),
+                _ => Err(MapError::InvalidOp),
+            };
+        }
         match self.ty() {
             MapType::Queue | MapType::Stack => queue_stack::take(self, out, true),
             MapType::BloomFilter => Err(MapError::NotSupported),
@@ -869,6 +1002,12 @@ impl Map {
     /// For a bloom filter `out` is the value to test: `Ok` if it may be present.
     pub fn peek(&self, out: &mut [u8]) -> Result<(), MapError> {
         self.check_value(out)?;
+        if self.kernel_id != 0 {
+            return match self.ty() {
+                MapType::Queue | MapType::Stack | MapType::BloomFilter => self.conn()?.peek(out),
+                _ => Err(MapError::InvalidOp),
+            };
+        }
         match self.ty() {
             MapType::Queue | MapType::Stack => queue_stack::take(self, out, false),
             MapType::BloomFilter => bloom::peek(self, out),
@@ -885,6 +1024,9 @@ impl Map {
         }
         self.check_key(key)?;
         self.check_syscall_value(out)?;
+        if self.kernel_id != 0 {
+            return self.conn()?.lookup_and_delete(key, out);
+        }
         match self.ty() {
             MapType::Queue | MapType::Stack => queue_stack::take(self, out, true),
             MapType::Hash | MapType::PercpuHash | MapType::LruHash | MapType::LruPercpuHash => {
@@ -1028,6 +1170,9 @@ impl Map {
     /// `BPF_MAP_DELETE_ELEM`.
     pub fn delete(&self, key: &[u8]) -> Result<(), MapError> {
         self.check_key(key)?;
+        if self.kernel_id != 0 {
+            return self.conn()?.delete(key);
+        }
         match self.ty() {
             MapType::Array | MapType::PercpuArray | MapType::Queue | MapType::Stack => {
                 Err(MapError::InvalidOp)
@@ -1058,6 +1203,9 @@ impl Map {
                 size: out.len(),
                 expected: self.def.key_size as usize,
             });
+        }
+        if self.kernel_id != 0 {
+            return self.conn()?.next_key(key, out);
         }
         match self.ty() {
             MapType::Array | MapType::PercpuArray | MapType::PerfEventArray => {
@@ -1105,9 +1253,11 @@ pub fn reclaim_dead_owners(store: &Arc<Store>) -> usize {
         if store.owner_alive(id) {
             continue;
         }
-        // A map's data, or a perf event's ring (made when its loader mmapped it).
-        let data = Map::open(store, id)
+        // A map's data, or a perf event's ring (made when its loader mmapped it). A
+        // kernel-backed map has no data in the store.
+        let data = Map::open_meta(store, id)
             .ok()
+            .filter(|m| m.kernel_id == 0)
             .map(|m| (m.data_offset(), m.data_len()))
             .or_else(|| perf_array::event_ring(store, id).map(|r| (r.offset(), r.len())));
         if store.force_release(id).is_some() {

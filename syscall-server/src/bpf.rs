@@ -6,6 +6,12 @@
 //! open, `EINVAL` for one that is not a bpf object of the expected kind), map fd permissions
 //! (`EPERM`), and the verifier log protocol (`log_level`/`log_size`/`log_buf`, `ENOSPC` when the
 //! log did not fit, `log_true_size`).
+//!
+//! Kernel-backed maps (`bpftime load --kernel-maps`): `BPF_MAP_CREATE` of a data map type makes
+//! the map in the kernel ([`bpftime_maps::kernel`]) and hands out the kernel's fd; element,
+//! batch and freeze commands on such an fd are passed to the kernel unchanged. Everything
+//! that names maps by id (`PROG_LOAD` relocation, `OBJ_GET_INFO_BY_FD`, `GET_NEXT_ID`,
+//! `GET_FD_BY_ID`) keeps using store object ids, so kernel-backed and store maps mix.
 
 use crate::Errno;
 use crate::emu::{Emulator, FdEntry, Side, map_err, prog_map_ids};
@@ -208,6 +214,9 @@ impl Emulator {
         let mut attr: Attr = [0; BPF_ATTR_SIZE];
         attr.copy_from_slice(&v);
         let attr = &attr;
+        if let Some(r) = self.kernel_map_command(cmd, attr, uattr, size) {
+            return r;
+        }
         match cmd {
             BPF_MAP_CREATE => self.map_create(attr),
             BPF_MAP_LOOKUP_ELEM => self.map_lookup(attr),
@@ -241,6 +250,80 @@ impl Emulator {
                 Err(e(libc::EINVAL))
             }
         }
+    }
+
+    /// A map command on a kernel map fd: passed to the kernel as the loader made it. `None`
+    /// when `cmd` is not a map command or its fd is not a kernel map's.
+    fn kernel_map_command(
+        &self,
+        cmd: i32,
+        attr: &Attr,
+        uattr: u64,
+        size: u32,
+    ) -> Option<Result<i64, Errno>> {
+        let fd_off = match cmd {
+            BPF_MAP_LOOKUP_ELEM
+            | BPF_MAP_UPDATE_ELEM
+            | BPF_MAP_DELETE_ELEM
+            | BPF_MAP_GET_NEXT_KEY
+            | BPF_MAP_LOOKUP_AND_DELETE_ELEM
+            | BPF_MAP_FREEZE => 0,
+            BPF_MAP_LOOKUP_BATCH
+            | BPF_MAP_LOOKUP_AND_DELETE_BATCH
+            | BPF_MAP_UPDATE_BATCH
+            | BPF_MAP_DELETE_BATCH => 36,
+            _ => return None,
+        };
+        let fd = u32::from_ne_bytes([
+            attr[fd_off],
+            attr[fd_off + 1],
+            attr[fd_off + 2],
+            attr[fd_off + 3],
+        ]);
+        let ent = self
+            .entry(i32::try_from(fd).ok()?)
+            .filter(|e| e.kernel && e.kind == ObjectKind::Map)?;
+        let r = match sys::real_bpf(cmd, uattr, size) {
+            Ok(r) => r,
+            Err(err) => return Some(Err(err)),
+        };
+        if cmd == BPF_MAP_FREEZE
+            && let Ok(m) = self.open_map(ent.id)
+        {
+            // Agents that open the map later map an array read-only.
+            m.freeze();
+        }
+        Some(Ok(r))
+    }
+
+    /// `BPF_MAP_CREATE` of a map that lives in the kernel (`--kernel-maps`): created with the
+    /// real `bpf()`, recorded in the store by its kernel id; the loader gets the kernel fd.
+    fn kernel_map_create(
+        &self,
+        a: &bpf_attr_map_create,
+        def: MapDef,
+        name: &str,
+        side: Side,
+    ) -> Result<i64, Errno> {
+        let (map, fd) =
+            bpftime_maps::Map::create_in_kernel(&self.store, def, a.map_extra, name, a.numa_node)
+                .map_err(|err| {
+                if err.errno() == libc::EPERM {
+                    tracing::warn!(
+                        "BPF_MAP_CREATE {name:?} in the kernel (--kernel-maps): EPERM: \
+                             kernel maps need CAP_BPF (run as root)"
+                    );
+                }
+                map_err(err)
+            })?;
+        let id = map.id();
+        tracing::debug!(
+            "map {id} {name:?} created in the kernel (kernel id {:?})",
+            map.kernel_id()
+        );
+        self.side.lock().insert(id, side);
+        let flags = a.map_flags;
+        self.install_kernel_map(id, fd, flags & BPF_F_WRONLY == 0, flags & BPF_F_RDONLY == 0)
     }
 
     fn map_create(&self, attr: &Attr) -> Result<i64, Errno> {
@@ -320,6 +403,11 @@ impl Emulator {
             max_entries: a.max_entries,
             flags,
         };
+        if self.kernel_maps
+            && MapType::try_from(a.map_type).is_ok_and(bpftime_maps::kernel::shareable)
+        {
+            return self.kernel_map_create(&a, def, &name, side);
+        }
         let inner_map_id = if a.map_type == MapType::ArrayOfMaps as u32
             || a.map_type == MapType::HashOfMaps as u32
         {
@@ -1198,6 +1286,18 @@ impl Emulator {
             return Err(e(libc::ENOENT));
         }
         let mut ringbuf = false;
+        if kind == ObjectKind::Map
+            && let Some(kid) = self.open_map(obj.id).ok().and_then(|m| m.kernel_id())
+        {
+            // A kernel-backed map: the kernel's own fd, with the kernel's permission checks.
+            return match bpftime_maps::kernel::get_fd_by_id(kid, flags) {
+                Ok(fd) => self.install_kernel_map(obj.id, fd, can_read, can_write),
+                Err(err) => {
+                    self.release(obj.id);
+                    Err(map_err(err))
+                }
+            };
+        }
         let (can_read, can_write) = if kind == ObjectKind::Map {
             let m = self.open_map(obj.id);
             let mf = m.as_ref().map(|m| m.def().flags).unwrap_or(0);

@@ -9,6 +9,13 @@
 //! `lddw` or bound with `BPF_PROG_BIND_MAP`), a link its program and perf event, a perf event
 //! the program set with `PERF_EVENT_IOC_SET_BPF`. Whoever drops the last reference of an object
 //! drops the references the object held, and frees a map's data.
+//!
+//! Kernel-backed maps (`BPF_MAP_CREATE` with `BPFTIME_KERNEL_MAPS=1`, see
+//! [`bpftime_maps::kernel`]): the fd handed out is the real kernel map fd, recorded in the table
+//! like a placeholder (with `kernel` set, so map commands on it go to the kernel unchanged and
+//! its `mmap` is the kernel's). The emulator also keeps a private duplicate of the kernel fd
+//! for as long as the store object lives, so a program that holds the map keeps the kernel map
+//! alive after the loader closed its fd, as the kernel's own references would.
 
 use crate::Errno;
 use crate::sys;
@@ -36,6 +43,9 @@ pub struct FdEntry {
     /// Ring buffer maps and `BPF_OUTPUT` perf events: the nonce of the wake-up socket that is
     /// the placeholder fd (see [`crate::epoll`]); 0 for memfd placeholders.
     pub wake: u64,
+    /// The fd is a real kernel map fd (a kernel-backed map): map commands and `mmap` on it go
+    /// to the kernel.
+    pub kernel: bool,
     dev: u64,
     ino: u64,
     pid: u32,
@@ -76,6 +86,15 @@ pub struct Emulator {
     pub(crate) mmaps: Mutex<Vec<Mapping>>,
     ro_store: OnceLock<Option<OwnedFd>>,
     pub(crate) epolls: crate::epoll::EpollTable,
+    /// Create data maps in the kernel (`BPFTIME_KERNEL_MAPS=1`, `bpftime load --kernel-maps`).
+    pub(crate) kernel_maps: bool,
+    /// Private duplicates of kernel map fds, by store object id (see the module docs).
+    kernel_holds: Mutex<HashMap<u32, OwnedFd>>,
+}
+
+/// Whether `BPFTIME_KERNEL_MAPS` asks for kernel-backed maps.
+fn kernel_maps_env() -> bool {
+    std::env::var("BPFTIME_KERNEL_MAPS").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 pub(crate) fn map_err(e: MapError) -> Errno {
@@ -109,7 +128,14 @@ impl Emulator {
             mmaps: Mutex::new(Vec::new()),
             ro_store: OnceLock::new(),
             epolls: Default::default(),
+            kernel_maps: kernel_maps_env(),
+            kernel_holds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Turns kernel-backed map creation on or off (default: `BPFTIME_KERNEL_MAPS`).
+    pub fn set_kernel_maps(&mut self, on: bool) {
+        self.kernel_maps = on;
     }
 
     /// Opens the store `name` (`/dev/shm/bpftime-<uid>-<name>`).
@@ -205,9 +231,10 @@ impl Emulator {
         }
     }
 
-    /// Opens map `id` of the store.
+    /// Opens map `id` of the store (a kernel-backed map for its metadata only: commands on
+    /// kernel map fds go to the kernel before they get here).
     pub(crate) fn open_map(&self, id: u32) -> Result<Map, Errno> {
-        Map::open(&self.store, id).map_err(map_err)
+        Map::open_meta(&self.store, id).map_err(map_err)
     }
 
     /// Hands out a new placeholder fd for object `id`, which already holds the reference the
@@ -229,7 +256,23 @@ impl Emulator {
                 return Err(e);
             }
         };
-        self.install_fd(kind, id, fd, 0, can_read, can_write)
+        self.install_fd(kind, id, fd, 0, false, can_read, can_write)
+    }
+
+    /// Records `fd`, a real kernel map fd, as the fd of kernel-backed map `id` (which already
+    /// holds the reference the fd will own), and keeps a private duplicate of it while the
+    /// object lives.
+    pub(crate) fn install_kernel_map(
+        &self,
+        id: u32,
+        fd: OwnedFd,
+        can_read: bool,
+        can_write: bool,
+    ) -> Result<i64, Errno> {
+        if let Ok(dup) = fd.try_clone() {
+            self.kernel_holds.lock().entry(id).or_insert(dup);
+        }
+        self.install_fd(ObjectKind::Map, id, fd, 0, true, can_read, can_write)
     }
 
     /// As [`Emulator::install`], with a wake-up socket as the placeholder (ring buffer maps and
@@ -258,17 +301,19 @@ impl Emulator {
         self.epolls
             .any_waking
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.install_fd(kind, id, fd, nonce, can_read, can_write)
+        self.install_fd(kind, id, fd, nonce, false, can_read, can_write)
     }
 
     /// Records `fd` (which the caller made) as the placeholder of object `id`, which already
     /// holds the reference the fd will own.
+    #[allow(clippy::too_many_arguments)]
     fn install_fd(
         &self,
         kind: ObjectKind,
         id: u32,
         fd: OwnedFd,
         wake: u64,
+        kernel: bool,
         can_read: bool,
         can_write: bool,
     ) -> Result<i64, Errno> {
@@ -285,6 +330,7 @@ impl Emulator {
                 can_read,
                 can_write,
                 wake,
+                kernel,
                 dev,
                 ino,
                 pid: pid(),
@@ -318,7 +364,9 @@ impl Emulator {
                 perf_prog(&self.store, info.id).into_iter().collect(),
                 perf_array::event_ring(&self.store, info.id).map(|r| (r.offset(), r.len())),
             ),
-            ObjectKind::Map => match Map::open(&self.store, info.id) {
+            // A kernel-backed map has no data in the store.
+            ObjectKind::Map => match Map::open_meta(&self.store, info.id) {
+                Ok(m) if m.kernel_id().is_some() => (Vec::new(), None),
                 // A perf event array holds its perf events.
                 Ok(m) => (
                     if m.def().map_type == MapType::PerfEventArray as u32 {
@@ -350,6 +398,8 @@ impl Emulator {
                     self.store.free(off, len);
                 }
                 self.side.lock().remove(&id);
+                // The kernel map may go now (unless other fds or kernel programs hold it).
+                self.kernel_holds.lock().remove(&id);
                 todo.extend(held);
             }
         }

@@ -37,6 +37,10 @@ impl Emulator {
         off: u64,
     ) -> Option<Result<u64, Errno>> {
         let ent = self.entry(fd)?;
+        if ent.kernel {
+            // A kernel map fd (--kernel-maps): the kernel's own mmap.
+            return None;
+        }
         let r = match ent.kind {
             ObjectKind::Map => self.mmap_map(&ent, addr, len, prot, flags, off),
             ObjectKind::PerfEvent => self.mmap_perf(&ent, addr, len, prot, flags, off),

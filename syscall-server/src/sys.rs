@@ -288,6 +288,20 @@ pub fn mmap_raw(
     }
 }
 
+/// The real `bpf(cmd, attr, size)` with the loader's own attr (commands on kernel-backed map
+/// fds, which the kernel answers).
+pub fn real_bpf(cmd: i32, uattr: u64, size: u32) -> Result<i64, Errno> {
+    // SAFETY: the loader's own bpf() call, forwarded unchanged: the kernel validates the attr
+    // and every pointer in it against this process's memory, as it would have without us.
+    let r = unsafe {
+        raw_syscall6(
+            libc::SYS_bpf,
+            [i64::from(cmd), uattr as i64, i64::from(size), 0, 0, 0],
+        )
+    };
+    if r < 0 { Err(Errno(-r as i32)) } else { Ok(r) }
+}
+
 /// Opens `path` read-only (close-on-exec).
 pub fn open_rdonly(path: &str) -> Result<OwnedFd, Errno> {
     let c = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;

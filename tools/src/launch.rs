@@ -38,6 +38,14 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub no_jit: bool,
 
+    /// Share maps with the kernel: `load` creates the loader's data maps (hash, array, per-CPU,
+    /// LRU, queue, stack, bloom filter, LPM trie) in the kernel with the real bpf(), so kernel
+    /// eBPF programs and the userspace programs agents run use the same maps. Needs BPF
+    /// privileges (root or CAP_BPF); targets opening such maps need CAP_SYS_ADMIN, which
+    /// `start --kernel-maps` checks up front.
+    #[arg(long)]
+    pub kernel_maps: bool,
+
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -99,8 +107,35 @@ pub fn find_library(lib: Library) -> Result<PathBuf> {
     )
 }
 
+/// `--kernel-maps`: the privileges the command will need, checked before it runs so a missing
+/// one is one clear message rather than failures inside the command.
+fn check_kernel_maps(lib: Library) -> Result<()> {
+    let name = |e: i32| std::io::Error::from_raw_os_error(e);
+    match lib {
+        Library::SyscallServer => bpftime_maps::kernel::probe_create().map_err(|e| {
+            anyhow::anyhow!(
+                "--kernel-maps needs BPF privileges to create maps in the kernel (run as root, \
+                 or with CAP_BPF): creating a test map failed: {}",
+                name(e)
+            )
+        }),
+        Library::Agent => bpftime_maps::kernel::probe_open_by_id().map_err(|e| {
+            anyhow::anyhow!(
+                "--kernel-maps: the target needs CAP_SYS_ADMIN to open kernel maps by id \
+                 (BPF_MAP_GET_FD_BY_ID; run as root): {}",
+                name(e)
+            )
+        }),
+    }
+}
+
 /// Replaces this process with `args.command`, `lib` preloaded. Returns only on failure.
 pub fn exec_with(lib: Library, args: &LaunchArgs) -> anyhow::Error {
+    if args.kernel_maps
+        && let Err(e) = check_kernel_maps(lib)
+    {
+        return e;
+    }
     let so = match find_library(lib) {
         Ok(p) => p,
         Err(e) => return e,
@@ -122,6 +157,9 @@ pub fn exec_with(lib: Library, args: &LaunchArgs) -> anyhow::Error {
     }
     if args.no_jit {
         cmd.env("BPFTIME_NO_JIT", "1");
+    }
+    if args.kernel_maps && matches!(lib, Library::SyscallServer) {
+        cmd.env("BPFTIME_KERNEL_MAPS", "1");
     }
     let err = cmd.exec();
     anyhow::Error::new(err).context(format!(

@@ -25,7 +25,8 @@ enum Command {
     /// the program, 3 when it traps.
     Run(RunArgs),
     /// Run an unmodified eBPF loader (libbpf tool, bpftrace, bcc) with its bpf() calls
-    /// answered in userspace: programs and maps go into the shared-memory store. No root.
+    /// answered in userspace: programs and maps go into the shared-memory store. No root
+    /// (except with `--kernel-maps`, which creates the data maps in the kernel).
     Load(LaunchArgs),
     /// Run a program with the agent preloaded: it attaches the store's probes inside it.
     Start(LaunchArgs),

@@ -279,9 +279,18 @@ mod tests {
             (Mem::Prfm.at(0, 17, 0).unwrap(), "prfm pldl1keep, [x17]"),
             (Mem::StrX.at(16, SP, 784).unwrap(), "str x16, [sp, #0x310]"),
             (pair(false, false, 0, 1, 0).unwrap(), "stp x0, x1, [sp]"),
-            (pair(true, false, 28, 29, 224).unwrap(), "ldp x28, x29, [sp, #0xe0]"),
-            (pair(false, true, 30, 31, 752).unwrap(), "stp q30, q31, [sp, #0x2f0]"),
-            (pair(true, true, 0, 1, 272).unwrap(), "ldp q0, q1, [sp, #0x110]"),
+            (
+                pair(true, false, 28, 29, 224).unwrap(),
+                "ldp x28, x29, [sp, #0xe0]",
+            ),
+            (
+                pair(false, true, 30, 31, 752).unwrap(),
+                "stp q30, q31, [sp, #0x2f0]",
+            ),
+            (
+                pair(true, true, 0, 1, 272).unwrap(),
+                "ldp q0, q1, [sp, #0x110]",
+            ),
             (add_imm(true, SP, SP, 800).unwrap(), "sub sp, sp, #0x320"),
             (add_imm(false, 16, SP, 800).unwrap(), "add x16, sp, #0x320"),
             (add_imm(false, 0, SP, 0).unwrap(), "mov x0, sp"),

@@ -205,8 +205,8 @@ pub(crate) fn decode(word: u32, pc: u64) -> Result<Insn, AttachError> {
         UDF | BRK | HLT | HVC | SMC | DCPS1 | DCPS2 | DCPS3 => {
             return refuse("a trapping instruction reports its own address");
         }
-        PACIASPPC | PACNBIASPPC | PACIBSPPC | PACNBIBSPPC | AUTIASPPC | AUTIBSPPC
-        | RETAASPPC | RETABSPPC | RETAASPPCR | RETABSPPCR => {
+        PACIASPPC | PACNBIASPPC | PACIBSPPC | PACNBIBSPPC | AUTIASPPC | AUTIBSPPC | RETAASPPC
+        | RETABSPPC | RETAASPPCR | RETABSPPCR => {
             return refuse("pointer authentication with the pc as modifier");
         }
         BL | BLR | BLRAA | BLRAAZ | BLRAB | BLRABZ => Flow::Call,
@@ -251,11 +251,29 @@ mod tests {
     fn classes_and_targets() {
         let cases: &[(u32, Kind)] = &[
             // adr x1, .+0x10
-            (0x1000_0081, Kind::Adr { rd: 1, target: PC + 0x10 }),
+            (
+                0x1000_0081,
+                Kind::Adr {
+                    rd: 1,
+                    target: PC + 0x10,
+                },
+            ),
             // adr x1, .-1
-            (0x70ff_ffe1, Kind::Adr { rd: 1, target: PC - 1 }),
+            (
+                0x70ff_ffe1,
+                Kind::Adr {
+                    rd: 1,
+                    target: PC - 1,
+                },
+            ),
             // adrp x2, page(.)+0x1000
-            (0xb000_0002, Kind::Adrp { rd: 2, target: (PC & !0xfff) + 0x1000 }),
+            (
+                0xb000_0002,
+                Kind::Adrp {
+                    rd: 2,
+                    target: (PC & !0xfff) + 0x1000,
+                },
+            ),
             // b .+8 / bl .-4
             (0x1400_0002, Kind::B { target: PC + 8 }),
             (0x97ff_ffff, Kind::Bl { target: PC - 4 }),
@@ -267,7 +285,12 @@ mod tests {
         }
         // b.ne .+0x20; its inverse is b.eq.
         match classify(0x5400_0101, PC) {
-            Kind::Cond { word, invert, target, imm } => {
+            Kind::Cond {
+                word,
+                invert,
+                target,
+                imm,
+            } => {
                 assert_eq!((target, imm), (PC + 0x20, Imm::Imm19));
                 assert_eq!((word ^ invert) & 0xf, 0);
             }
@@ -276,7 +299,9 @@ mod tests {
         // cbnz w3, .-8; tbz x5, #40, .+0x100
         assert!(matches!(classify(0x35ff_ffc3, PC), Kind::Cond { target, .. } if target == PC - 8));
         let tbz = 0xb600_0005 | (8 << 19) | (0x40 << 5);
-        assert!(matches!(classify(tbz, PC), Kind::Cond { target, imm: Imm::Imm14, .. } if target == PC + 0x100));
+        assert!(
+            matches!(classify(tbz, PC), Kind::Cond { target, imm: Imm::Imm14, .. } if target == PC + 0x100)
+        );
         // ldr x7, .+0x40 / ldrsw / ldr q / prfm
         let lits = [
             (0x5800_0207, Literal::X),
@@ -290,7 +315,12 @@ mod tests {
         for (w, lit) in lits {
             assert_eq!(
                 classify(w, PC),
-                Kind::Load { word: w, lit, rt: 7, target: PC + 0x40 },
+                Kind::Load {
+                    word: w,
+                    lit,
+                    rt: 7,
+                    target: PC + 0x40
+                },
                 "{w:#010x}"
             );
         }
@@ -301,14 +331,20 @@ mod tests {
 
     #[test]
     fn decode_refuses_traps_and_undecodable_words() {
-        for (w, what) in [(0xd420_0000u32, "brk #0"), (0xd440_0000, "hlt #0"), (0x0000_0000, "udf #0")] {
+        for (w, what) in [
+            (0xd420_0000u32, "brk #0"),
+            (0xd440_0000, "hlt #0"),
+            (0x0000_0000, "udf #0"),
+        ] {
             assert!(
                 matches!(decode(w, PC), Err(AttachError::Unrelocatable { .. })),
                 "{what}"
             );
         }
         // ldr (literal) with opc=11, V=1 is unallocated.
-        assert!(matches!(decode(0xdc00_0000, PC), Err(AttachError::Undecodable { at }) if at == PC as usize));
+        assert!(
+            matches!(decode(0xdc00_0000, PC), Err(AttachError::Undecodable { at }) if at == PC as usize)
+        );
     }
 
     #[test]

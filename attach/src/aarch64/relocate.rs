@@ -138,9 +138,16 @@ enum Dest {
 enum Op {
     Word(u32),
     /// `word` with its `imm` field pointing at `dest`.
-    Branch { word: u32, imm: Imm, dest: Dest },
+    Branch {
+        word: u32,
+        imm: Imm,
+        dest: Dest,
+    },
     /// A literal load (`word`'s imm19 replaced) of pool entry `entry`.
-    Pool { word: u32, entry: usize },
+    Pool {
+        word: u32,
+        entry: usize,
+    },
 }
 
 struct Emitter {
@@ -312,10 +319,13 @@ pub(crate) fn relocate(
                 } else {
                     let base = if lit.is_gpr() && rt != 31 { rt } else { IP1 };
                     e.load_const(base, target);
-                    let load = lit.mem().at(rt, base, 0).ok_or(AttachError::Unrelocatable {
-                        at: insn.pc as usize,
-                        reason: "literal load without a register form",
-                    })?;
+                    let load = lit
+                        .mem()
+                        .at(rt, base, 0)
+                        .ok_or(AttachError::Unrelocatable {
+                            at: insn.pc as usize,
+                            reason: "literal load without a register form",
+                        })?;
                     e.word(load);
                 }
             }
@@ -358,12 +368,12 @@ pub(crate) fn relocate(
             }
             Op::Pool { word, entry } => (word, Imm::Imm19, pool_addrs[entry]),
         };
-        let w = imm
-            .with(word, target.wrapping_sub(pc) as i64)
-            .ok_or(AttachError::Unrelocatable {
-                at: p.addr as usize,
-                reason: "trampoline branch out of range",
-            })?;
+        let w =
+            imm.with(word, target.wrapping_sub(pc) as i64)
+                .ok_or(AttachError::Unrelocatable {
+                    at: p.addr as usize,
+                    reason: "trampoline branch out of range",
+                })?;
         bytes.extend_from_slice(&w.to_le_bytes());
     }
     for (entry, &addr) in e.pool.iter().zip(&pool_addrs) {
@@ -465,27 +475,55 @@ pub(crate) mod tests {
 
     #[test]
     fn near_trampolines_re_encode_in_place() {
-        check(ADR_X1_A_MINUS_0X10, NEAR, &["adr x1, 0x3ffff0", "b 0x400004"]);
+        check(
+            ADR_X1_A_MINUS_0X10,
+            NEAR,
+            &["adr x1, 0x3ffff0", "b 0x400004"],
+        );
         check(B_PLUS_0X100, NEAR, &["b 0x400100"]);
         check(BNE_PLUS_0X20, NEAR, &["b.ne 0x400020", "b 0x400004"]);
         check(CBZ_W3_PLUS_0X80, NEAR, &["cbz w3, 0x400080", "b 0x400004"]);
-        check(TBNZ_X5_40_MINUS_8, NEAR, &["tbnz x5, #0x28, 0x3ffff8", "b 0x400004"]);
+        check(
+            TBNZ_X5_40_MINUS_8,
+            NEAR,
+            &["tbnz x5, #0x28, 0x3ffff8", "b 0x400004"],
+        );
         check(LDR_X7_PLUS_0X40, NEAR, &["ldr x7, 0x400040", "b 0x400004"]);
         check(BL_MINUS_0X40, NEAR, &["adr x30, 0x400004", "b 0x3fffc0"]);
     }
 
     #[test]
     fn mid_distance_uses_b_and_adrp() {
-        check(ADR_X1_A_MINUS_0X10, MID, &["adrp x1, 0x3ff000", "add x1, x1, #0xff0", "b 0x400004"]);
-        check(BNE_PLUS_0X20, MID, &["b.eq 0x800008", "b 0x400020", "b 0x400004"]);
-        check(CBZ_W3_PLUS_0X80, MID, &["cbnz w3, 0x800008", "b 0x400080", "b 0x400004"]);
+        check(
+            ADR_X1_A_MINUS_0X10,
+            MID,
+            &["adrp x1, 0x3ff000", "add x1, x1, #0xff0", "b 0x400004"],
+        );
+        check(
+            BNE_PLUS_0X20,
+            MID,
+            &["b.eq 0x800008", "b 0x400020", "b 0x400004"],
+        );
+        check(
+            CBZ_W3_PLUS_0X80,
+            MID,
+            &["cbnz w3, 0x800008", "b 0x400080", "b 0x400004"],
+        );
         check(
             TBNZ_X5_40_MINUS_8,
             MID,
             &["tbz x5, #0x28, 0x800008", "b 0x3ffff8", "b 0x400004"],
         );
-        check(LDR_X7_PLUS_0X40, MID, &["ldr x7, =0x0000000000400040", "ldr x7, [x7]", "b 0x400004"]);
-        check(BL_MINUS_0X40, MID, &["ldr x30, =0x0000000000400004", "b 0x3fffc0"]);
+        check(
+            LDR_X7_PLUS_0X40,
+            MID,
+            &["ldr x7, =0x0000000000400040", "ldr x7, [x7]", "b 0x400004"],
+        );
+        check(
+            BL_MINUS_0X40,
+            MID,
+            &["ldr x30, =0x0000000000400004", "b 0x3fffc0"],
+        );
     }
 
     #[test]
@@ -494,15 +532,29 @@ pub(crate) mod tests {
         let with_back = |v: &[&str]| -> Vec<String> {
             v.iter().chain(back.iter()).map(|s| s.to_string()).collect()
         };
-        assert_eq!(one(ADR_X1_A_MINUS_0X10, FAR), with_back(&["ldr x1, =0x00000000003ffff0"]));
-        assert_eq!(one(B_PLUS_0X100, FAR), ["ldr x16, =0x0000000000400100", "br x16"]);
+        assert_eq!(
+            one(ADR_X1_A_MINUS_0X10, FAR),
+            with_back(&["ldr x1, =0x00000000003ffff0"])
+        );
+        assert_eq!(
+            one(B_PLUS_0X100, FAR),
+            ["ldr x16, =0x0000000000400100", "br x16"]
+        );
         assert_eq!(
             one(BNE_PLUS_0X20, FAR),
-            with_back(&["b.eq 0x7f000000000c", "ldr x16, =0x0000000000400020", "br x16"])
+            with_back(&[
+                "b.eq 0x7f000000000c",
+                "ldr x16, =0x0000000000400020",
+                "br x16"
+            ])
         );
         assert_eq!(
             one(BL_MINUS_0X40, FAR),
-            ["ldr x30, =0x0000000000400004", "ldr x16, =0x00000000003fffc0", "br x16"]
+            [
+                "ldr x30, =0x0000000000400004",
+                "ldr x16, =0x00000000003fffc0",
+                "br x16"
+            ]
         );
         // Literal loads of every class: a GPR is its own address register, others use x17.
         let lits = [
@@ -528,12 +580,22 @@ pub(crate) mod tests {
     fn adrp_keeps_its_page() {
         // adrp x2, page(A) + 0x1000 * 5
         let w = encode::adrp(2, 5 << 12).unwrap();
-        assert_eq!(classify(w, A), Kind::Adrp { rd: 2, target: A + 0x5000 });
+        assert_eq!(
+            classify(w, A),
+            Kind::Adrp {
+                rd: 2,
+                target: A + 0x5000
+            }
+        );
         check(w, NEAR, &["adrp x2, 0x405000", "b 0x400004"]);
         check(w, MID, &["adrp x2, 0x405000", "b 0x400004"]);
         assert_eq!(
             one(w, FAR),
-            ["ldr x2, =0x0000000000405000", "ldr x16, =0x0000000000400004", "br x16"]
+            [
+                "ldr x2, =0x0000000000405000",
+                "ldr x16, =0x0000000000400004",
+                "br x16"
+            ]
         );
         // From a trampoline not page-aligned relative to A: same page.
         check(w, NEAR + 0x7fc, &["adrp x2, 0x405000", "b 0x400004"]);
@@ -542,10 +604,10 @@ pub(crate) mod tests {
     #[test]
     fn branches_inside_the_range_go_to_the_moved_copies() {
         let code = [
-            0xb400_0060u32, // cbz x0, A+12
-            0x9100_0400,    // add x0, x0, #1
+            0xb400_0060u32,                                       // cbz x0, A+12
+            0x9100_0400,                                          // add x0, x0, #1
             0x5400_0001 | (((-4i32 as u32) >> 2) & 0x7ffff) << 5, // b.ne A+4
-            0x9100_0800,    // add x0, x0, #2
+            0x9100_0800,                                          // add x0, x0, #2
         ];
         for at in [NEAR, MID, FAR] {
             let l = reloc(&code, 16, at).unwrap();
@@ -555,7 +617,12 @@ pub(crate) mod tests {
             assert_eq!(l[3], "add x0, x0, #0x2");
         }
         // A branch back to the hooked address itself goes through the hook again.
-        let code = [0x9100_0400u32, 0xb5ff_ffe0 /* cbnz x0, A */, 0xd503_201f, 0xd503_201f];
+        let code = [
+            0x9100_0400u32,
+            0xb5ff_ffe0, /* cbnz x0, A */
+            0xd503_201f,
+            0xd503_201f,
+        ];
         let l = reloc(&code, 16, NEAR).unwrap();
         assert_eq!(l[1], "cbnz x0, 0x400000");
     }
@@ -584,7 +651,17 @@ pub(crate) mod tests {
         let bytes = |w: &[u32]| -> Vec<u8> { w.iter().flat_map(|w| w.to_le_bytes()).collect() };
         // Shorter than the patch: ret at A+4.
         let e = analyze(A, &bytes(&[nop, ret, nop, nop]), 16).unwrap_err();
-        assert!(matches!(e, AttachError::TooShort { len: 8, needed: 16, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AttachError::TooShort {
+                    len: 8,
+                    needed: 16,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // Fewer bytes than the patch.
         let e = analyze(A, &bytes(&[nop, nop]), 16).unwrap_err();
         assert!(matches!(e, AttachError::TooShort { len: 8, .. }), "{e}");
@@ -593,30 +670,57 @@ pub(crate) mod tests {
         assert!(matches!(e, AttachError::TooShort { len: 4, .. }), "{e}");
         // A call before the end.
         let e = analyze(A, &bytes(&[BL_MINUS_0X40, nop, nop, nop]), 16).unwrap_err();
-        assert!(matches!(e, AttachError::Unrelocatable { at: 0x40_0000, .. }), "{e}");
+        assert!(
+            matches!(e, AttachError::Unrelocatable { at: 0x40_0000, .. }),
+            "{e}"
+        );
         // A trap.
         let e = analyze(A, &bytes(&[nop, 0xd420_0000]), 8).unwrap_err();
-        assert!(matches!(e, AttachError::Unrelocatable { at: 0x40_0004, .. }), "{e}");
+        assert!(
+            matches!(e, AttachError::Unrelocatable { at: 0x40_0004, .. }),
+            "{e}"
+        );
         // Undecodable.
         let e = analyze(A, &bytes(&[0xdc00_0000]), 4).unwrap_err();
-        assert!(matches!(e, AttachError::Undecodable { at: 0x40_0000 }), "{e}");
+        assert!(
+            matches!(e, AttachError::Undecodable { at: 0x40_0000 }),
+            "{e}"
+        );
         // Misaligned address.
         let e = analyze(A + 2, &bytes(&[nop]), 4).unwrap_err();
         assert!(matches!(e, AttachError::Undecodable { .. }), "{e}");
         // adr of an instruction inside the patch.
-        let e = analyze(A, &bytes(&[0x1000_0041 /* adr x1, A+8 */, nop, nop, nop]), 16).unwrap_err();
+        let e = analyze(
+            A,
+            &bytes(&[0x1000_0041 /* adr x1, A+8 */, nop, nop, nop]),
+            16,
+        )
+        .unwrap_err();
         assert!(matches!(e, AttachError::Unrelocatable { .. }), "{e}");
         // A later branch into the patched bytes (b.ne A+8 from A+0x20), but not into A itself.
         let mut later = vec![nop; 12];
         later[8] = 0x5400_0001 | ((((-0x18i32) >> 2) as u32 & 0x7ffff) << 5);
         let e = analyze(A, &bytes(&later), 16).unwrap_err();
         assert!(
-            matches!(e, AttachError::BranchIntoPatch { branch: 0x40_0020, target: 0x40_0008, .. }),
+            matches!(
+                e,
+                AttachError::BranchIntoPatch {
+                    branch: 0x40_0020,
+                    target: 0x40_0008,
+                    ..
+                }
+            ),
             "{e}"
         );
-        assert!(analyze(A, &bytes(&later), 4).is_ok(), "a 4-byte patch has no inside");
+        assert!(
+            analyze(A, &bytes(&later), 4).is_ok(),
+            "a 4-byte patch has no inside"
+        );
         later[8] = 0x5400_0001 | ((((-0x20i32) >> 2) as u32 & 0x7ffff) << 5);
-        assert!(analyze(A, &bytes(&later), 16).is_ok(), "branch to the hooked address");
+        assert!(
+            analyze(A, &bytes(&later), 16).is_ok(),
+            "branch to the hooked address"
+        );
     }
 
     #[test]
@@ -642,9 +746,18 @@ pub(crate) mod tests {
         // b.eq skip; ldr x16; br x16 | add | ldr x7, =; ldr x7, [x7] | add | ldr x16; br x16
         assert_eq!(
             t.moved,
-            [(A, FAR), (A + 4, FAR + 12), (A + 8, FAR + 16), (A + 12, FAR + 24)]
+            [
+                (A, FAR),
+                (A + 4, FAR + 12),
+                (A + 8, FAR + 16),
+                (A + 12, FAR + 24)
+            ]
         );
         assert_eq!((FAR + 28 + 8).next_multiple_of(16) - FAR, 48);
-        assert_eq!(t.bytes.len(), 48 + 3 * 8, "code, padding, three pool entries");
+        assert_eq!(
+            t.bytes.len(),
+            48 + 3 * 8,
+            "code, padding, three pool entries"
+        );
     }
 }

@@ -103,15 +103,27 @@ fn stub_words() -> Vec<Word> {
     let mut w = Vec::with_capacity(96);
     put(&mut w, encode::add_imm(true, SP, SP, FRAME));
     for r in (0..30).step_by(2) {
-        put(&mut w, encode::pair(false, false, r, r + 1, i64::from(8 * r)));
+        put(
+            &mut w,
+            encode::pair(false, false, r, r + 1, i64::from(8 * r)),
+        );
     }
     put(&mut w, encode::add_imm(false, IP0, SP, FRAME));
-    put(&mut w, encode::pair(false, false, LR, IP0, i64::from(REG_SP - 8)));
+    put(
+        &mut w,
+        encode::pair(false, false, LR, IP0, i64::from(REG_SP - 8)),
+    );
     w.push(Word::Load(IP0, Const::Pc));
     put(&mut w, Some(encode::mrs(IP1, SysReg::Nzcv)));
-    put(&mut w, encode::pair(false, false, IP0, IP1, i64::from(REG_PC)));
+    put(
+        &mut w,
+        encode::pair(false, false, IP0, IP1, i64::from(REG_PC)),
+    );
     for q in (0..32).step_by(2) {
-        put(&mut w, encode::pair(false, true, q, q + 1, i64::from(VREGS + 16 * q)));
+        put(
+            &mut w,
+            encode::pair(false, true, q, q + 1, i64::from(VREGS + 16 * q)),
+        );
     }
     put(&mut w, Some(encode::mrs(IP0, SysReg::Fpsr)));
     put(&mut w, Mem::StrX.at(IP0, SP, FPSR));
@@ -122,15 +134,24 @@ fn stub_words() -> Vec<Word> {
     put(&mut w, Mem::LdrX.at(IP0, SP, FPSR));
     put(&mut w, Some(encode::msr(SysReg::Fpsr, IP0)));
     for q in (0..32).step_by(2) {
-        put(&mut w, encode::pair(true, true, q, q + 1, i64::from(VREGS + 16 * q)));
+        put(
+            &mut w,
+            encode::pair(true, true, q, q + 1, i64::from(VREGS + 16 * q)),
+        );
     }
     put(&mut w, Mem::LdrX.at(IP0, SP, REG_PSTATE));
     put(&mut w, Some(encode::msr(SysReg::Nzcv, IP0)));
     for r in (0..30).step_by(2).filter(|&r| r != IP0) {
-        put(&mut w, encode::pair(true, false, r, r + 1, i64::from(8 * r)));
+        put(
+            &mut w,
+            encode::pair(true, false, r, r + 1, i64::from(8 * r)),
+        );
     }
     put(&mut w, Mem::LdrX.at(LR, SP, 8 * LR));
-    put(&mut w, encode::pair(true, false, IP0, IP1, i64::from(8 * IP0)));
+    put(
+        &mut w,
+        encode::pair(true, false, IP0, IP1, i64::from(8 * IP0)),
+    );
     put(&mut w, encode::add_imm(false, SP, SP, FRAME));
     w
 }
@@ -151,7 +172,10 @@ pub(crate) fn build(
     }
     let words = stub_words();
     let trampoline = base + 4 * words.len() as u64;
-    let Trampoline { bytes: tramp, moved } = relocate(p, code, trampoline, guarded)?;
+    let Trampoline {
+        bytes: tramp,
+        moved,
+    } = relocate(p, code, trampoline, guarded)?;
     let pool = (trampoline + tramp.len() as u64).next_multiple_of(8);
     let consts = [params.hook_addr, params.user, params.handler];
     let mut bytes = Vec::with_capacity((pool - base) as usize + 8 * consts.len());

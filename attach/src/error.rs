@@ -33,6 +33,13 @@ pub enum AttachError {
         target: usize,
     },
 
+    /// The function jumps through a register or a table (a `switch`) whose targets cannot be
+    /// known, so a patch of several bytes in its middle might be jumped into.
+    #[error(
+        "indirect jump at {branch:#x} has unknown targets: patching several bytes at {addr:#x}, inside its function, is not safe"
+    )]
+    UnknownBranchTargets { addr: usize, branch: usize },
+
     /// An instruction in the bytes to patch cannot be moved to the trampoline.
     #[error("instruction at {at:#x} cannot be relocated: {reason}")]
     Unrelocatable { at: usize, reason: &'static str },
@@ -48,6 +55,18 @@ pub enum AttachError {
     /// The bytes to patch overlap those of another hook.
     #[error("patching {addr:#x} would overlap the hook at {existing:#x}")]
     OverlapsHook { addr: usize, existing: usize },
+
+    /// Every return-probe site is in use.
+    #[error("too many return probes (limit {limit})")]
+    TooManyReturnProbes { limit: usize },
+
+    /// Every trap-based probe site is in use.
+    #[error("too many trap-based probes (limit {limit})")]
+    TooManyTraps { limit: usize },
+
+    /// A probe with neither an entry nor a return handler.
+    #[error("probe at {addr:#x} has no handler")]
+    NoHandler { addr: usize },
 
     /// A system call failed.
     #[error("{op} failed")]

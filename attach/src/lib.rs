@@ -55,4 +55,6 @@ pub use error::AttachError;
 pub use regs::PtRegs;
 pub use resolve::{find_symbol_in_process, resolve_file_offset, symbol_file_offset};
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub use x86_64::{Hook, HookHandler, install};
+pub use x86_64::{
+    FuncBounds, Hook, HookHandler, HookKind, PatchMode, Probe, install, install_probe,
+};

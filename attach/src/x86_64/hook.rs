@@ -22,9 +22,11 @@ use std::sync::{Mutex, MutexGuard};
 use super::code_mem::{self, CodeBlock};
 use super::patch::{self, INT3};
 use super::prologue::{self, JMP_ABS_LEN, JMP_REL32_LEN, SCAN_LEN};
+use super::retprobe::{self, ProbeCtx};
 use super::signals::{self, Fixup};
 use super::stub::{self, StubParams};
-use crate::procmaps::read_self_maps;
+use super::trap;
+use crate::procmaps::{MapEntry, read_self_maps};
 use crate::{AttachError, PtRegs};
 
 /// A hook handler: called on the hooking thread with the registers at the hooked address and
@@ -49,7 +51,60 @@ pub(crate) fn registry() -> MutexGuard<'static, Vec<Range>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// An installed inline hook. Removing it ([`Hook::remove`] or drop) restores the original bytes.
+/// How a probe gets into the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PatchMode {
+    /// A jump where one can go, else a trap ([`PatchMode::Trap`]).
+    #[default]
+    Auto,
+    /// Only a jump: errors say why one cannot go there.
+    Jump,
+    /// An `int3` and a `SIGTRAP` handler (~µs per hit instead of ~ns, but any instruction
+    /// boundary works).
+    Trap,
+}
+
+/// What is known about the function around a probe address, for checking that no branch
+/// lands inside the bytes a jump would overwrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuncBounds {
+    /// Nothing: a jump could overwrite the target of a branch from anywhere, so
+    /// [`PatchMode::Auto`] uses a trap (a [`PatchMode::Jump`] is checked as for `Entry`).
+    Unknown,
+    /// The address is a function's first instruction; only branches after it are checked.
+    Entry,
+    /// The function occupies `start..end` (from its ELF symbol): every branch in it is
+    /// checked, and a probe in its middle refuses a jump if it has jump tables.
+    Range { start: usize, end: usize },
+}
+
+/// A probe to install with [`install_probe`].
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// Called when a thread reaches the address, with the registers there.
+    pub entry: Option<HookHandler>,
+    /// Called when the function entered at the address returns (a uretprobe), with the
+    /// registers after `ret` (rax = return value, rsp = the caller's, rip = the return
+    /// address). Only meaningful at a function's entry, where `[rsp]` is the return address.
+    pub ret: Option<HookHandler>,
+    /// Passed to both handlers.
+    pub user: *mut c_void,
+    /// The function around the address.
+    pub func: FuncBounds,
+    /// Jump, trap, or the best that works.
+    pub mode: PatchMode,
+}
+
+/// How an installed hook gets control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    /// A jump to a stub.
+    Jump,
+    /// An `int3` and the `SIGTRAP` handler.
+    Trap,
+}
+
+/// An installed hook. Removing it ([`Hook::remove`] or drop) restores the original bytes.
 #[derive(Debug)]
 #[must_use = "dropping a Hook removes it"]
 pub struct Hook {
@@ -59,6 +114,21 @@ pub struct Hook {
 #[derive(Debug)]
 struct State {
     target: usize,
+    patch: Patch,
+    /// The return site, when the probe has a return handler.
+    ret_site: Option<u32>,
+    /// The stub's `user` for a probe with a return handler (read by `entry_with_return`).
+    ctx: Option<Box<ProbeCtx>>,
+}
+
+#[derive(Debug)]
+enum Patch {
+    Jump(JumpState),
+    Trap { original: u8, index: usize },
+}
+
+#[derive(Debug)]
+struct JumpState {
     /// The bytes the jump replaced, `len` of them.
     original: [u8; JMP_ABS_LEN],
     len: usize,
@@ -69,7 +139,8 @@ struct State {
 }
 
 /// Installs a hook at `target`: from now on every thread executing `target` first calls
-/// `handler(&mut regs, user)`, then runs the original instructions.
+/// `handler(&mut regs, user)`, then runs the original instructions. A jump only: the same as
+/// [`install_probe`] with [`PatchMode::Jump`] and [`FuncBounds::Entry`].
 ///
 /// Errors leave the code untouched: [`AttachError::TooShort`] (a trap-based hook is needed
 /// there), [`AttachError::BranchIntoPatch`], [`AttachError::Undecodable`],
@@ -96,6 +167,33 @@ pub unsafe fn install(
     handler: HookHandler,
     user: *mut c_void,
 ) -> Result<Hook, AttachError> {
+    let probe = Probe {
+        entry: Some(handler),
+        ret: None,
+        user,
+        func: FuncBounds::Entry,
+        mode: PatchMode::Jump,
+    };
+    // SAFETY: the same contract.
+    unsafe { install_probe(target, &probe) }
+}
+
+/// Installs `probe` at `target`. With [`PatchMode::Auto`], a jump is patched where one can go
+/// safely and an `int3` trap is used otherwise (functions shorter than the jump, instructions
+/// that are branch targets, the middle of a function with unknown branch targets, an address
+/// whose function is unknown); the trap's `SIGTRAP` handler chains traps that are not ours to
+/// the application's handler (see [`intercept_sigaction`](super::intercept_sigaction)).
+///
+/// A return handler makes the entry save the return address on the thread's shadow stack and
+/// replace it by a return trampoline (see [`missed_returns`](super::missed_returns) for when
+/// that is skipped).
+///
+/// # Safety
+///
+/// As for [`install`], for both handlers; with a return handler, `target` must be a
+/// function's entry (`[rsp]` holds the return address there), and with [`FuncBounds::Range`]
+/// the range must be the function's.
+pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, AttachError> {
     let mut reg = registry();
     signals::init()?;
     patch::init_sync_core();
@@ -108,9 +206,77 @@ pub unsafe fn install(
             existing: r.start,
         });
     }
-    let maps = read_self_maps()?;
-    let code = code_mem::read_code(&maps, target, SCAN_LEN + 2 * JMP_ABS_LEN)?;
-    let (block, len) = match code_mem::alloc_near(target, &maps)? {
+    let (handler, user, ret_site, ctx) = match (probe.entry, probe.ret) {
+        (None, None) => return Err(AttachError::NoHandler { addr: target }),
+        (Some(h), None) => (h, probe.user, None, None),
+        (entry, Some(ret)) => {
+            retprobe::init()?;
+            let (site, generation) = retprobe::register_site(ret, probe.user)?;
+            let ctx = Box::new(ProbeCtx {
+                entry,
+                user: probe.user,
+                site,
+                generation,
+            });
+            let user = &*ctx as *const ProbeCtx as *mut c_void;
+            (
+                retprobe::entry_with_return as HookHandler,
+                user,
+                Some(site),
+                Some(ctx),
+            )
+        }
+    };
+    let installed = read_self_maps().and_then(|maps| {
+        let reg = &mut *reg;
+        match probe.mode {
+            PatchMode::Jump => install_jump(reg, &maps, target, handler, user, probe.func),
+            PatchMode::Trap => install_trap(reg, &maps, target, handler, user),
+            PatchMode::Auto if probe.func == FuncBounds::Unknown => {
+                install_trap(reg, &maps, target, handler, user)
+            }
+            PatchMode::Auto => match install_jump(reg, &maps, target, handler, user, probe.func) {
+                Err(
+                    AttachError::TooShort { .. }
+                    | AttachError::BranchIntoPatch { .. }
+                    | AttachError::UnknownBranchTargets { .. }
+                    | AttachError::Unrelocatable { .. }
+                    | AttachError::Relocation { .. }
+                    | AttachError::OverlapsHook { .. },
+                ) => install_trap(reg, &maps, target, handler, user),
+                other => other,
+            },
+        }
+    });
+    match installed {
+        Ok(patch) => Ok(Hook {
+            state: Some(State {
+                target,
+                patch,
+                ret_site,
+                ctx,
+            }),
+        }),
+        Err(e) => {
+            if let Some(site) = ret_site {
+                retprobe::unregister_site(site);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The jump: stub + trampoline near the target, then the patch.
+fn install_jump(
+    reg: &mut Vec<Range>,
+    maps: &[MapEntry],
+    target: usize,
+    handler: HookHandler,
+    user: *mut c_void,
+    func: FuncBounds,
+) -> Result<Patch, AttachError> {
+    let code = code_mem::read_code(maps, target, SCAN_LEN + 2 * JMP_ABS_LEN)?;
+    let (block, len) = match code_mem::alloc_near(target, maps)? {
         Some(block) => (block, JMP_REL32_LEN),
         None => (code_mem::alloc_anywhere()?, JMP_ABS_LEN),
     };
@@ -121,6 +287,13 @@ pub unsafe fn install(
         inflight: block.inflight_addr() as u64,
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
+        if let FuncBounds::Range { start, end } = func
+            && start <= target
+            && target < end
+        {
+            let body = code_mem::read_code(maps, start, end - start)?;
+            prologue::check_function(target as u64, p.patch_len, start as u64, &body)?;
+        }
         let enc = stub::encode(block.code_addr() as u64, &params, &p)?;
         if let Some(r) = reg
             .iter()
@@ -161,7 +334,7 @@ pub unsafe fn install(
         rsp_delta: e.rsp_delta,
     });
 
-    let writable = patch::make_writable(&maps, target, len)?;
+    let writable = patch::make_writable(maps, target, len)?;
     signals::arm_trap(target, stub_entry);
     let patched = if fixups.is_empty() {
         patch::write_instruction(target, &jump[..len]);
@@ -190,8 +363,7 @@ pub unsafe fn install(
         start: target,
         end: target + prologue.patch_len,
     });
-    let state = State {
-        target,
+    let state = JumpState {
         original,
         len,
         patch_len: prologue.patch_len,
@@ -201,12 +373,85 @@ pub unsafe fn install(
     };
     if let Err(e) = restored {
         // The text page could not be made read-only again: take the hook out and report.
-        if let Err((_, e2)) = remove_locked(&mut reg, state) {
+        if let Err((_, e2)) = remove_jump(reg, target, state) {
             unrecoverable(&e2);
         }
         return Err(e);
     }
-    Ok(Hook { state: Some(state) })
+    Ok(Patch::Jump(state))
+}
+
+/// The trap: an out-of-line copy of the instruction, the site in the trap table, the int3.
+fn install_trap(
+    reg: &mut Vec<Range>,
+    maps: &[MapEntry],
+    target: usize,
+    handler: HookHandler,
+    user: *mut c_void,
+) -> Result<Patch, AttachError> {
+    let code = code_mem::read_code(maps, target, SCAN_LEN)?;
+    if code.first() == Some(&INT3) {
+        return Err(AttachError::Unrelocatable {
+            at: target,
+            reason: "an int3 is already there",
+        });
+    }
+    let one = prologue::analyze(target as u64, &code, 1).map_err(|e| match e {
+        AttachError::TooShort { .. } => AttachError::Unrelocatable {
+            at: target,
+            reason: "the instruction cannot run out of line",
+        },
+        e => e,
+    })?;
+    let block = match code_mem::alloc_near(target, maps)? {
+        Some(b) => b,
+        None => code_mem::alloc_anywhere()?,
+    };
+    let built = stub::encode_out_of_line(block.code_addr() as u64, &one)
+        .and_then(|c| block.write_code(&c))
+        .and_then(|()| block.seal());
+    if let Err(e) = built {
+        block.free_unsealed();
+        return Err(e);
+    }
+    // The block is sealed: never freed from here on.
+    let index = trap::add(target, handler, user, block.code_addr())?;
+    let writable = match patch::make_writable(maps, target, 1) {
+        Ok(w) => w,
+        Err(e) => {
+            trap::remove(index);
+            return Err(e);
+        }
+    };
+    patch::store_byte(target, INT3);
+    patch::sync_cores();
+    if let Err(e) = writable.restore() {
+        remove_trap(maps, target, code[0], index).unwrap_or_else(|e2| unrecoverable(&e2));
+        return Err(e);
+    }
+    reg.push(Range {
+        start: target,
+        end: target + 1,
+    });
+    Ok(Patch::Trap {
+        original: code[0],
+        index,
+    })
+}
+
+fn remove_trap(
+    maps: &[MapEntry],
+    target: usize,
+    original: u8,
+    index: usize,
+) -> Result<(), AttachError> {
+    let writable = patch::make_writable(maps, target, 1)?;
+    patch::store_byte(target, original);
+    patch::sync_cores();
+    signals::remember_int3(target);
+    let restored = writable.restore();
+    trap::remove(index);
+    restored
 }
 
 /// `jmp rel32` to `stub` or `jmp [rip+0]; dq stub`.
@@ -223,11 +468,14 @@ fn jump_bytes(target: usize, stub: usize, len: usize) -> [u8; JMP_ABS_LEN] {
     b
 }
 
-/// Restores the original bytes of `state`'s hook. On `Err`, the bool says whether the bytes
+/// Restores the original bytes of a jump hook. On `Err`, the bool says whether the bytes
 /// were restored (only the stop failed) or the hook is still in place.
-fn remove_locked(reg: &mut Vec<Range>, state: State) -> Result<(), (bool, AttachError)> {
+fn remove_jump(
+    reg: &mut Vec<Range>,
+    target: usize,
+    state: JumpState,
+) -> Result<(), (bool, AttachError)> {
     let maps = read_self_maps().map_err(|e| (false, e))?;
-    let target = state.target;
     let writable = patch::make_writable(&maps, target, state.len).map_err(|e| (false, e))?;
     signals::arm_trap(target, state.block.code_addr());
     patch::write_instruction(target, &state.original[..state.len]);
@@ -244,9 +492,56 @@ fn remove_locked(reg: &mut Vec<Range>, state: State) -> Result<(), (bool, Attach
     stop.and(restored).map_err(|e| (true, e))
 }
 
+/// Removes the hook of `state`; on `Err`, whether the original bytes are back.
+fn remove_locked(reg: &mut Vec<Range>, state: State) -> Result<(), (bool, AttachError)> {
+    let State {
+        target,
+        patch,
+        ret_site,
+        ctx,
+    } = state;
+    let r = match patch {
+        Patch::Jump(j) => remove_jump(reg, target, j),
+        Patch::Trap { original, index } => {
+            let maps = read_self_maps().map_err(|e| (false, e))?;
+            let r = remove_trap(&maps, target, original, index).map_err(|e| (true, e));
+            reg.retain(|r| r.start != target);
+            r
+        }
+    };
+    if let Err((false, _)) = r {
+        // Still installed: its entry handler may run for ever.
+        if let Some(ctx) = ctx {
+            Box::leak(ctx);
+        }
+        return r;
+    }
+    if let Some(site) = ret_site {
+        retprobe::unregister_site(site);
+    }
+    drop(ctx);
+    r
+}
+
 fn unrecoverable(e: &AttachError) -> ! {
     eprintln!("bpftime-attach: cannot restore the original code of a hook: {e}");
     std::process::abort();
+}
+
+/// Makes the probed function return `rc` to its caller at once, from an entry handler
+/// (`bpf_override_return`): rax = `rc`, and the thread continues at the return address with
+/// the caller's rsp. If the probe also has a return handler, that runs first (the return
+/// address is then its trampoline).
+///
+/// # Safety
+/// `regs` must be the registers an entry handler got at a function's first instruction, so
+/// `regs.rsp` points at the return address on the thread's stack.
+pub unsafe fn override_return(regs: &mut PtRegs, rc: u64) {
+    // SAFETY: the caller's contract: rsp points at the return address.
+    let ret = unsafe { core::ptr::read_volatile(regs.rsp as *const u64) };
+    regs.rax = rc;
+    regs.rip = ret;
+    regs.rsp = regs.rsp.wrapping_add(8);
 }
 
 impl Hook {
@@ -255,20 +550,36 @@ impl Hook {
         self.state.as_ref().map_or(0, |s| s.target)
     }
 
+    /// Jump or trap.
+    pub fn kind(&self) -> HookKind {
+        match self.state.as_ref().map(|s| &s.patch) {
+            Some(Patch::Trap { .. }) => HookKind::Trap,
+            _ => HookKind::Jump,
+        }
+    }
+
     /// Where the relocated original instructions start: calling this address runs the hooked
-    /// function without the hook.
+    /// function without the hook. 0 for a trap.
     pub fn trampoline(&self) -> usize {
-        self.state.as_ref().map_or(0, |s| s.trampoline)
+        match self.state.as_ref().map(|s| &s.patch) {
+            Some(Patch::Jump(j)) => j.trampoline,
+            _ => 0,
+        }
     }
 
     /// Bytes from [`Hook::target`] owned by the hook (the overwritten instructions).
     pub fn patched_len(&self) -> usize {
-        self.state.as_ref().map_or(0, |s| s.patch_len)
+        match self.state.as_ref().map(|s| &s.patch) {
+            Some(Patch::Jump(j)) => j.patch_len,
+            Some(Patch::Trap { .. }) => 1,
+            None => 0,
+        }
     }
 
     /// Removes the hook: restores the original bytes and returns once no thread runs (or will
-    /// run) the handler for it. Must not be called from the hook's own handler (it would wait
-    /// for itself).
+    /// run) its handlers. Returns still pending through a return trampoline resume at the right
+    /// address without the handler. Must not be called from the hook's own handlers (it would
+    /// wait for itself).
     ///
     /// On [`AttachError::ThreadStopTimeout`] the original bytes are back, but a thread that
     /// blocks the stop signal may still enter the handler once: keep `user` valid. On other

@@ -5,8 +5,11 @@
 //!   instructions (pure, iced-x86's `CodeAssembler` and `BlockEncoder`).
 //! - `code_mem`: memory for that code near the target (unsafe).
 //! - `patch`: atomic writes to text (unsafe).
-//! - `signals`: the `SIGTRAP` redirection and the stop-the-world step (unsafe).
-//! - `hook`: [`install`] and [`Hook`], the order of the steps.
+//! - `signals`: the `SIGTRAP` handler (patch-time redirection, trap probes, chaining to the
+//!   application's handler) and the stop-the-world step (unsafe).
+//! - `trap`: trap-based probes, int3 + out-of-line execution (unsafe).
+//! - `retprobe`: return trampolines, per-thread pending returns, their unwind info (unsafe).
+//! - `hook`: [`install_probe`] and [`Hook`], the order of the steps.
 
 #[allow(unsafe_code)]
 pub(crate) mod code_mem;
@@ -16,10 +19,30 @@ pub(crate) mod hook;
 pub(crate) mod patch;
 mod prologue;
 #[allow(unsafe_code)]
+mod retprobe;
+#[allow(unsafe_code)]
 pub(crate) mod signals;
 mod stub;
+#[allow(unsafe_code)]
+mod trap;
 
-pub use hook::{Hook, HookHandler, install};
+pub use hook::{
+    FuncBounds, Hook, HookHandler, HookKind, PatchMode, Probe, install, install_probe,
+    override_return,
+};
+pub use signals::{intercept_sigaction, is_own_handler, recheck_trap_handler};
+
+/// Return probes skipped since the process started: a thread already had 64 returns pending
+/// (the kernel's `MAX_URETPROBE_DEPTH` too), or 256 threads had returns pending at once.
+pub fn missed_returns() -> u64 {
+    retprobe::missed()
+}
+
+/// How many returns the calling thread has pending (for tests and diagnostics).
+#[doc(hidden)]
+pub fn pending_returns() -> u32 {
+    retprobe::pending()
+}
 
 /// How many times a thread was moved out of code being patched (into a trampoline on install,
 /// back to the original code on removal) since the process started. For tests and diagnostics.

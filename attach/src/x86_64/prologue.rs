@@ -175,6 +175,58 @@ pub(crate) fn analyze(addr: u64, code: &[u8], needed: usize) -> Result<Prologue,
     })
 }
 
+/// Checks a whole function for control flow into the patched bytes `(addr, addr + patch_len)`:
+/// `func` holds the function's bytes from its first byte `start`. Any direct branch into them
+/// is [`AttachError::BranchIntoPatch`]. When `addr` is not the function's entry, an indirect
+/// jump through a register or an indexed table (a `switch` jump table; its targets are
+/// unknown) is [`AttachError::UnknownBranchTargets`]; indirect jumps through a single memory
+/// slot (`jmp [rip + got]`, tail calls) are not.
+pub(crate) fn check_function(
+    addr: u64,
+    patch_len: usize,
+    start: u64,
+    func: &[u8],
+) -> Result<(), AttachError> {
+    let inside = |t: u64| t > addr && t < addr + patch_len as u64;
+    let mut decoder = Decoder::with_ip(64, func, start, DecoderOptions::NONE);
+    for insn in &mut decoder {
+        if insn.is_invalid() {
+            // Data in the text, or the end of what we were given: nothing more to learn.
+            break;
+        }
+        if let Some(t) = branch_target(&insn).filter(|&t| inside(t)) {
+            return Err(AttachError::BranchIntoPatch {
+                addr: addr as usize,
+                branch: insn.ip() as usize,
+                target: t as usize,
+            });
+        }
+        if addr != start
+            && insn.flow_control() == FlowControl::IndirectBranch
+            && is_table_jump(&insn)
+        {
+            return Err(AttachError::UnknownBranchTargets {
+                addr: addr as usize,
+                branch: insn.ip() as usize,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `jmp reg` or `jmp [base + index*scale]`: the shapes compilers emit for jump tables.
+fn is_table_jump(insn: &Instruction) -> bool {
+    match insn.op0_kind() {
+        OpKind::Register => true,
+        OpKind::Memory => {
+            insn.memory_index() != iced_x86::Register::None
+                || (insn.memory_base() != iced_x86::Register::RIP
+                    && insn.memory_base() != iced_x86::Register::None)
+        }
+        _ => false,
+    }
+}
+
 /// The target of a direct near branch (`jmp`, `jcc`, `call`, `loop`, `jrcxz`, `xbegin`).
 fn branch_target(insn: &Instruction) -> Option<u64> {
     match insn.op0_kind() {
@@ -311,6 +363,40 @@ mod tests {
             analyze5(&early),
             Err(AttachError::Unrelocatable { .. })
         ));
+    }
+
+    #[test]
+    fn function_scan_finds_branches_from_before_the_probe() {
+        // f: test edi,edi; je L; nop; L(+5): mov eax,1; add eax,edi; ret
+        let f = [
+            0x85, 0xff, 0x74, 0x01, 0x90, 0xb8, 0x01, 0, 0, 0, 0x01, 0xf8, 0xc3,
+        ];
+        // Probing at +4 (the nop): the je from +2 lands at +5, inside [+4, +9).
+        assert!(matches!(
+            check_function(ADDR + 4, 5, ADDR, &f),
+            Err(AttachError::BranchIntoPatch { branch, target, .. })
+                if branch == ADDR as usize + 2 && target == ADDR as usize + 5
+        ));
+        // Probing at +5: the je targets the probe address itself, which is fine.
+        assert!(check_function(ADDR + 5, 5, ADDR, &f).is_ok());
+    }
+
+    #[test]
+    fn jump_tables_make_mid_function_targets_unknown() {
+        // lea rax,[rip+0]; movsxd rdx,[rax+rdi*4]; add rdx,rax; jmp rdx; ret
+        let f = [
+            0x48, 0x8d, 0x05, 0, 0, 0, 0, 0x48, 0x63, 0x14, 0xb8, 0x48, 0x01, 0xc2, 0xff, 0xe2,
+            0xc3,
+        ];
+        assert!(matches!(
+            check_function(ADDR + 7, 5, ADDR, &f),
+            Err(AttachError::UnknownBranchTargets { branch, .. }) if branch == ADDR as usize + 14
+        ));
+        // At the entry a jump table cannot target the prologue.
+        assert!(check_function(ADDR, 7, ADDR, &f).is_ok());
+        // jmp [rip+x] (a tail call through the GOT) is not a table.
+        let g = [0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xff, 0x25, 0, 0, 0, 0];
+        assert!(check_function(ADDR + 1, 5, ADDR, &g).is_ok());
     }
 
     #[test]

@@ -60,15 +60,66 @@ static TRAP_STUB: AtomicUsize = AtomicUsize::new(0);
 static RECENT: [AtomicUsize; 64] = [const { AtomicUsize::new(0) }; 64];
 static RECENT_NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// The `SIGTRAP` disposition before ours.
-#[derive(Debug, Clone, Copy)]
-struct OldAction {
-    handler: usize,
-    flags: c_int,
-}
-static OLD_TRAP: OnceLock<OldAction> = OnceLock::new();
+/// The application's `SIGTRAP` disposition: the one before ours, or what it installed since
+/// (through [`intercept_sigaction`], or seen by [`recheck_trap_handler`]). A seqlock: odd while
+/// being written. Traps that are not ours go there.
+static APP_SEQ: AtomicU32 = AtomicU32::new(0);
+static APP_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
+static APP_FLAGS: AtomicU64 = AtomicU64::new(0);
+static APP_MASK: AtomicU64 = AtomicU64::new(0);
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static INIT: OnceLock<Result<(), i32>> = OnceLock::new();
+
+#[derive(Debug, Clone, Copy)]
+struct AppAction {
+    handler: usize,
+    flags: c_int,
+    /// Signals 1–64 of `sa_mask`.
+    mask: u64,
+}
+
+fn app_action() -> AppAction {
+    loop {
+        let s1 = APP_SEQ.load(Ordering::Acquire);
+        if s1 % 2 == 1 {
+            core::hint::spin_loop();
+            continue;
+        }
+        let a = AppAction {
+            handler: APP_HANDLER.load(Ordering::Acquire),
+            flags: APP_FLAGS.load(Ordering::Acquire) as c_int,
+            mask: APP_MASK.load(Ordering::Acquire),
+        };
+        if APP_SEQ.load(Ordering::Acquire) == s1 {
+            return a;
+        }
+    }
+}
+
+/// Callers serialise (the registry lock, or `APP_WRITE`).
+fn set_app_action(a: AppAction) {
+    APP_SEQ.fetch_add(1, Ordering::AcqRel);
+    APP_HANDLER.store(a.handler, Ordering::Release);
+    APP_FLAGS.store(a.flags as u32 as u64, Ordering::Release);
+    APP_MASK.store(a.mask, Ordering::Release);
+    APP_SEQ.fetch_add(1, Ordering::AcqRel);
+}
+
+static APP_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn mask_bits(set: &libc::sigset_t) -> u64 {
+    // SAFETY: sigset_t is plain data of at least 8 bytes; glibc keeps signals 1–64 in its
+    // first word (bit n-1 for signal n).
+    unsafe { core::ptr::read_unaligned((set as *const libc::sigset_t).cast::<u64>()) }
+}
+
+fn set_mask_bits(set: &mut libc::sigset_t, bits: u64) {
+    // SAFETY: as in `mask_bits`; sigemptyset clears the rest.
+    unsafe {
+        libc::sigemptyset(set);
+        core::ptr::write_unaligned((set as *mut libc::sigset_t).cast::<u64>(), bits);
+    }
+}
 
 /// Installs both handlers (once per process).
 pub(crate) fn init() -> Result<(), AttachError> {
@@ -93,25 +144,138 @@ fn action(
     // SAFETY: sigaction is plain data; all-zero is a valid (empty) value that we then fill.
     let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
     sa.sa_sigaction = handler as usize;
-    sa.sa_flags = flags | libc::SA_SIGINFO | libc::SA_ONSTACK;
+    sa.sa_flags = flags | libc::SA_SIGINFO;
     // SAFETY: `sa.sa_mask` is a valid sigset_t owned by this frame.
     unsafe { libc::sigfillset(&mut sa.sa_mask) };
     sa
 }
 
+/// Our `SIGTRAP` action: runs on the current stack (probe handlers may need more than an
+/// alternate signal stack offers), and does not block `SIGTRAP` itself, so a probe hit by
+/// a handler (a helper calling a probed function) traps again instead of killing the process.
+fn trap_action() -> libc::sigaction {
+    let mut sa = action(on_trap, libc::SA_NODEFER | libc::SA_RESTART);
+    // SAFETY: a valid sigset_t owned by `sa`.
+    unsafe { libc::sigdelset(&mut sa.sa_mask, libc::SIGTRAP) };
+    sa
+}
+
 fn install_trap_handler() -> Result<(), i32> {
-    let sa = action(on_trap, 0);
+    let sa = trap_action();
     // SAFETY: zeroed sigaction is valid output storage.
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: valid pointers to a filled-in action and to output storage.
     if unsafe { libc::sigaction(libc::SIGTRAP, &sa, &mut old) } != 0 {
         return Err(errno());
     }
-    let _ = OLD_TRAP.set(OldAction {
-        handler: old.sa_sigaction,
-        flags: old.sa_flags,
-    });
+    if old.sa_sigaction != on_trap as *const () as usize {
+        set_app_action(AppAction {
+            handler: old.sa_sigaction,
+            flags: old.sa_flags,
+            mask: mask_bits(&old.sa_mask),
+        });
+    }
     Ok(())
+}
+
+/// Whether `handler` is one of this crate's signal handlers.
+pub fn is_own_handler(handler: usize) -> bool {
+    handler == on_trap as *const () as usize || handler == on_stop as *const () as usize
+}
+
+/// For a `sigaction` interposer: once trap-based probes may exist (our `SIGTRAP` handler is
+/// installed), the application's `SIGTRAP` actions are recorded here, and traps that are not
+/// ours go to them, instead of replacing our handler. Returns `None` when the call is not ours
+/// to answer (another signal, our handler not installed, or our own installation) — forward it
+/// to the real `sigaction` then.
+///
+/// # Safety
+/// `act` and `old` must each be null or valid for reading / writing a `struct sigaction`.
+pub unsafe fn intercept_sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> Option<c_int> {
+    if sig != libc::SIGTRAP || !matches!(INIT.get(), Some(Ok(()))) {
+        return None;
+    }
+    // SAFETY: the caller's contract on `act`.
+    let new = unsafe { act.as_ref() };
+    if new.is_some_and(|a| is_own_handler(a.sa_sigaction)) {
+        return None;
+    }
+    let _w = APP_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+    let prev = app_action();
+    // SAFETY: the caller's contract on `old`.
+    if let Some(o) = unsafe { old.as_mut() } {
+        // SAFETY: sigaction is plain data; zero is a valid starting point.
+        *o = unsafe { core::mem::zeroed() };
+        o.sa_sigaction = prev.handler;
+        o.sa_flags = prev.flags;
+        set_mask_bits(&mut o.sa_mask, prev.mask);
+    }
+    if let Some(a) = new {
+        set_app_action(AppAction {
+            handler: a.sa_sigaction,
+            flags: a.sa_flags,
+            mask: mask_bits(&a.sa_mask),
+        });
+    }
+    Some(0)
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction`.
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// If something replaced our `SIGTRAP` handler behind the interposer's back (a raw
+/// `rt_sigaction`, or a program without the interposer), takes the new action as the
+/// application's and puts ours back. Returns whether it had to. Does nothing before the first
+/// hook.
+pub fn recheck_trap_handler() -> Result<bool, AttachError> {
+    if !matches!(INIT.get(), Some(Ok(()))) {
+        return Ok(false);
+    }
+    let mut cur = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: query only (null new action); `cur` is the kernel's 32-byte layout with an
+    // 8-byte mask.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            libc::SIGTRAP,
+            core::ptr::null::<KernelSigaction>(),
+            &mut cur as *mut KernelSigaction,
+            8usize,
+        )
+    };
+    if rc != 0 {
+        return Err(AttachError::last_os("rt_sigaction(SIGTRAP)"));
+    }
+    if cur.handler == on_trap as *const () as usize {
+        return Ok(false);
+    }
+    let _w = APP_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+    set_app_action(AppAction {
+        handler: cur.handler,
+        flags: cur.flags as c_int,
+        mask: cur.mask,
+    });
+    let sa = trap_action();
+    // SAFETY: a filled-in action; no old action wanted.
+    if unsafe { libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) } != 0 {
+        return Err(AttachError::last_os("sigaction(SIGTRAP)"));
+    }
+    Ok(true)
 }
 
 fn install_stop_handler() -> Result<(), i32> {
@@ -126,7 +290,7 @@ fn install_stop_handler() -> Result<(), i32> {
         if old.sa_sigaction != libc::SIG_DFL {
             continue;
         }
-        let sa = action(on_stop, libc::SA_RESTART);
+        let sa = action(on_stop, libc::SA_RESTART | libc::SA_ONSTACK);
         // SAFETY: valid pointer to a filled-in action.
         if unsafe { libc::sigaction(sig, &sa, core::ptr::null_mut()) } != 0 {
             return Err(errno());
@@ -179,39 +343,58 @@ fn gregs(ctx: *mut c_void) -> *mut [libc::greg_t; 23] {
     unsafe { core::ptr::addr_of_mut!((*uc).uc_mcontext.gregs) }
 }
 
+/// Remembers that an int3 was at `addr` (a removed trap probe), so a thread that trapped on
+/// it just before the original byte came back retries the instruction.
+pub(crate) fn remember_int3(addr: usize) {
+    let i = RECENT_NEXT.fetch_add(1, Ordering::Relaxed) % RECENT.len();
+    RECENT[i].store(addr, Ordering::Release);
+}
+
 extern "C" fn on_trap(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: errno is thread-local; its location is valid for the thread's life.
+    let saved_errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes valid siginfo/ucontext pointers to an SA_SIGINFO handler, both
-    // owned by this signal frame.
-    let (code, regs) = unsafe { ((*info).si_code, &mut *gregs(ctx)) };
+    // owned by this signal frame. Register accesses go through short-lived borrows.
+    let code = unsafe { (*info).si_code };
+    let set_rip = |v: usize| {
+        // SAFETY: as above.
+        unsafe { (*gregs(ctx))[libc::REG_RIP as usize] = v as libc::greg_t };
+    };
+    let mut ours = false;
     if code == SI_KERNEL {
-        let addr = (regs[libc::REG_RIP as usize] as usize).wrapping_sub(1);
+        // SAFETY: as above.
+        let rip = unsafe { (*gregs(ctx))[libc::REG_RIP as usize] } as usize;
+        let addr = rip.wrapping_sub(1);
         if let Some(stub) = armed_stub(addr) {
-            regs[libc::REG_RIP as usize] = stub as libc::greg_t;
-            return;
-        }
-        if RECENT.iter().any(|r| r.load(Ordering::Acquire) == addr) {
+            set_rip(stub);
+            ours = true;
+        } else if super::trap::dispatch(addr, ctx) {
+            ours = true;
+        } else if RECENT.iter().any(|r| r.load(Ordering::Acquire) == addr) {
             // SAFETY: `addr` is a patch site of ours inside mapped text (we wrote an int3 there);
             // text stays mapped.
             let byte = unsafe { core::ptr::read_volatile(addr as *const u8) };
             if byte != super::patch::INT3 {
                 // Our int3 was replaced meanwhile: run whatever is there now.
-                regs[libc::REG_RIP as usize] = addr as libc::greg_t;
-                return;
+                set_rip(addr);
+                ours = true;
             }
         }
     }
-    chain(sig, info, ctx);
+    if !ours {
+        chain(sig, info, ctx);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
 }
 
-/// Passes a trap that is not ours to the previous disposition.
+/// Passes a trap that is not ours to the application's disposition, with the signal mask
+/// its action asks for.
 fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let old = OLD_TRAP.get().copied().unwrap_or(OldAction {
-        handler: libc::SIG_DFL,
-        flags: 0,
-    });
-    if old.handler == libc::SIG_DFL || old.handler == libc::SIG_IGN {
-        // Restore the default action and re-raise: delivered when this handler returns, it
-        // terminates the process as if we had never been here.
+    let app = app_action();
+    if app.handler == libc::SIG_DFL || app.handler == libc::SIG_IGN {
+        // A trap cannot be ignored (the kernel kills on an ignored forced SIGTRAP): restore the
+        // default action and re-raise; it terminates the process as if we had never been here.
         // SAFETY: zeroed sigaction is SIG_DFL with an empty mask; sigaction and raise are
         // async-signal-safe.
         unsafe {
@@ -219,17 +402,42 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
             libc::sigaction(sig, &dfl, core::ptr::null_mut());
             libc::raise(sig);
         }
-    } else if old.flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the previous handler was installed as an SA_SIGINFO handler with this
-        // signature; we pass it the frame's own arguments.
+        return;
+    }
+    // The mask the kernel would have set for the application's handler: the interrupted
+    // context's, plus its sa_mask, plus the signal unless SA_NODEFER.
+    // SAFETY: `ctx` is this frame's ucontext; sigset_t values are plain data.
+    let mut want: libc::sigset_t = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_sigmask };
+    let mut bits = mask_bits(&want) | app.mask;
+    if app.flags & libc::SA_NODEFER == 0 {
+        bits |= 1 << (sig - 1);
+    }
+    // SAFETY: `want` is a valid sigset_t; its first word holds signals 1–64.
+    unsafe { core::ptr::write_unaligned((&mut want as *mut libc::sigset_t).cast::<u64>(), bits) };
+    // SAFETY: zeroed sigset_t is valid output storage.
+    let mut saved: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: valid sigset pointers; pthread_sigmask is async-signal-safe.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &want, &mut saved) };
+    if app.flags & libc::SA_RESETHAND != 0 {
+        set_app_action(AppAction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            mask: 0,
+        });
+    }
+    if app.flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the application installed an SA_SIGINFO handler with this signature; we
+        // pass it the frame's own arguments.
         let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
-            unsafe { core::mem::transmute(old.handler) };
+            unsafe { core::mem::transmute(app.handler) };
         f(sig, info, ctx);
     } else {
-        // SAFETY: the previous handler was installed as a plain `void (*)(int)` handler.
-        let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(old.handler) };
+        // SAFETY: the application installed a plain `void (*)(int)` handler.
+        let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(app.handler) };
         f(sig);
     }
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, core::ptr::null_mut()) };
 }
 
 // ---- stop the world ---------------------------------------------------------------------

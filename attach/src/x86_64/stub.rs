@@ -24,7 +24,7 @@ use iced_x86::code_asm::{
 };
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, IcedError, Instruction, InstructionBlock,
-    MemoryOperand, Register,
+    MemoryOperand, OpKind, Register,
 };
 
 use super::prologue::Prologue;
@@ -78,58 +78,159 @@ fn iced(addr: u64) -> impl Fn(IcedError) -> AttachError {
     }
 }
 
-/// Encodes stub + trampoline to run at `base`.
+/// The relocated form of the prologue's instructions, each with the index of the prologue
+/// instruction it comes from, followed by the jump back when the last one falls through.
+///
+/// A `call` is rewritten as "push the original return address, jump to the callee", so the
+/// callee returns straight to the original code and unwinders (C++ exceptions, `backtrace`)
+/// never see a return address inside our code.
+fn relocated_insns(p: &Prologue) -> Result<Vec<(usize, Instruction)>, IcedError> {
+    let mut out = Vec::with_capacity(p.insns.len() + 4);
+    for (i, insn) in p.insns.iter().enumerate() {
+        match insn.code() {
+            Code::Call_rel32_64 | Code::Call_rm64 => {
+                let ret = insn.next_ip();
+                let mem = |d: i64| MemoryOperand::with_base_displ(Register::RSP, d);
+                out.push((
+                    i,
+                    Instruction::with2(Code::Lea_r64_m, Register::RSP, mem(-8))?,
+                ));
+                out.push((
+                    i,
+                    Instruction::with2(Code::Mov_rm32_imm32, mem(0), ret as u32)?,
+                ));
+                out.push((
+                    i,
+                    Instruction::with2(Code::Mov_rm32_imm32, mem(4), (ret >> 32) as u32)?,
+                ));
+                let jmp = if insn.code() == Code::Call_rel32_64 {
+                    Instruction::with_branch(Code::Jmp_rel32_64, insn.near_branch_target())?
+                } else {
+                    let mut j = *insn;
+                    j.set_code(Code::Jmp_rm64);
+                    // The operand is read after the push: an rsp-based one moved by 8.
+                    if j.op0_kind() == OpKind::Memory && j.memory_base() == Register::RSP {
+                        j.set_memory_displacement64(j.memory_displacement64().wrapping_add(8));
+                    }
+                    j
+                };
+                out.push((i, jmp));
+            }
+            _ => out.push((i, *insn)),
+        }
+    }
+    if let Some(resume) = p.resume {
+        out.push((
+            p.insns.len(),
+            Instruction::with_branch(Code::Jmp_rel32_64, resume)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs iced's block encoder over `insns` at `base`; the new address of each instruction.
+fn encode_block(
+    addr: u64,
+    base: u64,
+    insns: &[Instruction],
+) -> Result<(Vec<u8>, Vec<u64>), AttachError> {
+    let block = InstructionBlock::new(insns, base);
+    let out = BlockEncoder::encode(
+        64,
+        block,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(iced(addr))?;
+    let offsets = out
+        .new_instruction_offsets
+        .iter()
+        .map(|&off| {
+            if off == u32::MAX {
+                u64::MAX
+            } else {
+                base + u64::from(off)
+            }
+        })
+        .collect();
+    Ok((out.code_buffer, offsets))
+}
+
+/// Where each prologue instruction starts after relocation: the first encoded instruction
+/// that came from it.
+fn prologue_addrs(
+    p: &Prologue,
+    origin: &[usize],
+    at: &[u64],
+    skip: usize,
+) -> Result<Vec<u64>, AttachError> {
+    (0..p.insns.len())
+        .map(|i| {
+            origin
+                .iter()
+                .position(|&o| o == i)
+                .map(|k| at[skip + k])
+                .filter(|&a| a != u64::MAX)
+                .ok_or_else(|| AttachError::Relocation {
+                    addr: p.addr as usize,
+                    message: format!("instruction {i} was rewritten, its new address is unknown"),
+                })
+        })
+        .collect()
+}
+
+/// Encodes stub + trampoline (+ the redirect tail) to run at `base`.
 pub(crate) fn encode(
     base: u64,
     params: &StubParams,
     prologue: &Prologue,
 ) -> Result<Encoded, AttachError> {
     let err = iced(prologue.addr);
-    let mut insns = stub_instructions(params).map_err(&err)?;
-    let stub_len = insns.len();
-    insns.extend(prologue.insns.iter().copied());
-    if let Some(resume) = prologue.resume {
-        insns.push(Instruction::with_branch(Code::Jmp_rel32_64, resume).map_err(&err)?);
-    }
-    let block = InstructionBlock::new(&insns, base);
-    let out = BlockEncoder::encode(
-        64,
-        block,
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )
-    .map_err(&err)?;
-    let at = |i: usize| -> Result<u64, AttachError> {
-        match out.new_instruction_offsets.get(i) {
-            Some(&off) if off != u32::MAX => Ok(base + u64::from(off)),
-            _ => Err(AttachError::Relocation {
+    let (stub, redirect) = stub_instructions(params).map_err(&err)?;
+    let reloc = relocated_insns(prologue).map_err(&err)?;
+    let origin: Vec<usize> = reloc.iter().map(|(i, _)| *i).collect();
+    let mut insns = stub.clone();
+    insns.extend(reloc.iter().map(|(_, insn)| *insn));
+    insns.extend(redirect);
+    let (code, at) = encode_block(prologue.addr, base, &insns)?;
+    let relocated = prologue_addrs(prologue, &origin, &at, stub.len())?;
+    let pc = |i: usize| -> Result<u64, AttachError> {
+        at.get(i)
+            .copied()
+            .filter(|&a| a != u64::MAX)
+            .ok_or_else(|| AttachError::Relocation {
                 addr: prologue.addr as usize,
-                message: format!("instruction {i} was rewritten, its new address is unknown"),
-            }),
-        }
+                message: format!("stub instruction {i} was rewritten"),
+            })
     };
-    let relocated = (stub_len..stub_len + prologue.insns.len())
-        .map(at)
-        .collect::<Result<Vec<_>, _>>()?;
     let entry = [
         EntryPc {
-            pc: at(0)?,
+            pc: pc(0)?,
             rsp_delta: 0,
         },
         EntryPc {
-            pc: at(1)?,
+            pc: pc(1)?,
             rsp_delta: FIRST_DROP as u64,
         },
         EntryPc {
-            pc: at(2)?,
+            pc: pc(2)?,
             rsp_delta: FIRST_DROP as u64 + 8,
         },
     ];
     Ok(Encoded {
-        code: out.code_buffer,
+        code,
         trampoline: relocated[0],
         relocated,
         entry,
     })
+}
+
+/// Encodes the out-of-line copy of a trap site's instruction (`prologue` holds that one
+/// instruction) to run at `base`: the relocated instruction, then a jump back after it.
+/// Returns the code; execution starts at `base`.
+pub(crate) fn encode_out_of_line(base: u64, prologue: &Prologue) -> Result<Vec<u8>, AttachError> {
+    let reloc = relocated_insns(prologue).map_err(iced(prologue.addr))?;
+    let insns: Vec<Instruction> = reloc.into_iter().map(|(_, i)| i).collect();
+    Ok(encode_block(prologue.addr, base, &insns)?.0)
 }
 
 /// `lock inc/dec qword ptr [rip + …]` on the absolute address `counter`.
@@ -142,15 +243,46 @@ fn locked_rip_rel(code: Code, counter: u64) -> Result<Instruction, IcedError> {
     Ok(insn)
 }
 
-fn stub_instructions(p: &StubParams) -> Result<Vec<Instruction>, IcedError> {
-    const SAVED: [iced_x86::code_asm::AsmRegister64; 15] = [
-        rdi, rsi, rdx, rcx, rax, r8, r9, r10, r11, rbx, rbp, r12, r13, r14, r15,
-    ];
-    let xmms = [
-        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
-        xmm14, xmm15,
-    ];
+/// The registers pushed after `orig_rax`, in push order (rdi ends up at `pt_regs + 112`).
+const SAVED: [iced_x86::code_asm::AsmRegister64; 15] = [
+    rdi, rsi, rdx, rcx, rax, r8, r9, r10, r11, rbx, rbp, r12, r13, r14, r15,
+];
+const XMMS: [iced_x86::code_asm::AsmRegisterXmm; 16] = [
+    xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14,
+    xmm15,
+];
+
+/// With rsp = `&pt_regs` (kept in rbx): saves xmm0–15 below, calls `handler(rdi = pt_regs,
+/// rsi)` with rsi loaded by `load_rsi`, restores xmm0–15 and rsp. Leaves the handler's result
+/// in rax.
+fn call_with_xmm_saved(
+    a: &mut CodeAssembler,
+    handler: u64,
+    load_rsi: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    a.mov(rbx, rsp)?;
+    a.and(rsp, -16)?;
+    a.sub(rsp, 256)?;
+    for (i, x) in XMMS.iter().enumerate() {
+        a.movaps(xmmword_ptr(rsp + 16 * i as i32), *x)?;
+    }
+    a.cld()?;
+    a.mov(rdi, rbx)?;
+    load_rsi(a)?;
+    a.mov(rax, handler)?;
+    a.call(rax)?;
+    for (i, x) in XMMS.iter().enumerate() {
+        a.movaps(*x, xmmword_ptr(rsp + 16 * i as i32))?;
+    }
+    a.mov(rsp, rbx)?;
+    Ok(())
+}
+
+/// The entry stub (ending where the trampoline starts) and the redirect tail, taken when the
+/// handler changed `rip`: it resumes at `pt_regs.rip` with rsp = `pt_regs.rsp`.
+fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instruction>), IcedError> {
     let mut a = CodeAssembler::new(64)?;
+    let mut redirect = a.create_label();
     // Entry: the three instructions before the increment are the `entry` window.
     a.lea(rsp, ptr(rsp - FIRST_DROP))?;
     a.pushfq()?;
@@ -167,21 +299,12 @@ fn stub_instructions(p: &StubParams) -> Result<Vec<Instruction>, IcedError> {
     a.lea(rax, ptr(rsp + (PT_REGS + RED_ZONE)))?;
     a.mov(qword_ptr(rsp + 152), rax)?;
     a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
-    a.mov(rbx, rsp)?;
-    a.and(rsp, -16)?;
-    a.sub(rsp, 256)?;
-    for (i, x) in xmms.iter().enumerate() {
-        a.movaps(xmmword_ptr(rsp + 16 * i as i32), *x)?;
-    }
-    a.cld()?;
-    a.mov(rdi, rbx)?;
-    a.mov(rsi, p.user)?;
-    a.mov(rax, p.handler)?;
-    a.call(rax)?;
-    for (i, x) in xmms.iter().enumerate() {
-        a.movaps(*x, xmmword_ptr(rsp + 16 * i as i32))?;
-    }
-    a.mov(rsp, rbx)?;
+    call_with_xmm_saved(&mut a, p.handler, |a| a.mov(rsi, p.user))?;
+    // Did the handler move rip (e.g. bpf_override_return)? rax and the flags are restored
+    // from pt_regs below.
+    a.mov(rax, p.hook_addr)?;
+    a.cmp(qword_ptr(rsp + 128), rax)?;
+    a.jne(redirect)?;
     for r in SAVED.iter().rev() {
         a.pop(*r)?;
     }
@@ -189,7 +312,62 @@ fn stub_instructions(p: &StubParams) -> Result<Vec<Instruction>, IcedError> {
     a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
     a.popfq()?;
     a.lea(rsp, ptr(rsp + FIRST_DROP))?;
-    Ok(a.take_instructions())
+    let stub_len = a.instructions().len();
+    // Redirect: store the new rip just below the new rsp, point the saved rsp at it, restore
+    // everything, switch stacks and `ret` into it.
+    a.set_label(&mut redirect)?;
+    a.mov(rax, qword_ptr(rsp + 152))?;
+    a.mov(rcx, qword_ptr(rsp + 128))?;
+    a.mov(qword_ptr(rax - 8), rcx)?;
+    a.lea(rax, ptr(rax - 8))?;
+    a.mov(qword_ptr(rsp + 152), rax)?;
+    for r in SAVED.iter().rev() {
+        a.pop(*r)?;
+    }
+    a.lea(rsp, ptr(rsp + 24))?;
+    a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
+    a.popfq()?;
+    a.mov(rsp, qword_ptr(rsp))?;
+    a.ret()?;
+    let mut all = a.take_instructions();
+    let redirect = all.split_off(stub_len);
+    Ok((all, redirect))
+}
+
+/// The common return stub of uretprobes, at `base`. Entered from a return trampoline that
+/// pushed its slot number, so rsp = `S` (where the probed function's return address was) and
+/// `[S]` = slot. Builds `pt_regs` (rsp = `S + 8`, the caller's rsp after the return), calls
+/// `dispatch(&mut pt_regs, slot) -> original return address`, writes that address to `[S]`,
+/// restores every register (with the handler's changes) and returns through it.
+pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, AttachError> {
+    let err = iced(base);
+    let build = || -> Result<Vec<Instruction>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        a.lea(rsp, ptr(rsp - 16))?; // ss, rsp
+        a.pushfq()?;
+        a.push(USER_CS as i32)?;
+        a.lea(rsp, ptr(rsp - 16))?; // rip, orig_rax
+        for r in SAVED {
+            a.push(r)?;
+        }
+        a.mov(qword_ptr(rsp + 120), -1)?;
+        a.mov(qword_ptr(rsp + 128), 0)?;
+        a.lea(rax, ptr(rsp + (PT_REGS + 8)))?;
+        a.mov(qword_ptr(rsp + 152), rax)?;
+        a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
+        call_with_xmm_saved(&mut a, dispatch, |a| a.mov(rsi, qword_ptr(rbx + PT_REGS)))?;
+        a.mov(qword_ptr(rsp + PT_REGS), rax)?;
+        for r in SAVED.iter().rev() {
+            a.pop(*r)?;
+        }
+        a.lea(rsp, ptr(rsp + 24))?; // orig_rax, rip, cs
+        a.popfq()?;
+        a.lea(rsp, ptr(rsp + 16))?; // rsp, ss
+        a.ret()?;
+        Ok(a.take_instructions())
+    };
+    let insns = build().map_err(&err)?;
+    Ok(encode_block(base, base, &insns)?.0)
 }
 
 #[cfg(test)]
@@ -232,7 +410,8 @@ mod tests {
             [insns[0].ip(), insns[1].ip(), insns[2].ip()]
         );
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Push).count(), 16);
-        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Pop).count(), 15);
+        // 15 pops on the way out, 15 more in the redirect tail.
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Pop).count(), 30);
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
         // The trampoline: the mov reads the same absolute address, then jumps back.
         let t = insns.iter().position(|i| i.ip() == enc.trampoline).unwrap();
@@ -249,6 +428,79 @@ mod tests {
         assert!(insns[dec].has_lock_prefix());
         assert_eq!(m[dec + 1], Mnemonic::Popfq);
         assert!(m[..dec].contains(&Mnemonic::Call));
+        // After the call: compare rip with the hooked address, branch to the redirect tail
+        // (after the trampoline), which ends by switching stacks and returning into new rip.
+        let jne = insns
+            .iter()
+            .position(|i| i.mnemonic() == Mnemonic::Jne)
+            .unwrap();
+        assert_eq!(m[jne - 1], Mnemonic::Cmp);
+        assert!(jne < dec && insns[jne].near_branch_target() > enc.trampoline);
+        assert_eq!(m[m.len() - 1], Mnemonic::Ret);
+        assert_eq!(m[m.len() - 2], Mnemonic::Mov);
+        assert_eq!(m[m.len() - 3], Mnemonic::Popfq);
+    }
+
+    #[test]
+    fn relocated_call_pushes_the_original_return_address() {
+        // push rbp; call rel32 (to TARGET + 0x100)
+        let bytes = [0x55, 0xe8, 0xfa, 0x00, 0x00, 0x00, 0xc3];
+        let p = analyze(TARGET, &bytes, JMP_REL32_LEN).unwrap();
+        let enc = encode(BASE, &params(), &p).unwrap();
+        let insns: Vec<_> = Decoder::with_ip(64, &enc.code, BASE, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let t = insns.iter().position(|i| i.ip() == enc.trampoline).unwrap();
+        let m: Vec<Mnemonic> = insns[t..t + 5].iter().map(|i| i.mnemonic()).collect();
+        assert_eq!(
+            m,
+            [
+                Mnemonic::Push,
+                Mnemonic::Lea,
+                Mnemonic::Mov,
+                Mnemonic::Mov,
+                Mnemonic::Jmp
+            ]
+        );
+        assert_eq!(enc.relocated[1], insns[t + 1].ip());
+        let ret = TARGET + 6;
+        assert_eq!(insns[t + 2].immediate32(), ret as u32);
+        assert_eq!(insns[t + 3].immediate32(), (ret >> 32) as u32);
+        assert_eq!(insns[t + 4].near_branch_target(), TARGET + 0x100);
+        // No call anywhere in the trampoline, and no jump back after the callee's jmp.
+        assert!(insns[t..].iter().all(|i| i.mnemonic() != Mnemonic::Call));
+    }
+
+    #[test]
+    fn return_stub_writes_the_original_address_and_returns_through_it() {
+        let code = encode_return_stub(BASE, 0x7777_0000_0010).unwrap();
+        let insns: Vec<_> = Decoder::with_ip(64, &code, BASE, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        assert!(insns.iter().all(|i| !i.is_invalid()));
+        let m: Vec<Mnemonic> = insns.iter().map(|i| i.mnemonic()).collect();
+        assert_eq!(&m[..3], &[Mnemonic::Lea, Mnemonic::Pushfq, Mnemonic::Push]);
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
+        let call = m.iter().position(|&x| x == Mnemonic::Call).unwrap();
+        // The slot number comes from above pt_regs; the result goes back there.
+        let load = insns[..call]
+            .iter()
+            .rev()
+            .find(|i| i.op0_register() == Register::RSI)
+            .unwrap();
+        assert_eq!(
+            (load.memory_base(), load.memory_displacement64()),
+            (Register::RBX, PT_REGS as u64)
+        );
+        let after = &insns[call..];
+        assert!(after.iter().any(|i| i.mnemonic() == Mnemonic::Mov
+            && i.memory_base() == Register::RSP
+            && i.memory_displacement64() == PT_REGS as u64
+            && i.op1_register() == Register::RAX));
+        assert_eq!(
+            &m[m.len() - 3..],
+            &[Mnemonic::Popfq, Mnemonic::Lea, Mnemonic::Ret]
+        );
     }
 
     #[test]
@@ -262,10 +514,11 @@ mod tests {
             (jmp.mnemonic(), jmp.near_branch_target()),
             (Mnemonic::Jmp, TARGET + 5)
         );
+        // No jump back after an unconditional jmp: the redirect tail follows directly.
+        let next = Decoder::with_ip(64, &tail[jmp.len()..], 0, DecoderOptions::NONE).decode();
         assert_eq!(
-            tail.len(),
-            jmp.len(),
-            "no jump back after an unconditional jmp"
+            (next.mnemonic(), next.memory_displacement64()),
+            (Mnemonic::Mov, 152)
         );
     }
 

@@ -206,3 +206,89 @@ pub(crate) fn build(
         moved,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aarch64::relocate::analyze;
+    use crate::aarch64::relocate::tests::{A, listing};
+
+    #[test]
+    fn entry_patch_is_a_b_when_near_and_an_absolute_jump_otherwise() {
+        let near = A + 0x7ff_fffc;
+        assert_eq!(listing(&entry_patch(A, near, false), A), ["b 0x83ffffc"]);
+        let high = 0x900_0000;
+        assert_eq!(
+            listing(&entry_patch(high, high - 0x800_0000, false), high),
+            ["b 0x1000000"]
+        );
+        assert_eq!(
+            entry_patch(high, high - 0x800_0004, false).len(),
+            ABSOLUTE_PATCH_LEN
+        );
+        for (stub, absolute) in [
+            (near, true),
+            (A + 0x800_0000, false),
+            (0x7f00_1234_5670, false),
+        ] {
+            let p = entry_patch(A, stub, absolute);
+            assert_eq!(p.len(), ABSOLUTE_PATCH_LEN);
+            assert_eq!(
+                listing(&p, A),
+                [format!("ldr x16, ={stub:#018x}"), "br x16".into()]
+            );
+        }
+    }
+
+    #[test]
+    fn stub_saves_calls_restores_and_falls_into_the_trampoline() {
+        const HOOK: u64 = A;
+        const BASE: u64 = 0x7f00_0000_1000;
+        let code = 0x9100_0400u32.to_le_bytes(); // add x0, x0, #1
+        let p = analyze(HOOK, &code, 4).unwrap();
+        let params = StubParams {
+            hook_addr: HOOK,
+            handler: 0x1111_2222_3333,
+            user: 0x4444_5555_6666,
+        };
+        let built = build(BASE, params, &p, &code, false).unwrap();
+        let l = listing(&built.bytes, BASE);
+        let stub_len = ((built.trampoline - BASE) / 4) as usize;
+        let (stub, tramp) = l.split_at(stub_len);
+        let count = |prefix: &str| stub.iter().filter(|s| s.starts_with(prefix)).count();
+        assert_eq!(stub[0], "sub sp, sp, #0x320");
+        assert_eq!(stub[stub_len - 1], "add sp, sp, #0x320");
+        assert_eq!(
+            (count("stp x"), count("ldp x")),
+            (17, 15),
+            "x0-x29, (x30, sp), (pc, pstate)"
+        );
+        assert_eq!((count("stp q"), count("ldp q")), (16, 16));
+        assert_eq!(count("nop"), 0, "every encoding in range");
+        for want in [
+            "stp x30, x16, [sp, #0xf0]",
+            "ldr x16, =0x0000000000400000",
+            "stp x16, x17, [sp, #0x100]",
+            "mov x0, sp",
+            "ldr x1, =0x0000444455556666",
+            "ldr x16, =0x0000111122223333",
+            "blr x16",
+            "ldr x16, [sp, #0x108]",
+            "ldr x30, [sp, #0xf0]",
+            "ldp x16, x17, [sp, #0x80]",
+        ] {
+            assert!(
+                stub.contains(&want.to_string()),
+                "missing `{want}` in\n{}",
+                stub.join("\n")
+            );
+        }
+        // x16/x17 are restored last: they carried the constants.
+        assert_eq!(stub[stub_len - 2], "ldp x16, x17, [sp, #0x80]");
+        assert_eq!(
+            tramp,
+            ["add x0, x0, #0x1", "ldr x16, =0x0000000000400004", "br x16"]
+        );
+        assert_eq!(built.moved, [(HOOK, built.trampoline)]);
+    }
+}

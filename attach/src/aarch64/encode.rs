@@ -173,7 +173,7 @@ impl Mem {
     /// `op rt, [rn, #off]`; `off` must be a multiple of the size below 4096 × size.
     pub(crate) fn at(self, rt: u32, rn: u32, off: u32) -> Option<u32> {
         let size = self.size();
-        (off % size == 0 && off / size < 4096)
+        (off.is_multiple_of(size) && off / size < 4096)
             .then(|| self.base() | ((off / size) << 10) | (rn << 5) | rt)
     }
 }

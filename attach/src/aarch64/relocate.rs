@@ -51,7 +51,7 @@ impl Prologue {
 /// before it: a thread inside a callee would return into the patch), and no direct branch in
 /// the scanned bytes after them targets the inside of the range.
 pub(crate) fn analyze(addr: u64, code: &[u8], len: usize) -> Result<Prologue, AttachError> {
-    if addr % 4 != 0 {
+    if !addr.is_multiple_of(4) {
         return Err(AttachError::Undecodable { at: addr as usize });
     }
     let count = len / 4;
@@ -217,7 +217,7 @@ pub(crate) fn relocate(
     at: u64,
     guarded: bool,
 ) -> Result<Trampoline, AttachError> {
-    if at % 4 != 0 {
+    if !at.is_multiple_of(4) {
         return Err(AttachError::Unrelocatable {
             at: p.addr as usize,
             reason: "the trampoline address is not 4-byte aligned",

@@ -31,7 +31,7 @@ const VREGS: u32 = PT_REGS;
 const FPSR: u32 = VREGS + 32 * 16;
 /// The whole frame, a multiple of 16.
 pub(crate) const FRAME: u32 = FPSR + 16;
-const _: () = assert!(FRAME % 16 == 0 && FRAME == 800);
+const _: () = assert!(FRAME.is_multiple_of(16) && FRAME == 800);
 /// Offsets in `user_pt_regs`.
 const REG_SP: u32 = 31 * 8;
 const REG_PC: u32 = 32 * 8;
@@ -164,7 +164,7 @@ pub(crate) fn build(
     code: &[u8],
     guarded: bool,
 ) -> Result<Built, AttachError> {
-    if base % 4 != 0 {
+    if !base.is_multiple_of(4) {
         return Err(AttachError::Unrelocatable {
             at: p.addr as usize,
             reason: "the stub address is not 4-byte aligned",

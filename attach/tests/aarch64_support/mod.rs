@@ -382,6 +382,8 @@ pub fn image() -> Image {
 /// `user_pt_regs` to the user area, adds `USER_DELTA` to x0 and XORs `USER_FLIP` into
 /// pstate, then clobbers every register the AAPCS64 lets it clobber (x0–x18, v0–v7,
 /// v16–v31, the upper halves of v8–v15, NZCV, FPSR) so that a stub that forgets one shows.
+// dynasm converts register numbers with `.into()`, even from the `u8` it wants.
+#[allow(clippy::useless_conversion)]
 pub fn handler() -> Vec<u8> {
     let mut ops = VecAssembler::<Aarch64Relocation>::new(HANDLER as usize);
     let lp = ops.new_dynamic_label();
@@ -442,7 +444,7 @@ impl State {
     pub fn call(args: [u64; 2]) -> Self {
         let mut x = [0u64; 31];
         for (n, v) in x.iter_mut().enumerate() {
-            *v = 0x5a5a_0000_0000_0000 | (n as u64) << 32 | 0x1234 * n as u64;
+            *v = 0x5a5a_0000_0000_0000 | ((n as u64) << 32) | (0x1234 * n as u64);
         }
         x[0] = args[0];
         x[1] = args[1];

@@ -13,6 +13,9 @@
 //!   [`Hook::remove`] (or dropping the [`Hook`]) restores the original bytes.
 //! - [`resolve`] maps (path, file offset) to a runtime address through `/proc/self/maps`, and an
 //!   ELF symbol to its file offset through the program headers (goblin), as libbpf does.
+//! - [`aarch64`] generates the same kind of hook for aarch64 code as pure functions of bytes and
+//!   addresses (relocator, stub building [`aarch64::PtRegsArm64`], entry patch); it is built
+//!   and tested (under emulation) on every host, and nothing installs it in a process yet.
 //!
 //! What it does not do (yet): aarch64, uretprobes, syscall tracepoints and the trap-based
 //! fallback for functions too short to patch ([`AttachError::TooShort`] reports them so that

@@ -31,6 +31,10 @@ use crate::AttachError;
 /// How many bytes after the patched ones are scanned for branches into them.
 pub const SCAN_LEN: usize = 4096;
 
+/// Highest hooked, trampoline or stub address: code from there on (patch, scan, stub and
+/// trampoline are far below 1 MiB) never wraps around the address space.
+pub(crate) const MAX_ADDR: u64 = u64::MAX - (1 << 20);
+
 /// The instructions a patch of `len` bytes at `addr` overwrites.
 #[derive(Debug, Clone)]
 pub(crate) struct Prologue {
@@ -53,6 +57,12 @@ impl Prologue {
 pub(crate) fn analyze(addr: u64, code: &[u8], len: usize) -> Result<Prologue, AttachError> {
     if !addr.is_multiple_of(4) {
         return Err(AttachError::Undecodable { at: addr as usize });
+    }
+    if addr > MAX_ADDR || len == 0 || len > SCAN_LEN || !len.is_multiple_of(4) {
+        return Err(AttachError::Unrelocatable {
+            at: addr as usize,
+            reason: "patch length not a multiple of 4, or the range wraps around",
+        });
     }
     let count = len / 4;
     let mut insns = Vec::with_capacity(count);
@@ -217,10 +227,10 @@ pub(crate) fn relocate(
     at: u64,
     guarded: bool,
 ) -> Result<Trampoline, AttachError> {
-    if !at.is_multiple_of(4) {
+    if !at.is_multiple_of(4) || at > MAX_ADDR {
         return Err(AttachError::Unrelocatable {
             at: p.addr as usize,
-            reason: "the trampoline address is not 4-byte aligned",
+            reason: "the trampoline address is not 4-byte aligned or too high",
         });
     }
     let mut e = Emitter {
@@ -304,7 +314,7 @@ pub(crate) fn relocate(
                 target,
             } => {
                 let size = u64::from(lit.mem().size());
-                if target < resume && target + size > p.addr {
+                if target < resume && target.checked_add(size).is_some_and(|end| end > p.addr) {
                     // The data is (partly) in the bytes the patch overwrites: load a copy.
                     let bytes = target
                         .checked_sub(p.addr)
@@ -758,6 +768,104 @@ pub(crate) mod tests {
             t.bytes.len(),
             48 + 3 * 8,
             "code, padding, three pool entries"
+        );
+    }
+
+    /// Everything the trampoline at `at` refers to outside itself: branch and `adr(p)` targets,
+    /// `adrp`+`add` pairs, literal addresses, and pool constants.
+    fn references(bytes: &[u8], at: u64) -> Vec<u64> {
+        let mut refs = Vec::new();
+        let n = bytes.len() / 4;
+        let mut prev_adrp: Option<(u32, u64)> = None;
+        for i in 0..n {
+            let w = word_at(bytes, i).unwrap();
+            let pc = at + 4 * i as u64;
+            match classify(w, pc) {
+                Kind::Adr { target, .. } => refs.push(target),
+                Kind::Adrp { rd, target } => {
+                    refs.push(target);
+                    prev_adrp = Some((rd, target));
+                    continue;
+                }
+                Kind::Load { target, lit, .. } => {
+                    refs.push(target);
+                    let off = target.wrapping_sub(at) as usize;
+                    if lit == crate::aarch64::insn::Literal::X
+                        && let Some(c) = bytes.get(off..off + 8)
+                    {
+                        refs.push(u64::from_le_bytes(c.try_into().unwrap()));
+                    }
+                }
+                k => refs.extend(k.branch_target()),
+            }
+            // add xd, xd, #imm after adrp xd
+            if let Some((rd, page)) = prev_adrp
+                && w & 0xffc0_0000 == 0x9100_0000
+                && w & 0x1f == rd
+                && (w >> 5) & 0x1f == rd
+            {
+                refs.push(page + u64::from((w >> 10) & 0xfff));
+            }
+            prev_adrp = None;
+        }
+        refs
+    }
+
+    #[test]
+    fn random_words_relocate_or_are_refused_and_keep_their_targets() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let bases = [0x1000u64, A, 0x7fff_ffff_f000, MAX_ADDR & !3, u64::MAX - 3];
+        let (mut moved, mut refused) = (0, 0);
+        for _ in 0..40_000 {
+            let word = next() as u32;
+            let addr = bases[(next() % 5) as usize];
+            let at = match next() % 4 {
+                0 => addr.wrapping_add(0x1000),
+                1 => addr.wrapping_sub(0x40_0000),
+                2 => 0x7f00_0000_0000,
+                _ => next() & !3,
+            };
+            let code = word.to_le_bytes();
+            let Ok(p) = analyze(addr, &code, 4) else {
+                refused += 1;
+                continue;
+            };
+            let Ok(t) = relocate(&p, &code, at, false) else {
+                refused += 1;
+                continue;
+            };
+            moved += 1;
+            let refs = references(&t.bytes, at);
+            let want = match classify(word, addr) {
+                Kind::Adr { target, .. }
+                | Kind::Adrp { target, .. }
+                | Kind::Load { target, .. } => Some(target),
+                k => k.branch_target(),
+            };
+            // (A literal overlapping the patched word itself is read from a copy instead.)
+            let copied = matches!(classify(word, addr), Kind::Load { target, .. }
+                if target.wrapping_sub(addr) < 4 || addr.wrapping_sub(target) < 16);
+            if let Some(target) = want.filter(|_| !copied) {
+                assert!(
+                    refs.contains(&target),
+                    "{word:#010x} at {addr:#x} to {at:#x}: {target:#x} not in {refs:#x?}"
+                );
+            }
+            if !matches!(p.insns[0].flow, Flow::Leaves)
+                && !matches!(p.insns[0].kind, Kind::Bl { .. })
+            {
+                assert!(refs.contains(&(addr + 4)), "{word:#010x}: no way back");
+            }
+        }
+        assert!(
+            moved > 10_000 && refused > 1_000,
+            "moved {moved}, refused {refused}"
         );
     }
 }

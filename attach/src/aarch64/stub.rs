@@ -20,7 +20,7 @@
 //! address on entry, so the handler sees that value, not the original x16.
 
 use super::encode::{self, IP0, IP1, LR, Mem, SP, SysReg};
-use super::relocate::{Prologue, Trampoline, relocate};
+use super::relocate::{MAX_ADDR, Prologue, Trampoline, relocate};
 use crate::AttachError;
 
 /// Bytes of `struct user_pt_regs`.
@@ -164,10 +164,10 @@ pub(crate) fn build(
     code: &[u8],
     guarded: bool,
 ) -> Result<Built, AttachError> {
-    if !base.is_multiple_of(4) {
+    if !base.is_multiple_of(4) || base > MAX_ADDR {
         return Err(AttachError::Unrelocatable {
             at: p.addr as usize,
-            reason: "the stub address is not 4-byte aligned",
+            reason: "the stub address is not 4-byte aligned or too high",
         });
     }
     let words = stub_words();

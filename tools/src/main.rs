@@ -32,6 +32,15 @@ enum Command {
     Start(LaunchArgs),
     /// List the store's maps, programs, perf events, links and attached processes.
     List(ListArgs),
+    /// Run a wasm-bpf guest module: `bpftime wasm run [--store NAME] [--log LEVEL] MODULE
+    /// [ARGS]`. Execs `bpftime-wasm` (beside this binary, else on PATH), which holds the Wasm
+    /// engine; `bpftime wasm run --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Wasm {
+        /// `run` and its arguments, passed to `bpftime-wasm`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,5 +64,36 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Command::Wasm { args } => fail(exec_wasm(&args)),
     }
+}
+
+/// Replaces this process with `bpftime-wasm ARGS`: `$BPFTIME_WASM`, else beside this binary,
+/// else on `PATH`. Returns only on failure.
+fn exec_wasm(args: &[std::ffi::OsString]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    const BIN: &str = "bpftime-wasm";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(BIN)))
+        .filter(|p| p.is_file());
+    let on_path = || {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join(BIN))
+            .find(|p| p.is_file())
+    };
+    let Some(bin) = std::env::var_os("BPFTIME_WASM")
+        .map(std::path::PathBuf::from)
+        .or(beside)
+        .or_else(on_path)
+    else {
+        return anyhow::anyhow!(
+            "{BIN} not found beside this binary or on PATH (build it with `cargo build -p \
+             bpftime-wasm-host`, or set BPFTIME_WASM)"
+        );
+    };
+    let e = std::process::Command::new(&bin).args(args).exec();
+    anyhow::anyhow!("cannot run {}: {e}", bin.display())
 }

@@ -65,6 +65,7 @@ pub struct Agent {
     record: Option<u32>,
     reported: Vec<u32>,
     engine: Engine,
+    syscalls: crate::syscalls::SyscallTracing,
 }
 
 impl std::fmt::Debug for Agent {
@@ -93,6 +94,7 @@ impl Agent {
             record,
             reported: Vec::new(),
             engine: cfg.engine,
+            syscalls: Default::default(),
         })
     }
 
@@ -122,6 +124,8 @@ impl Agent {
         }
         match a.event.kind {
             PerfKind::Uprobe => {}
+            // Syscall tracepoints: `crate::syscalls`.
+            PerfKind::Tracepoint => return None,
             PerfKind::Uretprobe => {
                 self.warn_once(a.perf_event_id, "uretprobes are not supported yet".into());
                 return None;
@@ -167,8 +171,9 @@ impl Agent {
     pub fn sync(&mut self) -> usize {
         let mut wanted: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
         let mut perf_at: Vec<(usize, u32)> = Vec::new();
-        for a in attachments(&self.store) {
-            if let Some(addr) = self.wanted_here(&a) {
+        let all = attachments(&self.store);
+        for a in &all {
+            if let Some(addr) = self.wanted_here(a) {
                 perf_at.push((addr, a.perf_event_id));
                 let list = wanted.entry(addr).or_default();
                 for p in &a.progs {
@@ -248,6 +253,12 @@ impl Agent {
             .filter(|(a, _)| self.sites.contains_key(a))
             .map(|(_, pe)| *pe)
             .collect();
+        attached.extend_from_slice(self.syscalls.sync(
+            &all,
+            &self.store,
+            &self.helpers,
+            self.engine,
+        ));
         attached.sort_unstable();
         if let Some(rec) = self.record
             && attached != self.reported

@@ -17,6 +17,7 @@
 
 pub mod agent;
 mod ffi;
+pub mod syscalls;
 pub mod log;
 
 pub use agent::{Agent, AgentConfig};

@@ -3,6 +3,7 @@
  * syscall-victim: makes a known set of system calls when told to.
  *
  *   syscall-victim N [INJECT_PATH]
+ *   syscall-victim -b N        (benchmark: N getpid() calls, prints "ns_per_call X")
  *
  * Prints "ready <pid>", waits for a line on stdin, then N times: openat(/etc/hostname)
  * (+ close), openat of a missing file, getppid() through libc, syscall(SYS_getppid), and
@@ -15,7 +16,26 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
+
+static double now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static int bench(long n)
+{
+	double t0 = now_ns();
+
+	for (long i = 0; i < n; i++)
+		getpid();
+	printf("ns_per_call %.2f\n", (now_ns() - t0) / n);
+	return 0;
+}
 
 int main(int argc, char **argv)
 {
@@ -24,6 +44,8 @@ int main(int argc, char **argv)
 	long ok = 0, err = 0, errno_sum = 0;
 	char line[64];
 
+	if (argc > 2 && argv[1][0] == '-' && argv[1][1] == 'b')
+		return bench(atol(argv[2]));
 	printf("ready %d\n", (int)getpid());
 	fflush(stdout);
 	if (!fgets(line, sizeof(line), stdin))

@@ -210,10 +210,13 @@ extern "C" fn perf_event_output(
 /// After a program run on this thread: discards the reservations it left uncommitted (with
 /// the run's own map handles, `maps`).
 pub(crate) fn end_of_run(maps: &[Box<Map>]) {
-    let left = OUTSTANDING.with(|o| match o.try_borrow_mut() {
-        Ok(mut o) if !o.is_empty() => std::mem::take(&mut *o),
-        _ => Vec::new(),
-    });
+    // `try_with`: a run traced during the thread's TLS teardown has no reservations.
+    let left = OUTSTANDING
+        .try_with(|o| match o.try_borrow_mut() {
+            Ok(mut o) if !o.is_empty() => std::mem::take(&mut *o),
+            _ => Vec::new(),
+        })
+        .unwrap_or_default();
     for (addr, r) in left {
         match maps.iter().find(|m| &***m as *const Map as usize == addr) {
             Some(m) => {

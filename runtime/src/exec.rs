@@ -55,8 +55,11 @@ pub(crate) unsafe fn run_on_thread_memory(
         let host = host as *const ProgHost as *mut std::ffi::c_void;
         engine(gm, ctx as u64, 0, host)
     };
-    MEM.with(|m| match m.try_borrow_mut() {
+    // After the thread's TLS destructors ran (a system call traced at thread or process exit)
+    // the thread memory is gone: use a fresh one.
+    MEM.try_with(|m| match m.try_borrow_mut() {
         Ok(mut gm) => go(&mut gm),
         Err(_) => go(&mut GuestMemory::new()),
     })
+    .unwrap_or_else(|_| go(&mut GuestMemory::new()))
 }

@@ -37,6 +37,8 @@ pub const GET_CURRENT_COMM: u32 = 16;
 pub const GET_STACKID: u32 = 27;
 /// `bpf_probe_read_str`.
 pub const PROBE_READ_STR: u32 = 45;
+/// `bpf_override_return`.
+pub const OVERRIDE_RETURN: u32 = 58;
 /// `bpf_get_stack`.
 pub const GET_STACK: u32 = 67;
 /// `bpf_map_push_elem`.
@@ -140,6 +142,7 @@ pub fn registry() -> HelperRegistry {
         .register(PROBE_READ_STR, "bpf_probe_read_str", probe_read_str)
         .register(GET_STACKID, "bpf_get_stackid", get_stackid)
         .register(GET_STACK, "bpf_get_stack", get_stack)
+        .register(OVERRIDE_RETURN, "bpf_override_return", override_return)
         .register(MAP_PUSH_ELEM, "bpf_map_push_elem", map_push_elem)
         .register(MAP_POP_ELEM, "bpf_map_pop_elem", map_pop_elem)
         .register(MAP_PEEK_ELEM, "bpf_map_peek_elem", map_peek_elem)
@@ -636,6 +639,24 @@ impl Drop for CookieGuard {
 /// `run_with_cookie(regs, len, cookie)` there makes this helper return it.
 extern "C" fn get_attach_cookie(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
     COOKIE.with(Cell::get)
+}
+
+thread_local! {
+    static OVERRIDE: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// `bpf_override_return(ctx, rc)`: records `rc` for whoever runs the program, read with
+/// [`take_override`] after the run (a syscall tracepoint skips the system call and makes `rc`
+/// its result). Returns 0. The kernel allows it only in kprobes on error-injectable functions.
+extern "C" fn override_return(_: u64, rc: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
+    OVERRIDE.with(|o| o.set(Some(rc)));
+    0
+}
+
+/// Takes the value the last `bpf_override_return` on this thread recorded, if any since the
+/// previous call.
+pub fn take_override() -> Option<u64> {
+    OVERRIDE.with(Cell::take)
 }
 
 /// `bpf_get_func_ip(ctx)`: for a uprobe the probed address, which is the `ip` of the

@@ -6,7 +6,7 @@ numbers in <asm/unistd_64.h>, as root:
 
 Event names that differ from the syscall's name (the kernel names the event after the
 SYSCALL_DEFINE, e.g. `newfstat` for fstat) and syscalls newer than the installed header are
-listed below. `attach/tests/syscall_table.rs` compares the result with the live tracefs.
+listed below. `tests/e2e_syscalls.rs` compares the result with the live tracefs.
 """
 import os
 import re

@@ -3,7 +3,7 @@
 //! `kernel/trace/trace_syscalls.c`, `include/trace/events/syscalls.h`).
 //!
 //! The table (`generated.rs`) is produced once from a live tracefs by `gen-table.py`; the ids
-//! are those of the kernel it came from (this machine's), and `attach/tests/syscall_table.rs`
+//! are those of the kernel it came from (this machine's), and `tests/e2e_syscalls.rs`
 //! compares every `id` and `format` file with the live tracefs when run as root. System call
 //! numbers are x86_64's.
 

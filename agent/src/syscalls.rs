@@ -1,0 +1,448 @@
+//! Syscall tracepoints in the target process: `syscalls:sys_{enter,exit}_<name>`,
+//! `raw_syscalls:sys_{enter,exit}` (perf tracepoint events) and the raw tracepoints
+//! `sys_enter` / `sys_exit` (`BPF_RAW_TRACEPOINT_OPEN`), attached without privileges by
+//! patching libc's `syscall` sites (`bpftime_attach::syscall::intercept`).
+//!
+//! - [`SyscallTracing::sync`] (the agent thread) turns the store's tracepoint attachments into
+//!   a dispatch table — programs per system call number — published behind a lock that the
+//!   hot path only reads, and patches the libc sites that can make those calls (all of them
+//!   for `raw_syscalls` and raw tracepoints; for `syscalls:*`, the sites whose number is that
+//!   call's or known only at run time). No attachment left: every site is restored.
+//! - The gate's handlers build the kernel's context for each program (the `format` file's
+//!   layout, see `bpftime_attach::syscall::table`), run it, and after an enter program called
+//!   `bpf_override_return(ctx, rc)` skip the system call: it returns `rc` (e.g. `-ENOENT`),
+//!   and exit programs see that result. Program return values are ignored, as by the kernel.
+//!
+//! # Invariants
+//!
+//! - Handlers never run programs re-entrantly on a thread: a system call made while a program
+//!   runs (by a helper) or by the agent's own thread is not traced (the kernel does not trace
+//!   its BPF helpers either).
+//! - The dispatch table is replaced only under the write lock, which no thread holds while
+//!   making a system call; the hot path takes the read lock only for numbers with programs
+//!   (an atomic bitmap says which), and never allocates.
+//! - A pid filter other than this process's pid (or -1) keeps the attachment out of the table.
+
+use bpftime_attach::PtRegs;
+use bpftime_attach::syscall::intercept::{Interceptor, SyscallCall, set_handlers};
+use bpftime_attach::syscall::table::{
+    NR_MAX, RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID, RAW_TP_FLAG, RawSysEnterCtx, RawSysExitCtx,
+    RawTpCtx, SysEnterCtx, SysExitCtx, TraceEntry, Tracepoint,
+};
+use bpftime_maps::Store;
+use bpftime_runtime::helpers::take_override;
+use bpftime_runtime::host;
+use bpftime_runtime::object::{Attachment, PerfKind};
+use bpftime_runtime::{Engine, LoadedProg};
+use bpftime_vm::helper::HelperRegistry;
+use parking_lot::RwLock;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+thread_local! {
+    /// Set while this thread runs programs, and for good on the agent's own thread.
+    static GUARD: Cell<bool> = const { Cell::new(false) };
+}
+
+type Progs = Vec<(Arc<LoadedProg>, u64)>;
+
+/// Programs per tracepoint, by system call number.
+#[derive(Default)]
+struct Dispatch {
+    enter: HashMap<u64, (u16, Progs)>,
+    exit: HashMap<u64, (u16, Progs)>,
+    raw_enter: Progs,
+    raw_exit: Progs,
+    rawtp_enter: Progs,
+    rawtp_exit: Progs,
+}
+
+impl Dispatch {
+    fn is_empty(&self) -> bool {
+        self.enter.is_empty()
+            && self.exit.is_empty()
+            && self.raw_enter.is_empty()
+            && self.raw_exit.is_empty()
+            && self.rawtp_enter.is_empty()
+            && self.rawtp_exit.is_empty()
+    }
+}
+
+static DISPATCH: RwLock<Option<Dispatch>> = RwLock::new(None);
+const WORDS: usize = NR_MAX / 64;
+/// Numbers with enter / exit programs (bit per number); `ALL_*`: raw programs see every call.
+static ENTER_BITS: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
+static EXIT_BITS: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
+static ALL_ENTER: AtomicBool = AtomicBool::new(false);
+static ALL_EXIT: AtomicBool = AtomicBool::new(false);
+/// Enter handlers that ran programs, and program runs that trapped (diagnostics).
+static HITS: AtomicU64 = AtomicU64::new(0);
+static TRAPS: AtomicU64 = AtomicU64::new(0);
+
+fn wanted(bits: &[AtomicU64; WORDS], all: &AtomicBool, nr: u64) -> bool {
+    all.load(Ordering::Relaxed)
+        || usize::try_from(nr)
+            .ok()
+            .and_then(|n| bits.get(n / 64))
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (nr % 64)) != 0)
+}
+
+fn header(id: u32) -> TraceEntry {
+    TraceEntry {
+        common_type: id as u16,
+        common_flags: 0,
+        common_preempt_count: 0,
+        common_pid: host::tid() as i32,
+    }
+}
+
+fn run_all<T>(progs: &Progs, ctx: &mut T) {
+    for (p, cookie) in progs {
+        // SAFETY: `ctx` is a live, writable value of `size_of::<T>()` bytes for the call.
+        let r = unsafe { p.run_with_cookie((ctx as *mut T).cast(), size_of::<T>(), *cookie) };
+        if let Err(t) = r {
+            TRAPS.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("program {} trapped: {t}", p.id());
+        }
+    }
+}
+
+/// The registers a raw tracepoint's `struct pt_regs *` shows: the kernel's at syscall entry
+/// (`orig_ax` = number, `ax` = `-ENOSYS` before the call, the result after).
+fn regs_of(call: &SyscallCall, ax: u64) -> PtRegs {
+    PtRegs {
+        rdi: call.args[0],
+        rsi: call.args[1],
+        rdx: call.args[2],
+        r10: call.args[3],
+        r8: call.args[4],
+        r9: call.args[5],
+        rax: ax,
+        orig_rax: call.nr,
+        rip: call.site + 2,
+        cs: bpftime_attach::regs::USER_CS,
+        ss: bpftime_attach::regs::USER_SS,
+        ..PtRegs::default()
+    }
+}
+
+/// Runs `f` with the guard set, unless it already is (re-entry or the agent's thread).
+fn guarded(f: impl FnOnce()) {
+    if GUARD.with(|g| g.replace(true)) {
+        return;
+    }
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARD.with(|g| g.set(false));
+}
+
+extern "C" fn on_enter(call: &mut SyscallCall) {
+    if !wanted(&ENTER_BITS, &ALL_ENTER, call.nr) {
+        return;
+    }
+    guarded(|| {
+        let d = DISPATCH.read();
+        let Some(d) = d.as_ref() else {
+            return;
+        };
+        HITS.fetch_add(1, Ordering::Relaxed);
+        let _ = take_override();
+        if !d.raw_enter.is_empty() {
+            let mut ctx = RawSysEnterCtx {
+                ent: header(RAW_SYS_ENTER_ID),
+                id: call.nr as i64,
+                args: call.args,
+            };
+            run_all(&d.raw_enter, &mut ctx);
+        }
+        if let Some((id, progs)) = d.enter.get(&call.nr) {
+            let mut ctx = SysEnterCtx {
+                ent: header(u32::from(*id)),
+                nr: call.nr as i32,
+                pad: 0,
+                args: call.args,
+            };
+            run_all(progs, &mut ctx);
+        }
+        if !d.rawtp_enter.is_empty() {
+            let mut regs = regs_of(call, (-libc::ENOSYS) as i64 as u64);
+            let mut ctx = RawTpCtx {
+                args: [&mut regs as *mut PtRegs as u64, call.nr],
+            };
+            run_all(&d.rawtp_enter, &mut ctx);
+        }
+        if let Some(rc) = take_override() {
+            call.skip = 1;
+            call.ret = rc as i64;
+        }
+    });
+}
+
+extern "C" fn on_exit(call: &SyscallCall) {
+    if !wanted(&EXIT_BITS, &ALL_EXIT, call.nr) {
+        return;
+    }
+    guarded(|| {
+        let d = DISPATCH.read();
+        let Some(d) = d.as_ref() else {
+            return;
+        };
+        if !d.raw_exit.is_empty() {
+            let mut ctx = RawSysExitCtx {
+                ent: header(RAW_SYS_EXIT_ID),
+                id: call.nr as i64,
+                ret: call.ret,
+            };
+            run_all(&d.raw_exit, &mut ctx);
+        }
+        if let Some((id, progs)) = d.exit.get(&call.nr) {
+            let mut ctx = SysExitCtx {
+                ent: header(u32::from(*id)),
+                nr: call.nr as i32,
+                pad: 0,
+                ret: call.ret,
+            };
+            run_all(progs, &mut ctx);
+        }
+        if !d.rawtp_exit.is_empty() {
+            let mut regs = regs_of(call, call.ret as u64);
+            let mut ctx = RawTpCtx {
+                args: [&mut regs as *mut PtRegs as u64, call.ret as u64],
+            };
+            run_all(&d.rawtp_exit, &mut ctx);
+        }
+        let _ = take_override();
+    });
+}
+
+/// Enter handlers that ran programs since the process started.
+pub fn hits() -> u64 {
+    HITS.load(Ordering::Relaxed)
+}
+
+/// The syscall tracepoints of one agent.
+#[derive(Default)]
+pub struct SyscallTracing {
+    interceptor: Option<Interceptor>,
+    /// Set when libc could not be scanned: warned once, not retried.
+    unavailable: bool,
+    progs: HashMap<u32, Arc<LoadedProg>>,
+    /// What the table was built from: (perf event, programs).
+    built: Vec<(u32, u64, Vec<(u32, u64)>)>,
+    attached: Vec<u32>,
+}
+
+impl std::fmt::Debug for SyscallTracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyscallTracing")
+            .field("attached", &self.attached)
+            .field(
+                "patched",
+                &self.interceptor.as_ref().map(Interceptor::patched),
+            )
+            .finish()
+    }
+}
+
+impl SyscallTracing {
+    /// Makes the dispatch table and the patched sites match the tracepoint attachments in
+    /// `all`; returns the perf events attached (for the agent's record).
+    pub fn sync(
+        &mut self,
+        all: &[Attachment],
+        store: &Arc<Store>,
+        helpers: &Arc<HelperRegistry>,
+        engine: Engine,
+    ) -> &[u32] {
+        let agent_thread = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("bpftime"));
+        let was = GUARD.with(|g| g.replace(true));
+        self.sync_guarded(all, store, helpers, engine);
+        if !agent_thread {
+            GUARD.with(|g| g.set(was));
+        }
+        &self.attached
+    }
+
+    fn sync_guarded(
+        &mut self,
+        all: &[Attachment],
+        store: &Arc<Store>,
+        helpers: &Arc<HelperRegistry>,
+        engine: Engine,
+    ) {
+        let me = host::pid() as i32;
+        let mut key: Vec<(u32, u64, Vec<(u32, u64)>)> = all
+            .iter()
+            .filter(|a| a.event.kind == PerfKind::Tracepoint)
+            .filter(|a| a.event.pid == -1 || a.event.pid == me)
+            .map(|a| (a.perf_event_id, a.event.offset, a.progs.clone()))
+            .collect();
+        key.sort();
+        if key == self.built {
+            return;
+        }
+        let mut d = Dispatch::default();
+        let mut attached = Vec::new();
+        let mut nrs: Vec<u64> = Vec::new();
+        for (perf, id, progs) in &key {
+            let raw_tp = id & RAW_TP_FLAG != 0;
+            let Some(tp) = Tracepoint::by_id(id & !RAW_TP_FLAG) else {
+                tracing::warn!("perf event {perf}: tracepoint {id} is not a syscall tracepoint");
+                continue;
+            };
+            let loaded: Progs = progs
+                .iter()
+                .filter_map(|&(p, cookie)| {
+                    self.prog(store, helpers, engine, p).map(|p| (p, cookie))
+                })
+                .collect();
+            if loaded.is_empty() {
+                continue;
+            }
+            attached.push(*perf);
+            let push = |list: &mut HashMap<u64, (u16, Progs)>, nr: u32, tid: u32| {
+                list.entry(u64::from(nr))
+                    .or_insert_with(|| (tid as u16, Vec::new()))
+                    .1
+                    .extend(loaded.iter().cloned())
+            };
+            match (tp, raw_tp) {
+                (Tracepoint::RawEnter, true) => d.rawtp_enter.extend(loaded.iter().cloned()),
+                (Tracepoint::RawExit, true) => d.rawtp_exit.extend(loaded.iter().cloned()),
+                (Tracepoint::RawEnter, false) => d.raw_enter.extend(loaded.iter().cloned()),
+                (Tracepoint::RawExit, false) => d.raw_exit.extend(loaded.iter().cloned()),
+                (Tracepoint::Enter(e), _) => {
+                    push(&mut d.enter, e.nr, e.enter_id);
+                    nrs.push(u64::from(e.nr));
+                }
+                (Tracepoint::Exit(e), _) => {
+                    push(&mut d.exit, e.nr, e.exit_id);
+                    nrs.push(u64::from(e.nr));
+                }
+            }
+        }
+        let all_calls = !(d.raw_enter.is_empty()
+            && d.raw_exit.is_empty()
+            && d.rawtp_enter.is_empty()
+            && d.rawtp_exit.is_empty());
+        let empty = d.is_empty();
+        self.publish(d);
+        if empty {
+            if let Some(ic) = self.interceptor.as_mut()
+                && let Err(e) = ic.apply(|_| false)
+            {
+                tracing::error!("cannot restore libc's syscall sites: {e}");
+            }
+        } else if let Some(ic) = self.interceptor() {
+            let want =
+                |nr: Option<u32>| all_calls || nr.is_none_or(|n| nrs.contains(&u64::from(n)));
+            match ic.apply(want) {
+                Ok(n) => tracing::info!(
+                    "syscall tracepoints: {} attachment(s), {n} libc site(s) patched",
+                    attached.len()
+                ),
+                Err(e) => tracing::error!("patching libc's syscall sites: {e}"),
+            }
+        } else {
+            attached.clear();
+        }
+        let used: Vec<u32> = key.iter().flat_map(|k| k.2.iter().map(|p| p.0)).collect();
+        self.progs.retain(|id, _| used.contains(id));
+        self.built = key;
+        self.attached = attached;
+    }
+
+    fn interceptor(&mut self) -> Option<&mut Interceptor> {
+        if self.interceptor.is_none() && !self.unavailable {
+            match Interceptor::for_libc() {
+                Ok(ic) => {
+                    let (n, skipped) = ic.counts();
+                    tracing::info!(
+                        "{}: {n} syscall sites can be patched, {skipped} left alone",
+                        ic.path().display()
+                    );
+                    set_handlers(Some(on_enter), Some(on_exit));
+                    self.interceptor = Some(ic);
+                }
+                Err(e) => {
+                    tracing::warn!("syscall tracepoints are unavailable here: {e}");
+                    self.unavailable = true;
+                }
+            }
+        }
+        self.interceptor.as_mut()
+    }
+
+    fn publish(&self, d: Dispatch) {
+        let mut enter = [0u64; WORDS];
+        let mut exit = [0u64; WORDS];
+        for nr in d.enter.keys() {
+            if let Some(w) = enter.get_mut(*nr as usize / 64) {
+                *w |= 1 << (nr % 64);
+            }
+        }
+        for nr in d.exit.keys() {
+            if let Some(w) = exit.get_mut(*nr as usize / 64) {
+                *w |= 1 << (nr % 64);
+            }
+        }
+        let all_enter = !(d.raw_enter.is_empty() && d.rawtp_enter.is_empty());
+        let all_exit = !(d.raw_exit.is_empty() && d.rawtp_exit.is_empty());
+        let empty = d.is_empty();
+        // Programs go in before the bits that lead handlers to them.
+        *DISPATCH.write() = (!empty).then_some(d);
+        for i in 0..WORDS {
+            ENTER_BITS[i].store(enter[i], Ordering::Release);
+            EXIT_BITS[i].store(exit[i], Ordering::Release);
+        }
+        ALL_ENTER.store(all_enter, Ordering::Release);
+        ALL_EXIT.store(all_exit, Ordering::Release);
+    }
+
+    fn prog(
+        &mut self,
+        store: &Arc<Store>,
+        helpers: &Arc<HelperRegistry>,
+        engine: Engine,
+        id: u32,
+    ) -> Option<Arc<LoadedProg>> {
+        if let Some(p) = self.progs.get(&id) {
+            return Some(p.clone());
+        }
+        match LoadedProg::load(store, id, helpers.clone()).and_then(|p| p.with_engine(engine)) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                self.progs.insert(id, p.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("program {id} cannot be loaded: {e}");
+                None
+            }
+        }
+    }
+
+    /// Removes every program and restores libc (agent shutdown or detach; also on drop).
+    pub fn clear(&mut self) {
+        let was = GUARD.with(|g| g.replace(true));
+        self.publish(Dispatch::default());
+        if let Some(ic) = self.interceptor.as_mut()
+            && let Err(e) = ic.apply(|_| false)
+        {
+            tracing::error!("cannot restore libc's syscall sites: {e}");
+        }
+        self.progs.clear();
+        self.built.clear();
+        self.attached.clear();
+        GUARD.with(|g| g.set(was));
+    }
+}
+
+impl Drop for SyscallTracing {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}

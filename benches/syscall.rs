@@ -1,0 +1,117 @@
+//! Per-call overhead of a syscall tracepoint: `getpid()` in a loop with a count program on
+//! `syscalls:sys_enter_getpid` (`examples/syscall-trace -g`) — bare vs bpftime (the loader under
+//! `bpftime load`, the victim under `bpftime start`: libc's getpid site patched, the program on
+//! the checked JIT) vs the kernel's tracepoint (root). Same victim, same loader, same BPF
+//! object, same machine, one run.
+//!
+//! `cargo bench --bench syscall` (the kernel column needs root; skipped otherwise).
+//! Environment: `BPFTIME_BENCH_CALLS` (default 2,000,000).
+
+use bpftime_suite::{Proc, TestStore, artifacts, build_example, is_root};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+fn ns_per_call(lines: &[String]) -> f64 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ns_per_call "))
+        .and_then(|v| v.parse().ok())
+        .expect("victim prints ns_per_call")
+}
+
+fn victim(prefix: Option<(&Path, &str)>, build: &Path, n: u64) -> f64 {
+    let mut c = match prefix {
+        Some((bpftime, store)) => {
+            let mut c = Command::new(bpftime);
+            c.args(["start", "--store", store, "--"]);
+            c.arg(build.join("syscall-victim"));
+            c
+        }
+        None => Command::new(build.join("syscall-victim")),
+    };
+    c.args(["-b", &n.to_string()]);
+    ns_per_call(&Proc::spawn(c, "syscall-victim -b").finish(T))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The loader's report line `getpid_calls N`.
+fn getpid_calls(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("getpid_calls "))
+        .and_then(|v| v.parse().ok())
+        .expect("loader prints getpid_calls")
+}
+
+fn main() {
+    // `cargo test --benches` runs us without `--bench`: a tiny run then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let a = artifacts();
+    let n: u64 = std::env::var("BPFTIME_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 20_000 } else { 2_000_000 });
+    let reps = if quick { 1 } else { 5 };
+    let bare = median((0..reps).map(|_| victim(None, &build, n)).collect());
+
+    let store = TestStore::new("bench-sys");
+    let mut lc = Command::new(&a.bpftime);
+    lc.args(["load", "--store", &store.name, "--"])
+        .arg(build.join("syscall-trace"))
+        .arg("-g");
+    let mut l = Proc::spawn(lc, "bpftime load syscall-trace -g");
+    l.wait_line(T, |s| s == "attached");
+    let ours = median(
+        (0..reps)
+            .map(|_| victim(Some((&a.bpftime, &store.name)), &build, n))
+            .collect(),
+    );
+    l.send_line("report");
+    let counted = getpid_calls(&l.finish(T));
+    assert!(
+        counted >= n * reps,
+        "the program counted {counted} getpid calls, the victims made {}",
+        n * reps
+    );
+
+    let kernel = is_root().then(|| {
+        let mut k = Proc::spawn(
+            {
+                let mut c = Command::new(build.join("syscall-trace"));
+                c.arg("-g");
+                c
+            },
+            "syscall-trace -g (kernel)",
+        );
+        k.wait_line(T, |s| s == "attached");
+        let v = median((0..reps).map(|_| victim(None, &build, n)).collect());
+        k.send_line("report");
+        let _ = k.finish(T);
+        v
+    });
+    println!("syscall tracepoint overhead: getpid() with a count program on sys_enter_getpid");
+    println!("{n} calls per run, median of {reps} runs, ns per call");
+    println!(
+        "| bare | bpftime | kernel | bpftime overhead | kernel overhead | bpftime / kernel overhead |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let ov = ours - bare;
+    match kernel {
+        Some(k) => println!(
+            "| {bare:.1} | {ours:.1} | {k:.1} | {ov:.1} | {:.1} | {:.2} |",
+            k - bare,
+            ov / (k - bare).max(0.01)
+        ),
+        None => println!("| {bare:.1} | {ours:.1} | (needs root) | {ov:.1} | | |"),
+    }
+}

@@ -1,0 +1,255 @@
+//! End to end: syscall tracepoints. The example libbpf tool (`examples/syscall-trace`) under
+//! `bpftime load`, tracing a victim under `bpftime start`, both as an unprivileged user —
+//! `syscalls:sys_{enter,exit}_openat` with path reads and results, `raw_syscalls:sys_enter`
+//! and the raw tracepoint `sys_enter` counted per number, error injection — and the same tool
+//! on the kernel (root) for the same counts; and the generated tracepoint table against the
+//! live tracefs.
+
+use bpftime_attach::syscall::Tracepoint;
+use bpftime_attach::syscall::table::events;
+use bpftime_suite::{Proc, TestStore, artifacts, build_example, is_root, poll, skip, unprivileged};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+/// Iterations of the victim's loop.
+const N: u64 = 200;
+
+/// Perf events the agent in `pid` reports attached (`bpftime list`).
+fn attached_events(store: &TestStore, pid: u32) -> Option<usize> {
+    let out = unprivileged(&artifacts().bpftime)
+        .args(["list", "--store", &store.name])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let prefix = format!("agent pid {pid} attached events [");
+    let line = text.lines().find(|l| l.starts_with(&prefix))?;
+    let inner = line.strip_prefix(&prefix)?.strip_suffix(']')?;
+    Some(inner.split(", ").filter(|s| !s.is_empty()).count())
+}
+
+/// The report lines a comparison looks at: openat counts, per-path lines of the victim's
+/// paths, and the numbers the victim calls in its loop (openat 257, getppid 110, umask 95).
+fn results(lines: &[String], inject: Option<&str>) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| {
+            l.starts_with("openat_")
+                || l.starts_with("path /etc/hostname ")
+                || l.starts_with("path /nonexistent/bpftime-victim ")
+                || inject.is_some_and(|p| l.starts_with(&format!("path {p} ")))
+                || ["nr 257 ", "nr 110 ", "nr 95 "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+        })
+        .cloned()
+        .collect()
+}
+
+fn expected(inject: Option<&str>) -> Vec<String> {
+    let opens = if inject.is_some() { 3 * N } else { 2 * N };
+    let mut v = vec![
+        format!("openat_enter {opens}"),
+        format!("openat_exit {opens}"),
+        format!("path /etc/hostname opens {N} ok {N} errs 0 errno_sum 0"),
+        format!(
+            "path /nonexistent/bpftime-victim opens {N} ok 0 errs {N} errno_sum {}",
+            2 * N
+        ),
+    ];
+    if let Some(p) = inject {
+        v.push(format!(
+            "path {p} opens {N} ok 0 errs {N} errno_sum {}",
+            2 * N
+        ));
+    }
+    v.extend([
+        format!("nr 95 calls {N}"),
+        format!("nr 110 calls {}", 2 * N),
+        format!("nr 257 calls {opens}"),
+    ]);
+    v.sort();
+    v
+}
+
+/// Runs victim and tool under bpftime as the unprivileged user; returns (tool report,
+/// victim output).
+fn under_bpftime(
+    build: &Path,
+    tag: &str,
+    tool_args: &[&str],
+    inject: Option<&str>,
+) -> (Vec<String>, Vec<String>) {
+    let a = artifacts();
+    let store = TestStore::new(tag);
+    let mut c = unprivileged(&a.bpftime);
+    c.args(["start", "--store", &store.name, "--"])
+        .arg(build.join("syscall-victim"))
+        .arg(N.to_string());
+    if let Some(p) = inject {
+        c.arg(p);
+    }
+    let mut v = Proc::spawn(c, "bpftime start syscall-victim");
+    let ready = v.wait_line(T, |l| l.starts_with("ready "));
+    let vpid: u32 = ready[6..].parse().expect("victim pid");
+    let mut c = unprivileged(&a.bpftime);
+    c.args(["load", "--store", &store.name, "--"])
+        .arg(build.join("syscall-trace"))
+        .args(["-p", &vpid.to_string()])
+        .args(tool_args);
+    let mut l = Proc::spawn(c, "bpftime load syscall-trace");
+    l.wait_line(T, |x| x == "attached");
+    let want = 3 + usize::from(inject.is_some());
+    poll(T, "the agent to attach the tracepoints", || {
+        attached_events(&store, vpid).filter(|&n| n >= want)
+    });
+    v.send_line("go");
+    v.wait_line(T, |x| x == "done");
+    let vout = v.finish(T);
+    l.send_line("report");
+    (l.finish(T), vout)
+}
+
+/// The same on the kernel (root): victim and tool run natively.
+fn on_kernel(build: &Path, tool_args: &[&str]) -> Vec<String> {
+    let mut v = Proc::spawn(
+        {
+            let mut c = Command::new(build.join("syscall-victim"));
+            c.arg(N.to_string());
+            c
+        },
+        "syscall-victim (kernel)",
+    );
+    let ready = v.wait_line(T, |l| l.starts_with("ready "));
+    let vpid: u32 = ready[6..].parse().expect("victim pid");
+    let mut c = Command::new(build.join("syscall-trace"));
+    c.args(["-p", &vpid.to_string()]).args(tool_args);
+    let mut l = Proc::spawn(c, "syscall-trace on the kernel");
+    l.wait_line(T, |x| x == "attached");
+    v.send_line("go");
+    v.wait_line(T, |x| x == "done");
+    v.finish(T);
+    l.send_line("report");
+    l.finish(T)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn openat_and_raw_syscalls_counted_as_unprivileged_user_like_the_kernel() {
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let (out, _) = under_bpftime(&build, "sys-tp", &[], None);
+    let ours = sorted(results(&out, None));
+    assert_eq!(ours, expected(None), "{out:#?}");
+    if !is_root() && skip("the kernel baseline needs root") {
+        return;
+    }
+    mount_tracefs();
+    let kernel = sorted(results(&on_kernel(&build, &[]), None));
+    assert_eq!(kernel, expected(None));
+    assert_eq!(ours, kernel);
+}
+
+#[test]
+fn raw_tracepoint_sys_enter_counts_like_the_kernel() {
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let (out, _) = under_bpftime(&build, "sys-rawtp", &["-r"], None);
+    let ours = sorted(results(&out, None));
+    assert_eq!(ours, expected(None), "{out:#?}");
+    if !is_root() && skip("the kernel baseline needs root") {
+        return;
+    }
+    let kernel = sorted(results(&on_kernel(&build, &["-r"]), None));
+    assert_eq!(ours, kernel);
+}
+
+#[test]
+fn openat_error_injection_fails_the_chosen_path_with_enoent() {
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    // A file the unprivileged user can open: only the program makes the opens fail.
+    let path = format!("/tmp/bpftime-inject-{}", std::process::id());
+    std::fs::write(&path, "x").expect("create the file");
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let (out, vout) = under_bpftime(&build, "sys-inject", &["-i", &path], Some(&path));
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        vout.contains(&format!("inject ok 0 err {N} errno_sum {}", 2 * N)),
+        "{vout:?}"
+    );
+    assert_eq!(
+        sorted(results(&out, Some(&path))),
+        expected(Some(&path)),
+        "{out:#?}"
+    );
+}
+
+/// Mounts tracefs at /sys/kernel/tracing if it is not (root only; the kernel baseline and
+/// the table comparison read it).
+fn mount_tracefs() -> bool {
+    let probe = Path::new("/sys/kernel/tracing/events/raw_syscalls/sys_enter/id");
+    if !probe.exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    probe.exists()
+}
+
+#[test]
+fn generated_table_matches_the_live_tracefs() {
+    if !is_root() && skip("reading tracefs needs root") {
+        return;
+    }
+    if !mount_tracefs() && skip("tracefs cannot be mounted") {
+        return;
+    }
+    let base = Path::new("/sys/kernel/tracing/events");
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let mut checked = 0;
+    let mut tps: Vec<(String, Tracepoint)> = vec![
+        ("raw_syscalls/sys_enter".into(), Tracepoint::RawEnter),
+        ("raw_syscalls/sys_exit".into(), Tracepoint::RawExit),
+    ];
+    for e in events() {
+        tps.push((
+            format!("syscalls/sys_enter_{}", e.name),
+            Tracepoint::Enter(e),
+        ));
+        tps.push((format!("syscalls/sys_exit_{}", e.name), Tracepoint::Exit(e)));
+    }
+    for (dir, tp) in &tps {
+        assert_eq!(
+            read(base.join(dir).join("id")),
+            format!("{}\n", tp.id()),
+            "{dir}/id"
+        );
+        assert_eq!(
+            read(base.join(dir).join("format")),
+            tp.format(),
+            "{dir}/format"
+        );
+        checked += 1;
+    }
+    // And nothing the kernel has is missing from the table.
+    let live = std::fs::read_dir(base.join("syscalls"))
+        .expect("tracefs syscalls directory")
+        .filter_map(|d| d.ok())
+        .filter(|d| d.path().is_dir())
+        .count();
+    assert_eq!(live + 2, checked);
+    assert!(checked > 700);
+}

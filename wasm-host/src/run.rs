@@ -162,6 +162,30 @@ impl Guest {
         f.call(&mut self.store, params)
     }
 
+    /// Copies `bytes` into the guest's memory at `offset` (tests and benchmarks).
+    pub fn write_memory(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        let mem = self
+            .instance
+            .get_memory(&mut self.store, "memory")
+            .context("the guest exports no memory")?;
+        wt(mem
+            .write(&mut self.store, offset, bytes)
+            .map_err(wasmtime::Error::from))
+    }
+
+    /// Reads `len` bytes of the guest's memory at `offset`.
+    pub fn read_memory(&mut self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let mem = self
+            .instance
+            .get_memory(&mut self.store, "memory")
+            .context("the guest exports no memory")?;
+        let mut out = vec![0u8; len];
+        wt(mem
+            .read(&self.store, offset, &mut out)
+            .map_err(wasmtime::Error::from))?;
+        Ok(out)
+    }
+
     /// Runs `_start` and closes what the guest left open.
     pub fn run(&mut self) -> Outcome {
         let r = self.call::<(), ()>("_start", ());

@@ -1,0 +1,169 @@
+//! The example guests of `examples/wasm` end to end, as uid 65534 (when run as root):
+//! `bpftime wasm run` loads a guest whose BPF object is attached by the agent in a victim
+//! started with `bpftime start`; the guest's WASI opens are counted and one is denied; an
+//! interrupted guest removes what it put in the store.
+
+mod wasm_support;
+
+use bpftime_suite::{Proc, TestStore, artifacts, build_example, unprivileged};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+use wasm_support::{bpftime_wasm, example_guests};
+
+const T: Duration = Duration::from_secs(60);
+
+/// The `bpftime list` lines after the store's own.
+fn listed(store: &TestStore) -> Vec<String> {
+    let out = unprivileged(&artifacts().bpftime)
+        .args(["list", "--store", &store.name])
+        .output()
+        .expect("run bpftime list");
+    assert!(out.status.success(), "bpftime list failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn uprobe_events_guest_gets_every_call_of_a_victim_through_bpftime_wasm_run() {
+    let Some(guests) = example_guests() else {
+        return;
+    };
+    let Some(victim_dir) = build_example("uprobe-counter") else {
+        return;
+    };
+    let victim = victim_dir.join("victim");
+    let a = artifacts();
+    let store = TestStore::new("wasm-uprobe");
+    const N: usize = 100;
+
+    // The guest, through the CLI's `bpftime wasm run` (which execs bpftime-wasm).
+    let mut cmd = unprivileged(&a.bpftime);
+    cmd.args(["wasm", "run", "--store", &store.name, "--no-status"])
+        .arg(guests.join("uprobe_events.wasm"))
+        .arg(&victim)
+        .arg(N.to_string());
+    let mut guest = Proc::spawn(cmd, "uprobe_events.wasm");
+    guest.wait_line(T, |l| l.starts_with("attached count_calls to "));
+
+    // The victim, with the agent: it attaches at start and the calls are counted.
+    let mut v = unprivileged(&a.bpftime);
+    v.args(["start", "--store", &store.name, "--"])
+        .arg(&victim)
+        .arg(N.to_string());
+    let victim_out = Proc::spawn(v, "victim").finish(T);
+    assert!(
+        victim_out.iter().any(|l| l == &format!("calls {N}")),
+        "{victim_out:?}"
+    );
+
+    let lines = guest.finish(T);
+    let events: Vec<&String> = lines.iter().filter(|l| l.starts_with("event ")).collect();
+    assert_eq!(
+        events.len(),
+        N,
+        "one record per call:\n{}",
+        lines.join("\n")
+    );
+    let pid: u32 = events[0]
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            **e,
+            format!("event pid {pid} arg {i} count {}", i + 1),
+            "records in call order"
+        );
+    }
+    assert!(lines.contains(&format!("pid {pid} calls {N}")), "{lines:?}");
+    let sum = N * (N - 1) / 2;
+    assert!(
+        lines.contains(&format!("total_calls {N} arg_sum {sum}")),
+        "{lines:?}"
+    );
+    // The guest closed its object: the store is empty again.
+    assert_eq!(listed(&store), Vec::<String>::new());
+}
+
+#[test]
+fn wasi_guard_guest_counts_its_opens_and_one_is_denied() {
+    let Some(guests) = example_guests() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("bpftime-wasi-guard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["a.txt", "secret.txt"] {
+        std::fs::write(dir.join(f), "x").unwrap();
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let store = TestStore::new("wasm-wasi");
+    let mut cmd = unprivileged(bpftime_wasm());
+    cmd.args(["run", "--store", &store.name, "--no-status", "--dir"])
+        .arg(format!("{}::/data", dir.display()))
+        .arg(guests.join("wasi_guard.wasm"))
+        .args([
+            "secret.txt",
+            "/data/a.txt",
+            "/data/secret.txt",
+            "/data/missing.txt",
+            "/data/a.txt",
+        ]);
+    let lines = Proc::spawn(cmd, "wasi_guard.wasm").finish(T);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        lines,
+        [
+            "open /data/a.txt: ok",
+            "open /data/secret.txt: denied (EACCES)",
+            "open /data/missing.txt: error 44", // WASI's ENOENT: the open really happened
+            "open /data/a.txt: ok",
+            "opens 4 denied 1",
+        ]
+    );
+}
+
+#[test]
+fn an_interrupted_guest_detaches_and_removes_its_objects() {
+    let Some(guests) = example_guests() else {
+        return;
+    };
+    let Some(victim_dir) = build_example("uprobe-counter") else {
+        return;
+    };
+    let store = TestStore::new("wasm-sigint");
+    let mut cmd = unprivileged(bpftime_wasm());
+    cmd.args(["run", "--store", &store.name, "--no-status"])
+        .arg(guests.join("uprobe_events.wasm"))
+        .arg(victim_dir.join("victim"))
+        .arg("1000000");
+    let mut guest = Proc::spawn(cmd, "uprobe_events.wasm");
+    guest.wait_line(T, |l| l.starts_with("attached"));
+    let objects = listed(&store);
+    assert!(
+        objects.iter().any(|l| l.contains("count_calls")),
+        "the program is in the store: {objects:?}"
+    );
+    send_signal(guest.pid(), libc::SIGINT);
+    let st = bpftime_suite::poll(T, "the guest to exit", || guest.child.try_wait().unwrap());
+    assert_eq!(st.code(), Some(130), "interrupted");
+    assert_eq!(listed(&store), Vec::<String>::new(), "nothing left behind");
+    assert!(Path::new(store.path()).exists());
+}
+
+/// `kill -SIG PID` (the `kill` command keeps this file free of unsafe code).
+fn send_signal(pid: u32, sig: i32) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid}");
+}

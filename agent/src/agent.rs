@@ -1,7 +1,10 @@
 //! The agent's reconciliation loop: make this process's hooks match the store.
 
-use crate::ffi;
-use bpftime_attach::{Hook, resolve_file_offset};
+use crate::ffi::{self, ProgList, ProgSlot};
+use bpftime_attach::{
+    FuncBounds, Hook, HookKind, function_containing, function_ranges, resolve_file_offset,
+    resolve_file_offset_writable,
+};
 use bpftime_maps::Store;
 use bpftime_runtime::helpers::registry;
 use bpftime_runtime::object::{
@@ -9,10 +12,9 @@ use bpftime_runtime::object::{
 };
 use bpftime_runtime::{Engine, LoadedProg};
 use bpftime_vm::helper::HelperRegistry;
-use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// Settings, from the environment by default.
@@ -37,22 +39,54 @@ impl AgentConfig {
     }
 }
 
-/// What a hook runs: the programs attached at one address. Shared with the hook handler.
-#[derive(Debug, Default)]
+/// What a hook runs: the programs attached at one address. Shared with the hook handlers.
+#[derive(Debug)]
 pub struct SiteData {
-    /// Programs with their attach cookies, in attach order.
-    pub progs: RwLock<Vec<(Arc<LoadedProg>, u64)>>,
-    /// Times the hook fired.
-    pub hits: AtomicU64,
+    /// The probed address (`bpf_get_func_ip`).
+    pub addr: usize,
+    /// uprobe programs with their attach cookies, in attach order.
+    pub entry: ProgSlot,
+    /// uretprobe programs.
+    pub ret: ProgSlot,
     /// Program runs that trapped.
     pub traps: AtomicU64,
+    /// The address is a function's entry: `bpf_override_return` makes it return at once.
+    pub can_override: bool,
 }
 
 struct Site {
     hook: Option<Hook>,
-    // Boxed: the hook handler holds its address until the hook is removed.
+    // Boxed: the hook handlers hold its address until the hook is removed.
     data: Box<SiteData>,
-    prog_ids: Vec<(u32, u64)>,
+    entry_ids: Vec<(u32, u64)>,
+    ret_ids: Vec<(u32, u64)>,
+    /// USDT semaphores this site incremented.
+    semaphores: Vec<usize>,
+}
+
+/// A probe point this process should have, from one attachment.
+struct Target {
+    addr: usize,
+    ret: bool,
+    semaphore: Option<usize>,
+    func: FuncBounds,
+}
+
+/// Everything wanted at one address.
+#[derive(Default)]
+struct Wanted {
+    entry: Vec<(u32, u64)>,
+    ret: Vec<(u32, u64)>,
+    semaphores: Vec<usize>,
+    func: Option<FuncBounds>,
+}
+
+fn add_unique<T: PartialEq + Copy>(list: &mut Vec<T>, items: &[T]) {
+    for i in items {
+        if !list.contains(i) {
+            list.push(*i);
+        }
+    }
 }
 
 /// The agent of one process.
@@ -66,6 +100,8 @@ pub struct Agent {
     reported: Vec<u32>,
     engine: Engine,
     syscalls: crate::syscalls::SyscallTracing,
+    /// Function ranges (file offsets) per binary, for telling entries from mid-function offsets.
+    functions: HashMap<String, Arc<Vec<(u64, u64)>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -95,6 +131,7 @@ impl Agent {
             reported: Vec::new(),
             engine: cfg.engine,
             syscalls: Default::default(),
+            functions: HashMap::new(),
         })
     }
 
@@ -103,11 +140,11 @@ impl Agent {
         &self.store
     }
 
-    /// Addresses currently hooked, with hit counts.
-    pub fn hooked(&self) -> Vec<(usize, u64)> {
+    /// Addresses currently hooked, and how.
+    pub fn hooked(&self) -> Vec<(usize, HookKind)> {
         self.sites
             .iter()
-            .map(|(a, s)| (*a, s.data.hits.load(Ordering::Relaxed)))
+            .filter_map(|(a, s)| Some((*a, s.hook.as_ref()?.kind())))
             .collect()
     }
 
@@ -117,19 +154,16 @@ impl Agent {
         }
     }
 
-    fn wanted_here(&mut self, a: &Attachment) -> Option<usize> {
+    fn wanted_here(&mut self, a: &Attachment) -> Option<Target> {
         let me = std::process::id() as i32;
         if a.event.pid != -1 && a.event.pid != me {
             return None;
         }
-        match a.event.kind {
-            PerfKind::Uprobe => {}
+        let ret = match a.event.kind {
+            PerfKind::Uprobe => false,
+            PerfKind::Uretprobe => true,
             // Syscall tracepoints: `crate::syscalls`.
             PerfKind::Tracepoint => return None,
-            PerfKind::Uretprobe => {
-                self.warn_once(a.perf_event_id, "uretprobes are not supported yet".into());
-                return None;
-            }
             other => {
                 self.warn_once(
                     a.perf_event_id,
@@ -137,15 +171,50 @@ impl Agent {
                 );
                 return None;
             }
-        }
-        match resolve_file_offset(&a.event.path, a.event.offset) {
-            Ok(addr) => Some(addr),
+        };
+        let addr = match resolve_file_offset(&a.event.path, a.event.offset) {
+            Ok(addr) => addr,
             // Not mapped in this process: the probe is for another binary.
             Err(e) => {
                 tracing::debug!("perf event {}: {e}", a.perf_event_id);
-                None
+                return None;
             }
-        }
+        };
+        let semaphore = match a.event.ref_ctr_offset {
+            0 => None,
+            off => match resolve_file_offset_writable(&a.event.path, off) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    // The kernel refuses such a uprobe (EINVAL from the ref_ctr update).
+                    self.warn_once(a.perf_event_id, format!("USDT semaphore: {e}"));
+                    return None;
+                }
+            },
+        };
+        let funcs = self
+            .functions
+            .entry(a.event.path.clone())
+            .or_insert_with(|| Arc::new(function_ranges(&a.event.path).unwrap_or_default()))
+            .clone();
+        let func = match function_containing(&funcs, a.event.offset) {
+            Some((start, end)) => FuncBounds::Range {
+                start: addr - (a.event.offset - start) as usize,
+                end: addr + (end - a.event.offset) as usize,
+            },
+            None => FuncBounds::Unknown,
+        };
+        Some(Target {
+            addr,
+            ret,
+            semaphore,
+            func,
+        })
+    }
+
+    fn prog_list(&mut self, ids: &[(u32, u64)]) -> ProgList {
+        ids.iter()
+            .filter_map(|&(id, cookie)| self.prog(id).map(|p| (p, cookie)))
+            .collect()
     }
 
     fn prog(&mut self, id: u32) -> Option<Arc<LoadedProg>> {
@@ -169,19 +238,20 @@ impl Agent {
 
     /// Makes the hooks match the store. Returns the number of hooked addresses.
     pub fn sync(&mut self) -> usize {
-        let mut wanted: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
+        let mut wanted: HashMap<usize, Wanted> = HashMap::new();
         let mut perf_at: Vec<(usize, u32)> = Vec::new();
         let all = attachments(&self.store);
         for a in &all {
-            if let Some(addr) = self.wanted_here(a) {
-                perf_at.push((addr, a.perf_event_id));
-                let list = wanted.entry(addr).or_default();
-                for p in &a.progs {
-                    if !list.contains(p) {
-                        list.push(*p);
-                    }
-                }
+            if let Some(t) = self.wanted_here(a) {
+                perf_at.push((t.addr, a.perf_event_id));
+                let w = wanted.entry(t.addr).or_default();
+                add_unique(if t.ret { &mut w.ret } else { &mut w.entry }, &a.progs);
+                add_unique(&mut w.semaphores, t.semaphore.as_slice());
+                w.func.get_or_insert(t.func);
             }
+        }
+        if let Err(e) = bpftime_attach::x86_64::recheck_trap_handler() {
+            tracing::warn!("checking the SIGTRAP handler: {e}");
         }
         // Remove sites nobody wants any more.
         let gone: Vec<usize> = self
@@ -191,52 +261,82 @@ impl Agent {
             .copied()
             .collect();
         for addr in gone {
-            if let Some(mut site) = self.sites.remove(&addr) {
-                if let Some(h) = site.hook.take()
-                    && let Err(e) = h.remove()
-                {
-                    tracing::error!("detach at {addr:#x}: {e}");
-                    // The hook may still fire: keep its data alive for good.
-                    Box::leak(site.data);
-                    continue;
-                }
+            if let Some(site) = self.sites.remove(&addr) {
+                remove_site(addr, site);
                 tracing::info!("detached {addr:#x}");
             }
         }
-        for (addr, ids) in wanted {
-            let progs: Vec<(Arc<LoadedProg>, u64)> = ids
-                .iter()
-                .filter_map(|&(id, cookie)| self.prog(id).map(|p| (p, cookie)))
-                .collect();
-            if let Some(site) = self.sites.get_mut(&addr) {
-                if site.prog_ids != ids {
-                    *site.data.progs.write() = progs;
-                    site.prog_ids = ids;
+        for (addr, w) in wanted {
+            let entry = self.prog_list(&w.entry);
+            let ret = self.prog_list(&w.ret);
+            let func = w.func.unwrap_or(FuncBounds::Unknown);
+            let kinds = (!entry.is_empty(), !ret.is_empty());
+            if let Some(mut site) = self.sites.remove(&addr) {
+                let had = (!site.entry_ids.is_empty(), !site.ret_ids.is_empty());
+                if site.entry_ids != w.entry {
+                    site.data.entry.replace(entry);
+                    site.entry_ids = w.entry;
                 }
+                if site.ret_ids != w.ret {
+                    site.data.ret.replace(ret);
+                    site.ret_ids = w.ret;
+                }
+                if had != kinds || site.hook.is_none() {
+                    // uprobe ↔ uretprobe ↔ both: the hook itself changes.
+                    if let Some(h) = site.hook.take()
+                        && let Err(e) = h.remove()
+                    {
+                        tracing::error!("detach at {addr:#x}: {e}");
+                        Box::leak(site.data);
+                        continue;
+                    }
+                    site.data.entry.quiesced();
+                    site.data.ret.quiesced();
+                    if kinds == (false, false) {
+                        set_semaphores(&mut site.semaphores, &[]);
+                        continue;
+                    }
+                    match ffi::install_hook(addr, &site.data, kinds.0, kinds.1, func) {
+                        Ok(h) => site.hook = Some(h),
+                        Err(e) => {
+                            self.warn_once(0, format!("cannot hook {addr:#x}: {e}"));
+                            set_semaphores(&mut site.semaphores, &[]);
+                            continue;
+                        }
+                    }
+                }
+                set_semaphores(&mut site.semaphores, &w.semaphores);
+                self.sites.insert(addr, site);
                 continue;
             }
-            if progs.is_empty() {
+            if kinds == (false, false) {
                 continue;
             }
             let data = Box::new(SiteData {
-                progs: RwLock::new(progs),
-                ..SiteData::default()
+                addr,
+                entry: ProgSlot::new(entry),
+                ret: ProgSlot::new(ret),
+                traps: AtomicU64::new(0),
+                can_override: matches!(func, FuncBounds::Range { start, .. } if start == addr),
             });
-            match ffi::install_hook(addr, &data) {
+            match ffi::install_hook(addr, &data, kinds.0, kinds.1, func) {
                 Ok(hook) => {
                     tracing::info!(
-                        "attached {} program(s) at {addr:#x} ({:?})",
-                        ids.len(),
+                        "attached {} uprobe and {} uretprobe program(s) at {addr:#x} ({:?}, {:?})",
+                        w.entry.len(),
+                        w.ret.len(),
+                        hook.kind(),
                         self.engine
                     );
-                    self.sites.insert(
-                        addr,
-                        Site {
-                            hook: Some(hook),
-                            data,
-                            prog_ids: ids,
-                        },
-                    );
+                    let mut site = Site {
+                        hook: Some(hook),
+                        data,
+                        entry_ids: w.entry,
+                        ret_ids: w.ret,
+                        semaphores: Vec::new(),
+                    };
+                    set_semaphores(&mut site.semaphores, &w.semaphores);
+                    self.sites.insert(addr, site);
                 }
                 Err(e) => self.warn_once(0, format!("cannot hook {addr:#x}: {e}")),
             }
@@ -245,7 +345,7 @@ impl Agent {
         let used: HashSet<u32> = self
             .sites
             .values()
-            .flat_map(|s| s.prog_ids.iter().map(|p| p.0))
+            .flat_map(|s| s.entry_ids.iter().chain(&s.ret_ids).map(|p| p.0))
             .collect();
         self.progs.retain(|id, _| used.contains(id));
         let mut attached: Vec<u32> = perf_at
@@ -286,12 +386,39 @@ impl Drop for Agent {
         if let Some(rec) = self.record.take() {
             self.store.release(rec);
         }
-        for (_, mut site) in self.sites.drain() {
-            if let Some(h) = site.hook.take()
-                && h.remove().is_err()
-            {
-                Box::leak(site.data);
-            }
+        for (addr, site) in self.sites.drain() {
+            remove_site(addr, site);
+        }
+    }
+}
+
+/// Removes a site's hook and gives its semaphores back.
+fn remove_site(addr: usize, mut site: Site) {
+    if let Some(h) = site.hook.take()
+        && let Err(e) = h.remove()
+    {
+        tracing::error!("detach at {addr:#x}: {e}");
+        // The hook may still fire: keep its data alive for good.
+        Box::leak(site.data);
+        return;
+    }
+    set_semaphores(&mut site.semaphores, &[]);
+}
+
+/// Makes the set of USDT semaphores a site holds `want`: +1 on each new one, -1 on each
+/// dropped one (the kernel counts once per probe point and process).
+fn set_semaphores(held: &mut Vec<usize>, want: &[usize]) {
+    held.retain(|&s| {
+        if want.contains(&s) {
+            true
+        } else {
+            ffi::adjust_semaphore(s, -1);
+            false
+        }
+    });
+    for &s in want {
+        if !held.contains(&s) && ffi::adjust_semaphore(s, 1) {
+            held.push(s);
         }
     }
 }

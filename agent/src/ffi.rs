@@ -5,52 +5,269 @@
 //!
 //! - The constructor only spawns the agent thread; it never blocks, never panics across the
 //!   FFI boundary, and does nothing visible unless `BPFTIME_LOG` asks for logs.
-//! - The hook handler's `user` pointer is the `SiteData` boxed in the agent's `Site`; the agent
+//! - The hook handlers' `user` pointer is the `SiteData` boxed in the agent's `Site`; the agent
 //!   drops it only after `Hook::remove` returned, after which no handler runs for that hook
-//!   (bpftime-attach's guarantee), or leaks it when removal failed.
-//! - The handler never unwinds into the target: panics are caught, and a thread-local guard
-//!   skips probes hit from inside a probe (a helper calling a hooked function) and from the
-//!   agent's own thread.
+//!   (bpftime-attach's guarantee, return handlers included), or leaks it when removal failed.
+//! - A [`ProgSlot`]'s list is replaced only by the agent thread, and a replaced list is kept
+//!   (retired) until the slot is dropped or [`ProgSlot::quiesced`] is called, both only when
+//!   no hook handler can be using it; handlers read the current list with one load.
+//! - The handlers never unwind into the target: panics are caught; they keep the thread's
+//!   `errno`; a thread-local guard skips probes hit from inside a probe (a helper calling a
+//!   hooked function) and from the agent's own thread.
+//! - The `sigaction`/`signal` interposers answer for `SIGTRAP` only once bpftime-attach's trap
+//!   handler is installed (it then keeps the application's handler and passes it the traps
+//!   that are not probes); everything else goes to the next definition (libc's).
 
 use crate::agent::{Agent, AgentConfig, SiteData};
-use bpftime_attach::{AttachError, Hook, PtRegs, install};
+use bpftime_attach::x86_64::{intercept_sigaction, override_return};
+use bpftime_attach::{AttachError, FuncBounds, Hook, PatchMode, Probe, PtRegs, install_probe};
+use bpftime_runtime::LoadedProg;
+use bpftime_runtime::helpers::{FuncIpGuard, take_override};
 use std::cell::Cell;
-use std::ffi::c_void;
-use std::sync::atomic::Ordering;
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, AtomicU16, AtomicUsize, Ordering};
 
 thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
-extern "C" fn on_hit(regs: &mut PtRegs, user: *mut c_void) {
+/// Programs with their attach cookies, in attach order.
+pub type ProgList = Vec<(Arc<LoadedProg>, u64)>;
+
+/// A program list that hook handlers read without a lock while the agent replaces it.
+#[derive(Debug)]
+pub struct ProgSlot {
+    cur: AtomicPtr<ProgList>,
+    retired: parking_lot::Mutex<Vec<Box<ProgList>>>,
+}
+
+impl ProgSlot {
+    /// A slot holding `list`.
+    pub fn new(list: ProgList) -> Self {
+        ProgSlot {
+            cur: AtomicPtr::new(Box::into_raw(Box::new(list))),
+            retired: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The current list.
+    pub fn get(&self) -> &ProgList {
+        // SAFETY: `cur` always holds a pointer from `Box::into_raw`, freed only by `quiesced`
+        // (retired ones) or `Drop` (module invariants), neither of which runs while a handler
+        // holds this borrow.
+        unsafe { &*self.cur.load(Ordering::Acquire) }
+    }
+
+    /// Publishes `list`; the old one is kept until no handler can be reading it.
+    pub fn replace(&self, list: ProgList) {
+        let old = self
+            .cur
+            .swap(Box::into_raw(Box::new(list)), Ordering::AcqRel);
+        // SAFETY: `old` came from `Box::into_raw` and is no longer published.
+        self.retired.lock().push(unsafe { Box::from_raw(old) });
+    }
+
+    /// Frees the replaced lists. Call only while no hook handler runs for this slot (its hook
+    /// was removed and not yet reinstalled).
+    pub fn quiesced(&self) {
+        self.retired.lock().clear();
+    }
+}
+
+impl Drop for ProgSlot {
+    fn drop(&mut self) {
+        // SAFETY: the current pointer came from `Box::into_raw`; the slot is dropped only when
+        // no handler uses it (module invariants).
+        drop(unsafe { Box::from_raw(*self.cur.get_mut()) });
+    }
+}
+
+fn errno() -> c_int {
+    // SAFETY: errno is thread-local; its location is valid for the thread's life.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(v: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// Runs `list` on `regs`; the value of the last `bpf_override_return`, if any.
+fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> {
+    for (p, cookie) in list {
+        // SAFETY: `regs` is the stub's (or signal frame's) live, writable pt_regs for the
+        // duration of this call.
+        let r = unsafe {
+            p.run_with_cookie(
+                (regs as *mut PtRegs).cast(),
+                std::mem::size_of::<PtRegs>(),
+                *cookie,
+            )
+        };
+        if let Err(t) = r {
+            site.traps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!("program {} trapped: {t}", p.id());
+        }
+    }
+    take_override()
+}
+
+/// Runs `f` unless the thread is already in a probe; keeps errno; never unwinds.
+fn guarded(f: impl FnOnce()) {
     if BUSY.with(|b| b.replace(true)) {
         return;
     }
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: `user` is the site's live `SiteData` (module invariants).
-        let site = unsafe { &*(user as *const SiteData) };
-        site.hits.fetch_add(1, Ordering::Relaxed);
-        let progs = site.progs.read();
-        for (p, _cookie) in progs.iter() {
-            // SAFETY: `regs` is the stub's live, writable pt_regs for the duration of this call.
-            let r = unsafe { p.run((regs as *mut PtRegs).cast(), std::mem::size_of::<PtRegs>()) };
-            if let Err(t) = r {
-                site.traps.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("program {} trapped: {t}", p.id());
-            }
-        }
-    }));
+    let saved = errno();
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    set_errno(saved);
     BUSY.with(|b| b.set(false));
 }
 
-/// Hooks `addr` with the handler running `data`'s programs. `addr` comes from a uprobe's
-/// (binary, file offset), which the loader computed from a symbol or an offset given by the
-/// user, exactly what the kernel trusts for its uprobes: the start of an instruction.
-pub(crate) fn install_hook(addr: usize, data: &SiteData) -> Result<Hook, AttachError> {
+/// Entry handler (uprobes): `user` is the site's `SiteData`.
+extern "C" fn on_entry(regs: &mut PtRegs, user: *mut c_void) {
+    guarded(|| {
+        // SAFETY: `user` is the site's live `SiteData` (module invariants).
+        let site = unsafe { &*(user as *const SiteData) };
+        if let Some(rc) = run_list(site, site.entry.get(), regs)
+            && site.can_override
+        {
+            // SAFETY: `can_override` is set only for a probe at a function's first
+            // instruction, where rsp points at the return address.
+            unsafe { override_return(regs, rc) };
+        }
+    });
+}
+
+/// Return handler (uretprobes): `regs` is the state after the function returned.
+extern "C" fn on_return(regs: &mut PtRegs, user: *mut c_void) {
+    guarded(|| {
+        // SAFETY: `user` is the site's live `SiteData` (module invariants).
+        let site = unsafe { &*(user as *const SiteData) };
+        let _ip = FuncIpGuard::set(site.addr as u64);
+        if let Some(rc) = run_list(site, site.ret.get(), regs) {
+            // bpf_override_return in a uretprobe replaces the return value.
+            regs.rax = rc;
+        }
+    });
+}
+
+/// Hooks `addr` with the handlers running `data`'s programs: entry programs if `entry`,
+/// return programs if `ret`. `addr` comes from a uprobe's (binary, file offset), which the
+/// loader computed from a symbol or an offset given by the user, exactly what the kernel
+/// trusts for its uprobes: the start of an instruction; `func` is its function from the
+/// binary's symbols.
+pub(crate) fn install_hook(
+    addr: usize,
+    data: &SiteData,
+    entry: bool,
+    ret: bool,
+    func: FuncBounds,
+) -> Result<Hook, AttachError> {
+    let probe = Probe {
+        entry: entry.then_some(on_entry as bpftime_attach::HookHandler),
+        ret: ret.then_some(on_return as bpftime_attach::HookHandler),
+        user: data as *const SiteData as *mut c_void,
+        func,
+        mode: PatchMode::Auto,
+    };
     // SAFETY: `addr` is the start of an instruction in a mapped file (the uprobe contract the
-    // kernel also relies on); `on_hit` is sound on any thread; `data` is boxed in the agent's
-    // `Site` and outlives the hook (module invariants); we never replace SIGTRAP handlers.
-    unsafe { install(addr, on_hit, data as *const SiteData as *mut c_void) }
+    // kernel also relies on) and `func` comes from the same file's symbols; a return handler
+    // is asked for by uretprobes, which the kernel too places at function entries; the
+    // handlers are sound on any thread; `data` is boxed in the agent's `Site` and outlives the
+    // hook (module invariants); SIGTRAP changes by the application go through our interposer.
+    unsafe { install_probe(addr, &probe) }
+}
+
+/// Adds `delta` to the USDT semaphore (a `unsigned short`) at `addr`, which
+/// `resolve_file_offset_writable` found in a writable mapping of the probed binary, as the
+/// kernel does when it installs (+1) or removes (-1) a uprobe with a `ref_ctr_offset`.
+/// False if the address is misaligned.
+pub(crate) fn adjust_semaphore(addr: usize, delta: i16) -> bool {
+    if addr % 2 != 0 {
+        return false;
+    }
+    // SAFETY: `addr` is 2-aligned and lies in a writable, file-backed mapping of this process
+    // (`resolve_file_offset_writable`), the semaphore the target's USDT probes read; programs
+    // only ever read it, and we update it atomically.
+    let sem = unsafe { AtomicU16::from_ptr(addr as *mut u16) };
+    sem.fetch_add(delta as u16, Ordering::AcqRel);
+    true
+}
+
+type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
+
+/// The next definition of `name` (libc's), cached in `cache`.
+fn next_symbol(cache: &AtomicUsize, name: &std::ffi::CStr) -> usize {
+    let f = cache.load(Ordering::Acquire);
+    if f != 0 {
+        return f;
+    }
+    // SAFETY: `name` is NUL-terminated; RTLD_NEXT looks past this library.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+    cache.store(f, Ordering::Release);
+    f
+}
+
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// `sigaction(2)` for the application: see the module invariants.
+///
+/// # Safety
+/// The libc contract: `act` and `old` are null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    // SAFETY: forwarded contract.
+    if let Some(r) = unsafe { intercept_sigaction(sig, act, old) } {
+        return r;
+    }
+    let f = next_symbol(&REAL_SIGACTION, c"sigaction");
+    if f == 0 {
+        set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: `f` is libc's `sigaction`, with this signature.
+    let f: SigactionFn = unsafe { std::mem::transmute(f) };
+    // SAFETY: forwarded contract.
+    unsafe { f(sig, act, old) }
+}
+
+/// `signal(3)` for the application: glibc's calls its internal `sigaction`, which the
+/// interposer above does not see, so `SIGTRAP` is handled here the same way (BSD semantics,
+/// as glibc's `signal`).
+///
+/// # Safety
+/// The libc contract.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if sig == libc::SIGTRAP {
+        // SAFETY: plain data; zero is a valid empty action.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = handler;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: zeroed sigaction is valid output storage.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers.
+        if let Some(r) = unsafe { intercept_sigaction(sig, &sa, &mut old) } {
+            return if r == 0 { old.sa_sigaction } else { libc::SIG_ERR };
+        }
+    }
+    let f = next_symbol(&REAL_SIGNAL, c"signal");
+    if f == 0 {
+        set_errno(libc::ENOSYS);
+        return libc::SIG_ERR;
+    }
+    // SAFETY: `f` is libc's `signal`, with this signature.
+    let f: SignalFn = unsafe { std::mem::transmute(f) };
+    // SAFETY: forwarded contract.
+    unsafe { f(sig, handler) }
 }
 
 extern "C" fn agent_constructor() {

@@ -56,7 +56,10 @@ pub mod x86_64;
 
 pub use error::AttachError;
 pub use regs::PtRegs;
-pub use resolve::{find_symbol_in_process, resolve_file_offset, symbol_file_offset};
+pub use resolve::{
+    find_symbol_in_process, function_containing, function_ranges, resolve_file_offset,
+    resolve_file_offset_writable, symbol_file_offset,
+};
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub use x86_64::{
     FuncBounds, Hook, HookHandler, HookKind, PatchMode, Probe, install, install_probe,

@@ -35,6 +35,72 @@ pub fn resolve_file_offset(path: impl AsRef<Path>, offset: u64) -> Result<usize,
     })
 }
 
+/// The address in this process of `offset` in the file at `path`, in a *writable* mapping —
+/// where a USDT semaphore (the `ref_ctr_offset` of a uprobe) lives: `.probes` in the data
+/// segment, whose file page may also be mapped read-only next to the text.
+pub fn resolve_file_offset_writable(
+    path: impl AsRef<Path>,
+    offset: u64,
+) -> Result<usize, AttachError> {
+    let path = path.as_ref();
+    let meta = std::fs::metadata(path).map_err(|source| AttachError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let canonical = std::fs::canonicalize(path).ok();
+    let maps: Vec<MapEntry> = read_self_maps()?.into_iter().filter(|m| m.write).collect();
+    resolve_in(&maps, FileId::of(&meta), canonical.as_deref(), offset).ok_or_else(|| {
+        AttachError::OffsetNotMapped {
+            path: path.into(),
+            offset,
+        }
+    })
+}
+
+/// The file-offset ranges `[start, end)` of the functions defined in the ELF file at `path`
+/// (`STT_FUNC` and `STT_GNU_IFUNC` symbols with a size, from `.symtab` and `.dynsym`), sorted
+/// by start. For telling whether a probe offset is a function's entry or inside one.
+pub fn function_ranges(path: impl AsRef<Path>) -> Result<Vec<(u64, u64)>, AttachError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| AttachError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let elf = Elf::parse(&bytes).map_err(|source| AttachError::Elf {
+        path: path.into(),
+        source,
+    })?;
+    let mut out: Vec<(u64, u64)> = elf
+        .syms
+        .iter()
+        .chain(elf.dynsyms.iter())
+        .filter(|s| {
+            matches!(s.st_type(), goblin::elf::sym::STT_FUNC | goblin::elf::sym::STT_GNU_IFUNC)
+                && s.st_shndx != SHN_UNDEF as usize
+                && s.st_value != 0
+                && s.st_size != 0
+        })
+        .filter_map(|s| {
+            let start = vaddr_to_offset(&elf, s.st_value)?;
+            Some((start, start + s.st_size))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The range in `ranges` (from [`function_ranges`]) containing `offset`: the innermost
+/// (latest-starting) one when ranges nest.
+pub fn function_containing(ranges: &[(u64, u64)], offset: u64) -> Option<(u64, u64)> {
+    let end = ranges.partition_point(|&(s, _)| s <= offset);
+    ranges[..end]
+        .iter()
+        .rev()
+        .find(|&&(s, e)| s <= offset && offset < e)
+        .copied()
+}
+
 /// The file offset of `symbol` in the ELF file at `path` (its `.symtab`, else `.dynsym`).
 pub fn symbol_file_offset(path: impl AsRef<Path>, symbol: &str) -> Result<u64, AttachError> {
     let path = path.as_ref();
@@ -178,6 +244,21 @@ mod tests {
             resolve_in(&maps, other_dev, Some(Path::new("/bin/y")), 0x20),
             Some(0x5020)
         );
+    }
+
+    #[test]
+    fn functions_are_found_by_offset() {
+        let r = [(0x100, 0x180), (0x180, 0x200), (0x300, 0x400), (0x310, 0x320)];
+        assert_eq!(function_containing(&r, 0x100), Some((0x100, 0x180)));
+        assert_eq!(function_containing(&r, 0x17f), Some((0x100, 0x180)));
+        assert_eq!(function_containing(&r, 0x180), Some((0x180, 0x200)));
+        assert_eq!(function_containing(&r, 0x250), None);
+        assert_eq!(function_containing(&r, 0x315), Some((0x310, 0x320)));
+        assert_eq!(function_containing(&r, 0x350), Some((0x300, 0x400)));
+        assert_eq!(function_containing(&r, 0x50), None);
+        let own = function_ranges("/proc/self/exe").unwrap();
+        let main = symbol_file_offset("/proc/self/exe", "main").unwrap();
+        assert_eq!(function_containing(&own, main).map(|f| f.0), Some(main));
     }
 
     #[test]

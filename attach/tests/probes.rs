@@ -252,6 +252,13 @@ fn eight_threads_each_get_their_own_returns() {
 }
 
 #[inline(never)]
+fn catch_right_here(x: u64) -> Result<u64, Box<dyn std::any::Any + Send>> {
+    // The handler frame is the probed function's direct caller (as with a C++ try/catch
+    // around the call).
+    std::panic::catch_unwind(|| thrower(black_box(x)))
+}
+
+#[inline(never)]
 extern "C-unwind" fn thrower(x: u64) -> u64 {
     if x == 1 {
         std::panic::panic_any(41u64);
@@ -284,6 +291,13 @@ fn unwinding_through_a_probed_frame_reaches_the_caller() {
     // A backtrace taken below the probed frame sees its real caller.
     assert_eq!(thrower(black_box(2)), 1, "backtrace through the trampoline");
     assert_eq!(rec.entries.load(Ordering::SeqCst), 3);
+    for _ in 0..3 {
+        let caught = catch_right_here(1);
+        assert_eq!(caught.unwrap_err().downcast_ref::<u64>(), Some(&41));
+        assert_eq!(catch_right_here(3).unwrap(), 4);
+    }
+    assert_eq!(rec.returns.load(Ordering::SeqCst), 5);
+    assert_eq!(pending_returns(), 0);
     h.remove().unwrap();
 }
 

@@ -634,9 +634,7 @@ impl Drop for CookieGuard {
 /// `bpf_cookie`) the program runs for, set by whoever runs it through
 /// [`crate::LoadedProg::run_with_cookie`]; 0 otherwise.
 ///
-/// TODO(agent): the agent's hook handler (`agent/src/ffi.rs`, `on_hit`) still calls
-/// `LoadedProg::run` although it holds each program's link cookie (`SiteData::progs`); calling
-/// `run_with_cookie(regs, len, cookie)` there makes this helper return it.
+/// The agent passes each program's link cookie (uprobe_multi: each probe point's).
 extern "C" fn get_attach_cookie(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
     COOKIE.with(Cell::get)
 }
@@ -659,9 +657,37 @@ pub fn take_override() -> Option<u64> {
     OVERRIDE.with(Cell::take)
 }
 
-/// `bpf_get_func_ip(ctx)`: for a uprobe the probed address, which is the `ip` of the
-/// `struct pt_regs` the program gets (the kernel returns the uprobe's `bp_addr`).
+thread_local! {
+    static FUNC_IP: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Makes `bpf_get_func_ip` return `ip` on this thread until dropped (restoring the previous
+/// value). For runners whose context's `ip` is not the probed function: a uretprobe's
+/// `pt_regs.ip` is the return address, but the kernel's helper returns the function.
+#[derive(Debug)]
+pub struct FuncIpGuard(u64);
+
+impl FuncIpGuard {
+    /// Sets `ip` for the programs run while the guard lives.
+    pub fn set(ip: u64) -> FuncIpGuard {
+        FuncIpGuard(FUNC_IP.with(|c| c.replace(ip)))
+    }
+}
+
+impl Drop for FuncIpGuard {
+    fn drop(&mut self) {
+        FUNC_IP.with(|c| c.set(self.0));
+    }
+}
+
+/// `bpf_get_func_ip(ctx)`: for a uprobe the probed address (the kernel returns the uprobe's
+/// `bp_addr`, the function's address for a uretprobe too): the runner's [`FuncIpGuard`] when
+/// set, else the `ip` of the `struct pt_regs` the program gets.
 extern "C" fn get_func_ip(_: u64, _: u64, _: u64, _: u64, _: u64, env: &mut CallEnv) -> u64 {
+    let ip = FUNC_IP.with(Cell::get);
+    if ip != 0 {
+        return ip;
+    }
     let mut b = [0u8; 8];
     if env.ctx == 0 || !env.read_guest(env.ctx.wrapping_add(PT_REGS_IP), &mut b) {
         return 0;

@@ -281,6 +281,94 @@ pub fn read_perf_event(store: &Store, id: u32) -> Result<PerfEventRecord> {
     })
 }
 
+/// One probe point of a `BPF_TRACE_UPROBE_MULTI` link: file offset, USDT semaphore offset
+/// (0: none) and the BPF cookie programs see there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UprobeTarget {
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    /// File offset of the USDT semaphore, 0 for none.
+    pub ref_ctr_offset: u64,
+    /// `bpf_get_attach_cookie` at this point.
+    pub cookie: u64,
+}
+
+/// Number of [`UprobeTarget`]s stored after the path (0 for an ordinary perf event).
+const PE_MULTI_CNT: u64 = 48;
+/// Most targets one uprobe_multi link may have (the kernel's `MAX_UPROBE_MULTI_CNT`).
+pub const MAX_UPROBE_MULTI: usize = 1 << 20;
+
+fn multi_at(path_len: u64) -> u64 {
+    (PE_PATH + path_len).next_multiple_of(8)
+}
+
+/// Stores the hidden perf event behind a `BPF_TRACE_UPROBE_MULTI` link — every target of it,
+/// with their cookies — enabled, and publishes it. `kind` is [`PerfKind::Uprobe`] or
+/// [`PerfKind::Uretprobe`]; `offset` and `ref_ctr_offset` of `r` are unused.
+pub fn create_uprobe_multi(
+    store: &Store,
+    r: &PerfEventRecord,
+    targets: &[UprobeTarget],
+) -> Result<u32> {
+    if r.path.len() > MAX_PATH || targets.is_empty() || targets.len() > MAX_UPROBE_MULTI {
+        return Err(RuntimeError::Invalid {
+            what: format!("uprobe_multi of {} targets", targets.len()),
+        });
+    }
+    let at = multi_at(r.path.len() as u64);
+    let len = at + 24 * targets.len() as u64;
+    let (id, off) = store.create(ObjectKind::PerfEvent, "uprobe_multi", len)?;
+    put_u32(store, off + PE_KIND, r.kind as u32)?;
+    put_u32(store, off + PE_PID, r.pid as u32)?;
+    put_u32(store, off + PE_CPU, r.cpu as u32)?;
+    put_u64(store, off + PE_OFFSET, targets[0].offset)?;
+    put_u64(store, off + PE_REF_CTR, targets[0].ref_ctr_offset)?;
+    put_u32(store, off + PE_PATH_LEN, r.path.len() as u32)?;
+    put_u32(store, off + PE_MULTI_CNT, targets.len() as u32)?;
+    put_u32(store, off + PE_ENABLED, 1)?;
+    store
+        .segment()
+        .write(off + PE_PATH, r.path.as_bytes())
+        .ok_or(StoreError::Corrupt { what: "perf event" })?;
+    for (i, t) in targets.iter().enumerate() {
+        let e = off + at + 24 * i as u64;
+        put_u64(store, e, t.offset)?;
+        put_u64(store, e + 8, t.ref_ctr_offset)?;
+        put_u64(store, e + 16, t.cookie)?;
+    }
+    store.publish(id);
+    Ok(id)
+}
+
+/// The targets of a uprobe_multi perf event (empty for an ordinary one).
+pub fn read_uprobe_multi(store: &Store, id: u32) -> Result<Vec<UprobeTarget>> {
+    let off = payload(store, id, ObjectKind::PerfEvent, "perf event", PE_PATH)?;
+    let corrupt = || RuntimeError::Corrupt {
+        what: "perf event",
+        id,
+    };
+    let info = store.object(id).ok_or_else(corrupt)?;
+    let n = u64::from(get_u32(store, off + PE_MULTI_CNT).ok_or_else(corrupt)?);
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let plen = u64::from(get_u32(store, off + PE_PATH_LEN).ok_or_else(corrupt)?);
+    let at = multi_at(plen);
+    if n as usize > MAX_UPROBE_MULTI || at + 24 * n > info.payload_len {
+        return Err(corrupt());
+    }
+    (0..n)
+        .map(|i| {
+            let e = off + at + 24 * i;
+            Ok(UprobeTarget {
+                offset: get_u64(store, e).ok_or_else(corrupt)?,
+                ref_ctr_offset: get_u64(store, e + 8).ok_or_else(corrupt)?,
+                cookie: get_u64(store, e + 16).ok_or_else(corrupt)?,
+            })
+        })
+        .collect()
+}
+
 /// Enables or disables a perf event (`PERF_EVENT_IOC_ENABLE`/`DISABLE`); bumps nothing by itself
 /// — call [`touch`] so agents re-read.
 pub fn set_perf_enabled(store: &Store, id: u32, on: bool) -> Result<()> {
@@ -385,6 +473,18 @@ pub fn attachments(store: &Store) -> Vec<Attachment> {
             progs,
         });
     }
+    // A uprobe_multi perf event stands for several probe points, each with its cookie.
+    let multi: Vec<(usize, Vec<UprobeTarget>)> = out
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| matches!(a.event.kind, PerfKind::Uprobe | PerfKind::Uretprobe))
+        .filter_map(|(i, a)| {
+            read_uprobe_multi(store, a.perf_event_id)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| (i, t))
+        })
+        .collect();
     for &id in &ids {
         let Some(info) = store.object(id) else {
             continue;
@@ -397,6 +497,19 @@ pub fn attachments(store: &Store) -> Vec<Attachment> {
         };
         if let Some(a) = out.iter_mut().find(|a| a.perf_event_id == l.perf_event_id) {
             a.progs.push((l.prog_id, l.cookie));
+        }
+    }
+    for (i, targets) in multi.into_iter().rev() {
+        let a = out.remove(i);
+        for t in targets {
+            let mut event = a.event.clone();
+            event.offset = t.offset;
+            event.ref_ctr_offset = t.ref_ctr_offset;
+            out.push(Attachment {
+                perf_event_id: a.perf_event_id,
+                event,
+                progs: a.progs.iter().map(|&(p, _)| (p, t.cookie)).collect(),
+            });
         }
     }
     out.retain(|a| !a.progs.is_empty());

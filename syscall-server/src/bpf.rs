@@ -22,8 +22,8 @@ use bpftime_maps::map::{MapExtra, create_flags_mask};
 use bpftime_maps::store::ObjectKind;
 use bpftime_maps::{MapDef, MapType};
 use bpftime_runtime::object::{
-    LinkRecord, PerfKind, ProgRecord, create_link, create_prog, perf_prog, read_link,
-    read_perf_event, read_prog,
+    LinkRecord, PerfEventRecord, PerfKind, ProgRecord, UprobeTarget, create_link, create_prog,
+    create_uprobe_multi, perf_prog, read_link, read_perf_event, read_prog,
 };
 use bpftime_runtime::{LoadError, LoadedProg};
 use bpftime_vm::isa::{Insn, insns_from_bytes, insns_to_bytes};
@@ -1066,6 +1066,7 @@ impl Emulator {
                 }
                 self.install(ObjectKind::Link, id, "perf_event", true, true, true)
             }
+            BPF_TRACE_UPROBE_MULTI => self.uprobe_multi_link(&a, prog.id, &rec),
             BPF_TRACE_KPROBE_MULTI => {
                 if rec.prog_type != BPF_PROG_TYPE_KPROBE
                     || rec.expected_attach_type != BPF_TRACE_KPROBE_MULTI
@@ -1080,6 +1081,112 @@ impl Emulator {
                 Err(e(libc::EINVAL))
             }
         }
+    }
+
+    /// `bpf_uprobe_multi_link_attach()` (kernel 6.6+): `link_create.uprobe_multi` = path,
+    /// offsets, ref_ctr_offsets, cookies (user pointers), cnt, flags
+    /// (`BPF_F_UPROBE_MULTI_RETURN`), pid. One hidden perf event holds every target; the link
+    /// holds it and the program, so closing the link fd removes them all.
+    fn uprobe_multi_link(
+        &self,
+        a: &bpf_attr_link_create,
+        prog_id: u32,
+        rec: &ProgRecord,
+    ) -> Result<i64, Errno> {
+        const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
+        const MAX_UPROBE_MULTI_CNT: u32 = 1 << 20;
+        if rec.prog_type != BPF_PROG_TYPE_KPROBE
+            || rec.expected_attach_type != BPF_TRACE_UPROBE_MULTI
+        {
+            return Err(e(libc::EINVAL));
+        }
+        let upath = a.bpf_cookie;
+        let (uoffsets, uref_ctrs, ucookies) = (a._rest[0], a._rest[1], a._rest[2]);
+        let (cnt, flags) = (a._rest[3] as u32, (a._rest[3] >> 32) as u32);
+        let pid = a._rest[4] as u32 as i32;
+        if flags & !BPF_F_UPROBE_MULTI_RETURN != 0 {
+            return Err(e(libc::EINVAL));
+        }
+        if upath == 0 || uoffsets == 0 || cnt == 0 || pid < 0 {
+            return Err(e(libc::EINVAL));
+        }
+        if cnt > MAX_UPROBE_MULTI_CNT {
+            return Err(e(libc::E2BIG));
+        }
+        let raw = sys::read_user_cstr(upath, PAGE - 1)?;
+        let raw = String::from_utf8(raw).map_err(|_| e(libc::EINVAL))?;
+        let path = std::fs::canonicalize(&raw)
+            .map_err(|err| e(err.raw_os_error().unwrap_or(libc::ENOENT)))?;
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            return Err(e(libc::EBADF));
+        }
+        let path = path.into_os_string().into_string().map_err(|_| e(libc::EINVAL))?;
+        if pid != 0 && !sys::pid_exists(pid) {
+            return Err(e(libc::ESRCH));
+        }
+        let read_u64s = |ptr: u64| -> Result<Vec<u64>, Errno> {
+            if ptr == 0 {
+                return Ok(vec![0; cnt as usize]);
+            }
+            let bytes = read_user(ptr, cnt as usize * 8)?;
+            Ok(bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+                .collect())
+        };
+        let (offsets, ref_ctrs, cookies) = (
+            read_u64s(uoffsets)?,
+            read_u64s(uref_ctrs)?,
+            read_u64s(ucookies)?,
+        );
+        let targets: Vec<UprobeTarget> = (0..cnt as usize)
+            .map(|i| UprobeTarget {
+                offset: offsets[i],
+                ref_ctr_offset: ref_ctrs[i],
+                cookie: cookies[i],
+            })
+            .collect();
+        let kind = if flags & BPF_F_UPROBE_MULTI_RETURN != 0 {
+            PerfKind::Uretprobe
+        } else {
+            PerfKind::Uprobe
+        };
+        let ev = PerfEventRecord {
+            kind,
+            pid: if pid == 0 { -1 } else { pid },
+            cpu: -1,
+            offset: 0,
+            ref_ctr_offset: 0,
+            path,
+        };
+        let perf = create_uprobe_multi(&self.store, &ev, &targets).map_err(|err| e(err.errno()))?;
+        let id = match create_link(
+            &self.store,
+            &LinkRecord {
+                prog_id,
+                perf_event_id: perf,
+                attach_type: BPF_TRACE_UPROBE_MULTI,
+                cookie: 0,
+            },
+        ) {
+            Ok(id) => id,
+            Err(err) => {
+                self.store.release(perf);
+                return Err(e(err.errno()));
+            }
+        };
+        // The link holds its program and (with the creation reference) the perf event.
+        if !self.acquire(prog_id) {
+            self.store.release(id);
+            self.store.release(perf);
+            return Err(e(libc::EBADF));
+        }
+        tracing::debug!(
+            "uprobe_multi link {id}: {cnt} target(s) in {:?}, pid {pid}, return={}",
+            ev.path,
+            kind == PerfKind::Uretprobe
+        );
+        self.install(ObjectKind::Link, id, "uprobe_multi", true, true, true)
     }
 
     fn obj_get_info(&self, attr: &Attr, uattr: u64) -> Result<i64, Errno> {

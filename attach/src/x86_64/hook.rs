@@ -214,7 +214,7 @@ pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, Attach
             let (site, generation) = retprobe::register_site(ret, probe.user)?;
             let ctx = Box::new(ProbeCtx {
                 entry,
-                user: probe.user,
+                user: probe.user as usize,
                 site,
                 generation,
             });

@@ -233,32 +233,22 @@ fn errno() -> i32 {
 pub(crate) fn eh_frame(first: u64, ret_at: u64, n: usize) -> Vec<u8> {
     const DW_CFA_DEF_CFA: u8 = 0x0c;
     const DW_CFA_EXPRESSION: u8 = 0x10;
+    const DW_CFA_VAL_OFFSET: u8 = 0x14;
     const DW_OP_ADDR: u8 = 0x03;
     const RSP: u8 = 7;
     const RIP: u8 = 16;
     let mut out = Vec::with_capacity(32 + n * 40);
     // CIE: length, id 0, version 1, "zR", code align 1, data align -8, ra column 16,
-    // augmentation data (pointer encoding absptr), CFA = rsp + 0.
+    // augmentation data (pointer encoding absptr), CFA = rsp + 8, the caller's rsp = CFA - 8
+    // (= rsp: the trampoline frame takes no stack). The CFA cannot be rsp itself: it
+    // identifies the caller's frame to the unwinder (`uw_identify_context`) and would then
+    // equal the probed function's CFA — a handler in the direct caller would be "found" one
+    // frame early and libgcc aborts in phase 2.
+    #[rustfmt::skip]
     let cie_body: &[u8] = &[
-        0,
-        0,
-        0,
-        0,
-        1,
-        b'z',
-        b'R',
-        0,
-        1,
-        0x78,
-        RIP,
-        1,
-        0x00,
-        DW_CFA_DEF_CFA,
-        RSP,
-        0,
-        0,
-        0,
-        0,
+        0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78, RIP, 1, 0x00,
+        DW_CFA_DEF_CFA, RSP, 8,
+        DW_CFA_VAL_OFFSET, RSP, 1,
         0,
     ];
     out.extend_from_slice(&(cie_body.len() as u32).to_le_bytes());
@@ -399,7 +389,8 @@ pub(crate) fn unregister_site(i: u32) {
 #[repr(C)]
 pub(crate) struct ProbeCtx {
     pub entry: Option<HookHandler>,
-    pub user: *mut c_void,
+    /// The probe's `user` pointer, as an address (so hooks stay `Send`).
+    pub user: usize,
     pub site: u32,
     pub generation: u32,
 }
@@ -411,7 +402,7 @@ pub(crate) extern "C" fn entry_with_return(regs: &mut PtRegs, ctx: *mut c_void) 
     let ctx = unsafe { &*(ctx as *const ProbeCtx) };
     arm(regs.rsp, ctx.site, ctx.generation);
     if let Some(h) = ctx.entry {
-        h(regs, ctx.user);
+        h(regs, ctx.user as *mut c_void);
     }
 }
 

@@ -154,13 +154,9 @@ impl BpfHost {
             (SectionKind::Uprobe | SectionKind::Uretprobe, t) => {
                 obj.attach_uprobe(prog, t).map(drop)
             }
-            (SectionKind::Tracepoint, _) => Err(HostError::NotSupported {
-                what: format!(
-                    "tracepoint program `{prog}` (section `{}`): agents do not attach \
-                     syscall tracepoints yet",
-                    p.section
-                ),
-            }),
+            (SectionKind::Tracepoint | SectionKind::RawTracepoint, t) => {
+                obj.attach_tracepoint(prog, t).map(drop)
+            }
             (SectionKind::Kprobe, _) => Err(HostError::NotSupported {
                 what: format!("kprobe program `{prog}`: there are no kernel probes in userspace"),
             }),

@@ -48,6 +48,8 @@ use std::sync::Arc;
 pub const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `BPF_PROG_TYPE_TRACEPOINT`.
 pub const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+/// `BPF_PROG_TYPE_RAW_TRACEPOINT`.
+pub const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 /// `BPF_PERF_EVENT` attach type of a perf-event link.
 pub const BPF_PERF_EVENT: u32 = 41;
 /// Largest object accepted from a guest.
@@ -84,6 +86,8 @@ pub enum SectionKind {
     Uretprobe,
     /// `tracepoint/…`, `tp/…`.
     Tracepoint,
+    /// `raw_tp/…`, `raw_tracepoint/…`.
+    RawTracepoint,
     /// `kprobe`, `kretprobe`: no kprobes here.
     Kprobe,
     /// Anything else aya-obj parses (socket, xdp, …): loaded, never attached.
@@ -210,6 +214,7 @@ impl BpfObject {
                 ProgramSection::UProbe { .. } => SectionKind::Uprobe,
                 ProgramSection::URetProbe { .. } => SectionKind::Uretprobe,
                 ProgramSection::TracePoint => SectionKind::Tracepoint,
+                ProgramSection::RawTracePoint => SectionKind::RawTracepoint,
                 ProgramSection::KProbe | ProgramSection::KRetProbe => SectionKind::Kprobe,
                 _ => SectionKind::Other,
             };
@@ -218,6 +223,7 @@ impl BpfObject {
                     BPF_PROG_TYPE_KPROBE
                 }
                 SectionKind::Tracepoint => BPF_PROG_TYPE_TRACEPOINT,
+                SectionKind::RawTracepoint => BPF_PROG_TYPE_RAW_TRACEPOINT,
                 SectionKind::Other => {
                     tracing::info!("program `{name}`: section type not attachable here, skipped");
                     continue;
@@ -341,8 +347,8 @@ impl BpfObject {
         };
         let (path, offset) = resolve_uprobe_target(&target)?;
         let prog_id = prog.id;
-        let perf = create_perf_event(
-            &self.store,
+        let a = self.attach_event(
+            prog_id,
             &PerfEventRecord {
                 kind,
                 pid: -1,
@@ -352,6 +358,84 @@ impl BpfObject {
                 path,
             },
         )?;
+        tracing::info!(
+            "attached `{name}` at {target} (perf event {}, link {})",
+            a.perf_event_id,
+            a.link_id
+        );
+        Ok(a)
+    }
+
+    /// Attaches program `name` to a syscall tracepoint: `target` is `category:name` or
+    /// `category/name` (`syscalls:sys_enter_openat`, `raw_syscalls:sys_exit`), or, when
+    /// `None`, the section name gives it (`tracepoint/syscalls/sys_enter_openat`,
+    /// `raw_tp/sys_enter`).
+    pub fn attach_tracepoint(&mut self, name: &str, target: Option<&str>) -> Result<Attached> {
+        use bpftime_attach::syscall::Tracepoint;
+        use bpftime_attach::syscall::table::RAW_TP_FLAG;
+        let prog = self.prog(name).ok_or_else(|| HostError::NotFound {
+            what: "program",
+            name: name.into(),
+        })?;
+        let raw = match prog.kind {
+            SectionKind::Tracepoint => false,
+            SectionKind::RawTracepoint => true,
+            other => {
+                return Err(HostError::NotSupported {
+                    what: format!("attaching a {other:?} program to a tracepoint"),
+                });
+            }
+        };
+        let spec = match target {
+            Some(t) => t.to_owned(),
+            None => prog
+                .section
+                .split_once('/')
+                .map(|(_, rest)| rest.to_owned())
+                .unwrap_or_default(),
+        };
+        let bad = |why: &str| HostError::Target {
+            target: spec.clone(),
+            why: why.into(),
+        };
+        let tp = if raw {
+            Tracepoint::raw_by_name(&spec)
+        } else {
+            let (category, tp_name) = spec
+                .split_once([':', '/'])
+                .ok_or_else(|| bad("expected <category>:<name>"))?;
+            Tracepoint::by_path(category, tp_name)
+        }
+        .ok_or_else(|| {
+            bad("not a syscall tracepoint (syscalls:sys_{enter,exit}_<name>, raw_syscalls:sys_{enter,exit})")
+        })?;
+        let id = u64::from(tp.id()) | if raw { RAW_TP_FLAG } else { 0 };
+        let prog_id = prog.id;
+        let a = self.attach_event(
+            prog_id,
+            &PerfEventRecord {
+                kind: PerfKind::Tracepoint,
+                pid: -1,
+                cpu: -1,
+                offset: id,
+                ref_ctr_offset: 0,
+                path: String::new(),
+            },
+        )?;
+        tracing::info!(
+            "attached `{name}` to {}{} (perf event {}, link {})",
+            if raw { "raw tracepoint " } else { "" },
+            tp.name(),
+            a.perf_event_id,
+            a.link_id
+        );
+        Ok(a)
+    }
+
+    /// Writes an enabled perf event and a link to `prog_id`, the records libbpf's
+    /// `perf_event_open` + `BPF_LINK_CREATE` leave in the store under `bpftime load`.
+    fn attach_event(&mut self, prog_id: u32, rec: &PerfEventRecord) -> Result<Attached> {
+        let perf = create_perf_event(&self.store, rec)?;
         let link = set_perf_enabled(&self.store, perf, true).and_then(|()| {
             create_link(
                 &self.store,
@@ -370,7 +454,6 @@ impl BpfObject {
                 return Err(e.into());
             }
         };
-        tracing::info!("attached `{name}` at {target} (perf event {perf}, link {link})");
         let a = Attached {
             perf_event_id: perf,
             link_id: link,

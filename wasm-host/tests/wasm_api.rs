@@ -5,10 +5,12 @@
 
 mod wasm_support;
 
+use bpftime_attach::syscall::Tracepoint;
 use bpftime_maps::perf_array;
 use bpftime_maps::ringbuf::RingBuf;
 use bpftime_wasm_host::{Guest, GuestConfig};
 use libc::{EBADF, EBUSY, EFAULT, EINVAL, ENOENT, EOPNOTSUPP};
+use std::path::Path;
 use wasm_support::{ScratchStore, bpf_object, wat};
 
 /// Memory offsets used by the tests.
@@ -148,8 +150,8 @@ fn load_rejects_bad_buffers_and_objects() {
     let h = t.load();
     let h2 = t.load();
     assert!(h > 0 && h2 > 0 && h != h2, "distinct non-zero handles");
-    // 5 maps + .rodata + .bss, and the 4 attachable programs (socket is skipped).
-    assert_eq!(t.scratch.live(), before + 2 * (7 + 4));
+    // 5 maps + .rodata + .bss, and the 5 attachable programs (socket is skipped).
+    assert_eq!(t.scratch.live(), before + 2 * (7 + 5));
     assert_eq!(t.g.call::<i64, i32>("close", h).unwrap(), 0);
     assert_eq!(t.g.call::<i64, i32>("close", h2).unwrap(), 0);
     assert_eq!(t.scratch.live(), before, "closed objects leave the store");
@@ -196,11 +198,25 @@ fn attach_checks_handles_names_and_targets() {
     // Unknown WASI call.
     let w = t.str(STR + 128, "wasi:fd_write");
     assert_eq!(call(&mut t, h, probe, w), -EOPNOTSUPP);
-    // Program kinds that cannot attach here.
-    for prog in ["kp", "tp"] {
-        let p = t.str(STR + 8192, prog);
-        assert_eq!(call(&mut t, h, p, tgt), -EOPNOTSUPP, "{prog}");
+    // Kprobes cannot attach here; tracepoints need a syscall tracepoint.
+    let kp = t.str(STR + 8192, "kp");
+    assert_eq!(call(&mut t, h, kp, tgt), -EOPNOTSUPP);
+    let tp = t.str(STR + 8192, "tp");
+    for bad in [
+        "syscalls:sys_enter_nosuchcall",
+        "sched:sched_switch",
+        "nocolon",
+    ] {
+        let p = t.str(STR + 128, bad);
+        assert_eq!(call(&mut t, h, tp, p), -ENOENT, "tracepoint {bad:?}");
     }
+    let rawtp = t.str(STR + 8192 + 64, "rawtp");
+    let p = t.str(STR + 128, "sys_enter_openat");
+    assert_eq!(
+        call(&mut t, h, rawtp, p),
+        -ENOENT,
+        "raw tracepoints: sys_enter, sys_exit"
+    );
     let sock = t.str(STR + 8192, "sock");
     assert_eq!(
         call(&mut t, h, sock, tgt),
@@ -214,13 +230,32 @@ fn attach_checks_handles_names_and_targets() {
     assert_eq!(call(&mut t, h, probe, tgt), 0);
     let ret = t.str(STR + 8192, "retprobe");
     assert_eq!(call(&mut t, h, ret, tgt), 0);
-    assert_eq!(t.scratch.live(), before + 4);
+    // Tracepoints from the section name (`tracepoint/syscalls/sys_enter_openat`,
+    // `raw_tp/sys_exit`) and from a target.
+    let tp = t.str(STR + 8192, "tp");
+    assert_eq!(call(&mut t, h, tp, 0), 0);
+    let p = t.str(STR + 128, "syscalls:sys_exit_openat");
+    assert_eq!(call(&mut t, h, tp, p), 0);
+    let rawtp = t.str(STR + 8192 + 64, "rawtp");
+    assert_eq!(call(&mut t, h, rawtp, 0), 0);
+    assert_eq!(t.scratch.live(), before + 10);
     let a = bpftime_runtime::object::attachments(&t.scratch.store);
-    assert_eq!(a.len(), 2, "two enabled perf events with programs");
-    assert!(
-        a.iter()
-            .all(|a| a.event.path == exe.canonicalize().unwrap().to_str().unwrap())
-    );
+    assert_eq!(a.len(), 5, "five enabled perf events with programs");
+    let exe_path = exe.canonicalize().unwrap();
+    let (tps, ups): (Vec<_>, Vec<_>) = a
+        .iter()
+        .partition(|a| a.event.kind == bpftime_runtime::object::PerfKind::Tracepoint);
+    assert!(ups.iter().all(|a| Path::new(&a.event.path) == exe_path));
+    let mut ids: Vec<u64> = tps.iter().map(|a| a.event.offset).collect();
+    ids.sort();
+    let tp_id = |c: &str, n: &str| u64::from(Tracepoint::by_path(c, n).unwrap().id());
+    let mut want = vec![
+        tp_id("syscalls", "sys_enter_openat"),
+        tp_id("syscalls", "sys_exit_openat"),
+        tp_id("raw_syscalls", "sys_exit") | bpftime_attach::syscall::table::RAW_TP_FLAG,
+    ];
+    want.sort();
+    assert_eq!(ids, want);
     assert_eq!(t.g.call::<i64, i32>("close", h).unwrap(), 0);
     assert!(bpftime_runtime::object::attachments(&t.scratch.store).is_empty());
 }
@@ -450,7 +485,7 @@ fn buffer_poll_delivers_perf_buffer_samples() {
     assert_eq!(t.g.call::<i64, i32>("close", h).unwrap(), 0);
     assert_eq!(
         t.scratch.live(),
-        before - 7 - 4,
+        before - 7 - 5,
         "events, maps and programs gone"
     );
 }

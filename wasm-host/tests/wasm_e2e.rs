@@ -167,3 +167,50 @@ fn send_signal(pid: u32, sig: i32) {
         .expect("run kill");
     assert!(st.success(), "kill -{sig} {pid}");
 }
+
+#[test]
+fn opensnoop_guest_traces_openat_in_a_victim_through_syscall_tracepoints() {
+    let Some(guests) = example_guests() else {
+        return;
+    };
+    let a = artifacts();
+    let store = TestStore::new("wasm-opensnoop");
+    let file = std::env::temp_dir().join(format!("bpftime-opensnoop-{}.txt", std::process::id()));
+    std::fs::write(&file, "x\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let missing = format!("/tmp/bpftime-opensnoop-missing-{}", std::process::id());
+
+    let mut cmd = unprivileged(bpftime_wasm());
+    cmd.args(["run", "--store", &store.name, "--no-status"])
+        .arg(guests.join("opensnoop.wasm"))
+        .args(["-x", &missing]);
+    let mut guest = Proc::spawn(cmd, "opensnoop.wasm");
+    guest.wait_line(T, |l| l.starts_with("PID"));
+
+    let mut v = unprivileged(&a.bpftime);
+    v.args(["start", "--store", &store.name, "--", "cat"])
+        .arg(&file)
+        .arg(&missing);
+    let out = v.output().expect("run cat under bpftime start");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(out.status.code(), Some(1), "cat fails on the missing file");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x\n");
+
+    let lines = guest.finish(T);
+    let ours: Vec<Vec<&str>> = lines
+        .iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() == 5 && f[1] == "cat")
+        .collect();
+    let found = |path: &str| {
+        ours.iter()
+            .find(|f| f[4] == path)
+            .unwrap_or_else(|| panic!("no open of {path}:\n{}", lines.join("\n")))
+    };
+    let ok = found(file.to_str().unwrap());
+    assert!(ok[2].parse::<i32>().unwrap() >= 3 && ok[3] == "0", "{ok:?}");
+    let bad = found(&missing);
+    assert_eq!((bad[2], bad[3]), ("-1", "2"), "ENOENT");
+    assert_eq!(ok[0], bad[0], "same pid");
+    assert_eq!(listed(&store), Vec::<String>::new());
+}

@@ -59,6 +59,12 @@ int tp(void *ctx)
 	return 0;
 }
 
+SEC("raw_tp/sys_exit")
+int rawtp(void *ctx)
+{
+	return 0;
+}
+
 SEC("kprobe/do_sys_open")
 int kp(void *ctx)
 {

@@ -101,8 +101,9 @@ pub(crate) fn map_err(e: MapError) -> Errno {
     Errno(e.errno())
 }
 
+/// This process's id (cached: it is checked on every call; the cache is reset after `fork`).
 pub(crate) fn pid() -> u32 {
-    std::process::id()
+    bpftime_maps::shm::cached_pid()
 }
 
 fn kind_label(kind: ObjectKind) -> &'static str {

@@ -108,7 +108,16 @@ pub fn read_user_into(addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
     };
     // SAFETY: `local` names `buf`, which we own mutably for the call; `remote` is only
     // accessed by the kernel, which checks it and reports EFAULT.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe {
+        libc::process_vm_readv(
+            bpftime_maps::shm::cached_pid() as i32,
+            &local,
+            1,
+            &remote,
+            1,
+            0,
+        )
+    };
     if n < 0 {
         let e = errno();
         return Err(Errno(if e == libc::ESRCH || e == libc::EPERM {
@@ -148,7 +157,16 @@ pub fn write_user(addr: u64, data: &[u8]) -> Result<(), Errno> {
     };
     // SAFETY: the kernel only reads `local` (our slice) and checks `remote`, reporting EFAULT
     // for an address that is not writable.
-    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe {
+        libc::process_vm_writev(
+            bpftime_maps::shm::cached_pid() as i32,
+            &local,
+            1,
+            &remote,
+            1,
+            0,
+        )
+    };
     if n < 0 || n as usize != data.len() {
         return Err(Errno(libc::EFAULT));
     }

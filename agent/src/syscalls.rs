@@ -47,22 +47,44 @@ thread_local! {
 }
 
 type Progs = Vec<(Arc<LoadedProg>, u64)>;
+/// One tracepoint attachment as the table is built from it: (perf event, tracepoint id,
+/// programs with cookies).
+type Built = (u32, u64, Vec<(u32, u64)>);
 
 /// Programs per tracepoint, by system call number.
-#[derive(Default)]
 struct Dispatch {
-    enter: HashMap<u64, (u16, Progs)>,
-    exit: HashMap<u64, (u16, Progs)>,
+    /// By number: (tracepoint id, programs); empty lists for numbers without programs.
+    enter: Vec<(u16, Progs)>,
+    exit: Vec<(u16, Progs)>,
     raw_enter: Progs,
     raw_exit: Progs,
     rawtp_enter: Progs,
     rawtp_exit: Progs,
 }
 
+impl Default for Dispatch {
+    fn default() -> Self {
+        Dispatch {
+            enter: vec![(0, Vec::new()); NR_MAX],
+            exit: vec![(0, Vec::new()); NR_MAX],
+            raw_enter: Vec::new(),
+            raw_exit: Vec::new(),
+            rawtp_enter: Vec::new(),
+            rawtp_exit: Vec::new(),
+        }
+    }
+}
+
+/// The programs of number `nr` in `list`.
+fn at(list: &[(u16, Progs)], nr: u64) -> Option<&(u16, Progs)> {
+    list.get(usize::try_from(nr).ok()?)
+        .filter(|e| !e.1.is_empty())
+}
+
 impl Dispatch {
     fn is_empty(&self) -> bool {
-        self.enter.is_empty()
-            && self.exit.is_empty()
+        self.enter.iter().all(|e| e.1.is_empty())
+            && self.exit.iter().all(|e| e.1.is_empty())
             && self.raw_enter.is_empty()
             && self.raw_exit.is_empty()
             && self.rawtp_enter.is_empty()
@@ -156,7 +178,7 @@ extern "C" fn on_enter(call: &mut SyscallCall) {
             };
             run_all(&d.raw_enter, &mut ctx);
         }
-        if let Some((id, progs)) = d.enter.get(&call.nr) {
+        if let Some((id, progs)) = at(&d.enter, call.nr) {
             let mut ctx = SysEnterCtx {
                 ent: header(u32::from(*id)),
                 nr: call.nr as i32,
@@ -196,7 +218,7 @@ extern "C" fn on_exit(call: &SyscallCall) {
             };
             run_all(&d.raw_exit, &mut ctx);
         }
-        if let Some((id, progs)) = d.exit.get(&call.nr) {
+        if let Some((id, progs)) = at(&d.exit, call.nr) {
             let mut ctx = SysExitCtx {
                 ent: header(u32::from(*id)),
                 nr: call.nr as i32,
@@ -229,7 +251,7 @@ pub struct SyscallTracing {
     unavailable: bool,
     progs: HashMap<u32, Arc<LoadedProg>>,
     /// What the table was built from: (perf event, programs).
-    built: Vec<(u32, u64, Vec<(u32, u64)>)>,
+    built: Vec<Built>,
     attached: Vec<u32>,
 }
 
@@ -274,7 +296,7 @@ impl SyscallTracing {
         engine: Engine,
     ) {
         let me = host::pid() as i32;
-        let mut key: Vec<(u32, u64, Vec<(u32, u64)>)> = all
+        let mut key: Vec<Built> = all
             .iter()
             .filter(|a| a.event.kind == PerfKind::Tracepoint)
             .filter(|a| a.event.pid == -1 || a.event.pid == me)
@@ -303,11 +325,11 @@ impl SyscallTracing {
                 continue;
             }
             attached.push(*perf);
-            let push = |list: &mut HashMap<u64, (u16, Progs)>, nr: u32, tid: u32| {
-                list.entry(u64::from(nr))
-                    .or_insert_with(|| (tid as u16, Vec::new()))
-                    .1
-                    .extend(loaded.iter().cloned())
+            let push = |list: &mut Vec<(u16, Progs)>, nr: u32, tid: u32| {
+                if let Some(e) = list.get_mut(nr as usize) {
+                    e.0 = tid as u16;
+                    e.1.extend(loaded.iter().cloned());
+                }
             };
             match (tp, raw_tp) {
                 (Tracepoint::RawEnter, true) => d.rawtp_enter.extend(loaded.iter().cloned()),
@@ -379,14 +401,14 @@ impl SyscallTracing {
     fn publish(&self, d: Dispatch) {
         let mut enter = [0u64; WORDS];
         let mut exit = [0u64; WORDS];
-        for nr in d.enter.keys() {
-            if let Some(w) = enter.get_mut(*nr as usize / 64) {
-                *w |= 1 << (nr % 64);
+        for (nr, e) in d.enter.iter().enumerate() {
+            if !e.1.is_empty() {
+                enter[nr / 64] |= 1 << (nr % 64);
             }
         }
-        for nr in d.exit.keys() {
-            if let Some(w) = exit.get_mut(*nr as usize / 64) {
-                *w |= 1 << (nr % 64);
+        for (nr, e) in d.exit.iter().enumerate() {
+            if !e.1.is_empty() {
+                exit[nr / 64] |= 1 << (nr % 64);
             }
         }
         let all_enter = !(d.raw_enter.is_empty() && d.rawtp_enter.is_empty());

@@ -46,7 +46,9 @@ fn tracefs_file(path: &[u8]) -> Option<&'static [u8]> {
     use parking_lot::Mutex;
     use std::collections::HashMap;
 
-    static MADE: Mutex<Option<HashMap<(u32, bool), &'static [u8]>>> = Mutex::new(None);
+    /// (tracepoint id, format rather than id) → the text.
+    type Made = HashMap<(u32, bool), &'static [u8]>;
+    static MADE: Mutex<Option<Made>> = Mutex::new(None);
     let rest = TRACEFS
         .iter()
         .find_map(|m| path.strip_prefix(m.as_bytes()))?

@@ -16,7 +16,9 @@
 //!        jmp <end of the window>
 //! ```
 //!
-//! The gate saves every general-purpose register, the flags and xmm0–xmm15, and calls
+//! The gate saves every general-purpose register, the arithmetic flags (`lahf`/`seto`, not
+//! `pushfq`, which costs more than the rest of the gate; the direction flag is cleared for the
+//! handlers and left clear, as the ABI has it at every call) and xmm0–xmm15, and calls
 //! `gate_main`, which builds a [`SyscallCall`] (number in rax, arguments in rdi, rsi, rdx, r10,
 //! r8, r9), calls the enter handler (which may skip the call and set its result), makes the
 //! system call from its own `syscall` instruction, calls the exit handler with the result and
@@ -98,6 +100,7 @@ struct SiteDesc {
 /// The registers the gate saves, lowest address first.
 #[repr(C)]
 struct GateFrame {
+    /// The arithmetic flags as `lahf` (bits 8–15) and `seto` (bit 0) give them.
     flags: u64,
     r15: u64,
     r14: u64,
@@ -141,7 +144,10 @@ core::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "pushfq",
+    // The arithmetic flags, without pushfq/popfq (slow): SF ZF AF PF CF in ah, OF in al.
+    "lahf",
+    "seto al",
+    "push rax",
     "mov rbx, rsp",
     "and rsp, -16",
     "sub rsp, 256",
@@ -181,7 +187,9 @@ core::arch::global_asm!(
     "movaps xmm14, [rsp+224]",
     "movaps xmm15, [rsp+240]",
     "mov rsp, rbx",
-    "popfq",
+    "pop rax",
+    "add al, 0x7f",
+    "sahf",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -272,7 +280,8 @@ extern "C" fn gate_main(f: &mut GateFrame) {
     }
     f.rax = call.ret as u64;
     f.rcx = desc.after;
-    f.r11 = f.flags;
+    // What `syscall` leaves in r11: rflags (reserved bit 1 and IF set).
+    f.r11 = 0x202 | ((f.flags >> 8) & 0xd5) | ((f.flags & 1) << 11);
 }
 
 /// A site with its stub, patched or not.

@@ -502,7 +502,7 @@ unsafe fn raw_syscall4(nr: libc::c_long, a0: u64, a1: u64, a2: u64, a3: u64) -> 
     unsafe {
         core::arch::asm!(
             "syscall",
-            inlateout("rax") nr as i64 => ret,
+            inlateout("rax") nr => ret,
             in("rdi") a0,
             in("rsi") a1,
             in("rdx") a2,

@@ -2,7 +2,8 @@
 //! `syscalls:sys_enter_getpid` (`examples/syscall-trace -g`) — bare vs bpftime (the loader under
 //! `bpftime load`, the victim under `bpftime start`: libc's getpid site patched, the program on
 //! the checked JIT) vs the kernel's tracepoint (root). Same victim, same loader, same BPF
-//! object, same machine, one run.
+//! object, same machine, one run. Times are the victim thread's CPU time (user + system), which
+//! includes the kernel's tracepoint work and stays steady on a loaded machine.
 //!
 //! `cargo bench --bench syscall` (the kernel column needs root; skipped otherwise).
 //! Environment: `BPFTIME_BENCH_CALLS` (default 2,000,000).

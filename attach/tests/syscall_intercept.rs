@@ -89,19 +89,25 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
 
     // Everything: lseek's arguments, close skipped with a chosen result, errno intact.
     ic.apply(|_| true).expect("patch all");
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     let fd = unsafe { libc::open(c"/proc/self/stat".as_ptr(), libc::O_RDONLY) };
     assert!(fd >= 0);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::lseek(fd, 3, libc::SEEK_SET) }, 3);
     assert_eq!(ARG_SUM.load(Ordering::SeqCst), 3 + libc::SEEK_SET as u64);
     FAKE_CLOSE.store(true, Ordering::SeqCst);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::syscall(libc::SYS_close, -77i64) }, 4242);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::close(-77) }, 4242);
     FAKE_CLOSE.store(false, Ordering::SeqCst);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::close(-77) }, -1);
     assert_eq!(
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EBADF)
     );
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::close(fd) }, 0);
 
     // Threads (created through the native clone path), each counting exactly.
@@ -110,6 +116,7 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
         .map(|_| {
             std::thread::spawn(|| {
                 for _ in 0..500 {
+                    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
                     unsafe { libc::getppid() };
                 }
             })
@@ -122,11 +129,14 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
 
     // A signal handler making a system call while the main thread sleeps in one (restarted
     // or EINTR as without us).
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     let me = unsafe { libc::pthread_self() };
     let sender = std::thread::spawn(move || {
         for _ in 0..20 {
             std::thread::sleep(std::time::Duration::from_millis(2));
+            // SAFETY: plain libc calls with valid arguments (pointers to live locals).
             unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
         }
     });
@@ -135,6 +145,7 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
         let mut buf = [0u8; 1];
         // SAFETY: valid buffer; read from a pipe that never gets data: blocks until a signal.
         let mut p = [0i32; 2];
+        // SAFETY: plain libc calls with valid arguments (pointers to live locals).
         unsafe {
             libc::pipe(p.as_mut_ptr());
             libc::fcntl(p[0], libc::F_SETFL, 0);
@@ -153,12 +164,16 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
 
     // fork: the child runs through the patched sites and exits cleanly.
     let before = GETPPID_ENTER.load(Ordering::SeqCst);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
+        // SAFETY: plain libc calls with valid arguments (pointers to live locals).
         let ok = unsafe { libc::getppid() } > 0;
+        // SAFETY: plain libc calls with valid arguments (pointers to live locals).
         unsafe { libc::_exit(if ok { 7 } else { 1 }) };
     }
     let mut status = 0;
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7,
@@ -174,10 +189,12 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
     ic.apply(|_| false).expect("unpatch");
     assert_eq!(ic.patched(), 0);
     let before = GETPPID_ENTER.load(Ordering::SeqCst);
+    // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     unsafe { libc::getppid() };
     assert_eq!(GETPPID_ENTER.load(Ordering::SeqCst), before);
     for _ in 0..3 {
         ic.apply(want).expect("repatch");
+        // SAFETY: plain libc calls with valid arguments (pointers to live locals).
         unsafe { libc::getppid() };
         ic.apply(|_| false).expect("unpatch");
     }

@@ -10,6 +10,7 @@ listed below. `tests/e2e_syscalls.rs` compares the result with the live tracefs.
 """
 import os
 import re
+import subprocess
 import sys
 
 EVENTS = "/sys/kernel/tracing/events"
@@ -105,6 +106,7 @@ def main():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated.rs")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+    subprocess.run(["rustfmt", "--edition", "2024", path], check=True)
     print(f"{len(rows)} syscalls -> {path}")
 
 

@@ -9,364 +9,6917 @@ pub const RAW_SYS_EXIT_ID: u32 = 442;
 
 /// Every `syscalls:sys_{enter,exit}_<name>` event, sorted by name.
 pub static EVENTS: &[SyscallEvent] = &[
-    SyscallEvent { name: "accept", nr: 43, enter_id: 2232, exit_id: 2231, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "upeer_sockaddr" }, Arg { ty: "int *", name: "upeer_addrlen" }] },
-    SyscallEvent { name: "accept4", nr: 288, enter_id: 2234, exit_id: 2233, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "upeer_sockaddr" }, Arg { ty: "int *", name: "upeer_addrlen" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "access", nr: 21, enter_id: 808, exit_id: 807, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "int", name: "mode" }] },
-    SyscallEvent { name: "acct", nr: 163, enter_id: 531, exit_id: 530, args: &[Arg { ty: "const char *", name: "name" }] },
-    SyscallEvent { name: "add_key", nr: 248, enter_id: 2072, exit_id: 2071, args: &[Arg { ty: "const char *", name: "_type" }, Arg { ty: "const char *", name: "_description" }, Arg { ty: "const void *", name: "_payload" }, Arg { ty: "size_t", name: "plen" }, Arg { ty: "key_serial_t", name: "ringid" }] },
-    SyscallEvent { name: "adjtimex", nr: 159, enter_id: 447, exit_id: 446, args: &[Arg { ty: "struct __kernel_timex *", name: "txc_p" }] },
-    SyscallEvent { name: "alarm", nr: 37, enter_id: 496, exit_id: 495, args: &[Arg { ty: "unsigned int", name: "seconds" }] },
-    SyscallEvent { name: "arch_prctl", nr: 158, enter_id: 176, exit_id: 175, args: &[Arg { ty: "int", name: "option" }, Arg { ty: "unsigned long", name: "arg2" }] },
-    SyscallEvent { name: "bind", nr: 49, enter_id: 2238, exit_id: 2237, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "umyaddr" }, Arg { ty: "int", name: "addrlen" }] },
-    SyscallEvent { name: "bpf", nr: 321, enter_id: 586, exit_id: 585, args: &[Arg { ty: "int", name: "cmd" }, Arg { ty: "union bpf_attr *", name: "uattr" }, Arg { ty: "unsigned int", name: "size" }] },
-    SyscallEvent { name: "brk", nr: 12, enter_id: 695, exit_id: 694, args: &[Arg { ty: "unsigned long", name: "brk" }] },
-    SyscallEvent { name: "cachestat", nr: 451, enter_id: 594, exit_id: 593, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "struct cachestat_range *", name: "cstat_range" }, Arg { ty: "struct cachestat *", name: "cstat" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "capget", nr: 125, enter_id: 229, exit_id: 228, args: &[Arg { ty: "cap_user_header_t", name: "header" }, Arg { ty: "cap_user_data_t", name: "dataptr" }] },
-    SyscallEvent { name: "capset", nr: 126, enter_id: 227, exit_id: 226, args: &[Arg { ty: "cap_user_header_t", name: "header" }, Arg { ty: "const cap_user_data_t", name: "data" }] },
-    SyscallEvent { name: "chdir", nr: 80, enter_id: 806, exit_id: 805, args: &[Arg { ty: "const char *", name: "filename" }] },
-    SyscallEvent { name: "chmod", nr: 90, enter_id: 794, exit_id: 793, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "chown", nr: 92, enter_id: 790, exit_id: 789, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "uid_t", name: "user" }, Arg { ty: "gid_t", name: "group" }] },
-    SyscallEvent { name: "chroot", nr: 161, enter_id: 802, exit_id: 801, args: &[Arg { ty: "const char *", name: "filename" }] },
-    SyscallEvent { name: "clock_adjtime", nr: 305, enter_id: 478, exit_id: 477, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "struct __kernel_timex *", name: "utx" }] },
-    SyscallEvent { name: "clock_getres", nr: 229, enter_id: 476, exit_id: 475, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "struct __kernel_timespec *", name: "tp" }] },
-    SyscallEvent { name: "clock_gettime", nr: 228, enter_id: 480, exit_id: 479, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "struct __kernel_timespec *", name: "tp" }] },
-    SyscallEvent { name: "clock_nanosleep", nr: 230, enter_id: 474, exit_id: 473, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "int", name: "flags" }, Arg { ty: "const struct __kernel_timespec *", name: "rqtp" }, Arg { ty: "struct __kernel_timespec *", name: "rmtp" }] },
-    SyscallEvent { name: "clock_settime", nr: 227, enter_id: 482, exit_id: 481, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "const struct __kernel_timespec *", name: "tp" }] },
-    SyscallEvent { name: "clone", nr: 56, enter_id: 196, exit_id: 195, args: &[Arg { ty: "unsigned long", name: "clone_flags" }, Arg { ty: "unsigned long", name: "newsp" }, Arg { ty: "int *", name: "parent_tidptr" }, Arg { ty: "int *", name: "child_tidptr" }, Arg { ty: "unsigned long", name: "tls" }] },
-    SyscallEvent { name: "clone3", nr: 435, enter_id: 194, exit_id: 193, args: &[Arg { ty: "struct clone_args *", name: "uargs" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "close", nr: 3, enter_id: 776, exit_id: 775, args: &[Arg { ty: "unsigned int", name: "fd" }] },
-    SyscallEvent { name: "close_range", nr: 436, enter_id: 922, exit_id: 921, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "max_fd" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "connect", nr: 42, enter_id: 2230, exit_id: 2229, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "uservaddr" }, Arg { ty: "int", name: "addrlen" }] },
-    SyscallEvent { name: "copy_file_range", nr: 326, enter_id: 820, exit_id: 819, args: &[Arg { ty: "int", name: "fd_in" }, Arg { ty: "loff_t *", name: "off_in" }, Arg { ty: "int", name: "fd_out" }, Arg { ty: "loff_t *", name: "off_out" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "creat", nr: 85, enter_id: 778, exit_id: 777, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "dup", nr: 32, enter_id: 916, exit_id: 915, args: &[Arg { ty: "unsigned int", name: "fildes" }] },
-    SyscallEvent { name: "dup2", nr: 33, enter_id: 918, exit_id: 917, args: &[Arg { ty: "unsigned int", name: "oldfd" }, Arg { ty: "unsigned int", name: "newfd" }] },
-    SyscallEvent { name: "dup3", nr: 292, enter_id: 920, exit_id: 919, args: &[Arg { ty: "unsigned int", name: "oldfd" }, Arg { ty: "unsigned int", name: "newfd" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "epoll_create", nr: 213, enter_id: 1073, exit_id: 1072, args: &[Arg { ty: "int", name: "size" }] },
-    SyscallEvent { name: "epoll_create1", nr: 291, enter_id: 1075, exit_id: 1074, args: &[Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "epoll_ctl", nr: 233, enter_id: 1071, exit_id: 1070, args: &[Arg { ty: "int", name: "epfd" }, Arg { ty: "int", name: "op" }, Arg { ty: "int", name: "fd" }, Arg { ty: "struct epoll_event *", name: "event" }] },
-    SyscallEvent { name: "epoll_pwait", nr: 281, enter_id: 1067, exit_id: 1066, args: &[Arg { ty: "int", name: "epfd" }, Arg { ty: "struct epoll_event *", name: "events" }, Arg { ty: "int", name: "maxevents" }, Arg { ty: "int", name: "timeout" }, Arg { ty: "const sigset_t *", name: "sigmask" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "epoll_pwait2", nr: 441, enter_id: 1065, exit_id: 1064, args: &[Arg { ty: "int", name: "epfd" }, Arg { ty: "struct epoll_event *", name: "events" }, Arg { ty: "int", name: "maxevents" }, Arg { ty: "const struct __kernel_timespec *", name: "timeout" }, Arg { ty: "const sigset_t *", name: "sigmask" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "epoll_wait", nr: 232, enter_id: 1069, exit_id: 1068, args: &[Arg { ty: "int", name: "epfd" }, Arg { ty: "struct epoll_event *", name: "events" }, Arg { ty: "int", name: "maxevents" }, Arg { ty: "int", name: "timeout" }] },
-    SyscallEvent { name: "eventfd", nr: 284, enter_id: 1087, exit_id: 1086, args: &[Arg { ty: "unsigned int", name: "count" }] },
-    SyscallEvent { name: "eventfd2", nr: 290, enter_id: 1089, exit_id: 1088, args: &[Arg { ty: "unsigned int", name: "count" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "execve", nr: 59, enter_id: 862, exit_id: 861, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "const char *const *", name: "argv" }, Arg { ty: "const char *const *", name: "envp" }] },
-    SyscallEvent { name: "execveat", nr: 322, enter_id: 860, exit_id: 859, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "const char *const *", name: "argv" }, Arg { ty: "const char *const *", name: "envp" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "exit", nr: 60, enter_id: 218, exit_id: 217, args: &[Arg { ty: "int", name: "error_code" }] },
-    SyscallEvent { name: "exit_group", nr: 231, enter_id: 216, exit_id: 215, args: &[Arg { ty: "int", name: "error_code" }] },
-    SyscallEvent { name: "faccessat", nr: 269, enter_id: 812, exit_id: 811, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "int", name: "mode" }] },
-    SyscallEvent { name: "faccessat2", nr: 439, enter_id: 810, exit_id: 809, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "int", name: "mode" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "fadvise64", nr: 221, enter_id: 613, exit_id: 612, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "loff_t", name: "offset" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "int", name: "advice" }] },
-    SyscallEvent { name: "fallocate", nr: 285, enter_id: 814, exit_id: 813, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "mode" }, Arg { ty: "loff_t", name: "offset" }, Arg { ty: "loff_t", name: "len" }] },
-    SyscallEvent { name: "fanotify_init", nr: 300, enter_id: 1063, exit_id: 1062, args: &[Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "unsigned int", name: "event_f_flags" }] },
-    SyscallEvent { name: "fanotify_mark", nr: 301, enter_id: 1061, exit_id: 1060, args: &[Arg { ty: "int", name: "fanotify_fd" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "__u64", name: "mask" }, Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }] },
-    SyscallEvent { name: "fchdir", nr: 81, enter_id: 804, exit_id: 803, args: &[Arg { ty: "unsigned int", name: "fd" }] },
-    SyscallEvent { name: "fchmod", nr: 91, enter_id: 800, exit_id: 799, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "fchmodat", nr: 268, enter_id: 796, exit_id: 795, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "fchmodat2", nr: 452, enter_id: 798, exit_id: 797, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "umode_t", name: "mode" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "fchown", nr: 93, enter_id: 786, exit_id: 785, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "uid_t", name: "user" }, Arg { ty: "gid_t", name: "group" }] },
-    SyscallEvent { name: "fchownat", nr: 260, enter_id: 792, exit_id: 791, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "uid_t", name: "user" }, Arg { ty: "gid_t", name: "group" }, Arg { ty: "int", name: "flag" }] },
-    SyscallEvent { name: "fcntl", nr: 72, enter_id: 896, exit_id: 895, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "unsigned long", name: "arg" }] },
-    SyscallEvent { name: "fdatasync", nr: 75, enter_id: 1019, exit_id: 1018, args: &[Arg { ty: "unsigned int", name: "fd" }] },
-    SyscallEvent { name: "fgetxattr", nr: 193, enter_id: 962, exit_id: 961, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "void *", name: "value" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "file_getattr", nr: 468, enter_id: 1051, exit_id: 1050, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct file_attr *", name: "ufattr" }, Arg { ty: "size_t", name: "usize" }, Arg { ty: "unsigned int", name: "at_flags" }] },
-    SyscallEvent { name: "file_setattr", nr: 469, enter_id: 1049, exit_id: 1048, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct file_attr *", name: "ufattr" }, Arg { ty: "size_t", name: "usize" }, Arg { ty: "unsigned int", name: "at_flags" }] },
-    SyscallEvent { name: "flistxattr", nr: 196, enter_id: 954, exit_id: 953, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "char *", name: "list" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "flock", nr: 73, enter_id: 1117, exit_id: 1116, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "cmd" }] },
-    SyscallEvent { name: "fork", nr: 57, enter_id: 200, exit_id: 199, args: &[] },
-    SyscallEvent { name: "fremovexattr", nr: 199, enter_id: 946, exit_id: 945, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const char *", name: "name" }] },
-    SyscallEvent { name: "fsconfig", nr: 431, enter_id: 1043, exit_id: 1042, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "const char *", name: "_key" }, Arg { ty: "const void *", name: "_value" }, Arg { ty: "int", name: "aux" }] },
-    SyscallEvent { name: "fsetxattr", nr: 190, enter_id: 970, exit_id: 969, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "const void *", name: "value" }, Arg { ty: "size_t", name: "size" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "fsmount", nr: 432, enter_id: 938, exit_id: 937, args: &[Arg { ty: "int", name: "fs_fd" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "unsigned int", name: "attr_flags" }] },
-    SyscallEvent { name: "fsopen", nr: 430, enter_id: 1047, exit_id: 1046, args: &[Arg { ty: "const char *", name: "_fs_name" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "fspick", nr: 433, enter_id: 1045, exit_id: 1044, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "path" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "fstatfs", nr: 138, enter_id: 1039, exit_id: 1038, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "struct statfs *", name: "buf" }] },
-    SyscallEvent { name: "fsync", nr: 74, enter_id: 1021, exit_id: 1020, args: &[Arg { ty: "unsigned int", name: "fd" }] },
-    SyscallEvent { name: "ftruncate", nr: 77, enter_id: 816, exit_id: 815, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "off_t", name: "length" }] },
-    SyscallEvent { name: "futex", nr: 202, enter_id: 522, exit_id: 521, args: &[Arg { ty: "u32 *", name: "uaddr" }, Arg { ty: "int", name: "op" }, Arg { ty: "u32", name: "val" }, Arg { ty: "const struct __kernel_timespec *", name: "utime" }, Arg { ty: "u32 *", name: "uaddr2" }, Arg { ty: "u32", name: "val3" }] },
-    SyscallEvent { name: "futex_requeue", nr: 456, enter_id: 514, exit_id: 513, args: &[Arg { ty: "struct futex_waitv *", name: "waiters" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "int", name: "nr_wake" }, Arg { ty: "int", name: "nr_requeue" }] },
-    SyscallEvent { name: "futex_wait", nr: 455, enter_id: 516, exit_id: 515, args: &[Arg { ty: "void *", name: "uaddr" }, Arg { ty: "unsigned long", name: "val" }, Arg { ty: "unsigned long", name: "mask" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct __kernel_timespec *", name: "timeout" }, Arg { ty: "clockid_t", name: "clockid" }] },
-    SyscallEvent { name: "futex_waitv", nr: 449, enter_id: 520, exit_id: 519, args: &[Arg { ty: "struct futex_waitv *", name: "waiters" }, Arg { ty: "unsigned int", name: "nr_futexes" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct __kernel_timespec *", name: "timeout" }, Arg { ty: "clockid_t", name: "clockid" }] },
-    SyscallEvent { name: "futex_wake", nr: 454, enter_id: 518, exit_id: 517, args: &[Arg { ty: "void *", name: "uaddr" }, Arg { ty: "unsigned long", name: "mask" }, Arg { ty: "int", name: "nr" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "futimesat", nr: 261, enter_id: 1031, exit_id: 1030, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct __kernel_old_timeval *", name: "utimes" }] },
-    SyscallEvent { name: "get_mempolicy", nr: 239, enter_id: 732, exit_id: 731, args: &[Arg { ty: "int *", name: "policy" }, Arg { ty: "unsigned long *", name: "nmask" }, Arg { ty: "unsigned long", name: "maxnode" }, Arg { ty: "unsigned long", name: "addr" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "get_robust_list", nr: 274, enter_id: 524, exit_id: 523, args: &[Arg { ty: "int", name: "pid" }, Arg { ty: "struct robust_list_head * *", name: "head_ptr" }, Arg { ty: "size_t *", name: "len_ptr" }] },
-    SyscallEvent { name: "getcpu", nr: 309, enter_id: 265, exit_id: 264, args: &[Arg { ty: "unsigned *", name: "cpup" }, Arg { ty: "unsigned *", name: "nodep" }, Arg { ty: "struct getcpu_cache *", name: "unused" }] },
-    SyscallEvent { name: "getcwd", nr: 79, enter_id: 1035, exit_id: 1034, args: &[Arg { ty: "char *", name: "buf" }, Arg { ty: "unsigned long", name: "size" }] },
-    SyscallEvent { name: "getdents", nr: 78, enter_id: 902, exit_id: 901, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "struct linux_dirent *", name: "dirent" }, Arg { ty: "unsigned int", name: "count" }] },
-    SyscallEvent { name: "getdents64", nr: 217, enter_id: 900, exit_id: 899, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "struct linux_dirent64 *", name: "dirent" }, Arg { ty: "unsigned int", name: "count" }] },
-    SyscallEvent { name: "getegid", nr: 108, enter_id: 297, exit_id: 296, args: &[] },
-    SyscallEvent { name: "geteuid", nr: 107, enter_id: 301, exit_id: 300, args: &[] },
-    SyscallEvent { name: "getgid", nr: 104, enter_id: 299, exit_id: 298, args: &[] },
-    SyscallEvent { name: "getgroups", nr: 115, enter_id: 352, exit_id: 351, args: &[Arg { ty: "int", name: "gidsetsize" }, Arg { ty: "gid_t *", name: "grouplist" }] },
-    SyscallEvent { name: "getitimer", nr: 36, enter_id: 498, exit_id: 497, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "struct __kernel_old_itimerval *", name: "value" }] },
-    SyscallEvent { name: "getpeername", nr: 52, enter_id: 2226, exit_id: 2225, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "usockaddr" }, Arg { ty: "int *", name: "usockaddr_len" }] },
-    SyscallEvent { name: "getpgid", nr: 121, enter_id: 291, exit_id: 290, args: &[Arg { ty: "pid_t", name: "pid" }] },
-    SyscallEvent { name: "getpgrp", nr: 111, enter_id: 289, exit_id: 288, args: &[] },
-    SyscallEvent { name: "getpid", nr: 39, enter_id: 309, exit_id: 308, args: &[] },
-    SyscallEvent { name: "getppid", nr: 110, enter_id: 305, exit_id: 304, args: &[] },
-    SyscallEvent { name: "getpriority", nr: 140, enter_id: 331, exit_id: 330, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "int", name: "who" }] },
-    SyscallEvent { name: "getrandom", nr: 318, enter_id: 2177, exit_id: 2176, args: &[Arg { ty: "char *", name: "ubuf" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "getresgid", nr: 120, enter_id: 315, exit_id: 314, args: &[Arg { ty: "gid_t *", name: "rgidp" }, Arg { ty: "gid_t *", name: "egidp" }, Arg { ty: "gid_t *", name: "sgidp" }] },
-    SyscallEvent { name: "getresuid", nr: 118, enter_id: 319, exit_id: 318, args: &[Arg { ty: "uid_t *", name: "ruidp" }, Arg { ty: "uid_t *", name: "euidp" }, Arg { ty: "uid_t *", name: "suidp" }] },
-    SyscallEvent { name: "getrlimit", nr: 97, enter_id: 277, exit_id: 276, args: &[Arg { ty: "unsigned int", name: "resource" }, Arg { ty: "struct rlimit *", name: "rlim" }] },
-    SyscallEvent { name: "getrusage", nr: 98, enter_id: 271, exit_id: 270, args: &[Arg { ty: "int", name: "who" }, Arg { ty: "struct rusage *", name: "ru" }] },
-    SyscallEvent { name: "getsid", nr: 124, enter_id: 287, exit_id: 286, args: &[Arg { ty: "pid_t", name: "pid" }] },
-    SyscallEvent { name: "getsockname", nr: 51, enter_id: 2228, exit_id: 2227, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct sockaddr *", name: "usockaddr" }, Arg { ty: "int *", name: "usockaddr_len" }] },
-    SyscallEvent { name: "getsockopt", nr: 55, enter_id: 2218, exit_id: 2217, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "level" }, Arg { ty: "int", name: "optname" }, Arg { ty: "char *", name: "optval" }, Arg { ty: "int *", name: "optlen" }] },
-    SyscallEvent { name: "gettid", nr: 186, enter_id: 307, exit_id: 306, args: &[] },
-    SyscallEvent { name: "gettimeofday", nr: 96, enter_id: 451, exit_id: 450, args: &[Arg { ty: "struct __kernel_old_timeval *", name: "tv" }, Arg { ty: "struct timezone *", name: "tz" }] },
-    SyscallEvent { name: "getuid", nr: 102, enter_id: 303, exit_id: 302, args: &[] },
-    SyscallEvent { name: "getxattr", nr: 191, enter_id: 966, exit_id: 965, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "void *", name: "value" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "getxattrat", nr: 464, enter_id: 968, exit_id: 967, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "unsigned int", name: "at_flags" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "struct xattr_args *", name: "uargs" }, Arg { ty: "size_t", name: "usize" }] },
-    SyscallEvent { name: "inotify_add_watch", nr: 254, enter_id: 1055, exit_id: 1054, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "u32", name: "mask" }] },
-    SyscallEvent { name: "inotify_init", nr: 253, enter_id: 1057, exit_id: 1056, args: &[] },
-    SyscallEvent { name: "inotify_init1", nr: 294, enter_id: 1059, exit_id: 1058, args: &[Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "inotify_rm_watch", nr: 255, enter_id: 1053, exit_id: 1052, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "__s32", name: "wd" }] },
-    SyscallEvent { name: "io_cancel", nr: 210, enter_id: 1097, exit_id: 1096, args: &[Arg { ty: "aio_context_t", name: "ctx_id" }, Arg { ty: "struct iocb *", name: "iocb" }, Arg { ty: "struct io_event *", name: "result" }] },
-    SyscallEvent { name: "io_destroy", nr: 207, enter_id: 1101, exit_id: 1100, args: &[Arg { ty: "aio_context_t", name: "ctx" }] },
-    SyscallEvent { name: "io_getevents", nr: 208, enter_id: 1095, exit_id: 1094, args: &[Arg { ty: "aio_context_t", name: "ctx_id" }, Arg { ty: "long", name: "min_nr" }, Arg { ty: "long", name: "nr" }, Arg { ty: "struct io_event *", name: "events" }, Arg { ty: "struct __kernel_timespec *", name: "timeout" }] },
-    SyscallEvent { name: "io_pgetevents", nr: 333, enter_id: 1093, exit_id: 1092, args: &[Arg { ty: "aio_context_t", name: "ctx_id" }, Arg { ty: "long", name: "min_nr" }, Arg { ty: "long", name: "nr" }, Arg { ty: "struct io_event *", name: "events" }, Arg { ty: "struct __kernel_timespec *", name: "timeout" }, Arg { ty: "const struct __aio_sigset *", name: "usig" }] },
-    SyscallEvent { name: "io_setup", nr: 206, enter_id: 1103, exit_id: 1102, args: &[Arg { ty: "unsigned", name: "nr_events" }, Arg { ty: "aio_context_t *", name: "ctxp" }] },
-    SyscallEvent { name: "io_submit", nr: 209, enter_id: 1099, exit_id: 1098, args: &[Arg { ty: "aio_context_t", name: "ctx_id" }, Arg { ty: "long", name: "nr" }, Arg { ty: "struct iocb * *", name: "iocbpp" }] },
-    SyscallEvent { name: "io_uring_enter", nr: 426, enter_id: 2132, exit_id: 2131, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "u32", name: "to_submit" }, Arg { ty: "u32", name: "min_complete" }, Arg { ty: "u32", name: "flags" }, Arg { ty: "const void *", name: "argp" }, Arg { ty: "size_t", name: "argsz" }] },
-    SyscallEvent { name: "io_uring_register", nr: 427, enter_id: 2151, exit_id: 2150, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "opcode" }, Arg { ty: "void *", name: "arg" }, Arg { ty: "unsigned int", name: "nr_args" }] },
-    SyscallEvent { name: "io_uring_setup", nr: 425, enter_id: 2130, exit_id: 2129, args: &[Arg { ty: "u32", name: "entries" }, Arg { ty: "struct io_uring_params *", name: "params" }] },
-    SyscallEvent { name: "ioctl", nr: 16, enter_id: 898, exit_id: 897, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "unsigned long", name: "arg" }] },
-    SyscallEvent { name: "ioperm", nr: 173, enter_id: 169, exit_id: 168, args: &[Arg { ty: "unsigned long", name: "from" }, Arg { ty: "unsigned long", name: "num" }, Arg { ty: "int", name: "turn_on" }] },
-    SyscallEvent { name: "iopl", nr: 172, enter_id: 167, exit_id: 166, args: &[Arg { ty: "unsigned int", name: "level" }] },
-    SyscallEvent { name: "ioprio_get", nr: 252, enter_id: 2112, exit_id: 2111, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "int", name: "who" }] },
-    SyscallEvent { name: "ioprio_set", nr: 251, enter_id: 2114, exit_id: 2113, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "int", name: "who" }, Arg { ty: "int", name: "ioprio" }] },
-    SyscallEvent { name: "kcmp", nr: 312, enter_id: 445, exit_id: 444, args: &[Arg { ty: "pid_t", name: "pid1" }, Arg { ty: "pid_t", name: "pid2" }, Arg { ty: "int", name: "type" }, Arg { ty: "unsigned long", name: "idx1" }, Arg { ty: "unsigned long", name: "idx2" }] },
-    SyscallEvent { name: "keyctl", nr: 250, enter_id: 2068, exit_id: 2067, args: &[Arg { ty: "int", name: "option" }, Arg { ty: "unsigned long", name: "arg2" }, Arg { ty: "unsigned long", name: "arg3" }, Arg { ty: "unsigned long", name: "arg4" }, Arg { ty: "unsigned long", name: "arg5" }] },
-    SyscallEvent { name: "kill", nr: 62, enter_id: 251, exit_id: 250, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "sig" }] },
-    SyscallEvent { name: "landlock_add_rule", nr: 445, enter_id: 2084, exit_id: 2083, args: &[Arg { ty: "const int", name: "ruleset_fd" }, Arg { ty: "const enum landlock_rule_type", name: "rule_type" }, Arg { ty: "const void *const", name: "rule_attr" }, Arg { ty: "const __u32", name: "flags" }] },
-    SyscallEvent { name: "landlock_create_ruleset", nr: 444, enter_id: 2086, exit_id: 2085, args: &[Arg { ty: "const struct landlock_ruleset_attr *const", name: "attr" }, Arg { ty: "const size_t", name: "size" }, Arg { ty: "const __u32", name: "flags" }] },
-    SyscallEvent { name: "landlock_restrict_self", nr: 446, enter_id: 2082, exit_id: 2081, args: &[Arg { ty: "const int", name: "ruleset_fd" }, Arg { ty: "const __u32", name: "flags" }] },
-    SyscallEvent { name: "lchown", nr: 94, enter_id: 788, exit_id: 787, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "uid_t", name: "user" }, Arg { ty: "gid_t", name: "group" }] },
-    SyscallEvent { name: "lgetxattr", nr: 192, enter_id: 964, exit_id: 963, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "void *", name: "value" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "link", nr: 86, enter_id: 874, exit_id: 873, args: &[Arg { ty: "const char *", name: "oldname" }, Arg { ty: "const char *", name: "newname" }] },
-    SyscallEvent { name: "linkat", nr: 265, enter_id: 876, exit_id: 875, args: &[Arg { ty: "int", name: "olddfd" }, Arg { ty: "const char *", name: "oldname" }, Arg { ty: "int", name: "newdfd" }, Arg { ty: "const char *", name: "newname" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "listen", nr: 50, enter_id: 2236, exit_id: 2235, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "backlog" }] },
-    SyscallEvent { name: "listmount", nr: 458, enter_id: 926, exit_id: 925, args: &[Arg { ty: "const struct mnt_id_req *", name: "req" }, Arg { ty: "u64 *", name: "mnt_ids" }, Arg { ty: "size_t", name: "nr_mnt_ids" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "listxattr", nr: 194, enter_id: 958, exit_id: 957, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "char *", name: "list" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "listxattrat", nr: 465, enter_id: 960, exit_id: 959, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "unsigned int", name: "at_flags" }, Arg { ty: "char *", name: "list" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "llistxattr", nr: 195, enter_id: 956, exit_id: 955, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "char *", name: "list" }, Arg { ty: "size_t", name: "size" }] },
-    SyscallEvent { name: "lremovexattr", nr: 198, enter_id: 948, exit_id: 947, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }] },
-    SyscallEvent { name: "lseek", nr: 8, enter_id: 844, exit_id: 843, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "off_t", name: "offset" }, Arg { ty: "unsigned int", name: "whence" }] },
-    SyscallEvent { name: "lsetxattr", nr: 189, enter_id: 972, exit_id: 971, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "const void *", name: "value" }, Arg { ty: "size_t", name: "size" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "lsm_get_self_attr", nr: 459, enter_id: 2077, exit_id: 2076, args: &[Arg { ty: "unsigned int", name: "attr" }, Arg { ty: "struct lsm_ctx *", name: "ctx" }, Arg { ty: "u32 *", name: "size" }, Arg { ty: "u32", name: "flags" }] },
-    SyscallEvent { name: "lsm_list_modules", nr: 461, enter_id: 2075, exit_id: 2074, args: &[Arg { ty: "u64 *", name: "ids" }, Arg { ty: "u32 *", name: "size" }, Arg { ty: "u32", name: "flags" }] },
-    SyscallEvent { name: "lsm_set_self_attr", nr: 460, enter_id: 2079, exit_id: 2078, args: &[Arg { ty: "unsigned int", name: "attr" }, Arg { ty: "struct lsm_ctx *", name: "ctx" }, Arg { ty: "u32", name: "size" }, Arg { ty: "u32", name: "flags" }] },
-    SyscallEvent { name: "madvise", nr: 28, enter_id: 726, exit_id: 725, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len_in" }, Arg { ty: "int", name: "behavior" }] },
-    SyscallEvent { name: "mbind", nr: 237, enter_id: 738, exit_id: 737, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "unsigned long", name: "len" }, Arg { ty: "unsigned long", name: "mode" }, Arg { ty: "const unsigned long *", name: "nmask" }, Arg { ty: "unsigned long", name: "maxnode" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "membarrier", nr: 324, enter_id: 406, exit_id: 405, args: &[Arg { ty: "int", name: "cmd" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "int", name: "cpu_id" }] },
-    SyscallEvent { name: "memfd_create", nr: 319, enter_id: 772, exit_id: 771, args: &[Arg { ty: "const char *", name: "uname" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "memfd_secret", nr: 447, enter_id: 766, exit_id: 765, args: &[Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "migrate_pages", nr: 256, enter_id: 734, exit_id: 733, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned long", name: "maxnode" }, Arg { ty: "const unsigned long *", name: "old_nodes" }, Arg { ty: "const unsigned long *", name: "new_nodes" }] },
-    SyscallEvent { name: "mincore", nr: 27, enter_id: 679, exit_id: 678, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned char *", name: "vec" }] },
-    SyscallEvent { name: "mkdir", nr: 83, enter_id: 888, exit_id: 887, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "mkdirat", nr: 258, enter_id: 890, exit_id: 889, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "mknod", nr: 133, enter_id: 892, exit_id: 891, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "umode_t", name: "mode" }, Arg { ty: "unsigned", name: "dev" }] },
-    SyscallEvent { name: "mknodat", nr: 259, enter_id: 894, exit_id: 893, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "umode_t", name: "mode" }, Arg { ty: "unsigned int", name: "dev" }] },
-    SyscallEvent { name: "mlock", nr: 149, enter_id: 689, exit_id: 688, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }] },
-    SyscallEvent { name: "mlock2", nr: 325, enter_id: 687, exit_id: 686, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "mlockall", nr: 151, enter_id: 683, exit_id: 682, args: &[Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "mmap", nr: 9, enter_id: 174, exit_id: 173, args: &[Arg { ty: "unsigned long", name: "addr" }, Arg { ty: "unsigned long", name: "len" }, Arg { ty: "unsigned long", name: "prot" }, Arg { ty: "unsigned long", name: "flags" }, Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "unsigned long", name: "off" }] },
-    SyscallEvent { name: "modify_ldt", nr: 154, enter_id: 172, exit_id: 171, args: &[Arg { ty: "int", name: "func" }, Arg { ty: "void *", name: "ptr" }, Arg { ty: "unsigned long", name: "bytecount" }] },
-    SyscallEvent { name: "mount", nr: 165, enter_id: 940, exit_id: 939, args: &[Arg { ty: "char *", name: "dev_name" }, Arg { ty: "char *", name: "dir_name" }, Arg { ty: "char *", name: "type" }, Arg { ty: "unsigned long", name: "flags" }, Arg { ty: "void *", name: "data" }] },
-    SyscallEvent { name: "mount_setattr", nr: 442, enter_id: 932, exit_id: 931, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "path" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct mount_attr *", name: "uattr" }, Arg { ty: "size_t", name: "usize" }] },
-    SyscallEvent { name: "move_mount", nr: 429, enter_id: 936, exit_id: 935, args: &[Arg { ty: "int", name: "from_dfd" }, Arg { ty: "const char *", name: "from_pathname" }, Arg { ty: "int", name: "to_dfd" }, Arg { ty: "const char *", name: "to_pathname" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "move_pages", nr: 279, enter_id: 751, exit_id: 750, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned long", name: "nr_pages" }, Arg { ty: "const void * *", name: "pages" }, Arg { ty: "const int *", name: "nodes" }, Arg { ty: "int *", name: "status" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "mprotect", nr: 10, enter_id: 705, exit_id: 704, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned long", name: "prot" }] },
-    SyscallEvent { name: "mq_getsetattr", nr: 245, enter_id: 2056, exit_id: 2055, args: &[Arg { ty: "mqd_t", name: "mqdes" }, Arg { ty: "const struct mq_attr *", name: "u_mqstat" }, Arg { ty: "struct mq_attr *", name: "u_omqstat" }] },
-    SyscallEvent { name: "mq_notify", nr: 244, enter_id: 2058, exit_id: 2057, args: &[Arg { ty: "mqd_t", name: "mqdes" }, Arg { ty: "const struct sigevent *", name: "u_notification" }] },
-    SyscallEvent { name: "mq_open", nr: 240, enter_id: 2066, exit_id: 2065, args: &[Arg { ty: "const char *", name: "u_name" }, Arg { ty: "int", name: "oflag" }, Arg { ty: "umode_t", name: "mode" }, Arg { ty: "struct mq_attr *", name: "u_attr" }] },
-    SyscallEvent { name: "mq_timedreceive", nr: 243, enter_id: 2060, exit_id: 2059, args: &[Arg { ty: "mqd_t", name: "mqdes" }, Arg { ty: "char *", name: "u_msg_ptr" }, Arg { ty: "size_t", name: "msg_len" }, Arg { ty: "unsigned int *", name: "u_msg_prio" }, Arg { ty: "const struct __kernel_timespec *", name: "u_abs_timeout" }] },
-    SyscallEvent { name: "mq_timedsend", nr: 242, enter_id: 2062, exit_id: 2061, args: &[Arg { ty: "mqd_t", name: "mqdes" }, Arg { ty: "const char *", name: "u_msg_ptr" }, Arg { ty: "size_t", name: "msg_len" }, Arg { ty: "unsigned int", name: "msg_prio" }, Arg { ty: "const struct __kernel_timespec *", name: "u_abs_timeout" }] },
-    SyscallEvent { name: "mq_unlink", nr: 241, enter_id: 2064, exit_id: 2063, args: &[Arg { ty: "const char *", name: "u_name" }] },
-    SyscallEvent { name: "mremap", nr: 25, enter_id: 707, exit_id: 706, args: &[Arg { ty: "unsigned long", name: "addr" }, Arg { ty: "unsigned long", name: "old_len" }, Arg { ty: "unsigned long", name: "new_len" }, Arg { ty: "unsigned long", name: "flags" }, Arg { ty: "unsigned long", name: "new_addr" }] },
-    SyscallEvent { name: "mseal", nr: 462, enter_id: 722, exit_id: 721, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "msgctl", nr: 71, enter_id: 2036, exit_id: 2035, args: &[Arg { ty: "int", name: "msqid" }, Arg { ty: "int", name: "cmd" }, Arg { ty: "struct msqid_ds *", name: "buf" }] },
-    SyscallEvent { name: "msgget", nr: 68, enter_id: 2038, exit_id: 2037, args: &[Arg { ty: "key_t", name: "key" }, Arg { ty: "int", name: "msgflg" }] },
-    SyscallEvent { name: "msgrcv", nr: 70, enter_id: 2032, exit_id: 2031, args: &[Arg { ty: "int", name: "msqid" }, Arg { ty: "struct msgbuf *", name: "msgp" }, Arg { ty: "size_t", name: "msgsz" }, Arg { ty: "long", name: "msgtyp" }, Arg { ty: "int", name: "msgflg" }] },
-    SyscallEvent { name: "msgsnd", nr: 69, enter_id: 2034, exit_id: 2033, args: &[Arg { ty: "int", name: "msqid" }, Arg { ty: "struct msgbuf *", name: "msgp" }, Arg { ty: "size_t", name: "msgsz" }, Arg { ty: "int", name: "msgflg" }] },
-    SyscallEvent { name: "msync", nr: 26, enter_id: 709, exit_id: 708, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "munlock", nr: 150, enter_id: 685, exit_id: 684, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }] },
-    SyscallEvent { name: "munlockall", nr: 152, enter_id: 681, exit_id: 680, args: &[] },
-    SyscallEvent { name: "munmap", nr: 11, enter_id: 693, exit_id: 692, args: &[Arg { ty: "unsigned long", name: "addr" }, Arg { ty: "size_t", name: "len" }] },
-    SyscallEvent { name: "name_to_handle_at", nr: 303, enter_id: 1133, exit_id: 1132, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "struct file_handle *", name: "handle" }, Arg { ty: "void *", name: "mnt_id" }, Arg { ty: "int", name: "flag" }] },
-    SyscallEvent { name: "nanosleep", nr: 35, enter_id: 469, exit_id: 468, args: &[Arg { ty: "struct __kernel_timespec *", name: "rqtp" }, Arg { ty: "struct __kernel_timespec *", name: "rmtp" }] },
-    SyscallEvent { name: "newfstat", nr: 5, enter_id: 852, exit_id: 851, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "struct stat *", name: "statbuf" }] },
-    SyscallEvent { name: "newfstatat", nr: 262, enter_id: 854, exit_id: 853, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct stat *", name: "statbuf" }, Arg { ty: "int", name: "flag" }] },
-    SyscallEvent { name: "newlstat", nr: 6, enter_id: 856, exit_id: 855, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct stat *", name: "statbuf" }] },
-    SyscallEvent { name: "newstat", nr: 4, enter_id: 858, exit_id: 857, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct stat *", name: "statbuf" }] },
-    SyscallEvent { name: "newuname", nr: 63, enter_id: 283, exit_id: 282, args: &[Arg { ty: "struct new_utsname *", name: "name" }] },
-    SyscallEvent { name: "open", nr: 2, enter_id: 784, exit_id: 783, args: &[Arg { ty: "const char *", name: "filename" }, Arg { ty: "int", name: "flags" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "open_by_handle_at", nr: 304, enter_id: 1131, exit_id: 1130, args: &[Arg { ty: "int", name: "mountdirfd" }, Arg { ty: "struct file_handle *", name: "handle" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "open_tree", nr: 428, enter_id: 942, exit_id: 941, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "unsigned", name: "flags" }] },
-    SyscallEvent { name: "open_tree_attr", nr: 467, enter_id: 930, exit_id: 929, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "unsigned", name: "flags" }, Arg { ty: "struct mount_attr *", name: "uattr" }, Arg { ty: "size_t", name: "usize" }] },
-    SyscallEvent { name: "openat", nr: 257, enter_id: 782, exit_id: 781, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "int", name: "flags" }, Arg { ty: "umode_t", name: "mode" }] },
-    SyscallEvent { name: "openat2", nr: 437, enter_id: 780, exit_id: 779, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct open_how *", name: "how" }, Arg { ty: "size_t", name: "usize" }] },
-    SyscallEvent { name: "pause", nr: 34, enter_id: 235, exit_id: 234, args: &[] },
-    SyscallEvent { name: "perf_event_open", nr: 298, enter_id: 588, exit_id: 587, args: &[Arg { ty: "struct perf_event_attr *", name: "attr_uptr" }, Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "cpu" }, Arg { ty: "int", name: "group_fd" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "personality", nr: 135, enter_id: 207, exit_id: 206, args: &[Arg { ty: "unsigned int", name: "personality" }] },
-    SyscallEvent { name: "pidfd_getfd", nr: 438, enter_id: 339, exit_id: 338, args: &[Arg { ty: "int", name: "pidfd" }, Arg { ty: "int", name: "fd" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "pidfd_open", nr: 434, enter_id: 341, exit_id: 340, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "pidfd_send_signal", nr: 424, enter_id: 249, exit_id: 248, args: &[Arg { ty: "int", name: "pidfd" }, Arg { ty: "int", name: "sig" }, Arg { ty: "siginfo_t *", name: "info" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "pipe", nr: 22, enter_id: 864, exit_id: 863, args: &[Arg { ty: "int *", name: "fildes" }] },
-    SyscallEvent { name: "pipe2", nr: 293, enter_id: 866, exit_id: 865, args: &[Arg { ty: "int *", name: "fildes" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "pivot_root", nr: 155, enter_id: 934, exit_id: 933, args: &[Arg { ty: "const char *", name: "new_root" }, Arg { ty: "const char *", name: "put_old" }] },
-    SyscallEvent { name: "pkey_alloc", nr: 330, enter_id: 701, exit_id: 700, args: &[Arg { ty: "unsigned long", name: "flags" }, Arg { ty: "unsigned long", name: "init_val" }] },
-    SyscallEvent { name: "pkey_free", nr: 331, enter_id: 699, exit_id: 698, args: &[Arg { ty: "int", name: "pkey" }] },
-    SyscallEvent { name: "pkey_mprotect", nr: 329, enter_id: 703, exit_id: 702, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned long", name: "prot" }, Arg { ty: "int", name: "pkey" }] },
-    SyscallEvent { name: "poll", nr: 7, enter_id: 906, exit_id: 905, args: &[Arg { ty: "struct pollfd *", name: "ufds" }, Arg { ty: "unsigned int", name: "nfds" }, Arg { ty: "int", name: "timeout_msecs" }] },
-    SyscallEvent { name: "ppoll", nr: 271, enter_id: 904, exit_id: 903, args: &[Arg { ty: "struct pollfd *", name: "ufds" }, Arg { ty: "unsigned int", name: "nfds" }, Arg { ty: "struct __kernel_timespec *", name: "tsp" }, Arg { ty: "const sigset_t *", name: "sigmask" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "prctl", nr: 157, enter_id: 267, exit_id: 266, args: &[Arg { ty: "int", name: "option" }, Arg { ty: "unsigned long", name: "arg2" }, Arg { ty: "unsigned long", name: "arg3" }, Arg { ty: "unsigned long", name: "arg4" }, Arg { ty: "unsigned long", name: "arg5" }] },
-    SyscallEvent { name: "pread64", nr: 17, enter_id: 838, exit_id: 837, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "char *", name: "buf" }, Arg { ty: "size_t", name: "count" }, Arg { ty: "loff_t", name: "pos" }] },
-    SyscallEvent { name: "preadv", nr: 295, enter_id: 830, exit_id: 829, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }, Arg { ty: "unsigned long", name: "pos_l" }, Arg { ty: "unsigned long", name: "pos_h" }] },
-    SyscallEvent { name: "preadv2", nr: 327, enter_id: 828, exit_id: 827, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }, Arg { ty: "unsigned long", name: "pos_l" }, Arg { ty: "unsigned long", name: "pos_h" }, Arg { ty: "rwf_t", name: "flags" }] },
-    SyscallEvent { name: "prlimit64", nr: 302, enter_id: 275, exit_id: 274, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned int", name: "resource" }, Arg { ty: "const struct rlimit64 *", name: "new_rlim" }, Arg { ty: "struct rlimit64 *", name: "old_rlim" }] },
-    SyscallEvent { name: "process_madvise", nr: 440, enter_id: 724, exit_id: 723, args: &[Arg { ty: "int", name: "pidfd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "size_t", name: "vlen" }, Arg { ty: "int", name: "behavior" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "process_mrelease", nr: 448, enter_id: 603, exit_id: 602, args: &[Arg { ty: "int", name: "pidfd" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "process_vm_readv", nr: 310, enter_id: 720, exit_id: 719, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "const struct iovec *", name: "lvec" }, Arg { ty: "unsigned long", name: "liovcnt" }, Arg { ty: "const struct iovec *", name: "rvec" }, Arg { ty: "unsigned long", name: "riovcnt" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "process_vm_writev", nr: 311, enter_id: 718, exit_id: 717, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "const struct iovec *", name: "lvec" }, Arg { ty: "unsigned long", name: "liovcnt" }, Arg { ty: "const struct iovec *", name: "rvec" }, Arg { ty: "unsigned long", name: "riovcnt" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "pselect6", nr: 270, enter_id: 908, exit_id: 907, args: &[Arg { ty: "int", name: "n" }, Arg { ty: "fd_set *", name: "inp" }, Arg { ty: "fd_set *", name: "outp" }, Arg { ty: "fd_set *", name: "exp" }, Arg { ty: "struct __kernel_timespec *", name: "tsp" }, Arg { ty: "void *", name: "sig" }] },
-    SyscallEvent { name: "ptrace", nr: 101, enter_id: 231, exit_id: 230, args: &[Arg { ty: "long", name: "request" }, Arg { ty: "long", name: "pid" }, Arg { ty: "unsigned long", name: "addr" }, Arg { ty: "unsigned long", name: "data" }] },
-    SyscallEvent { name: "pwrite64", nr: 18, enter_id: 836, exit_id: 835, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "const char *", name: "buf" }, Arg { ty: "size_t", name: "count" }, Arg { ty: "loff_t", name: "pos" }] },
-    SyscallEvent { name: "pwritev", nr: 296, enter_id: 826, exit_id: 825, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }, Arg { ty: "unsigned long", name: "pos_l" }, Arg { ty: "unsigned long", name: "pos_h" }] },
-    SyscallEvent { name: "pwritev2", nr: 328, enter_id: 824, exit_id: 823, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }, Arg { ty: "unsigned long", name: "pos_l" }, Arg { ty: "unsigned long", name: "pos_h" }, Arg { ty: "rwf_t", name: "flags" }] },
-    SyscallEvent { name: "quotactl", nr: 179, enter_id: 1151, exit_id: 1150, args: &[Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "const char *", name: "special" }, Arg { ty: "qid_t", name: "id" }, Arg { ty: "void *", name: "addr" }] },
-    SyscallEvent { name: "quotactl_fd", nr: 443, enter_id: 1149, exit_id: 1148, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "qid_t", name: "id" }, Arg { ty: "void *", name: "addr" }] },
-    SyscallEvent { name: "read", nr: 0, enter_id: 842, exit_id: 841, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "char *", name: "buf" }, Arg { ty: "size_t", name: "count" }] },
-    SyscallEvent { name: "readahead", nr: 187, enter_id: 615, exit_id: 614, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "loff_t", name: "offset" }, Arg { ty: "size_t", name: "count" }] },
-    SyscallEvent { name: "readlink", nr: 89, enter_id: 848, exit_id: 847, args: &[Arg { ty: "const char *", name: "path" }, Arg { ty: "char *", name: "buf" }, Arg { ty: "int", name: "bufsiz" }] },
-    SyscallEvent { name: "readlinkat", nr: 267, enter_id: 850, exit_id: 849, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "char *", name: "buf" }, Arg { ty: "int", name: "bufsiz" }] },
-    SyscallEvent { name: "readv", nr: 19, enter_id: 834, exit_id: 833, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }] },
-    SyscallEvent { name: "reboot", nr: 169, enter_id: 348, exit_id: 347, args: &[Arg { ty: "int", name: "magic1" }, Arg { ty: "int", name: "magic2" }, Arg { ty: "unsigned int", name: "cmd" }, Arg { ty: "void *", name: "arg" }] },
-    SyscallEvent { name: "recvfrom", nr: 45, enter_id: 2222, exit_id: 2221, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "void *", name: "ubuf" }, Arg { ty: "size_t", name: "size" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct sockaddr *", name: "addr" }, Arg { ty: "int *", name: "addr_len" }] },
-    SyscallEvent { name: "recvmmsg", nr: 299, enter_id: 2208, exit_id: 2207, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct mmsghdr *", name: "mmsg" }, Arg { ty: "unsigned int", name: "vlen" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct __kernel_timespec *", name: "timeout" }] },
-    SyscallEvent { name: "recvmsg", nr: 47, enter_id: 2210, exit_id: 2209, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct user_msghdr *", name: "msg" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "remap_file_pages", nr: 216, enter_id: 691, exit_id: 690, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "unsigned long", name: "size" }, Arg { ty: "unsigned long", name: "prot" }, Arg { ty: "unsigned long", name: "pgoff" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "removexattr", nr: 197, enter_id: 950, exit_id: 949, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }] },
-    SyscallEvent { name: "removexattrat", nr: 466, enter_id: 952, exit_id: 951, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "unsigned int", name: "at_flags" }, Arg { ty: "const char *", name: "name" }] },
-    SyscallEvent { name: "rename", nr: 82, enter_id: 868, exit_id: 867, args: &[Arg { ty: "const char *", name: "oldname" }, Arg { ty: "const char *", name: "newname" }] },
-    SyscallEvent { name: "renameat", nr: 264, enter_id: 870, exit_id: 869, args: &[Arg { ty: "int", name: "olddfd" }, Arg { ty: "const char *", name: "oldname" }, Arg { ty: "int", name: "newdfd" }, Arg { ty: "const char *", name: "newname" }] },
-    SyscallEvent { name: "renameat2", nr: 316, enter_id: 872, exit_id: 871, args: &[Arg { ty: "int", name: "olddfd" }, Arg { ty: "const char *", name: "oldname" }, Arg { ty: "int", name: "newdfd" }, Arg { ty: "const char *", name: "newname" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "request_key", nr: 249, enter_id: 2070, exit_id: 2069, args: &[Arg { ty: "const char *", name: "_type" }, Arg { ty: "const char *", name: "_description" }, Arg { ty: "const char *", name: "_callout_info" }, Arg { ty: "key_serial_t", name: "destringid" }] },
-    SyscallEvent { name: "restart_syscall", nr: 219, enter_id: 259, exit_id: 258, args: &[] },
-    SyscallEvent { name: "rmdir", nr: 84, enter_id: 886, exit_id: 885, args: &[Arg { ty: "const char *", name: "pathname" }] },
-    SyscallEvent { name: "rseq", nr: 334, enter_id: 590, exit_id: 589, args: &[Arg { ty: "struct rseq *", name: "rseq" }, Arg { ty: "u32", name: "rseq_len" }, Arg { ty: "int", name: "flags" }, Arg { ty: "u32", name: "sig" }] },
-    SyscallEvent { name: "rt_sigaction", nr: 13, enter_id: 237, exit_id: 236, args: &[Arg { ty: "int", name: "sig" }, Arg { ty: "const struct sigaction *", name: "act" }, Arg { ty: "struct sigaction *", name: "oact" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "rt_sigpending", nr: 127, enter_id: 255, exit_id: 254, args: &[Arg { ty: "sigset_t *", name: "uset" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "rt_sigprocmask", nr: 14, enter_id: 257, exit_id: 256, args: &[Arg { ty: "int", name: "how" }, Arg { ty: "sigset_t *", name: "nset" }, Arg { ty: "sigset_t *", name: "oset" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "rt_sigqueueinfo", nr: 129, enter_id: 243, exit_id: 242, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "sig" }, Arg { ty: "siginfo_t *", name: "uinfo" }] },
-    SyscallEvent { name: "rt_sigreturn", nr: 15, enter_id: 135, exit_id: 134, args: &[] },
-    SyscallEvent { name: "rt_sigsuspend", nr: 130, enter_id: 233, exit_id: 232, args: &[Arg { ty: "sigset_t *", name: "unewset" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "rt_sigtimedwait", nr: 128, enter_id: 253, exit_id: 252, args: &[Arg { ty: "const sigset_t *", name: "uthese" }, Arg { ty: "siginfo_t *", name: "uinfo" }, Arg { ty: "const struct __kernel_timespec *", name: "uts" }, Arg { ty: "size_t", name: "sigsetsize" }] },
-    SyscallEvent { name: "rt_tgsigqueueinfo", nr: 297, enter_id: 241, exit_id: 240, args: &[Arg { ty: "pid_t", name: "tgid" }, Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "sig" }, Arg { ty: "siginfo_t *", name: "uinfo" }] },
-    SyscallEvent { name: "sched_get_priority_max", nr: 146, enter_id: 386, exit_id: 385, args: &[Arg { ty: "int", name: "policy" }] },
-    SyscallEvent { name: "sched_get_priority_min", nr: 147, enter_id: 384, exit_id: 383, args: &[Arg { ty: "int", name: "policy" }] },
-    SyscallEvent { name: "sched_getaffinity", nr: 204, enter_id: 390, exit_id: 389, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned int", name: "len" }, Arg { ty: "unsigned long *", name: "user_mask_ptr" }] },
-    SyscallEvent { name: "sched_getattr", nr: 315, enter_id: 394, exit_id: 393, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "struct sched_attr *", name: "uattr" }, Arg { ty: "unsigned int", name: "usize" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "sched_getparam", nr: 143, enter_id: 396, exit_id: 395, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "struct sched_param *", name: "param" }] },
-    SyscallEvent { name: "sched_getscheduler", nr: 145, enter_id: 398, exit_id: 397, args: &[Arg { ty: "pid_t", name: "pid" }] },
-    SyscallEvent { name: "sched_rr_get_interval", nr: 148, enter_id: 382, exit_id: 381, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "struct __kernel_timespec *", name: "interval" }] },
-    SyscallEvent { name: "sched_setaffinity", nr: 203, enter_id: 392, exit_id: 391, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "unsigned int", name: "len" }, Arg { ty: "unsigned long *", name: "user_mask_ptr" }] },
-    SyscallEvent { name: "sched_setattr", nr: 314, enter_id: 400, exit_id: 399, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "struct sched_attr *", name: "uattr" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "sched_setparam", nr: 142, enter_id: 402, exit_id: 401, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "struct sched_param *", name: "param" }] },
-    SyscallEvent { name: "sched_setscheduler", nr: 144, enter_id: 404, exit_id: 403, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "policy" }, Arg { ty: "struct sched_param *", name: "param" }] },
-    SyscallEvent { name: "sched_yield", nr: 24, enter_id: 388, exit_id: 387, args: &[] },
-    SyscallEvent { name: "seccomp", nr: 317, enter_id: 549, exit_id: 548, args: &[Arg { ty: "unsigned int", name: "op" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "void *", name: "uargs" }] },
-    SyscallEvent { name: "select", nr: 23, enter_id: 910, exit_id: 909, args: &[Arg { ty: "int", name: "n" }, Arg { ty: "fd_set *", name: "inp" }, Arg { ty: "fd_set *", name: "outp" }, Arg { ty: "fd_set *", name: "exp" }, Arg { ty: "struct __kernel_old_timeval *", name: "tvp" }] },
-    SyscallEvent { name: "semctl", nr: 66, enter_id: 2044, exit_id: 2043, args: &[Arg { ty: "int", name: "semid" }, Arg { ty: "int", name: "semnum" }, Arg { ty: "int", name: "cmd" }, Arg { ty: "unsigned long", name: "arg" }] },
-    SyscallEvent { name: "semget", nr: 64, enter_id: 2046, exit_id: 2045, args: &[Arg { ty: "key_t", name: "key" }, Arg { ty: "int", name: "nsems" }, Arg { ty: "int", name: "semflg" }] },
-    SyscallEvent { name: "semop", nr: 65, enter_id: 2040, exit_id: 2039, args: &[Arg { ty: "int", name: "semid" }, Arg { ty: "struct sembuf *", name: "tsops" }, Arg { ty: "unsigned", name: "nsops" }] },
-    SyscallEvent { name: "semtimedop", nr: 220, enter_id: 2042, exit_id: 2041, args: &[Arg { ty: "int", name: "semid" }, Arg { ty: "struct sembuf *", name: "tsops" }, Arg { ty: "unsigned int", name: "nsops" }, Arg { ty: "const struct __kernel_timespec *", name: "timeout" }] },
-    SyscallEvent { name: "sendfile64", nr: 40, enter_id: 822, exit_id: 821, args: &[Arg { ty: "int", name: "out_fd" }, Arg { ty: "int", name: "in_fd" }, Arg { ty: "loff_t *", name: "offset" }, Arg { ty: "size_t", name: "count" }] },
-    SyscallEvent { name: "sendmmsg", nr: 307, enter_id: 2212, exit_id: 2211, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct mmsghdr *", name: "mmsg" }, Arg { ty: "unsigned int", name: "vlen" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "sendmsg", nr: 46, enter_id: 2214, exit_id: 2213, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "struct user_msghdr *", name: "msg" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "sendto", nr: 44, enter_id: 2224, exit_id: 2223, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "void *", name: "buff" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned int", name: "flags" }, Arg { ty: "struct sockaddr *", name: "addr" }, Arg { ty: "int", name: "addr_len" }] },
-    SyscallEvent { name: "set_mempolicy", nr: 238, enter_id: 736, exit_id: 735, args: &[Arg { ty: "int", name: "mode" }, Arg { ty: "const unsigned long *", name: "nmask" }, Arg { ty: "unsigned long", name: "maxnode" }] },
-    SyscallEvent { name: "set_mempolicy_home_node", nr: 450, enter_id: 740, exit_id: 739, args: &[Arg { ty: "unsigned long", name: "start" }, Arg { ty: "unsigned long", name: "len" }, Arg { ty: "unsigned long", name: "home_node" }, Arg { ty: "unsigned long", name: "flags" }] },
-    SyscallEvent { name: "set_robust_list", nr: 273, enter_id: 526, exit_id: 525, args: &[Arg { ty: "struct robust_list_head *", name: "head" }, Arg { ty: "size_t", name: "len" }] },
-    SyscallEvent { name: "set_tid_address", nr: 218, enter_id: 202, exit_id: 201, args: &[Arg { ty: "int *", name: "tidptr" }] },
-    SyscallEvent { name: "setdomainname", nr: 171, enter_id: 279, exit_id: 278, args: &[Arg { ty: "char *", name: "name" }, Arg { ty: "int", name: "len" }] },
-    SyscallEvent { name: "setfsgid", nr: 123, enter_id: 311, exit_id: 310, args: &[Arg { ty: "gid_t", name: "gid" }] },
-    SyscallEvent { name: "setfsuid", nr: 122, enter_id: 313, exit_id: 312, args: &[Arg { ty: "uid_t", name: "uid" }] },
-    SyscallEvent { name: "setgid", nr: 106, enter_id: 327, exit_id: 326, args: &[Arg { ty: "gid_t", name: "gid" }] },
-    SyscallEvent { name: "setgroups", nr: 116, enter_id: 350, exit_id: 349, args: &[Arg { ty: "int", name: "gidsetsize" }, Arg { ty: "gid_t *", name: "grouplist" }] },
-    SyscallEvent { name: "sethostname", nr: 170, enter_id: 281, exit_id: 280, args: &[Arg { ty: "char *", name: "name" }, Arg { ty: "int", name: "len" }] },
-    SyscallEvent { name: "setitimer", nr: 38, enter_id: 494, exit_id: 493, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "struct __kernel_old_itimerval *", name: "value" }, Arg { ty: "struct __kernel_old_itimerval *", name: "ovalue" }] },
-    SyscallEvent { name: "setns", nr: 308, enter_id: 343, exit_id: 342, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "setpgid", nr: 109, enter_id: 293, exit_id: 292, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "pid_t", name: "pgid" }] },
-    SyscallEvent { name: "setpriority", nr: 141, enter_id: 333, exit_id: 332, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "int", name: "who" }, Arg { ty: "int", name: "niceval" }] },
-    SyscallEvent { name: "setregid", nr: 114, enter_id: 329, exit_id: 328, args: &[Arg { ty: "gid_t", name: "rgid" }, Arg { ty: "gid_t", name: "egid" }] },
-    SyscallEvent { name: "setresgid", nr: 119, enter_id: 317, exit_id: 316, args: &[Arg { ty: "gid_t", name: "rgid" }, Arg { ty: "gid_t", name: "egid" }, Arg { ty: "gid_t", name: "sgid" }] },
-    SyscallEvent { name: "setresuid", nr: 117, enter_id: 321, exit_id: 320, args: &[Arg { ty: "uid_t", name: "ruid" }, Arg { ty: "uid_t", name: "euid" }, Arg { ty: "uid_t", name: "suid" }] },
-    SyscallEvent { name: "setreuid", nr: 113, enter_id: 325, exit_id: 324, args: &[Arg { ty: "uid_t", name: "ruid" }, Arg { ty: "uid_t", name: "euid" }] },
-    SyscallEvent { name: "setrlimit", nr: 160, enter_id: 273, exit_id: 272, args: &[Arg { ty: "unsigned int", name: "resource" }, Arg { ty: "struct rlimit *", name: "rlim" }] },
-    SyscallEvent { name: "setsid", nr: 112, enter_id: 285, exit_id: 284, args: &[] },
-    SyscallEvent { name: "setsockopt", nr: 54, enter_id: 2220, exit_id: 2219, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "level" }, Arg { ty: "int", name: "optname" }, Arg { ty: "char *", name: "optval" }, Arg { ty: "int", name: "optlen" }] },
-    SyscallEvent { name: "settimeofday", nr: 164, enter_id: 449, exit_id: 448, args: &[Arg { ty: "struct __kernel_old_timeval *", name: "tv" }, Arg { ty: "struct timezone *", name: "tz" }] },
-    SyscallEvent { name: "setuid", nr: 105, enter_id: 323, exit_id: 322, args: &[Arg { ty: "uid_t", name: "uid" }] },
-    SyscallEvent { name: "setxattr", nr: 188, enter_id: 974, exit_id: 973, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "const void *", name: "value" }, Arg { ty: "size_t", name: "size" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "setxattrat", nr: 463, enter_id: 976, exit_id: 975, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "unsigned int", name: "at_flags" }, Arg { ty: "const char *", name: "name" }, Arg { ty: "const struct xattr_args *", name: "uargs" }, Arg { ty: "size_t", name: "usize" }] },
-    SyscallEvent { name: "shmat", nr: 30, enter_id: 2050, exit_id: 2049, args: &[Arg { ty: "int", name: "shmid" }, Arg { ty: "char *", name: "shmaddr" }, Arg { ty: "int", name: "shmflg" }] },
-    SyscallEvent { name: "shmctl", nr: 31, enter_id: 2052, exit_id: 2051, args: &[Arg { ty: "int", name: "shmid" }, Arg { ty: "int", name: "cmd" }, Arg { ty: "struct shmid_ds *", name: "buf" }] },
-    SyscallEvent { name: "shmdt", nr: 67, enter_id: 2048, exit_id: 2047, args: &[Arg { ty: "char *", name: "shmaddr" }] },
-    SyscallEvent { name: "shmget", nr: 29, enter_id: 2054, exit_id: 2053, args: &[Arg { ty: "key_t", name: "key" }, Arg { ty: "size_t", name: "size" }, Arg { ty: "int", name: "shmflg" }] },
-    SyscallEvent { name: "shutdown", nr: 48, enter_id: 2216, exit_id: 2215, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "int", name: "how" }] },
-    SyscallEvent { name: "sigaltstack", nr: 131, enter_id: 239, exit_id: 238, args: &[Arg { ty: "const stack_t *", name: "uss" }, Arg { ty: "stack_t *", name: "uoss" }] },
-    SyscallEvent { name: "signalfd", nr: 282, enter_id: 1077, exit_id: 1076, args: &[Arg { ty: "int", name: "ufd" }, Arg { ty: "sigset_t *", name: "user_mask" }, Arg { ty: "size_t", name: "sizemask" }] },
-    SyscallEvent { name: "signalfd4", nr: 289, enter_id: 1079, exit_id: 1078, args: &[Arg { ty: "int", name: "ufd" }, Arg { ty: "sigset_t *", name: "user_mask" }, Arg { ty: "size_t", name: "sizemask" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "socket", nr: 41, enter_id: 2242, exit_id: 2241, args: &[Arg { ty: "int", name: "family" }, Arg { ty: "int", name: "type" }, Arg { ty: "int", name: "protocol" }] },
-    SyscallEvent { name: "socketpair", nr: 53, enter_id: 2240, exit_id: 2239, args: &[Arg { ty: "int", name: "family" }, Arg { ty: "int", name: "type" }, Arg { ty: "int", name: "protocol" }, Arg { ty: "int *", name: "usockvec" }] },
-    SyscallEvent { name: "splice", nr: 275, enter_id: 1013, exit_id: 1012, args: &[Arg { ty: "int", name: "fd_in" }, Arg { ty: "loff_t *", name: "off_in" }, Arg { ty: "int", name: "fd_out" }, Arg { ty: "loff_t *", name: "off_out" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "statfs", nr: 137, enter_id: 1041, exit_id: 1040, args: &[Arg { ty: "const char *", name: "pathname" }, Arg { ty: "struct statfs *", name: "buf" }] },
-    SyscallEvent { name: "statmount", nr: 457, enter_id: 928, exit_id: 927, args: &[Arg { ty: "const struct mnt_id_req *", name: "req" }, Arg { ty: "struct statmount *", name: "buf" }, Arg { ty: "size_t", name: "bufsize" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "statx", nr: 332, enter_id: 846, exit_id: 845, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "unsigned", name: "flags" }, Arg { ty: "unsigned int", name: "mask" }, Arg { ty: "struct statx *", name: "buffer" }] },
-    SyscallEvent { name: "swapoff", nr: 168, enter_id: 730, exit_id: 729, args: &[Arg { ty: "const char *", name: "specialfile" }] },
-    SyscallEvent { name: "swapon", nr: 167, enter_id: 728, exit_id: 727, args: &[Arg { ty: "const char *", name: "specialfile" }, Arg { ty: "int", name: "swap_flags" }] },
-    SyscallEvent { name: "symlink", nr: 88, enter_id: 878, exit_id: 877, args: &[Arg { ty: "const char *", name: "oldname" }, Arg { ty: "const char *", name: "newname" }] },
-    SyscallEvent { name: "symlinkat", nr: 266, enter_id: 880, exit_id: 879, args: &[Arg { ty: "const char *", name: "oldname" }, Arg { ty: "int", name: "newdfd" }, Arg { ty: "const char *", name: "newname" }] },
-    SyscallEvent { name: "sync", nr: 162, enter_id: 1025, exit_id: 1024, args: &[] },
-    SyscallEvent { name: "sync_file_range", nr: 277, enter_id: 1017, exit_id: 1016, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "loff_t", name: "offset" }, Arg { ty: "loff_t", name: "nbytes" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "syncfs", nr: 306, enter_id: 1023, exit_id: 1022, args: &[Arg { ty: "int", name: "fd" }] },
-    SyscallEvent { name: "sysfs", nr: 139, enter_id: 924, exit_id: 923, args: &[Arg { ty: "int", name: "option" }, Arg { ty: "unsigned long", name: "arg1" }, Arg { ty: "unsigned long", name: "arg2" }] },
-    SyscallEvent { name: "sysinfo", nr: 99, enter_id: 263, exit_id: 262, args: &[Arg { ty: "struct sysinfo *", name: "info" }] },
-    SyscallEvent { name: "syslog", nr: 103, enter_id: 410, exit_id: 409, args: &[Arg { ty: "int", name: "type" }, Arg { ty: "char *", name: "buf" }, Arg { ty: "int", name: "len" }] },
-    SyscallEvent { name: "tee", nr: 276, enter_id: 1011, exit_id: 1010, args: &[Arg { ty: "int", name: "fdin" }, Arg { ty: "int", name: "fdout" }, Arg { ty: "size_t", name: "len" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "tgkill", nr: 234, enter_id: 247, exit_id: 246, args: &[Arg { ty: "pid_t", name: "tgid" }, Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "sig" }] },
-    SyscallEvent { name: "time", nr: 201, enter_id: 453, exit_id: 452, args: &[Arg { ty: "__kernel_old_time_t *", name: "tloc" }] },
-    SyscallEvent { name: "timer_create", nr: 222, enter_id: 492, exit_id: 491, args: &[Arg { ty: "const clockid_t", name: "which_clock" }, Arg { ty: "struct sigevent *", name: "timer_event_spec" }, Arg { ty: "timer_t *", name: "created_timer_id" }] },
-    SyscallEvent { name: "timer_delete", nr: 226, enter_id: 484, exit_id: 483, args: &[Arg { ty: "timer_t", name: "timer_id" }] },
-    SyscallEvent { name: "timer_getoverrun", nr: 225, enter_id: 488, exit_id: 487, args: &[Arg { ty: "timer_t", name: "timer_id" }] },
-    SyscallEvent { name: "timer_gettime", nr: 224, enter_id: 490, exit_id: 489, args: &[Arg { ty: "timer_t", name: "timer_id" }, Arg { ty: "struct __kernel_itimerspec *", name: "setting" }] },
-    SyscallEvent { name: "timer_settime", nr: 223, enter_id: 486, exit_id: 485, args: &[Arg { ty: "timer_t", name: "timer_id" }, Arg { ty: "int", name: "flags" }, Arg { ty: "const struct __kernel_itimerspec *", name: "new_setting" }, Arg { ty: "struct __kernel_itimerspec *", name: "old_setting" }] },
-    SyscallEvent { name: "timerfd_create", nr: 283, enter_id: 1085, exit_id: 1084, args: &[Arg { ty: "int", name: "clockid" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "timerfd_gettime", nr: 287, enter_id: 1081, exit_id: 1080, args: &[Arg { ty: "int", name: "ufd" }, Arg { ty: "struct __kernel_itimerspec *", name: "otmr" }] },
-    SyscallEvent { name: "timerfd_settime", nr: 286, enter_id: 1083, exit_id: 1082, args: &[Arg { ty: "int", name: "ufd" }, Arg { ty: "int", name: "flags" }, Arg { ty: "const struct __kernel_itimerspec *", name: "utmr" }, Arg { ty: "struct __kernel_itimerspec *", name: "otmr" }] },
-    SyscallEvent { name: "times", nr: 100, enter_id: 295, exit_id: 294, args: &[Arg { ty: "struct tms *", name: "tbuf" }] },
-    SyscallEvent { name: "tkill", nr: 200, enter_id: 245, exit_id: 244, args: &[Arg { ty: "pid_t", name: "pid" }, Arg { ty: "int", name: "sig" }] },
-    SyscallEvent { name: "truncate", nr: 76, enter_id: 818, exit_id: 817, args: &[Arg { ty: "const char *", name: "path" }, Arg { ty: "long", name: "length" }] },
-    SyscallEvent { name: "umask", nr: 95, enter_id: 269, exit_id: 268, args: &[Arg { ty: "int", name: "mask" }] },
-    SyscallEvent { name: "umount", nr: 166, enter_id: 944, exit_id: 943, args: &[Arg { ty: "char *", name: "name" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "unlink", nr: 87, enter_id: 882, exit_id: 881, args: &[Arg { ty: "const char *", name: "pathname" }] },
-    SyscallEvent { name: "unlinkat", nr: 263, enter_id: 884, exit_id: 883, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "pathname" }, Arg { ty: "int", name: "flag" }] },
-    SyscallEvent { name: "unshare", nr: 272, enter_id: 192, exit_id: 191, args: &[Arg { ty: "unsigned long", name: "unshare_flags" }] },
-    SyscallEvent { name: "uprobe", nr: 336, enter_id: 185, exit_id: 184, args: &[] },
-    SyscallEvent { name: "uretprobe", nr: 335, enter_id: 187, exit_id: 186, args: &[] },
-    SyscallEvent { name: "userfaultfd", nr: 323, enter_id: 1091, exit_id: 1090, args: &[Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "ustat", nr: 136, enter_id: 1037, exit_id: 1036, args: &[Arg { ty: "unsigned", name: "dev" }, Arg { ty: "struct ustat *", name: "ubuf" }] },
-    SyscallEvent { name: "utime", nr: 132, enter_id: 1027, exit_id: 1026, args: &[Arg { ty: "char *", name: "filename" }, Arg { ty: "struct utimbuf *", name: "times" }] },
-    SyscallEvent { name: "utimensat", nr: 280, enter_id: 1033, exit_id: 1032, args: &[Arg { ty: "int", name: "dfd" }, Arg { ty: "const char *", name: "filename" }, Arg { ty: "struct __kernel_timespec *", name: "utimes" }, Arg { ty: "int", name: "flags" }] },
-    SyscallEvent { name: "utimes", nr: 235, enter_id: 1029, exit_id: 1028, args: &[Arg { ty: "char *", name: "filename" }, Arg { ty: "struct __kernel_old_timeval *", name: "utimes" }] },
-    SyscallEvent { name: "vfork", nr: 58, enter_id: 198, exit_id: 197, args: &[] },
-    SyscallEvent { name: "vhangup", nr: 153, enter_id: 774, exit_id: 773, args: &[] },
-    SyscallEvent { name: "vmsplice", nr: 278, enter_id: 1015, exit_id: 1014, args: &[Arg { ty: "int", name: "fd" }, Arg { ty: "const struct iovec *", name: "uiov" }, Arg { ty: "unsigned long", name: "nr_segs" }, Arg { ty: "unsigned int", name: "flags" }] },
-    SyscallEvent { name: "wait4", nr: 61, enter_id: 212, exit_id: 211, args: &[Arg { ty: "pid_t", name: "upid" }, Arg { ty: "int *", name: "stat_addr" }, Arg { ty: "int", name: "options" }, Arg { ty: "struct rusage *", name: "ru" }] },
-    SyscallEvent { name: "waitid", nr: 247, enter_id: 214, exit_id: 213, args: &[Arg { ty: "int", name: "which" }, Arg { ty: "pid_t", name: "upid" }, Arg { ty: "struct siginfo *", name: "infop" }, Arg { ty: "int", name: "options" }, Arg { ty: "struct rusage *", name: "ru" }] },
-    SyscallEvent { name: "write", nr: 1, enter_id: 840, exit_id: 839, args: &[Arg { ty: "unsigned int", name: "fd" }, Arg { ty: "const char *", name: "buf" }, Arg { ty: "size_t", name: "count" }] },
-    SyscallEvent { name: "writev", nr: 20, enter_id: 832, exit_id: 831, args: &[Arg { ty: "unsigned long", name: "fd" }, Arg { ty: "const struct iovec *", name: "vec" }, Arg { ty: "unsigned long", name: "vlen" }] },
+    SyscallEvent {
+        name: "accept",
+        nr: 43,
+        enter_id: 2232,
+        exit_id: 2231,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "upeer_sockaddr",
+            },
+            Arg {
+                ty: "int *",
+                name: "upeer_addrlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "accept4",
+        nr: 288,
+        enter_id: 2234,
+        exit_id: 2233,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "upeer_sockaddr",
+            },
+            Arg {
+                ty: "int *",
+                name: "upeer_addrlen",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "access",
+        nr: 21,
+        enter_id: 808,
+        exit_id: 807,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "int",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "acct",
+        nr: 163,
+        enter_id: 531,
+        exit_id: 530,
+        args: &[Arg {
+            ty: "const char *",
+            name: "name",
+        }],
+    },
+    SyscallEvent {
+        name: "add_key",
+        nr: 248,
+        enter_id: 2072,
+        exit_id: 2071,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "_type",
+            },
+            Arg {
+                ty: "const char *",
+                name: "_description",
+            },
+            Arg {
+                ty: "const void *",
+                name: "_payload",
+            },
+            Arg {
+                ty: "size_t",
+                name: "plen",
+            },
+            Arg {
+                ty: "key_serial_t",
+                name: "ringid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "adjtimex",
+        nr: 159,
+        enter_id: 447,
+        exit_id: 446,
+        args: &[Arg {
+            ty: "struct __kernel_timex *",
+            name: "txc_p",
+        }],
+    },
+    SyscallEvent {
+        name: "alarm",
+        nr: 37,
+        enter_id: 496,
+        exit_id: 495,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "seconds",
+        }],
+    },
+    SyscallEvent {
+        name: "arch_prctl",
+        nr: 158,
+        enter_id: 176,
+        exit_id: 175,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "option",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg2",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "bind",
+        nr: 49,
+        enter_id: 2238,
+        exit_id: 2237,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "umyaddr",
+            },
+            Arg {
+                ty: "int",
+                name: "addrlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "bpf",
+        nr: 321,
+        enter_id: 586,
+        exit_id: 585,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "union bpf_attr *",
+                name: "uattr",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "brk",
+        nr: 12,
+        enter_id: 695,
+        exit_id: 694,
+        args: &[Arg {
+            ty: "unsigned long",
+            name: "brk",
+        }],
+    },
+    SyscallEvent {
+        name: "cachestat",
+        nr: 451,
+        enter_id: 594,
+        exit_id: 593,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct cachestat_range *",
+                name: "cstat_range",
+            },
+            Arg {
+                ty: "struct cachestat *",
+                name: "cstat",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "capget",
+        nr: 125,
+        enter_id: 229,
+        exit_id: 228,
+        args: &[
+            Arg {
+                ty: "cap_user_header_t",
+                name: "header",
+            },
+            Arg {
+                ty: "cap_user_data_t",
+                name: "dataptr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "capset",
+        nr: 126,
+        enter_id: 227,
+        exit_id: 226,
+        args: &[
+            Arg {
+                ty: "cap_user_header_t",
+                name: "header",
+            },
+            Arg {
+                ty: "const cap_user_data_t",
+                name: "data",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "chdir",
+        nr: 80,
+        enter_id: 806,
+        exit_id: 805,
+        args: &[Arg {
+            ty: "const char *",
+            name: "filename",
+        }],
+    },
+    SyscallEvent {
+        name: "chmod",
+        nr: 90,
+        enter_id: 794,
+        exit_id: 793,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "chown",
+        nr: 92,
+        enter_id: 790,
+        exit_id: 789,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "user",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "group",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "chroot",
+        nr: 161,
+        enter_id: 802,
+        exit_id: 801,
+        args: &[Arg {
+            ty: "const char *",
+            name: "filename",
+        }],
+    },
+    SyscallEvent {
+        name: "clock_adjtime",
+        nr: 305,
+        enter_id: 478,
+        exit_id: 477,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "struct __kernel_timex *",
+                name: "utx",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clock_getres",
+        nr: 229,
+        enter_id: 476,
+        exit_id: 475,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "tp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clock_gettime",
+        nr: 228,
+        enter_id: 480,
+        exit_id: 479,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "tp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clock_nanosleep",
+        nr: 230,
+        enter_id: 474,
+        exit_id: 473,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "rqtp",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "rmtp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clock_settime",
+        nr: 227,
+        enter_id: 482,
+        exit_id: 481,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "tp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clone",
+        nr: 56,
+        enter_id: 196,
+        exit_id: 195,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "clone_flags",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "newsp",
+            },
+            Arg {
+                ty: "int *",
+                name: "parent_tidptr",
+            },
+            Arg {
+                ty: "int *",
+                name: "child_tidptr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "tls",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "clone3",
+        nr: 435,
+        enter_id: 194,
+        exit_id: 193,
+        args: &[
+            Arg {
+                ty: "struct clone_args *",
+                name: "uargs",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "close",
+        nr: 3,
+        enter_id: 776,
+        exit_id: 775,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "fd",
+        }],
+    },
+    SyscallEvent {
+        name: "close_range",
+        nr: 436,
+        enter_id: 922,
+        exit_id: 921,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "max_fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "connect",
+        nr: 42,
+        enter_id: 2230,
+        exit_id: 2229,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "uservaddr",
+            },
+            Arg {
+                ty: "int",
+                name: "addrlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "copy_file_range",
+        nr: 326,
+        enter_id: 820,
+        exit_id: 819,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd_in",
+            },
+            Arg {
+                ty: "loff_t *",
+                name: "off_in",
+            },
+            Arg {
+                ty: "int",
+                name: "fd_out",
+            },
+            Arg {
+                ty: "loff_t *",
+                name: "off_out",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "creat",
+        nr: 85,
+        enter_id: 778,
+        exit_id: 777,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "dup",
+        nr: 32,
+        enter_id: 916,
+        exit_id: 915,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "fildes",
+        }],
+    },
+    SyscallEvent {
+        name: "dup2",
+        nr: 33,
+        enter_id: 918,
+        exit_id: 917,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "oldfd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "newfd",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "dup3",
+        nr: 292,
+        enter_id: 920,
+        exit_id: 919,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "oldfd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "newfd",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "epoll_create",
+        nr: 213,
+        enter_id: 1073,
+        exit_id: 1072,
+        args: &[Arg {
+            ty: "int",
+            name: "size",
+        }],
+    },
+    SyscallEvent {
+        name: "epoll_create1",
+        nr: 291,
+        enter_id: 1075,
+        exit_id: 1074,
+        args: &[Arg {
+            ty: "int",
+            name: "flags",
+        }],
+    },
+    SyscallEvent {
+        name: "epoll_ctl",
+        nr: 233,
+        enter_id: 1071,
+        exit_id: 1070,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "epfd",
+            },
+            Arg {
+                ty: "int",
+                name: "op",
+            },
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct epoll_event *",
+                name: "event",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "epoll_pwait",
+        nr: 281,
+        enter_id: 1067,
+        exit_id: 1066,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "epfd",
+            },
+            Arg {
+                ty: "struct epoll_event *",
+                name: "events",
+            },
+            Arg {
+                ty: "int",
+                name: "maxevents",
+            },
+            Arg {
+                ty: "int",
+                name: "timeout",
+            },
+            Arg {
+                ty: "const sigset_t *",
+                name: "sigmask",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "epoll_pwait2",
+        nr: 441,
+        enter_id: 1065,
+        exit_id: 1064,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "epfd",
+            },
+            Arg {
+                ty: "struct epoll_event *",
+                name: "events",
+            },
+            Arg {
+                ty: "int",
+                name: "maxevents",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "timeout",
+            },
+            Arg {
+                ty: "const sigset_t *",
+                name: "sigmask",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "epoll_wait",
+        nr: 232,
+        enter_id: 1069,
+        exit_id: 1068,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "epfd",
+            },
+            Arg {
+                ty: "struct epoll_event *",
+                name: "events",
+            },
+            Arg {
+                ty: "int",
+                name: "maxevents",
+            },
+            Arg {
+                ty: "int",
+                name: "timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "eventfd",
+        nr: 284,
+        enter_id: 1087,
+        exit_id: 1086,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "count",
+        }],
+    },
+    SyscallEvent {
+        name: "eventfd2",
+        nr: 290,
+        enter_id: 1089,
+        exit_id: 1088,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "count",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "execve",
+        nr: 59,
+        enter_id: 862,
+        exit_id: 861,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "const char *const *",
+                name: "argv",
+            },
+            Arg {
+                ty: "const char *const *",
+                name: "envp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "execveat",
+        nr: 322,
+        enter_id: 860,
+        exit_id: 859,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "const char *const *",
+                name: "argv",
+            },
+            Arg {
+                ty: "const char *const *",
+                name: "envp",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "exit",
+        nr: 60,
+        enter_id: 218,
+        exit_id: 217,
+        args: &[Arg {
+            ty: "int",
+            name: "error_code",
+        }],
+    },
+    SyscallEvent {
+        name: "exit_group",
+        nr: 231,
+        enter_id: 216,
+        exit_id: 215,
+        args: &[Arg {
+            ty: "int",
+            name: "error_code",
+        }],
+    },
+    SyscallEvent {
+        name: "faccessat",
+        nr: 269,
+        enter_id: 812,
+        exit_id: 811,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "int",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "faccessat2",
+        nr: 439,
+        enter_id: 810,
+        exit_id: 809,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "int",
+                name: "mode",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fadvise64",
+        nr: 221,
+        enter_id: 613,
+        exit_id: 612,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "offset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "int",
+                name: "advice",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fallocate",
+        nr: 285,
+        enter_id: 814,
+        exit_id: 813,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "mode",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "offset",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fanotify_init",
+        nr: 300,
+        enter_id: 1063,
+        exit_id: 1062,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "event_f_flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fanotify_mark",
+        nr: 301,
+        enter_id: 1061,
+        exit_id: 1060,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fanotify_fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "__u64",
+                name: "mask",
+            },
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fchdir",
+        nr: 81,
+        enter_id: 804,
+        exit_id: 803,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "fd",
+        }],
+    },
+    SyscallEvent {
+        name: "fchmod",
+        nr: 91,
+        enter_id: 800,
+        exit_id: 799,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fchmodat",
+        nr: 268,
+        enter_id: 796,
+        exit_id: 795,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fchmodat2",
+        nr: 452,
+        enter_id: 798,
+        exit_id: 797,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fchown",
+        nr: 93,
+        enter_id: 786,
+        exit_id: 785,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "user",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "group",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fchownat",
+        nr: 260,
+        enter_id: 792,
+        exit_id: 791,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "user",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "group",
+            },
+            Arg {
+                ty: "int",
+                name: "flag",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fcntl",
+        nr: 72,
+        enter_id: 896,
+        exit_id: 895,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fdatasync",
+        nr: 75,
+        enter_id: 1019,
+        exit_id: 1018,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "fd",
+        }],
+    },
+    SyscallEvent {
+        name: "fgetxattr",
+        nr: 193,
+        enter_id: 962,
+        exit_id: 961,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "file_getattr",
+        nr: 468,
+        enter_id: 1051,
+        exit_id: 1050,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct file_attr *",
+                name: "ufattr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "file_setattr",
+        nr: 469,
+        enter_id: 1049,
+        exit_id: 1048,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct file_attr *",
+                name: "ufattr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "flistxattr",
+        nr: 196,
+        enter_id: 954,
+        exit_id: 953,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "char *",
+                name: "list",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "flock",
+        nr: 73,
+        enter_id: 1117,
+        exit_id: 1116,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fork",
+        nr: 57,
+        enter_id: 200,
+        exit_id: 199,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "fremovexattr",
+        nr: 199,
+        enter_id: 946,
+        exit_id: 945,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fsconfig",
+        nr: 431,
+        enter_id: 1043,
+        exit_id: 1042,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "_key",
+            },
+            Arg {
+                ty: "const void *",
+                name: "_value",
+            },
+            Arg {
+                ty: "int",
+                name: "aux",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fsetxattr",
+        nr: 190,
+        enter_id: 970,
+        exit_id: 969,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "const void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fsmount",
+        nr: 432,
+        enter_id: 938,
+        exit_id: 937,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fs_fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "attr_flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fsopen",
+        nr: 430,
+        enter_id: 1047,
+        exit_id: 1046,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "_fs_name",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fspick",
+        nr: 433,
+        enter_id: 1045,
+        exit_id: 1044,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "path",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fstatfs",
+        nr: 138,
+        enter_id: 1039,
+        exit_id: 1038,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct statfs *",
+                name: "buf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "fsync",
+        nr: 74,
+        enter_id: 1021,
+        exit_id: 1020,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "fd",
+        }],
+    },
+    SyscallEvent {
+        name: "ftruncate",
+        nr: 77,
+        enter_id: 816,
+        exit_id: 815,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "off_t",
+                name: "length",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futex",
+        nr: 202,
+        enter_id: 522,
+        exit_id: 521,
+        args: &[
+            Arg {
+                ty: "u32 *",
+                name: "uaddr",
+            },
+            Arg {
+                ty: "int",
+                name: "op",
+            },
+            Arg {
+                ty: "u32",
+                name: "val",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "utime",
+            },
+            Arg {
+                ty: "u32 *",
+                name: "uaddr2",
+            },
+            Arg {
+                ty: "u32",
+                name: "val3",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futex_requeue",
+        nr: 456,
+        enter_id: 514,
+        exit_id: 513,
+        args: &[
+            Arg {
+                ty: "struct futex_waitv *",
+                name: "waiters",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "int",
+                name: "nr_wake",
+            },
+            Arg {
+                ty: "int",
+                name: "nr_requeue",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futex_wait",
+        nr: 455,
+        enter_id: 516,
+        exit_id: 515,
+        args: &[
+            Arg {
+                ty: "void *",
+                name: "uaddr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "val",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "mask",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "timeout",
+            },
+            Arg {
+                ty: "clockid_t",
+                name: "clockid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futex_waitv",
+        nr: 449,
+        enter_id: 520,
+        exit_id: 519,
+        args: &[
+            Arg {
+                ty: "struct futex_waitv *",
+                name: "waiters",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "nr_futexes",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "timeout",
+            },
+            Arg {
+                ty: "clockid_t",
+                name: "clockid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futex_wake",
+        nr: 454,
+        enter_id: 518,
+        exit_id: 517,
+        args: &[
+            Arg {
+                ty: "void *",
+                name: "uaddr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "mask",
+            },
+            Arg {
+                ty: "int",
+                name: "nr",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "futimesat",
+        nr: 261,
+        enter_id: 1031,
+        exit_id: 1030,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct __kernel_old_timeval *",
+                name: "utimes",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "get_mempolicy",
+        nr: 239,
+        enter_id: 732,
+        exit_id: 731,
+        args: &[
+            Arg {
+                ty: "int *",
+                name: "policy",
+            },
+            Arg {
+                ty: "unsigned long *",
+                name: "nmask",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "maxnode",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "addr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "get_robust_list",
+        nr: 274,
+        enter_id: 524,
+        exit_id: 523,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct robust_list_head * *",
+                name: "head_ptr",
+            },
+            Arg {
+                ty: "size_t *",
+                name: "len_ptr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getcpu",
+        nr: 309,
+        enter_id: 265,
+        exit_id: 264,
+        args: &[
+            Arg {
+                ty: "unsigned *",
+                name: "cpup",
+            },
+            Arg {
+                ty: "unsigned *",
+                name: "nodep",
+            },
+            Arg {
+                ty: "struct getcpu_cache *",
+                name: "unused",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getcwd",
+        nr: 79,
+        enter_id: 1035,
+        exit_id: 1034,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getdents",
+        nr: 78,
+        enter_id: 902,
+        exit_id: 901,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct linux_dirent *",
+                name: "dirent",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getdents64",
+        nr: 217,
+        enter_id: 900,
+        exit_id: 899,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct linux_dirent64 *",
+                name: "dirent",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getegid",
+        nr: 108,
+        enter_id: 297,
+        exit_id: 296,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "geteuid",
+        nr: 107,
+        enter_id: 301,
+        exit_id: 300,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getgid",
+        nr: 104,
+        enter_id: 299,
+        exit_id: 298,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getgroups",
+        nr: 115,
+        enter_id: 352,
+        exit_id: 351,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "gidsetsize",
+            },
+            Arg {
+                ty: "gid_t *",
+                name: "grouplist",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getitimer",
+        nr: 36,
+        enter_id: 498,
+        exit_id: 497,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "struct __kernel_old_itimerval *",
+                name: "value",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getpeername",
+        nr: 52,
+        enter_id: 2226,
+        exit_id: 2225,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "usockaddr",
+            },
+            Arg {
+                ty: "int *",
+                name: "usockaddr_len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getpgid",
+        nr: 121,
+        enter_id: 291,
+        exit_id: 290,
+        args: &[Arg {
+            ty: "pid_t",
+            name: "pid",
+        }],
+    },
+    SyscallEvent {
+        name: "getpgrp",
+        nr: 111,
+        enter_id: 289,
+        exit_id: 288,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getpid",
+        nr: 39,
+        enter_id: 309,
+        exit_id: 308,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getppid",
+        nr: 110,
+        enter_id: 305,
+        exit_id: 304,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getpriority",
+        nr: 140,
+        enter_id: 331,
+        exit_id: 330,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "int",
+                name: "who",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getrandom",
+        nr: 318,
+        enter_id: 2177,
+        exit_id: 2176,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "ubuf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getresgid",
+        nr: 120,
+        enter_id: 315,
+        exit_id: 314,
+        args: &[
+            Arg {
+                ty: "gid_t *",
+                name: "rgidp",
+            },
+            Arg {
+                ty: "gid_t *",
+                name: "egidp",
+            },
+            Arg {
+                ty: "gid_t *",
+                name: "sgidp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getresuid",
+        nr: 118,
+        enter_id: 319,
+        exit_id: 318,
+        args: &[
+            Arg {
+                ty: "uid_t *",
+                name: "ruidp",
+            },
+            Arg {
+                ty: "uid_t *",
+                name: "euidp",
+            },
+            Arg {
+                ty: "uid_t *",
+                name: "suidp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getrlimit",
+        nr: 97,
+        enter_id: 277,
+        exit_id: 276,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "resource",
+            },
+            Arg {
+                ty: "struct rlimit *",
+                name: "rlim",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getrusage",
+        nr: 98,
+        enter_id: 271,
+        exit_id: 270,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "who",
+            },
+            Arg {
+                ty: "struct rusage *",
+                name: "ru",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getsid",
+        nr: 124,
+        enter_id: 287,
+        exit_id: 286,
+        args: &[Arg {
+            ty: "pid_t",
+            name: "pid",
+        }],
+    },
+    SyscallEvent {
+        name: "getsockname",
+        nr: 51,
+        enter_id: 2228,
+        exit_id: 2227,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "usockaddr",
+            },
+            Arg {
+                ty: "int *",
+                name: "usockaddr_len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getsockopt",
+        nr: 55,
+        enter_id: 2218,
+        exit_id: 2217,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "level",
+            },
+            Arg {
+                ty: "int",
+                name: "optname",
+            },
+            Arg {
+                ty: "char *",
+                name: "optval",
+            },
+            Arg {
+                ty: "int *",
+                name: "optlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "gettid",
+        nr: 186,
+        enter_id: 307,
+        exit_id: 306,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "gettimeofday",
+        nr: 96,
+        enter_id: 451,
+        exit_id: 450,
+        args: &[
+            Arg {
+                ty: "struct __kernel_old_timeval *",
+                name: "tv",
+            },
+            Arg {
+                ty: "struct timezone *",
+                name: "tz",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getuid",
+        nr: 102,
+        enter_id: 303,
+        exit_id: 302,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "getxattr",
+        nr: 191,
+        enter_id: 966,
+        exit_id: 965,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "getxattrat",
+        nr: 464,
+        enter_id: 968,
+        exit_id: 967,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "struct xattr_args *",
+                name: "uargs",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "inotify_add_watch",
+        nr: 254,
+        enter_id: 1055,
+        exit_id: 1054,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "u32",
+                name: "mask",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "inotify_init",
+        nr: 253,
+        enter_id: 1057,
+        exit_id: 1056,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "inotify_init1",
+        nr: 294,
+        enter_id: 1059,
+        exit_id: 1058,
+        args: &[Arg {
+            ty: "int",
+            name: "flags",
+        }],
+    },
+    SyscallEvent {
+        name: "inotify_rm_watch",
+        nr: 255,
+        enter_id: 1053,
+        exit_id: 1052,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "__s32",
+                name: "wd",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_cancel",
+        nr: 210,
+        enter_id: 1097,
+        exit_id: 1096,
+        args: &[
+            Arg {
+                ty: "aio_context_t",
+                name: "ctx_id",
+            },
+            Arg {
+                ty: "struct iocb *",
+                name: "iocb",
+            },
+            Arg {
+                ty: "struct io_event *",
+                name: "result",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_destroy",
+        nr: 207,
+        enter_id: 1101,
+        exit_id: 1100,
+        args: &[Arg {
+            ty: "aio_context_t",
+            name: "ctx",
+        }],
+    },
+    SyscallEvent {
+        name: "io_getevents",
+        nr: 208,
+        enter_id: 1095,
+        exit_id: 1094,
+        args: &[
+            Arg {
+                ty: "aio_context_t",
+                name: "ctx_id",
+            },
+            Arg {
+                ty: "long",
+                name: "min_nr",
+            },
+            Arg {
+                ty: "long",
+                name: "nr",
+            },
+            Arg {
+                ty: "struct io_event *",
+                name: "events",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_pgetevents",
+        nr: 333,
+        enter_id: 1093,
+        exit_id: 1092,
+        args: &[
+            Arg {
+                ty: "aio_context_t",
+                name: "ctx_id",
+            },
+            Arg {
+                ty: "long",
+                name: "min_nr",
+            },
+            Arg {
+                ty: "long",
+                name: "nr",
+            },
+            Arg {
+                ty: "struct io_event *",
+                name: "events",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "timeout",
+            },
+            Arg {
+                ty: "const struct __aio_sigset *",
+                name: "usig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_setup",
+        nr: 206,
+        enter_id: 1103,
+        exit_id: 1102,
+        args: &[
+            Arg {
+                ty: "unsigned",
+                name: "nr_events",
+            },
+            Arg {
+                ty: "aio_context_t *",
+                name: "ctxp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_submit",
+        nr: 209,
+        enter_id: 1099,
+        exit_id: 1098,
+        args: &[
+            Arg {
+                ty: "aio_context_t",
+                name: "ctx_id",
+            },
+            Arg {
+                ty: "long",
+                name: "nr",
+            },
+            Arg {
+                ty: "struct iocb * *",
+                name: "iocbpp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_uring_enter",
+        nr: 426,
+        enter_id: 2132,
+        exit_id: 2131,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "u32",
+                name: "to_submit",
+            },
+            Arg {
+                ty: "u32",
+                name: "min_complete",
+            },
+            Arg {
+                ty: "u32",
+                name: "flags",
+            },
+            Arg {
+                ty: "const void *",
+                name: "argp",
+            },
+            Arg {
+                ty: "size_t",
+                name: "argsz",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_uring_register",
+        nr: 427,
+        enter_id: 2151,
+        exit_id: 2150,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "opcode",
+            },
+            Arg {
+                ty: "void *",
+                name: "arg",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "nr_args",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "io_uring_setup",
+        nr: 425,
+        enter_id: 2130,
+        exit_id: 2129,
+        args: &[
+            Arg {
+                ty: "u32",
+                name: "entries",
+            },
+            Arg {
+                ty: "struct io_uring_params *",
+                name: "params",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "ioctl",
+        nr: 16,
+        enter_id: 898,
+        exit_id: 897,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "ioperm",
+        nr: 173,
+        enter_id: 169,
+        exit_id: 168,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "from",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "num",
+            },
+            Arg {
+                ty: "int",
+                name: "turn_on",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "iopl",
+        nr: 172,
+        enter_id: 167,
+        exit_id: 166,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "level",
+        }],
+    },
+    SyscallEvent {
+        name: "ioprio_get",
+        nr: 252,
+        enter_id: 2112,
+        exit_id: 2111,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "int",
+                name: "who",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "ioprio_set",
+        nr: 251,
+        enter_id: 2114,
+        exit_id: 2113,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "int",
+                name: "who",
+            },
+            Arg {
+                ty: "int",
+                name: "ioprio",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "kcmp",
+        nr: 312,
+        enter_id: 445,
+        exit_id: 444,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid1",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "pid2",
+            },
+            Arg {
+                ty: "int",
+                name: "type",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "idx1",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "idx2",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "keyctl",
+        nr: 250,
+        enter_id: 2068,
+        exit_id: 2067,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "option",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg2",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg3",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg4",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg5",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "kill",
+        nr: 62,
+        enter_id: 251,
+        exit_id: 250,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "landlock_add_rule",
+        nr: 445,
+        enter_id: 2084,
+        exit_id: 2083,
+        args: &[
+            Arg {
+                ty: "const int",
+                name: "ruleset_fd",
+            },
+            Arg {
+                ty: "const enum landlock_rule_type",
+                name: "rule_type",
+            },
+            Arg {
+                ty: "const void *const",
+                name: "rule_attr",
+            },
+            Arg {
+                ty: "const __u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "landlock_create_ruleset",
+        nr: 444,
+        enter_id: 2086,
+        exit_id: 2085,
+        args: &[
+            Arg {
+                ty: "const struct landlock_ruleset_attr *const",
+                name: "attr",
+            },
+            Arg {
+                ty: "const size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "const __u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "landlock_restrict_self",
+        nr: 446,
+        enter_id: 2082,
+        exit_id: 2081,
+        args: &[
+            Arg {
+                ty: "const int",
+                name: "ruleset_fd",
+            },
+            Arg {
+                ty: "const __u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lchown",
+        nr: 94,
+        enter_id: 788,
+        exit_id: 787,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "user",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "group",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lgetxattr",
+        nr: 192,
+        enter_id: 964,
+        exit_id: 963,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "link",
+        nr: 86,
+        enter_id: 874,
+        exit_id: 873,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "linkat",
+        nr: 265,
+        enter_id: 876,
+        exit_id: 875,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "olddfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "int",
+                name: "newdfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "listen",
+        nr: 50,
+        enter_id: 2236,
+        exit_id: 2235,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "backlog",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "listmount",
+        nr: 458,
+        enter_id: 926,
+        exit_id: 925,
+        args: &[
+            Arg {
+                ty: "const struct mnt_id_req *",
+                name: "req",
+            },
+            Arg {
+                ty: "u64 *",
+                name: "mnt_ids",
+            },
+            Arg {
+                ty: "size_t",
+                name: "nr_mnt_ids",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "listxattr",
+        nr: 194,
+        enter_id: 958,
+        exit_id: 957,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "char *",
+                name: "list",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "listxattrat",
+        nr: 465,
+        enter_id: 960,
+        exit_id: 959,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+            Arg {
+                ty: "char *",
+                name: "list",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "llistxattr",
+        nr: 195,
+        enter_id: 956,
+        exit_id: 955,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "char *",
+                name: "list",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lremovexattr",
+        nr: 198,
+        enter_id: 948,
+        exit_id: 947,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lseek",
+        nr: 8,
+        enter_id: 844,
+        exit_id: 843,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "off_t",
+                name: "offset",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "whence",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lsetxattr",
+        nr: 189,
+        enter_id: 972,
+        exit_id: 971,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "const void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lsm_get_self_attr",
+        nr: 459,
+        enter_id: 2077,
+        exit_id: 2076,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "attr",
+            },
+            Arg {
+                ty: "struct lsm_ctx *",
+                name: "ctx",
+            },
+            Arg {
+                ty: "u32 *",
+                name: "size",
+            },
+            Arg {
+                ty: "u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lsm_list_modules",
+        nr: 461,
+        enter_id: 2075,
+        exit_id: 2074,
+        args: &[
+            Arg {
+                ty: "u64 *",
+                name: "ids",
+            },
+            Arg {
+                ty: "u32 *",
+                name: "size",
+            },
+            Arg {
+                ty: "u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "lsm_set_self_attr",
+        nr: 460,
+        enter_id: 2079,
+        exit_id: 2078,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "attr",
+            },
+            Arg {
+                ty: "struct lsm_ctx *",
+                name: "ctx",
+            },
+            Arg {
+                ty: "u32",
+                name: "size",
+            },
+            Arg {
+                ty: "u32",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "madvise",
+        nr: 28,
+        enter_id: 726,
+        exit_id: 725,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len_in",
+            },
+            Arg {
+                ty: "int",
+                name: "behavior",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mbind",
+        nr: 237,
+        enter_id: 738,
+        exit_id: 737,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "mode",
+            },
+            Arg {
+                ty: "const unsigned long *",
+                name: "nmask",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "maxnode",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "membarrier",
+        nr: 324,
+        enter_id: 406,
+        exit_id: 405,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "int",
+                name: "cpu_id",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "memfd_create",
+        nr: 319,
+        enter_id: 772,
+        exit_id: 771,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "uname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "memfd_secret",
+        nr: 447,
+        enter_id: 766,
+        exit_id: 765,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "flags",
+        }],
+    },
+    SyscallEvent {
+        name: "migrate_pages",
+        nr: 256,
+        enter_id: 734,
+        exit_id: 733,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "maxnode",
+            },
+            Arg {
+                ty: "const unsigned long *",
+                name: "old_nodes",
+            },
+            Arg {
+                ty: "const unsigned long *",
+                name: "new_nodes",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mincore",
+        nr: 27,
+        enter_id: 679,
+        exit_id: 678,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned char *",
+                name: "vec",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mkdir",
+        nr: 83,
+        enter_id: 888,
+        exit_id: 887,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mkdirat",
+        nr: 258,
+        enter_id: 890,
+        exit_id: 889,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mknod",
+        nr: 133,
+        enter_id: 892,
+        exit_id: 891,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+            Arg {
+                ty: "unsigned",
+                name: "dev",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mknodat",
+        nr: 259,
+        enter_id: 894,
+        exit_id: 893,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "dev",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mlock",
+        nr: 149,
+        enter_id: 689,
+        exit_id: 688,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mlock2",
+        nr: 325,
+        enter_id: 687,
+        exit_id: 686,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mlockall",
+        nr: 151,
+        enter_id: 683,
+        exit_id: 682,
+        args: &[Arg {
+            ty: "int",
+            name: "flags",
+        }],
+    },
+    SyscallEvent {
+        name: "mmap",
+        nr: 9,
+        enter_id: 174,
+        exit_id: 173,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "addr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "prot",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "off",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "modify_ldt",
+        nr: 154,
+        enter_id: 172,
+        exit_id: 171,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "func",
+            },
+            Arg {
+                ty: "void *",
+                name: "ptr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "bytecount",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mount",
+        nr: 165,
+        enter_id: 940,
+        exit_id: 939,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "dev_name",
+            },
+            Arg {
+                ty: "char *",
+                name: "dir_name",
+            },
+            Arg {
+                ty: "char *",
+                name: "type",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+            Arg {
+                ty: "void *",
+                name: "data",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mount_setattr",
+        nr: 442,
+        enter_id: 932,
+        exit_id: 931,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "path",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct mount_attr *",
+                name: "uattr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "move_mount",
+        nr: 429,
+        enter_id: 936,
+        exit_id: 935,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "from_dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "from_pathname",
+            },
+            Arg {
+                ty: "int",
+                name: "to_dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "to_pathname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "move_pages",
+        nr: 279,
+        enter_id: 751,
+        exit_id: 750,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "nr_pages",
+            },
+            Arg {
+                ty: "const void * *",
+                name: "pages",
+            },
+            Arg {
+                ty: "const int *",
+                name: "nodes",
+            },
+            Arg {
+                ty: "int *",
+                name: "status",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mprotect",
+        nr: 10,
+        enter_id: 705,
+        exit_id: 704,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "prot",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_getsetattr",
+        nr: 245,
+        enter_id: 2056,
+        exit_id: 2055,
+        args: &[
+            Arg {
+                ty: "mqd_t",
+                name: "mqdes",
+            },
+            Arg {
+                ty: "const struct mq_attr *",
+                name: "u_mqstat",
+            },
+            Arg {
+                ty: "struct mq_attr *",
+                name: "u_omqstat",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_notify",
+        nr: 244,
+        enter_id: 2058,
+        exit_id: 2057,
+        args: &[
+            Arg {
+                ty: "mqd_t",
+                name: "mqdes",
+            },
+            Arg {
+                ty: "const struct sigevent *",
+                name: "u_notification",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_open",
+        nr: 240,
+        enter_id: 2066,
+        exit_id: 2065,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "u_name",
+            },
+            Arg {
+                ty: "int",
+                name: "oflag",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+            Arg {
+                ty: "struct mq_attr *",
+                name: "u_attr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_timedreceive",
+        nr: 243,
+        enter_id: 2060,
+        exit_id: 2059,
+        args: &[
+            Arg {
+                ty: "mqd_t",
+                name: "mqdes",
+            },
+            Arg {
+                ty: "char *",
+                name: "u_msg_ptr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "msg_len",
+            },
+            Arg {
+                ty: "unsigned int *",
+                name: "u_msg_prio",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "u_abs_timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_timedsend",
+        nr: 242,
+        enter_id: 2062,
+        exit_id: 2061,
+        args: &[
+            Arg {
+                ty: "mqd_t",
+                name: "mqdes",
+            },
+            Arg {
+                ty: "const char *",
+                name: "u_msg_ptr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "msg_len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "msg_prio",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "u_abs_timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mq_unlink",
+        nr: 241,
+        enter_id: 2064,
+        exit_id: 2063,
+        args: &[Arg {
+            ty: "const char *",
+            name: "u_name",
+        }],
+    },
+    SyscallEvent {
+        name: "mremap",
+        nr: 25,
+        enter_id: 707,
+        exit_id: 706,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "addr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "old_len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "new_len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "new_addr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "mseal",
+        nr: 462,
+        enter_id: 722,
+        exit_id: 721,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "msgctl",
+        nr: 71,
+        enter_id: 2036,
+        exit_id: 2035,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "msqid",
+            },
+            Arg {
+                ty: "int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "struct msqid_ds *",
+                name: "buf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "msgget",
+        nr: 68,
+        enter_id: 2038,
+        exit_id: 2037,
+        args: &[
+            Arg {
+                ty: "key_t",
+                name: "key",
+            },
+            Arg {
+                ty: "int",
+                name: "msgflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "msgrcv",
+        nr: 70,
+        enter_id: 2032,
+        exit_id: 2031,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "msqid",
+            },
+            Arg {
+                ty: "struct msgbuf *",
+                name: "msgp",
+            },
+            Arg {
+                ty: "size_t",
+                name: "msgsz",
+            },
+            Arg {
+                ty: "long",
+                name: "msgtyp",
+            },
+            Arg {
+                ty: "int",
+                name: "msgflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "msgsnd",
+        nr: 69,
+        enter_id: 2034,
+        exit_id: 2033,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "msqid",
+            },
+            Arg {
+                ty: "struct msgbuf *",
+                name: "msgp",
+            },
+            Arg {
+                ty: "size_t",
+                name: "msgsz",
+            },
+            Arg {
+                ty: "int",
+                name: "msgflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "msync",
+        nr: 26,
+        enter_id: 709,
+        exit_id: 708,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "munlock",
+        nr: 150,
+        enter_id: 685,
+        exit_id: 684,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "munlockall",
+        nr: 152,
+        enter_id: 681,
+        exit_id: 680,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "munmap",
+        nr: 11,
+        enter_id: 693,
+        exit_id: 692,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "addr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "name_to_handle_at",
+        nr: 303,
+        enter_id: 1133,
+        exit_id: 1132,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "struct file_handle *",
+                name: "handle",
+            },
+            Arg {
+                ty: "void *",
+                name: "mnt_id",
+            },
+            Arg {
+                ty: "int",
+                name: "flag",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "nanosleep",
+        nr: 35,
+        enter_id: 469,
+        exit_id: 468,
+        args: &[
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "rqtp",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "rmtp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "newfstat",
+        nr: 5,
+        enter_id: 852,
+        exit_id: 851,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct stat *",
+                name: "statbuf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "newfstatat",
+        nr: 262,
+        enter_id: 854,
+        exit_id: 853,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct stat *",
+                name: "statbuf",
+            },
+            Arg {
+                ty: "int",
+                name: "flag",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "newlstat",
+        nr: 6,
+        enter_id: 856,
+        exit_id: 855,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct stat *",
+                name: "statbuf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "newstat",
+        nr: 4,
+        enter_id: 858,
+        exit_id: 857,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct stat *",
+                name: "statbuf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "newuname",
+        nr: 63,
+        enter_id: 283,
+        exit_id: 282,
+        args: &[Arg {
+            ty: "struct new_utsname *",
+            name: "name",
+        }],
+    },
+    SyscallEvent {
+        name: "open",
+        nr: 2,
+        enter_id: 784,
+        exit_id: 783,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "open_by_handle_at",
+        nr: 304,
+        enter_id: 1131,
+        exit_id: 1130,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "mountdirfd",
+            },
+            Arg {
+                ty: "struct file_handle *",
+                name: "handle",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "open_tree",
+        nr: 428,
+        enter_id: 942,
+        exit_id: 941,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "unsigned",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "open_tree_attr",
+        nr: 467,
+        enter_id: 930,
+        exit_id: 929,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "unsigned",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct mount_attr *",
+                name: "uattr",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "openat",
+        nr: 257,
+        enter_id: 782,
+        exit_id: 781,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "umode_t",
+                name: "mode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "openat2",
+        nr: 437,
+        enter_id: 780,
+        exit_id: 779,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct open_how *",
+                name: "how",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pause",
+        nr: 34,
+        enter_id: 235,
+        exit_id: 234,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "perf_event_open",
+        nr: 298,
+        enter_id: 588,
+        exit_id: 587,
+        args: &[
+            Arg {
+                ty: "struct perf_event_attr *",
+                name: "attr_uptr",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "cpu",
+            },
+            Arg {
+                ty: "int",
+                name: "group_fd",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "personality",
+        nr: 135,
+        enter_id: 207,
+        exit_id: 206,
+        args: &[Arg {
+            ty: "unsigned int",
+            name: "personality",
+        }],
+    },
+    SyscallEvent {
+        name: "pidfd_getfd",
+        nr: 438,
+        enter_id: 339,
+        exit_id: 338,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "pidfd",
+            },
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pidfd_open",
+        nr: 434,
+        enter_id: 341,
+        exit_id: 340,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pidfd_send_signal",
+        nr: 424,
+        enter_id: 249,
+        exit_id: 248,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "pidfd",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+            Arg {
+                ty: "siginfo_t *",
+                name: "info",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pipe",
+        nr: 22,
+        enter_id: 864,
+        exit_id: 863,
+        args: &[Arg {
+            ty: "int *",
+            name: "fildes",
+        }],
+    },
+    SyscallEvent {
+        name: "pipe2",
+        nr: 293,
+        enter_id: 866,
+        exit_id: 865,
+        args: &[
+            Arg {
+                ty: "int *",
+                name: "fildes",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pivot_root",
+        nr: 155,
+        enter_id: 934,
+        exit_id: 933,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "new_root",
+            },
+            Arg {
+                ty: "const char *",
+                name: "put_old",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pkey_alloc",
+        nr: 330,
+        enter_id: 701,
+        exit_id: 700,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "init_val",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pkey_free",
+        nr: 331,
+        enter_id: 699,
+        exit_id: 698,
+        args: &[Arg {
+            ty: "int",
+            name: "pkey",
+        }],
+    },
+    SyscallEvent {
+        name: "pkey_mprotect",
+        nr: 329,
+        enter_id: 703,
+        exit_id: 702,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "prot",
+            },
+            Arg {
+                ty: "int",
+                name: "pkey",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "poll",
+        nr: 7,
+        enter_id: 906,
+        exit_id: 905,
+        args: &[
+            Arg {
+                ty: "struct pollfd *",
+                name: "ufds",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "nfds",
+            },
+            Arg {
+                ty: "int",
+                name: "timeout_msecs",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "ppoll",
+        nr: 271,
+        enter_id: 904,
+        exit_id: 903,
+        args: &[
+            Arg {
+                ty: "struct pollfd *",
+                name: "ufds",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "nfds",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "tsp",
+            },
+            Arg {
+                ty: "const sigset_t *",
+                name: "sigmask",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "prctl",
+        nr: 157,
+        enter_id: 267,
+        exit_id: 266,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "option",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg2",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg3",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg4",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg5",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pread64",
+        nr: 17,
+        enter_id: 838,
+        exit_id: 837,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "pos",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "preadv",
+        nr: 295,
+        enter_id: 830,
+        exit_id: 829,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_l",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_h",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "preadv2",
+        nr: 327,
+        enter_id: 828,
+        exit_id: 827,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_l",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_h",
+            },
+            Arg {
+                ty: "rwf_t",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "prlimit64",
+        nr: 302,
+        enter_id: 275,
+        exit_id: 274,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "resource",
+            },
+            Arg {
+                ty: "const struct rlimit64 *",
+                name: "new_rlim",
+            },
+            Arg {
+                ty: "struct rlimit64 *",
+                name: "old_rlim",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "process_madvise",
+        nr: 440,
+        enter_id: 724,
+        exit_id: 723,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "pidfd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "size_t",
+                name: "vlen",
+            },
+            Arg {
+                ty: "int",
+                name: "behavior",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "process_mrelease",
+        nr: 448,
+        enter_id: 603,
+        exit_id: 602,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "pidfd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "process_vm_readv",
+        nr: 310,
+        enter_id: 720,
+        exit_id: 719,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "lvec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "liovcnt",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "rvec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "riovcnt",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "process_vm_writev",
+        nr: 311,
+        enter_id: 718,
+        exit_id: 717,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "lvec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "liovcnt",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "rvec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "riovcnt",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pselect6",
+        nr: 270,
+        enter_id: 908,
+        exit_id: 907,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "n",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "inp",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "outp",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "exp",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "tsp",
+            },
+            Arg {
+                ty: "void *",
+                name: "sig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "ptrace",
+        nr: 101,
+        enter_id: 231,
+        exit_id: 230,
+        args: &[
+            Arg {
+                ty: "long",
+                name: "request",
+            },
+            Arg {
+                ty: "long",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "addr",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "data",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pwrite64",
+        nr: 18,
+        enter_id: 836,
+        exit_id: 835,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "pos",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pwritev",
+        nr: 296,
+        enter_id: 826,
+        exit_id: 825,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_l",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_h",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "pwritev2",
+        nr: 328,
+        enter_id: 824,
+        exit_id: 823,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_l",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pos_h",
+            },
+            Arg {
+                ty: "rwf_t",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "quotactl",
+        nr: 179,
+        enter_id: 1151,
+        exit_id: 1150,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "special",
+            },
+            Arg {
+                ty: "qid_t",
+                name: "id",
+            },
+            Arg {
+                ty: "void *",
+                name: "addr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "quotactl_fd",
+        nr: 443,
+        enter_id: 1149,
+        exit_id: 1148,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "qid_t",
+                name: "id",
+            },
+            Arg {
+                ty: "void *",
+                name: "addr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "read",
+        nr: 0,
+        enter_id: 842,
+        exit_id: 841,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "readahead",
+        nr: 187,
+        enter_id: 615,
+        exit_id: 614,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "offset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "readlink",
+        nr: 89,
+        enter_id: 848,
+        exit_id: 847,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "path",
+            },
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "int",
+                name: "bufsiz",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "readlinkat",
+        nr: 267,
+        enter_id: 850,
+        exit_id: 849,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "int",
+                name: "bufsiz",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "readv",
+        nr: 19,
+        enter_id: 834,
+        exit_id: 833,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "reboot",
+        nr: 169,
+        enter_id: 348,
+        exit_id: 347,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "magic1",
+            },
+            Arg {
+                ty: "int",
+                name: "magic2",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "void *",
+                name: "arg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "recvfrom",
+        nr: 45,
+        enter_id: 2222,
+        exit_id: 2221,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "void *",
+                name: "ubuf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "addr",
+            },
+            Arg {
+                ty: "int *",
+                name: "addr_len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "recvmmsg",
+        nr: 299,
+        enter_id: 2208,
+        exit_id: 2207,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct mmsghdr *",
+                name: "mmsg",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "recvmsg",
+        nr: 47,
+        enter_id: 2210,
+        exit_id: 2209,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct user_msghdr *",
+                name: "msg",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "remap_file_pages",
+        nr: 216,
+        enter_id: 691,
+        exit_id: 690,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "size",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "prot",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "pgoff",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "removexattr",
+        nr: 197,
+        enter_id: 950,
+        exit_id: 949,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "removexattrat",
+        nr: 466,
+        enter_id: 952,
+        exit_id: 951,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rename",
+        nr: 82,
+        enter_id: 868,
+        exit_id: 867,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "renameat",
+        nr: 264,
+        enter_id: 870,
+        exit_id: 869,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "olddfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "int",
+                name: "newdfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "renameat2",
+        nr: 316,
+        enter_id: 872,
+        exit_id: 871,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "olddfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "int",
+                name: "newdfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "request_key",
+        nr: 249,
+        enter_id: 2070,
+        exit_id: 2069,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "_type",
+            },
+            Arg {
+                ty: "const char *",
+                name: "_description",
+            },
+            Arg {
+                ty: "const char *",
+                name: "_callout_info",
+            },
+            Arg {
+                ty: "key_serial_t",
+                name: "destringid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "restart_syscall",
+        nr: 219,
+        enter_id: 259,
+        exit_id: 258,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "rmdir",
+        nr: 84,
+        enter_id: 886,
+        exit_id: 885,
+        args: &[Arg {
+            ty: "const char *",
+            name: "pathname",
+        }],
+    },
+    SyscallEvent {
+        name: "rseq",
+        nr: 334,
+        enter_id: 590,
+        exit_id: 589,
+        args: &[
+            Arg {
+                ty: "struct rseq *",
+                name: "rseq",
+            },
+            Arg {
+                ty: "u32",
+                name: "rseq_len",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "u32",
+                name: "sig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigaction",
+        nr: 13,
+        enter_id: 237,
+        exit_id: 236,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+            Arg {
+                ty: "const struct sigaction *",
+                name: "act",
+            },
+            Arg {
+                ty: "struct sigaction *",
+                name: "oact",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigpending",
+        nr: 127,
+        enter_id: 255,
+        exit_id: 254,
+        args: &[
+            Arg {
+                ty: "sigset_t *",
+                name: "uset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigprocmask",
+        nr: 14,
+        enter_id: 257,
+        exit_id: 256,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "how",
+            },
+            Arg {
+                ty: "sigset_t *",
+                name: "nset",
+            },
+            Arg {
+                ty: "sigset_t *",
+                name: "oset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigqueueinfo",
+        nr: 129,
+        enter_id: 243,
+        exit_id: 242,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+            Arg {
+                ty: "siginfo_t *",
+                name: "uinfo",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigreturn",
+        nr: 15,
+        enter_id: 135,
+        exit_id: 134,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "rt_sigsuspend",
+        nr: 130,
+        enter_id: 233,
+        exit_id: 232,
+        args: &[
+            Arg {
+                ty: "sigset_t *",
+                name: "unewset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_sigtimedwait",
+        nr: 128,
+        enter_id: 253,
+        exit_id: 252,
+        args: &[
+            Arg {
+                ty: "const sigset_t *",
+                name: "uthese",
+            },
+            Arg {
+                ty: "siginfo_t *",
+                name: "uinfo",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "uts",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sigsetsize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "rt_tgsigqueueinfo",
+        nr: 297,
+        enter_id: 241,
+        exit_id: 240,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "tgid",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+            Arg {
+                ty: "siginfo_t *",
+                name: "uinfo",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_get_priority_max",
+        nr: 146,
+        enter_id: 386,
+        exit_id: 385,
+        args: &[Arg {
+            ty: "int",
+            name: "policy",
+        }],
+    },
+    SyscallEvent {
+        name: "sched_get_priority_min",
+        nr: 147,
+        enter_id: 384,
+        exit_id: 383,
+        args: &[Arg {
+            ty: "int",
+            name: "policy",
+        }],
+    },
+    SyscallEvent {
+        name: "sched_getaffinity",
+        nr: 204,
+        enter_id: 390,
+        exit_id: 389,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long *",
+                name: "user_mask_ptr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_getattr",
+        nr: 315,
+        enter_id: 394,
+        exit_id: 393,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct sched_attr *",
+                name: "uattr",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "usize",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_getparam",
+        nr: 143,
+        enter_id: 396,
+        exit_id: 395,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct sched_param *",
+                name: "param",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_getscheduler",
+        nr: 145,
+        enter_id: 398,
+        exit_id: 397,
+        args: &[Arg {
+            ty: "pid_t",
+            name: "pid",
+        }],
+    },
+    SyscallEvent {
+        name: "sched_rr_get_interval",
+        nr: 148,
+        enter_id: 382,
+        exit_id: 381,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "interval",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_setaffinity",
+        nr: 203,
+        enter_id: 392,
+        exit_id: 391,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long *",
+                name: "user_mask_ptr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_setattr",
+        nr: 314,
+        enter_id: 400,
+        exit_id: 399,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct sched_attr *",
+                name: "uattr",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_setparam",
+        nr: 142,
+        enter_id: 402,
+        exit_id: 401,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "struct sched_param *",
+                name: "param",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_setscheduler",
+        nr: 144,
+        enter_id: 404,
+        exit_id: 403,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "policy",
+            },
+            Arg {
+                ty: "struct sched_param *",
+                name: "param",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sched_yield",
+        nr: 24,
+        enter_id: 388,
+        exit_id: 387,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "seccomp",
+        nr: 317,
+        enter_id: 549,
+        exit_id: 548,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "op",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "void *",
+                name: "uargs",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "select",
+        nr: 23,
+        enter_id: 910,
+        exit_id: 909,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "n",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "inp",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "outp",
+            },
+            Arg {
+                ty: "fd_set *",
+                name: "exp",
+            },
+            Arg {
+                ty: "struct __kernel_old_timeval *",
+                name: "tvp",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "semctl",
+        nr: 66,
+        enter_id: 2044,
+        exit_id: 2043,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "semid",
+            },
+            Arg {
+                ty: "int",
+                name: "semnum",
+            },
+            Arg {
+                ty: "int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "semget",
+        nr: 64,
+        enter_id: 2046,
+        exit_id: 2045,
+        args: &[
+            Arg {
+                ty: "key_t",
+                name: "key",
+            },
+            Arg {
+                ty: "int",
+                name: "nsems",
+            },
+            Arg {
+                ty: "int",
+                name: "semflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "semop",
+        nr: 65,
+        enter_id: 2040,
+        exit_id: 2039,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "semid",
+            },
+            Arg {
+                ty: "struct sembuf *",
+                name: "tsops",
+            },
+            Arg {
+                ty: "unsigned",
+                name: "nsops",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "semtimedop",
+        nr: 220,
+        enter_id: 2042,
+        exit_id: 2041,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "semid",
+            },
+            Arg {
+                ty: "struct sembuf *",
+                name: "tsops",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "nsops",
+            },
+            Arg {
+                ty: "const struct __kernel_timespec *",
+                name: "timeout",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sendfile64",
+        nr: 40,
+        enter_id: 822,
+        exit_id: 821,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "out_fd",
+            },
+            Arg {
+                ty: "int",
+                name: "in_fd",
+            },
+            Arg {
+                ty: "loff_t *",
+                name: "offset",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sendmmsg",
+        nr: 307,
+        enter_id: 2212,
+        exit_id: 2211,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct mmsghdr *",
+                name: "mmsg",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "vlen",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sendmsg",
+        nr: 46,
+        enter_id: 2214,
+        exit_id: 2213,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "struct user_msghdr *",
+                name: "msg",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sendto",
+        nr: 44,
+        enter_id: 2224,
+        exit_id: 2223,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "void *",
+                name: "buff",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+            Arg {
+                ty: "struct sockaddr *",
+                name: "addr",
+            },
+            Arg {
+                ty: "int",
+                name: "addr_len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "set_mempolicy",
+        nr: 238,
+        enter_id: 736,
+        exit_id: 735,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "mode",
+            },
+            Arg {
+                ty: "const unsigned long *",
+                name: "nmask",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "maxnode",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "set_mempolicy_home_node",
+        nr: 450,
+        enter_id: 740,
+        exit_id: 739,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "start",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "home_node",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "set_robust_list",
+        nr: 273,
+        enter_id: 526,
+        exit_id: 525,
+        args: &[
+            Arg {
+                ty: "struct robust_list_head *",
+                name: "head",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "set_tid_address",
+        nr: 218,
+        enter_id: 202,
+        exit_id: 201,
+        args: &[Arg {
+            ty: "int *",
+            name: "tidptr",
+        }],
+    },
+    SyscallEvent {
+        name: "setdomainname",
+        nr: 171,
+        enter_id: 279,
+        exit_id: 278,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "name",
+            },
+            Arg {
+                ty: "int",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setfsgid",
+        nr: 123,
+        enter_id: 311,
+        exit_id: 310,
+        args: &[Arg {
+            ty: "gid_t",
+            name: "gid",
+        }],
+    },
+    SyscallEvent {
+        name: "setfsuid",
+        nr: 122,
+        enter_id: 313,
+        exit_id: 312,
+        args: &[Arg {
+            ty: "uid_t",
+            name: "uid",
+        }],
+    },
+    SyscallEvent {
+        name: "setgid",
+        nr: 106,
+        enter_id: 327,
+        exit_id: 326,
+        args: &[Arg {
+            ty: "gid_t",
+            name: "gid",
+        }],
+    },
+    SyscallEvent {
+        name: "setgroups",
+        nr: 116,
+        enter_id: 350,
+        exit_id: 349,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "gidsetsize",
+            },
+            Arg {
+                ty: "gid_t *",
+                name: "grouplist",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sethostname",
+        nr: 170,
+        enter_id: 281,
+        exit_id: 280,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "name",
+            },
+            Arg {
+                ty: "int",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setitimer",
+        nr: 38,
+        enter_id: 494,
+        exit_id: 493,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "struct __kernel_old_itimerval *",
+                name: "value",
+            },
+            Arg {
+                ty: "struct __kernel_old_itimerval *",
+                name: "ovalue",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setns",
+        nr: 308,
+        enter_id: 343,
+        exit_id: 342,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setpgid",
+        nr: 109,
+        enter_id: 293,
+        exit_id: 292,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "pgid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setpriority",
+        nr: 141,
+        enter_id: 333,
+        exit_id: 332,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "int",
+                name: "who",
+            },
+            Arg {
+                ty: "int",
+                name: "niceval",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setregid",
+        nr: 114,
+        enter_id: 329,
+        exit_id: 328,
+        args: &[
+            Arg {
+                ty: "gid_t",
+                name: "rgid",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "egid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setresgid",
+        nr: 119,
+        enter_id: 317,
+        exit_id: 316,
+        args: &[
+            Arg {
+                ty: "gid_t",
+                name: "rgid",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "egid",
+            },
+            Arg {
+                ty: "gid_t",
+                name: "sgid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setresuid",
+        nr: 117,
+        enter_id: 321,
+        exit_id: 320,
+        args: &[
+            Arg {
+                ty: "uid_t",
+                name: "ruid",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "euid",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "suid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setreuid",
+        nr: 113,
+        enter_id: 325,
+        exit_id: 324,
+        args: &[
+            Arg {
+                ty: "uid_t",
+                name: "ruid",
+            },
+            Arg {
+                ty: "uid_t",
+                name: "euid",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setrlimit",
+        nr: 160,
+        enter_id: 273,
+        exit_id: 272,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "resource",
+            },
+            Arg {
+                ty: "struct rlimit *",
+                name: "rlim",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setsid",
+        nr: 112,
+        enter_id: 285,
+        exit_id: 284,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "setsockopt",
+        nr: 54,
+        enter_id: 2220,
+        exit_id: 2219,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "level",
+            },
+            Arg {
+                ty: "int",
+                name: "optname",
+            },
+            Arg {
+                ty: "char *",
+                name: "optval",
+            },
+            Arg {
+                ty: "int",
+                name: "optlen",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "settimeofday",
+        nr: 164,
+        enter_id: 449,
+        exit_id: 448,
+        args: &[
+            Arg {
+                ty: "struct __kernel_old_timeval *",
+                name: "tv",
+            },
+            Arg {
+                ty: "struct timezone *",
+                name: "tz",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setuid",
+        nr: 105,
+        enter_id: 323,
+        exit_id: 322,
+        args: &[Arg {
+            ty: "uid_t",
+            name: "uid",
+        }],
+    },
+    SyscallEvent {
+        name: "setxattr",
+        nr: 188,
+        enter_id: 974,
+        exit_id: 973,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "const void *",
+                name: "value",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "setxattrat",
+        nr: 463,
+        enter_id: 976,
+        exit_id: 975,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "at_flags",
+            },
+            Arg {
+                ty: "const char *",
+                name: "name",
+            },
+            Arg {
+                ty: "const struct xattr_args *",
+                name: "uargs",
+            },
+            Arg {
+                ty: "size_t",
+                name: "usize",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "shmat",
+        nr: 30,
+        enter_id: 2050,
+        exit_id: 2049,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "shmid",
+            },
+            Arg {
+                ty: "char *",
+                name: "shmaddr",
+            },
+            Arg {
+                ty: "int",
+                name: "shmflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "shmctl",
+        nr: 31,
+        enter_id: 2052,
+        exit_id: 2051,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "shmid",
+            },
+            Arg {
+                ty: "int",
+                name: "cmd",
+            },
+            Arg {
+                ty: "struct shmid_ds *",
+                name: "buf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "shmdt",
+        nr: 67,
+        enter_id: 2048,
+        exit_id: 2047,
+        args: &[Arg {
+            ty: "char *",
+            name: "shmaddr",
+        }],
+    },
+    SyscallEvent {
+        name: "shmget",
+        nr: 29,
+        enter_id: 2054,
+        exit_id: 2053,
+        args: &[
+            Arg {
+                ty: "key_t",
+                name: "key",
+            },
+            Arg {
+                ty: "size_t",
+                name: "size",
+            },
+            Arg {
+                ty: "int",
+                name: "shmflg",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "shutdown",
+        nr: 48,
+        enter_id: 2216,
+        exit_id: 2215,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "int",
+                name: "how",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sigaltstack",
+        nr: 131,
+        enter_id: 239,
+        exit_id: 238,
+        args: &[
+            Arg {
+                ty: "const stack_t *",
+                name: "uss",
+            },
+            Arg {
+                ty: "stack_t *",
+                name: "uoss",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "signalfd",
+        nr: 282,
+        enter_id: 1077,
+        exit_id: 1076,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "ufd",
+            },
+            Arg {
+                ty: "sigset_t *",
+                name: "user_mask",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sizemask",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "signalfd4",
+        nr: 289,
+        enter_id: 1079,
+        exit_id: 1078,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "ufd",
+            },
+            Arg {
+                ty: "sigset_t *",
+                name: "user_mask",
+            },
+            Arg {
+                ty: "size_t",
+                name: "sizemask",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "socket",
+        nr: 41,
+        enter_id: 2242,
+        exit_id: 2241,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "family",
+            },
+            Arg {
+                ty: "int",
+                name: "type",
+            },
+            Arg {
+                ty: "int",
+                name: "protocol",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "socketpair",
+        nr: 53,
+        enter_id: 2240,
+        exit_id: 2239,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "family",
+            },
+            Arg {
+                ty: "int",
+                name: "type",
+            },
+            Arg {
+                ty: "int",
+                name: "protocol",
+            },
+            Arg {
+                ty: "int *",
+                name: "usockvec",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "splice",
+        nr: 275,
+        enter_id: 1013,
+        exit_id: 1012,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd_in",
+            },
+            Arg {
+                ty: "loff_t *",
+                name: "off_in",
+            },
+            Arg {
+                ty: "int",
+                name: "fd_out",
+            },
+            Arg {
+                ty: "loff_t *",
+                name: "off_out",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "statfs",
+        nr: 137,
+        enter_id: 1041,
+        exit_id: 1040,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "struct statfs *",
+                name: "buf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "statmount",
+        nr: 457,
+        enter_id: 928,
+        exit_id: 927,
+        args: &[
+            Arg {
+                ty: "const struct mnt_id_req *",
+                name: "req",
+            },
+            Arg {
+                ty: "struct statmount *",
+                name: "buf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "bufsize",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "statx",
+        nr: 332,
+        enter_id: 846,
+        exit_id: 845,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "unsigned",
+                name: "flags",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "mask",
+            },
+            Arg {
+                ty: "struct statx *",
+                name: "buffer",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "swapoff",
+        nr: 168,
+        enter_id: 730,
+        exit_id: 729,
+        args: &[Arg {
+            ty: "const char *",
+            name: "specialfile",
+        }],
+    },
+    SyscallEvent {
+        name: "swapon",
+        nr: 167,
+        enter_id: 728,
+        exit_id: 727,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "specialfile",
+            },
+            Arg {
+                ty: "int",
+                name: "swap_flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "symlink",
+        nr: 88,
+        enter_id: 878,
+        exit_id: 877,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "symlinkat",
+        nr: 266,
+        enter_id: 880,
+        exit_id: 879,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "oldname",
+            },
+            Arg {
+                ty: "int",
+                name: "newdfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "newname",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sync",
+        nr: 162,
+        enter_id: 1025,
+        exit_id: 1024,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "sync_file_range",
+        nr: 277,
+        enter_id: 1017,
+        exit_id: 1016,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "offset",
+            },
+            Arg {
+                ty: "loff_t",
+                name: "nbytes",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "syncfs",
+        nr: 306,
+        enter_id: 1023,
+        exit_id: 1022,
+        args: &[Arg {
+            ty: "int",
+            name: "fd",
+        }],
+    },
+    SyscallEvent {
+        name: "sysfs",
+        nr: 139,
+        enter_id: 924,
+        exit_id: 923,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "option",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg1",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "arg2",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "sysinfo",
+        nr: 99,
+        enter_id: 263,
+        exit_id: 262,
+        args: &[Arg {
+            ty: "struct sysinfo *",
+            name: "info",
+        }],
+    },
+    SyscallEvent {
+        name: "syslog",
+        nr: 103,
+        enter_id: 410,
+        exit_id: 409,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "type",
+            },
+            Arg {
+                ty: "char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "int",
+                name: "len",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "tee",
+        nr: 276,
+        enter_id: 1011,
+        exit_id: 1010,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fdin",
+            },
+            Arg {
+                ty: "int",
+                name: "fdout",
+            },
+            Arg {
+                ty: "size_t",
+                name: "len",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "tgkill",
+        nr: 234,
+        enter_id: 247,
+        exit_id: 246,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "tgid",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "time",
+        nr: 201,
+        enter_id: 453,
+        exit_id: 452,
+        args: &[Arg {
+            ty: "__kernel_old_time_t *",
+            name: "tloc",
+        }],
+    },
+    SyscallEvent {
+        name: "timer_create",
+        nr: 222,
+        enter_id: 492,
+        exit_id: 491,
+        args: &[
+            Arg {
+                ty: "const clockid_t",
+                name: "which_clock",
+            },
+            Arg {
+                ty: "struct sigevent *",
+                name: "timer_event_spec",
+            },
+            Arg {
+                ty: "timer_t *",
+                name: "created_timer_id",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "timer_delete",
+        nr: 226,
+        enter_id: 484,
+        exit_id: 483,
+        args: &[Arg {
+            ty: "timer_t",
+            name: "timer_id",
+        }],
+    },
+    SyscallEvent {
+        name: "timer_getoverrun",
+        nr: 225,
+        enter_id: 488,
+        exit_id: 487,
+        args: &[Arg {
+            ty: "timer_t",
+            name: "timer_id",
+        }],
+    },
+    SyscallEvent {
+        name: "timer_gettime",
+        nr: 224,
+        enter_id: 490,
+        exit_id: 489,
+        args: &[
+            Arg {
+                ty: "timer_t",
+                name: "timer_id",
+            },
+            Arg {
+                ty: "struct __kernel_itimerspec *",
+                name: "setting",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "timer_settime",
+        nr: 223,
+        enter_id: 486,
+        exit_id: 485,
+        args: &[
+            Arg {
+                ty: "timer_t",
+                name: "timer_id",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "const struct __kernel_itimerspec *",
+                name: "new_setting",
+            },
+            Arg {
+                ty: "struct __kernel_itimerspec *",
+                name: "old_setting",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "timerfd_create",
+        nr: 283,
+        enter_id: 1085,
+        exit_id: 1084,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "clockid",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "timerfd_gettime",
+        nr: 287,
+        enter_id: 1081,
+        exit_id: 1080,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "ufd",
+            },
+            Arg {
+                ty: "struct __kernel_itimerspec *",
+                name: "otmr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "timerfd_settime",
+        nr: 286,
+        enter_id: 1083,
+        exit_id: 1082,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "ufd",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+            Arg {
+                ty: "const struct __kernel_itimerspec *",
+                name: "utmr",
+            },
+            Arg {
+                ty: "struct __kernel_itimerspec *",
+                name: "otmr",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "times",
+        nr: 100,
+        enter_id: 295,
+        exit_id: 294,
+        args: &[Arg {
+            ty: "struct tms *",
+            name: "tbuf",
+        }],
+    },
+    SyscallEvent {
+        name: "tkill",
+        nr: 200,
+        enter_id: 245,
+        exit_id: 244,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "pid",
+            },
+            Arg {
+                ty: "int",
+                name: "sig",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "truncate",
+        nr: 76,
+        enter_id: 818,
+        exit_id: 817,
+        args: &[
+            Arg {
+                ty: "const char *",
+                name: "path",
+            },
+            Arg {
+                ty: "long",
+                name: "length",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "umask",
+        nr: 95,
+        enter_id: 269,
+        exit_id: 268,
+        args: &[Arg {
+            ty: "int",
+            name: "mask",
+        }],
+    },
+    SyscallEvent {
+        name: "umount",
+        nr: 166,
+        enter_id: 944,
+        exit_id: 943,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "name",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "unlink",
+        nr: 87,
+        enter_id: 882,
+        exit_id: 881,
+        args: &[Arg {
+            ty: "const char *",
+            name: "pathname",
+        }],
+    },
+    SyscallEvent {
+        name: "unlinkat",
+        nr: 263,
+        enter_id: 884,
+        exit_id: 883,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "pathname",
+            },
+            Arg {
+                ty: "int",
+                name: "flag",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "unshare",
+        nr: 272,
+        enter_id: 192,
+        exit_id: 191,
+        args: &[Arg {
+            ty: "unsigned long",
+            name: "unshare_flags",
+        }],
+    },
+    SyscallEvent {
+        name: "uprobe",
+        nr: 336,
+        enter_id: 185,
+        exit_id: 184,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "uretprobe",
+        nr: 335,
+        enter_id: 187,
+        exit_id: 186,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "userfaultfd",
+        nr: 323,
+        enter_id: 1091,
+        exit_id: 1090,
+        args: &[Arg {
+            ty: "int",
+            name: "flags",
+        }],
+    },
+    SyscallEvent {
+        name: "ustat",
+        nr: 136,
+        enter_id: 1037,
+        exit_id: 1036,
+        args: &[
+            Arg {
+                ty: "unsigned",
+                name: "dev",
+            },
+            Arg {
+                ty: "struct ustat *",
+                name: "ubuf",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "utime",
+        nr: 132,
+        enter_id: 1027,
+        exit_id: 1026,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct utimbuf *",
+                name: "times",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "utimensat",
+        nr: 280,
+        enter_id: 1033,
+        exit_id: 1032,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "dfd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct __kernel_timespec *",
+                name: "utimes",
+            },
+            Arg {
+                ty: "int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "utimes",
+        nr: 235,
+        enter_id: 1029,
+        exit_id: 1028,
+        args: &[
+            Arg {
+                ty: "char *",
+                name: "filename",
+            },
+            Arg {
+                ty: "struct __kernel_old_timeval *",
+                name: "utimes",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "vfork",
+        nr: 58,
+        enter_id: 198,
+        exit_id: 197,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "vhangup",
+        nr: 153,
+        enter_id: 774,
+        exit_id: 773,
+        args: &[],
+    },
+    SyscallEvent {
+        name: "vmsplice",
+        nr: 278,
+        enter_id: 1015,
+        exit_id: 1014,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "uiov",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "nr_segs",
+            },
+            Arg {
+                ty: "unsigned int",
+                name: "flags",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "wait4",
+        nr: 61,
+        enter_id: 212,
+        exit_id: 211,
+        args: &[
+            Arg {
+                ty: "pid_t",
+                name: "upid",
+            },
+            Arg {
+                ty: "int *",
+                name: "stat_addr",
+            },
+            Arg {
+                ty: "int",
+                name: "options",
+            },
+            Arg {
+                ty: "struct rusage *",
+                name: "ru",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "waitid",
+        nr: 247,
+        enter_id: 214,
+        exit_id: 213,
+        args: &[
+            Arg {
+                ty: "int",
+                name: "which",
+            },
+            Arg {
+                ty: "pid_t",
+                name: "upid",
+            },
+            Arg {
+                ty: "struct siginfo *",
+                name: "infop",
+            },
+            Arg {
+                ty: "int",
+                name: "options",
+            },
+            Arg {
+                ty: "struct rusage *",
+                name: "ru",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "write",
+        nr: 1,
+        enter_id: 840,
+        exit_id: 839,
+        args: &[
+            Arg {
+                ty: "unsigned int",
+                name: "fd",
+            },
+            Arg {
+                ty: "const char *",
+                name: "buf",
+            },
+            Arg {
+                ty: "size_t",
+                name: "count",
+            },
+        ],
+    },
+    SyscallEvent {
+        name: "writev",
+        nr: 20,
+        enter_id: 832,
+        exit_id: 831,
+        args: &[
+            Arg {
+                ty: "unsigned long",
+                name: "fd",
+            },
+            Arg {
+                ty: "const struct iovec *",
+                name: "vec",
+            },
+            Arg {
+                ty: "unsigned long",
+                name: "vlen",
+            },
+        ],
+    },
 ];

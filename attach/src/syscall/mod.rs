@@ -11,7 +11,6 @@
 //!
 //! See `docs/architecture.md` ("Syscall tracepoints") for the mechanism and its limits.
 
-#[rustfmt::skip]
 mod generated;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[allow(unsafe_code)]

@@ -52,8 +52,8 @@ mod files;
 mod log;
 mod mmap;
 mod perf;
-mod tracepoint;
 pub mod sys;
+mod tracepoint;
 pub mod uapi;
 
 pub use emu::{Emulator, FdEntry};

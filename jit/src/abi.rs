@@ -2,7 +2,8 @@
 //!
 //! **Change note (x86_64 backend):** fields were only *appended* to [`JitContext`] after
 //! `reserved` (`stack_lo`, `fast_start`, `fast_len`, `fast_wlen`, `tail_tables`,
-//! `tail_tables_len`, offsets asserted below); every earlier offset is unchanged. Build contexts
+//! `tail_tables_len`, then `funcs` and `cur_fp` for callbacks, offsets asserted below); every
+//! earlier offset is unchanged. Build contexts
 //! with [`JitContext::new`] (the host fills the checked-mode and tail-call fields it uses; zero
 //! means "none"). Tail calls: see [`TailCallTable`].
 //!
@@ -51,6 +52,16 @@
 
 use bpftime_vm::helper::CallEnv;
 use std::ffi::c_void;
+
+// Callbacks (`bpf_loop`, `bpf_for_each_map_elem`): a helper registered as calling back gets
+// the engine's callback entry through `CallEnv::call_func`. The code stores r10 in
+// `ctx.cur_fp` before calling such a helper (and `callx` targets) and clears it after; the
+// host's entry (`crate::program`) looks the token's function up in the running program's
+// [`FuncTable`] (`ctx.funcs`), checks that its frames fit below `cur_fp`, and runs it through
+// the table's [`CallbackEntry`], which saves and restores `ctx.saved_sp` around the run so
+// that a trap inside unwinds only the callback. After such a helper the code checks the
+// status: `CallStatus::Trapped` (4) means the callback trapped and the context already holds
+// the trap.
 
 /// Checks whether `[addr, addr + len)` may be accessed (`write` for stores/atomics).
 pub type CheckFn = extern "C" fn(mem: *mut c_void, addr: u64, len: u64, write: u64) -> bool;
@@ -115,6 +126,12 @@ pub struct JitContext {
     pub tail_tables: *const TailCallTable,
     /// Entries in `tail_tables`.
     pub tail_tables_len: u64,
+    /// The running program's [`FuncTable`] (written by the code at its entry and tail entry;
+    /// 0 when it has no callbacks).
+    pub funcs: u64,
+    /// r10 of the function that called a helper that calls back, during that call (0
+    /// otherwise): callbacks run in the frame below it.
+    pub cur_fp: u64,
 }
 
 impl JitContext {
@@ -144,8 +161,134 @@ impl JitContext {
             fast_wlen: 0,
             tail_tables: std::ptr::null(),
             tail_tables_len: 0,
+            funcs: 0,
+            cur_fp: 0,
         }
     }
+}
+
+/// Callbacks (`lddw rX, func f` + `bpf_loop` & co.): the code of a program with callbacks ends
+/// with this table (8-aligned), which its entry and tail entry publish in
+/// [`JitContext::funcs`]. Offsets are relative to the table, so the code stays
+/// position-independent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuncTable {
+    /// Entries that follow.
+    pub len: u32,
+    /// Offset of the callback entry routine ([`CallbackEntry`]).
+    pub entry: i32,
+}
+
+/// One callback of a [`FuncTable`], sorted by `pc`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuncEntry {
+    /// eBPF slot of the function (what its token names).
+    pub pc: u32,
+    /// Offset of the function's code.
+    pub code: i32,
+    /// Frames its call tree needs, itself included.
+    pub frames: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+const _: () = assert!(size_of::<FuncTable>() == 8 && size_of::<FuncEntry>() == 16);
+
+/// What the callback entry routine runs: function `target` (absolute code address) with r1–r5
+/// = `args` and r10 = `fp`, every other register zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallbackFrame {
+    /// r1–r5.
+    pub args: [u64; 5],
+    /// Code address of the function.
+    pub target: u64,
+    /// r10 of the callback's frame.
+    pub fp: u64,
+}
+
+/// Offsets of [`CallbackFrame`] fields read by the code.
+pub const CB_TARGET: usize = std::mem::offset_of!(CallbackFrame, target);
+/// See [`CB_TARGET`].
+pub const CB_FP: usize = std::mem::offset_of!(CallbackFrame, fp);
+
+/// The callback entry routine: saves the host's registers like the program entry, runs the
+/// frame's function and returns its r0 — or 0 after a trap, which it records in the context
+/// and unwinds from, like the entry (exits requested by helpers return `env.exit_value`).
+pub type CallbackEntry =
+    unsafe extern "C" fn(frame: *const CallbackFrame, ctx: *mut JitContext) -> u64;
+
+/// Looks callback `pc` up in the [`FuncTable`] at `table`, reading memory through `read`
+/// (false: unreadable): `(entry routine address, function address, frames)`.
+pub fn find_callback(
+    read: &mut dyn FnMut(u64, &mut [u8]) -> bool,
+    table: u64,
+    pc: usize,
+) -> Option<(u64, u64, usize)> {
+    if table == 0 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    read(table, &mut b[..8]).then_some(())?;
+    let len = u32::from_le_bytes(b[..4].try_into().ok()?);
+    let entry = i32::from_le_bytes(b[4..8].try_into().ok()?);
+    let (mut lo, mut hi) = (0u32, len);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let at = table.checked_add(8 + 16 * u64::from(mid))?;
+        read(at, &mut b).then_some(())?;
+        let epc = u32::from_le_bytes(b[..4].try_into().ok()?) as usize;
+        match epc.cmp(&pc) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => {
+                let code = i32::from_le_bytes(b[4..8].try_into().ok()?);
+                let frames = u32::from_le_bytes(b[8..12].try_into().ok()?);
+                return Some((
+                    table.wrapping_add_signed(i64::from(entry)),
+                    table.wrapping_add_signed(i64::from(code)),
+                    frames as usize,
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// r10 of a callback whose call tree needs `frames` frames, called from the function whose r10
+/// is `cur_fp` (the stack's frame 0 has r10 = `frame_top`): the frame below `cur_fp`, or
+/// `None` when `cur_fp` is no frame of that stack or the tree would not fit in it.
+pub fn callback_fp(frame_top: u64, cur_fp: u64, frames: usize) -> Option<u64> {
+    use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
+    let frame = FRAME_SIZE as u64;
+    let below = frame_top.checked_sub(cur_fp)?;
+    if cur_fp == 0 || !below.is_multiple_of(frame) {
+        return None;
+    }
+    let depth = below / frame + 1;
+    (depth.saturating_add(frames as u64) <= MAX_FRAMES as u64).then(|| frame_top - depth * frame)
+}
+
+/// The table bytes for `entries` (sorted by pc) and the entry routine, with `table_off` the
+/// offset of the table in the code and the other offsets absolute in the code.
+pub(crate) fn func_table_bytes(
+    table_off: usize,
+    entry_off: usize,
+    entries: &[(usize, usize, usize)],
+) -> Vec<u8> {
+    let rel = |off: usize| (off as i64 - table_off as i64) as i32;
+    let mut out = Vec::with_capacity(8 + 16 * entries.len());
+    out.extend((entries.len() as u32).to_le_bytes());
+    out.extend(rel(entry_off).to_le_bytes());
+    for &(pc, code, frames) in entries {
+        out.extend((pc as u32).to_le_bytes());
+        out.extend(rel(code).to_le_bytes());
+        out.extend((frames as u32).to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+    }
+    out
 }
 
 /// The kernel's `MAX_TAIL_CALL_CNT`: tail calls one run may make.
@@ -194,6 +337,8 @@ const _: () = {
     assert!(offset_of!(JitContext, fast_wlen) == 152);
     assert!(offset_of!(JitContext, tail_tables) == 160);
     assert!(offset_of!(JitContext, tail_tables_len) == 168);
+    assert!(offset_of!(JitContext, funcs) == 176);
+    assert!(offset_of!(JitContext, cur_fp) == 184);
 };
 
 /// The generated function's type.

@@ -17,11 +17,19 @@
 //!   documented stance when `JitOptions::checked` is false: the host that compiles a program
 //!   unchecked vouches for it (e.g. because it passed the interpreter, or a kernel-grade verifier).
 //! - Tail-call targets in a [`ProgArray`] are borrowed `JitProgram`s, alive for the run.
+//! - Callbacks ([`jit_callback`]): the env's callback entry is this module's, with the run's
+//!   context as its state, for the whole run. It reads the running program's function table
+//!   (`ctx.funcs`, written by generated code: inside that code's mapping), and enters only
+//!   addresses that table gives — the callback entry routine and function entries of the same
+//!   code — with a frame it checked lies inside the stack (`cur_fp`, set by the code, and the
+//!   callee's frame count from the loader).
 
-use crate::abi::{JitContext, JitEntry, TailCallTable, trap};
+use crate::abi::{CallbackEntry, CallbackFrame, JitContext, JitEntry, TailCallTable, trap};
 use crate::exec_mem::ExecMem;
 use crate::{CompiledCode, JitError, JitOptions};
-use bpftime_vm::helper::{CallEnv, HelperFn, HelperRegistry, MemRegion};
+use bpftime_vm::helper::{
+    CallEnv, CallStatus, CallbackError, HelperFn, HelperRegistry, MemRegion, func_token_pc,
+};
 use bpftime_vm::interpreter::{Trap, TrapKind};
 use bpftime_vm::memory::GuestMemory;
 use bpftime_vm::verifier::Program;
@@ -207,6 +215,10 @@ impl JitProgram {
             unsafe { env.set_guest_memory(gm_ptr) };
         }
         let mut ctx = JitContext::new(frame_top, &mut env);
+        let ctx_ptr: *mut JitContext = &mut ctx;
+        // SAFETY: `jit_callback` is sound with this run's context as state (module
+        // invariants); the env and the context live until the run ends.
+        unsafe { env.set_callback(Some(jit_callback), ctx_ptr.cast()) };
         ctx.check = Some(check_access);
         ctx.reserved[RESERVED_GM] = gm_ptr as u64;
         ctx.helpers = self.helper_table.as_ptr();
@@ -218,7 +230,6 @@ impl JitProgram {
         }
         ctx.tail_tables = tables.as_ptr();
         ctx.tail_tables_len = tables.len() as u64;
-        let ctx_ptr: *mut JitContext = &mut ctx;
         // SAFETY: writes the field through the pointer the code will get; `ctx` is not
         // otherwise borrowed until the run ends.
         unsafe { (*ctx_ptr).mem = ctx_ptr.cast() };
@@ -279,4 +290,67 @@ impl<'a> ProgArray<'a> {
         self.any_checked |= prog.is_some_and(JitProgram::is_checked);
         true
     }
+}
+
+/// [`bpftime_vm::helper::CallbackFn`] of the x86_64 JIT: runs callback `func` of the running
+/// program (its token names a function of `ctx.funcs`) in the frame below `ctx.cur_fp`.
+///
+/// # Safety
+/// `env` is the env of a run of [`JitProgram::run_inner`], whose state is that run's live
+/// context (module invariants); `grants` are valid for the call.
+unsafe fn jit_callback(
+    env: &mut CallEnv,
+    func: u64,
+    args: [u64; 5],
+    grants: &[MemRegion],
+) -> Result<u64, CallbackError> {
+    let ctx = env.engine_state().cast::<JitContext>();
+    // SAFETY: the run's context (contract); generated code is suspended in the helper that
+    // called us, so nothing else accesses these fields meanwhile.
+    let (table, cur_fp, frame_top) = unsafe { ((*ctx).funcs, (*ctx).cur_fp, (*ctx).frame_top) };
+    let pc = func_token_pc(func).ok_or(CallbackError::Invalid)?;
+    let mut read = |addr: u64, buf: &mut [u8]| {
+        // SAFETY: `table` is the function table generated code published, inside its code
+        // mapping, which stays mapped for the run; `find_callback` reads only the header and
+        // the entries it counts.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        true
+    };
+    let (entry, target, frames) =
+        crate::abi::find_callback(&mut read, table, pc).ok_or(CallbackError::Invalid)?;
+    // The frame below the caller's (from its r10), if the callback's tree fits there.
+    let fp = crate::abi::callback_fp(frame_top, cur_fp, frames).ok_or(CallbackError::Invalid)?;
+    let frame = CallbackFrame { args, target, fp };
+    let mark = env.grants_mark();
+    for g in grants {
+        // SAFETY: forwarded contract on `grants`.
+        unsafe { env.grant(g.start, g.len, g.writable) };
+    }
+    env.enter_callback(true);
+    // SAFETY: `entry` is the callback entry routine of the running program's code (from its
+    // own table), following `CallbackEntry`'s contract; `frame` lives across the call and its
+    // frame lies inside the run's stack (checked above).
+    let r0 = unsafe {
+        let entry = std::mem::transmute::<u64, CallbackEntry>(entry);
+        entry(&frame, ctx)
+    };
+    env.enter_callback(false);
+    env.truncate_grants(mark);
+    // SAFETY: as above; the callback's run is over.
+    let trapped = unsafe {
+        (*ctx).cur_fp = cur_fp;
+        // Revoked grants may be cached as the checker's window.
+        (*ctx).reserved[0] = 0;
+        (*ctx).reserved[1] = 0;
+        (*ctx).reserved[2] = 0;
+        (*ctx).trap_kind != trap::NONE
+    };
+    if trapped {
+        env.status = CallStatus::Trapped as u32;
+        return Err(CallbackError::Stop);
+    }
+    if env.status == CallStatus::Exit as u32 {
+        return Err(CallbackError::Stop);
+    }
+    Ok(r0)
 }

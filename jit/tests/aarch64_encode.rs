@@ -281,13 +281,14 @@ const UNCHECKED: &[(&str, usize, &str)] = &[
     (
         "call %r3\nexit",
         0,
-        "mov x9, x2; ldr x10, [x26, #0x28]; cmp x9, x10; b.hs $+0x38; \
+        "mov x9, x2; ldr x10, [x26, #0x28]; cmp x9, x10; b.hs $+0x40; \
          ldr x11, [x26, #0x20]; ldr x16, [x11, x9, lsl #3]; cmp x16, #0x0; \
-         b.eq $+0x28; ldr x5, [x26, #0x8]; blr x16; mov x7, x0; \
-         ldr x9, [x26, #0x8]; ldr w10, [x9]; cmp w10, #0x0; b.ne $+0x20",
+         b.eq $+0x30; ldr x5, [x26, #0x8]; str x25, [x26, #0xb8]; blr x16; mov x7, x0; \
+         str xzr, [x26, #0xb8]; ldr x9, [x26, #0x8]; ldr w10, [x9]; cmp w10, #0x0; \
+         b.ne $+0x20",
     ),
     ("call 12\nexit", 0, "bl $+0xc"),
-    ("ja +0\nexit\nexit", 1, "mov x0, x7; b $+0x2c"),
+    ("ja +0\nexit\nexit", 1, "mov x0, x7; b $+0x34"),
 ];
 
 /// Checked mode: the inline fast-region and stack tests, the `check` stub, and alignment.
@@ -359,7 +360,7 @@ fn tail_entry_is_at_offset_zero_and_host_entry_follows() {
     let text = disasm(&c.code, 0, 12);
     assert_eq!(text[0], "mov x1, xzr");
     assert!(text[1].starts_with("b $+"), "{}", text[1]);
-    assert_eq!(text[2], "stp x29, x30, [sp, #-0x60]!");
+    assert_eq!(text[2], "stp x29, x30, [sp, #-0x70]!");
 }
 
 /// Every conditional jump lands on the code of its target slot.

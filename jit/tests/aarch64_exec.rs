@@ -12,13 +12,15 @@ use bpftime_vm::interpreter::{Interpreter, Trap, TrapKind};
 use bpftime_vm::verifier::{Program, verify};
 use support_aarch64::{Emu, compile};
 
-extern "C" fn unused(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
-    unreachable!("bpf_tail_call is compiled inline")
+/// Helper 12, called when no table of `ctx.tail_tables` answers to r2: starts nothing and
+/// returns 5, what the callers below hold in r0, so every fall-through ends with r0 = 105.
+extern "C" fn no_tail_call(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
+    5
 }
 
 fn helpers() -> HelperRegistry {
     let mut h = HelperRegistry::new();
-    h.register(12, "tail_call", unused);
+    h.register(12, "tail_call", no_tail_call);
     h
 }
 
@@ -176,6 +178,174 @@ fn tail_call_from_a_subprogram_drops_every_frame() {
         run_caller(&mut s, src, &[(MAP, vec![0, t])], true),
         Ok(1042)
     );
+}
+
+mod by_helper {
+    use super::*;
+    use bpftime_vm::helper::TailTarget;
+    use std::cell::Cell;
+    use std::sync::Arc;
+
+    thread_local! {
+        /// Guest address of the tail entry the helper starts (0: none).
+        static ENTRY: Cell<u64> = const { Cell::new(0) };
+        /// The helper's calls.
+        static CALLS: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// `bpf_tail_call` as the runtime does it: slot 1 of map 0x77 holds the target.
+    extern "C" fn tail_call(
+        _: u64,
+        map: u64,
+        index: u64,
+        _: u64,
+        _: u64,
+        env: &mut CallEnv,
+    ) -> u64 {
+        CALLS.with(|c| c.set(c.get() + 1));
+        if map != MAP || index as u32 != 1 || !env.count_tail_call() {
+            return 7;
+        }
+        let target = TailTarget {
+            prog: Arc::new(program("exit")),
+            helpers: Arc::new(HelperRegistry::new()),
+        };
+        // SAFETY: the entry is the guest address of loaded code (the test runs it emulated).
+        unsafe { env.tail_call(target, ENTRY.with(Cell::get) as *const u8) };
+        0
+    }
+
+    fn helpers() -> HelperRegistry {
+        let mut h = HelperRegistry::new();
+        h.register(12, "bpf_tail_call", tail_call);
+        h
+    }
+
+    fn run(s: &mut TailSetup, src: &str, checked: bool) -> Result<u64, Trap> {
+        let h = helpers();
+        s.emu.set_helpers(&h);
+        let prog = verify(&assemble(src).unwrap(), &h).unwrap();
+        let code = compile(&prog, &h, &JitOptions { checked }).unwrap();
+        let entry = s.emu.load(&code);
+        s.emu.set_tail_tables(&[]);
+        s.emu.guest_memory().reset();
+        let block = s.emu.block_addr();
+        s.emu.block_mut()[..8].copy_from_slice(&42u64.to_le_bytes());
+        let region = MemRegion {
+            start: block,
+            len: 64,
+            writable: true,
+        };
+        s.emu
+            .run(entry, block, 64, &[region], std::ptr::null_mut())
+            .unwrap()
+            .result
+    }
+
+    #[test]
+    fn helper_started_tail_calls_jump_with_r1_or_fall_through_with_its_r0() {
+        for checked in [false, true] {
+            let mut s = tail_setup(TARGET, false);
+            ENTRY.with(|e| e.set(s.target));
+            CALLS.with(|c| c.set(0));
+            assert_eq!(run(&mut s, &caller(MAP, 1), checked), Ok(1042));
+            // From a subprogram: every frame goes.
+            let src = "lddw %r2, 0x77\nmov %r3, 1\ncall local f\nadd %r0, 100\nexit\n\
+                       f: mov %r6, 9\ncall 12\nmov %r0, 66\nexit";
+            assert_eq!(run(&mut s, src, checked), Ok(1042));
+            // Falls through with the helper's r0.
+            assert_eq!(run(&mut s, &caller(MAP, 2), checked), Ok(107));
+            // A null entry falls through too.
+            ENTRY.with(|e| e.set(0));
+            assert_eq!(run(&mut s, &caller(MAP, 1), checked), Ok(100));
+            assert_eq!(CALLS.with(Cell::get), 4);
+        }
+    }
+}
+
+mod callbacks {
+    use super::*;
+    use bpftime_vm::helper::{BPF_LOOP, bpf_loop, conformance_unwind, func_token};
+
+    fn helpers() -> HelperRegistry {
+        let mut h = HelperRegistry::new();
+        h.register_calling_back(BPF_LOOP, "bpf_loop", bpf_loop);
+        h.register_stopping(5, "unwind", conformance_unwind);
+        h
+    }
+
+    /// `src` on the interpreter and emulated (checked, and unchecked when the interpreter did
+    /// not trap) with a 64-byte block: the same result and block.
+    fn agree(src: &str) -> Result<u64, Trap> {
+        let h = helpers();
+        let prog = verify(&assemble(src).unwrap(), &h).unwrap_or_else(|e| panic!("{e}\n{src}"));
+        let mut m = vec![0u8; 64];
+        let want = Interpreter::new(&prog, &h).run(&mut m);
+        let mut emu = Emu::new();
+        for checked in [true, false] {
+            if !checked && want.is_err() {
+                continue;
+            }
+            let mut g = vec![0u8; 64];
+            let got = emu
+                .compile_and_run(&prog, &h, &JitOptions { checked }, &mut g)
+                .unwrap();
+            assert_eq!((got, &g), (want, &m), "checked {checked}:\n{src}");
+        }
+        want
+    }
+
+    fn looping(n: &str, cb: &str) -> String {
+        format!(
+            "mov %r6, %r1\nlddw %r1, {n}\nlddw %r2, func cb\nmov %r3, %r6\nmov %r4, 0\n\
+             call 181\nmul %r0, 1000\nldxdw %r1, [%r6+0]\nadd %r0, %r1\nexit\ncb:\n{cb}"
+        )
+    }
+
+    const SUM: &str = "ldxdw %r3, [%r2+0]\nadd %r3, %r1\nstxdw [%r2+0], %r3\nmov %r0, 0\n\
+        jne %r1, 4, out\nmov %r0, 1\nout:\nexit";
+
+    #[test]
+    fn bpf_loop_callbacks_match_the_interpreter() {
+        assert_eq!(agree(&looping("3", SUM)), Ok(3003));
+        assert_eq!(agree(&looping("10", SUM)), Ok(5010));
+        assert_eq!(
+            agree(&looping("0x800001", SUM)),
+            Ok((-7i64 as u64).wrapping_mul(1000))
+        );
+        // Garbage callback.
+        let src = format!(
+            "mov %r1, 3\nlddw %r2, {}\nmov %r3, 0\nmov %r4, 0\ncall 181\nexit",
+            func_token(1)
+        );
+        assert_eq!(agree(&src), Ok((-22i64) as u64));
+        // Own stack, a subprogram inside the callback, the caller's stack kept.
+        let cb = "stdw [%r10-8], 9\nmov %r7, %r2\ncall local sq\nldxdw %r3, [%r7+8]\n\
+                  add %r3, %r0\nstxdw [%r7+8], %r3\nldxdw %r0, [%r10-8]\nsub %r0, 9\nexit\n\
+                  sq:\nstdw [%r10-8], 1\nmov %r0, %r1\nmul %r0, %r1\nexit";
+        assert_eq!(
+            agree(&format!("stdw [%r10-8], 3\n{}", looping("5", cb))),
+            Ok(5000)
+        );
+        // A trap and an exit inside the callback.
+        assert_eq!(
+            agree(&looping("3", "ldxdw %r0, [%r1+0]\nexit"))
+                .unwrap_err()
+                .pc,
+            12
+        );
+        assert_eq!(agree(&looping("3", "call 5\nmov %r0, 0\nexit")), Ok(0));
+    }
+
+    #[test]
+    fn nested_callbacks_match_the_interpreter() {
+        let src = "mov %r6, %r1\nmov %r1, 4\nlddw %r2, func outer\nmov %r3, %r6\nmov %r4, 0\n\
+                   call 181\nldxdw %r1, [%r6+0]\nmul %r0, 1000\nadd %r0, %r1\nexit\n\
+                   outer:\nmov %r1, 3\nmov %r3, %r2\nlddw %r2, func inner\nmov %r4, 0\n\
+                   call 181\nmov %r0, 0\nexit\n\
+                   inner:\nldxdw %r3, [%r2+0]\nadd %r3, 1\nstxdw [%r2+0], %r3\nmov %r0, 0\nexit";
+        assert_eq!(agree(src), Ok(4012));
+    }
 }
 
 /// Runs `src` on the interpreter and the JIT (fresh memory `mem` each).

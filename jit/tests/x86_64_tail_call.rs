@@ -174,3 +174,177 @@ fn checked_target_traps_with_its_own_pc() {
         }
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tail calls started by a helper (`CallStatus::TailCall`), as the runtime does them: the same
+// programs on the interpreter and the JIT (checked and unchecked) give the same results.
+
+mod by_helper {
+    use super::*;
+    use bpftime_vm::helper::{MAX_TAIL_CALLS as VM_MAX, TailTarget};
+    use bpftime_vm::interpreter::Interpreter;
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    const ENOENT: u64 = (-2i64) as u64;
+
+    /// One slot: the target for the interpreter and its JIT code.
+    struct Slot {
+        target: TailTarget,
+        jit: [JitProgram; 2],
+    }
+
+    thread_local! {
+        static SLOTS: RefCell<Vec<Option<Arc<Slot>>>> = const { RefCell::new(Vec::new()) };
+        /// Which JIT variant runs (0 unchecked, 1 checked), or None for the interpreter.
+        static MODE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    extern "C" fn tail_call(
+        _: u64,
+        map: u64,
+        index: u64,
+        _: u64,
+        _: u64,
+        env: &mut CallEnv,
+    ) -> u64 {
+        if map != MAP {
+            return (-22i64) as u64;
+        }
+        SLOTS.with(|s| {
+            let s = s.borrow();
+            let i = index as u32 as usize;
+            if i >= s.len() || !env.count_tail_call() {
+                return ENOENT;
+            }
+            let Some(slot) = &s[i] else { return ENOENT };
+            let entry = MODE
+                .with(|m| m.get())
+                .map_or(std::ptr::null(), |k| slot.jit[k].tail_entry());
+            // SAFETY: `entry` is null or the tail entry of a JitProgram the thread-local keeps
+            // alive beyond the run.
+            unsafe { env.tail_call(slot.target.clone(), entry) };
+            0
+        })
+    }
+
+    fn helpers() -> Arc<HelperRegistry> {
+        let mut h = HelperRegistry::new();
+        h.register(12, "bpf_tail_call", tail_call);
+        Arc::new(h)
+    }
+
+    fn slot(src: &str, h: &Arc<HelperRegistry>) -> Arc<Slot> {
+        let prog = verify(&assemble(src).expect("assembles"), h).expect("verifies");
+        let jit = [false, true]
+            .map(|checked| JitProgram::new(&prog, h, &JitOptions { checked }).expect("compiles"));
+        Arc::new(Slot {
+            target: TailTarget {
+                prog: Arc::new(prog),
+                helpers: h.clone(),
+            },
+            jit,
+        })
+    }
+
+    type Outcome = (Result<u64, bpftime_vm::interpreter::Trap>, Vec<u8>);
+
+    /// Runs `entry` on every engine (the unchecked JIT only when the interpreter did not trap)
+    /// over a copy of `block`; asserts they agree, returns r0 and the block.
+    fn run_all(entry: &Slot, block: &[u8]) -> Outcome {
+        let mut results: Vec<Outcome> = Vec::new();
+        for mode in [None, Some(1), Some(0)] {
+            if mode == Some(0) && results[0].0.is_err() {
+                results.push(results[0].clone());
+                continue;
+            }
+            MODE.with(|m| m.set(mode));
+            let mut b = block.to_vec();
+            let r = match mode {
+                None => Interpreter::new(&entry.target.prog, &entry.target.helpers).run(&mut b),
+                Some(k) => entry.jit[k].run(&mut b),
+            };
+            results.push((r, b));
+        }
+        assert_eq!(results[0], results[1], "interpreter vs checked JIT");
+        assert_eq!(results[0], results[2], "interpreter vs unchecked JIT");
+        results.swap_remove(0)
+    }
+
+    #[test]
+    fn a_chain_of_forty_stops_at_33_on_every_engine() {
+        assert_eq!(u64::from(VM_MAX), MAX_TAIL_CALLS);
+        let h = helpers();
+        let chain: Vec<Arc<Slot>> = (0..40)
+            .map(|k| {
+                slot(
+                    &format!(
+                        "mov %r6, %r1
+                         ldxdw %r2, [%r1+{off}]
+                         add %r2, 1
+                         stxdw [%r1+{off}], %r2
+                         lddw %r2, {MAP:#x}
+                         mov %r3, {next}
+                         call 12
+                         mov %r0, {k}
+                         exit",
+                        off = 8 * k,
+                        next = k + 1
+                    ),
+                    &h,
+                )
+            })
+            .collect();
+        SLOTS.with(|s| *s.borrow_mut() = chain.iter().cloned().map(Some).collect());
+        let (r, block) = run_all(&chain[0], &[0u8; 8 * 40]);
+        assert_eq!(r, Ok(33));
+        let counts: Vec<u64> = block
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), 34);
+        SLOTS.with(|s| s.borrow_mut().clear());
+    }
+
+    #[test]
+    fn fall_through_subprograms_and_traps_agree() {
+        let h = helpers();
+        let target = slot(TARGET, &h);
+        let trapping = slot("mov %r0, 0\nldxdw %r0, [%r0+16]\nexit", &h);
+        SLOTS.with(|s| *s.borrow_mut() = vec![None, Some(target), None, Some(trapping)]);
+        let sub = |index: u64| {
+            format!(
+                "mov %r6, %r1
+                 stdw [%r10-8], 7
+                 call local f
+                 add %r0, 55
+                 exit
+                 f:
+                 lddw %r2, {MAP:#x}
+                 mov %r3, {index}
+                 call 12
+                 exit"
+            )
+        };
+        for src in [
+            caller(MAP, 1),
+            caller(MAP, 0),
+            caller(MAP, 2),
+            caller(MAP, 3),
+            caller(MAP, 4),
+            caller(MAP, 1 << 32 | 1),
+            caller(MAP + 1, 1),
+            sub(1),
+            sub(0),
+            sub(3),
+        ] {
+            let entry = slot(&src, &h);
+            let _ = run_all(&entry, &5u64.to_le_bytes());
+        }
+        let (r, _) = run_all(&slot(&caller(MAP, 1), &h), &5u64.to_le_bytes());
+        assert_eq!(r, Ok(1012));
+        let (r, _) = run_all(&slot(&caller(MAP, 3), &h), &5u64.to_le_bytes());
+        assert_eq!(r.unwrap_err().pc, 1, "the target's pc");
+        SLOTS.with(|s| s.borrow_mut().clear());
+    }
+}

@@ -9,16 +9,101 @@
 //!   handles and stay mapped while the `LoadedProg` exists, i.e. beyond the run.
 //! - A helper that runs another program on the same thread (not possible today) would find the
 //!   memory borrowed; we detect that and run it on a fresh `GuestMemory` instead.
+//! - [`RunState`]: while a [`LoadedProg`] runs on this thread, the innermost entry of `RUNS`
+//!   describes that run. Its `current` pointer is the program running now: the one that started
+//!   the run (borrowed by `LoadedProg::run_with_cookie` for the whole run) or a tail-call target
+//!   held in `keep`, which only grows during the run and is dropped with the entry after the
+//!   engine returned. So `current` is valid whenever `with_current_run` hands it out.
 
 use crate::host::ProgHost;
+use crate::prog::{Engine, LoadedProg};
 use bpftime_vm::helper::MemRegion;
 use bpftime_vm::interpreter::Trap;
 use bpftime_vm::memory::GuestMemory;
 use std::cell::RefCell;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 thread_local! {
     static MEM: RefCell<GuestMemory> = RefCell::new(GuestMemory::new());
+    /// The runs of [`LoadedProg`]s in progress on this thread, innermost last.
+    static RUNS: RefCell<Vec<RunState>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One program run in progress (see the module invariants).
+#[derive(Debug)]
+pub(crate) struct RunState {
+    /// The engine of the run (tail-call targets are loaded for the same one).
+    pub(crate) engine: Engine,
+    /// The program running now.
+    current: *const LoadedProg,
+    /// Tail-call targets entered during the run, kept alive until it ends.
+    keep: Vec<Arc<LoadedProg>>,
+}
+
+impl RunState {
+    /// The program running now.
+    pub(crate) fn current(&self) -> &LoadedProg {
+        // SAFETY: `current` is the run's starting program or a target in `keep`, both alive
+        // while this entry exists (module invariants); the borrow cannot outlive `self`.
+        unsafe { &*self.current }
+    }
+
+    /// Makes `target` the running program (a tail call), keeping it alive for the run.
+    pub(crate) fn enter(&mut self, target: Arc<LoadedProg>) {
+        self.current = Arc::as_ptr(&target);
+        self.keep.push(target);
+    }
+}
+
+/// Registers a run of `prog` on `engine` until the guard drops; on drop, `at_end` is called
+/// with the program that ran last (after tail calls, not necessarily `prog`).
+/// (During the thread's TLS teardown nothing is registered: such a run makes no tail calls.)
+pub(crate) struct RunGuard {
+    at_end: fn(&LoadedProg),
+    registered: bool,
+}
+
+impl RunGuard {
+    pub(crate) fn enter(prog: &LoadedProg, engine: Engine, at_end: fn(&LoadedProg)) -> RunGuard {
+        let registered = RUNS
+            .try_with(|r| {
+                r.borrow_mut().push(RunState {
+                    engine,
+                    current: prog,
+                    keep: Vec::new(),
+                })
+            })
+            .is_ok();
+        RunGuard { at_end, registered }
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if !self.registered {
+            return;
+        }
+        let state = RUNS.try_with(|r| r.borrow_mut().pop()).ok().flatten();
+        if let Some(state) = state {
+            (self.at_end)(state.current());
+        }
+    }
+}
+
+/// Calls `f` with the innermost run in progress on this thread (`None` outside any run).
+pub(crate) fn with_current_run<R>(f: impl FnOnce(Option<&mut RunState>) -> R) -> R {
+    let mut f = Some(f);
+    let r = RUNS.try_with(|r| match r.try_borrow_mut() {
+        Ok(mut runs) => f.take().map(|f| f(runs.last_mut())),
+        Err(_) => None,
+    });
+    match (r, f) {
+        (Ok(Some(v)), _) => v,
+        (_, Some(f)) => f(None),
+        // `f` ran but the closure yielded nothing: impossible (`Some` when it runs).
+        (_, None) => unreachable!("with_current_run: callback consumed without a result"),
+    }
 }
 
 /// An engine's `run_in(gm, r1, r2, host)`: the interpreter's or the JIT's, same contract.

@@ -27,6 +27,8 @@ pub const TRACE_PRINTK: u32 = 6;
 pub const GET_PRANDOM_U32: u32 = 7;
 /// `bpf_get_smp_processor_id`.
 pub const GET_SMP_PROCESSOR_ID: u32 = 8;
+/// `bpf_tail_call`.
+pub const TAIL_CALL: u32 = 12;
 /// `bpf_get_current_pid_tgid`.
 pub const GET_CURRENT_PID_TGID: u32 = 14;
 /// `bpf_get_current_uid_gid`.
@@ -59,12 +61,16 @@ pub const PROBE_READ_KERNEL_STR: u32 = 115;
 pub const KTIME_GET_BOOT_NS: u32 = 125;
 /// `bpf_ktime_get_coarse_ns`.
 pub const KTIME_GET_COARSE_NS: u32 = 160;
+/// `bpf_for_each_map_elem`.
+pub const FOR_EACH_MAP_ELEM: u32 = 164;
 /// `bpf_snprintf`.
 pub const SNPRINTF: u32 = 165;
 /// `bpf_get_func_ip`.
 pub const GET_FUNC_IP: u32 = 173;
 /// `bpf_get_attach_cookie`.
 pub const GET_ATTACH_COOKIE: u32 = 174;
+/// `bpf_loop`.
+pub const LOOP: u32 = bpftime_vm::helper::BPF_LOOP;
 /// `bpf_strncmp`.
 pub const STRNCMP: u32 = 182;
 /// `bpf_map_lookup_percpu_elem`.
@@ -128,6 +134,7 @@ pub fn registry() -> HelperRegistry {
             "bpf_get_smp_processor_id",
             get_smp_processor_id,
         )
+        .register(TAIL_CALL, "bpf_tail_call", tail_call)
         .register(
             GET_CURRENT_PID_TGID,
             "bpf_get_current_pid_tgid",
@@ -168,6 +175,11 @@ pub fn registry() -> HelperRegistry {
             "bpf_ktime_get_coarse_ns",
             ktime_get_coarse_ns,
         )
+        .register_calling_back(
+            FOR_EACH_MAP_ELEM,
+            "bpf_for_each_map_elem",
+            for_each_map_elem,
+        )
         .register(SNPRINTF, "bpf_snprintf", snprintf)
         .register(GET_FUNC_IP, "bpf_get_func_ip", get_func_ip)
         .register(
@@ -175,6 +187,7 @@ pub fn registry() -> HelperRegistry {
             "bpf_get_attach_cookie",
             get_attach_cookie,
         )
+        .register_calling_back(LOOP, "bpf_loop", bpftime_vm::helper::bpf_loop)
         .register(STRNCMP, "bpf_strncmp", strncmp)
         .register(
             MAP_LOOKUP_PERCPU_ELEM,
@@ -578,6 +591,12 @@ extern "C" fn get_smp_processor_id(_: u64, _: u64, _: u64, _: u64, _: u64, _: &m
     u64::from(host::current_cpu())
 }
 
+/// `bpf_tail_call(ctx, prog_array, index)`: see [`crate::prog`] (the program array is read at
+/// call time; a failed call falls through with a negative errno).
+extern "C" fn tail_call(_ctx: u64, map: u64, index: u64, _: u64, _: u64, env: &mut CallEnv) -> u64 {
+    crate::prog::tail_call(env, map, index)
+}
+
 extern "C" fn get_current_pid_tgid(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
     (u64::from(host::pid()) << 32) | u64::from(host::tid())
 }
@@ -693,6 +712,94 @@ extern "C" fn get_func_ip(_: u64, _: u64, _: u64, _: u64, _: u64, env: &mut Call
         return 0;
     }
     u64::from_ne_bytes(b)
+}
+
+/// `bpf_for_each_map_elem(map, callback_fn, callback_ctx, flags)` (`kernel/bpf/hashtab.c`,
+/// `arraymap.c`): calls `callback_fn(map, &key, &value, callback_ctx)` for each element of a
+/// hash, LRU hash, array or their per-CPU variants (this CPU's value), stopping after a call
+/// that returns non-zero; returns the number of calls. The key (a read-only copy) and the value
+/// (the element itself, read-only in a `BPF_F_RDONLY_PROG` map) are valid during the call
+/// only. `-EINVAL` for other maps, non-zero flags or a bad callback. Hash maps are walked with
+/// `next_key` (elements the callback deletes or adds may be missed or seen twice, as with a
+/// concurrent writer), at most `max_entries` calls.
+extern "C" fn for_each_map_elem(
+    map: u64,
+    func: u64,
+    ctx: u64,
+    flags: u64,
+    _: u64,
+    env: &mut CallEnv,
+) -> u64 {
+    use bpftime_maps::MapType;
+    use bpftime_vm::helper::{CallbackError, MemRegion};
+    let Some(m) = host::map_arg(env, map) else {
+        return neg(libc::EINVAL);
+    };
+    if flags != 0 {
+        return neg(libc::EINVAL);
+    }
+    let ty = MapType::try_from(m.def().map_type);
+    let array = match ty {
+        Ok(MapType::Array | MapType::PercpuArray) => true,
+        Ok(MapType::Hash | MapType::PercpuHash | MapType::LruHash | MapType::LruPercpuHash) => {
+            false
+        }
+        _ => return neg(libc::EINVAL),
+    };
+    let key_size = m.def().key_size as usize;
+    let value_size = u64::from(m.def().value_size);
+    let writable = prog_may_write(m);
+    // Two key buffers: the one the callback sees, and the next one; the callback's is not
+    // touched by Rust while it runs.
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let max = u64::from(m.def().max_entries);
+    let mut calls = 0u64;
+    let mut first = true;
+    // Bounded even when other threads keep deleting the elements met.
+    for _ in 0..max.saturating_mul(2) {
+        if calls >= max {
+            break;
+        }
+        if array {
+            key.copy_from_slice(&(calls as u32).to_ne_bytes()[..key_size.min(4)]);
+        } else {
+            let prev = (!first).then_some(&key[..]);
+            if m.next_key(prev, &mut next).is_err() {
+                break;
+            }
+            std::mem::swap(&mut key, &mut next);
+            first = false;
+        }
+        let Ok(value) = m.lookup_ptr(&key) else {
+            if array {
+                break;
+            }
+            continue;
+        };
+        calls += 1;
+        let grants = [
+            MemRegion {
+                start: key.as_ptr() as u64,
+                len: key_size as u64,
+                writable: false,
+            },
+            MemRegion {
+                start: value as u64,
+                len: value_size,
+                writable,
+            },
+        ];
+        let args = [map, key.as_ptr() as u64, value as u64, ctx, 0];
+        // SAFETY: `key` is not touched until the call returns; `value` is an element in the
+        // store mapping, which stays mapped while the program's map handle lives.
+        match unsafe { env.call_func_granting(func, args, &grants) } {
+            Ok(0) => {}
+            Ok(_) => break,
+            Err(CallbackError::Invalid) => return neg(libc::EINVAL),
+            Err(CallbackError::Stop) => return 0,
+        }
+    }
+    calls
 }
 
 /// `bpf_strncmp(s1, s1_sz, s2)`: `strncmp(s1, s2, s1_sz)` as the kernel's (`-1`, `0`, `1`);
@@ -1038,7 +1145,9 @@ mod tests {
         let r = registry();
         assert_eq!(r.get(1).unwrap().name, "bpf_map_lookup_elem");
         assert_eq!(r.get(160).unwrap().name, "bpf_ktime_get_coarse_ns");
-        // + 6 ring/perf buffer helpers (`buffers`).
-        assert_eq!(r.ids().count(), 34);
+        assert_eq!(r.get(12).unwrap().name, "bpf_tail_call");
+        assert!(r.get(164).unwrap().calls_back && r.get(181).unwrap().calls_back);
+        // + 6 ring/perf buffer helpers (`buffers`), 58 (override_return), 12, 164, 181.
+        assert_eq!(r.ids().count(), 38);
     }
 }

@@ -5,24 +5,34 @@
 //! receive, as the kernel passes `struct bpf_map *`), `BPF_PSEUDO_MAP_VALUE` becomes the
 //! address of the value inside the map's data (global variables: `.bss`, `.data`, `.rodata`).
 //! The result is checked by the VM's loader checks against this runtime's helpers.
+//!
+//! Tail calls (`bpf_tail_call`, helper 12) read the program array at call time, as the kernel
+//! does, so slots the loader fills or changes after attaching take effect at the next call. The
+//! program in a slot is a store object id; it is resolved to a program loaded in this process
+//! (for the engine of the running program) through a per-process table, loading it on first
+//! use: a tail-call target need not be attached anywhere.
 
 use crate::exec;
 use crate::host::ProgHost;
 use crate::object::{RuntimeError, read_prog};
-use bpftime_maps::{Map, Store};
-use bpftime_vm::helper::{HelperRegistry, MemRegion};
+use bpftime_maps::{Map, MapType, Store};
+use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion, TailTarget};
 use bpftime_vm::interpreter::{Interpreter, Trap};
 use bpftime_vm::isa::{Insn, LdImmKind, Op, decode};
 use bpftime_vm::opcode::LDDW;
 use bpftime_vm::verifier::{Program, VerifyError, verify};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 
 /// A loaded, checked program with the maps it uses.
 #[derive(Debug)]
 pub struct LoadedProg {
     id: u32,
+    /// Store payload offset of the program object (0 when not loaded from the store): with
+    /// `id`, tells this program from a later one reusing the id.
+    payload_off: u64,
     name: String,
-    prog: Program,
+    prog: Arc<Program>,
     helpers: Arc<HelperRegistry>,
     #[allow(
         clippy::vec_box,
@@ -36,7 +46,7 @@ pub struct LoadedProg {
 }
 
 /// Which engine runs a loaded program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Engine {
     /// The interpreter (every access checked).
     Interpreter,
@@ -103,7 +113,10 @@ impl LoadedProg {
         helpers: Arc<HelperRegistry>,
     ) -> Result<Self, LoadError> {
         let rec = read_prog(store, id)?;
-        Self::from_insns(store, id, rec.name, rec.insns, helpers)
+        let payload_off = store.object(id).map_or(0, |o| o.payload_off);
+        let mut p = Self::from_insns(store, id, rec.name, rec.insns, helpers)?;
+        p.payload_off = payload_off;
+        Ok(p)
     }
 
     /// Relocates and checks `insns` (map references as object ids in `store`).
@@ -141,7 +154,8 @@ impl LoadedProg {
                 Ok(maps.len() - 1)
             };
             let value: u64 = match kind {
-                LdImmKind::Imm64 => {
+                // A function reference (callbacks) stays for the loader checks and the engines.
+                LdImmKind::Imm64 | LdImmKind::Func => {
                     pc += 2;
                     continue;
                 }
@@ -192,8 +206,9 @@ impl LoadedProg {
         });
         Ok(LoadedProg {
             id,
+            payload_off: 0,
             name,
-            prog,
+            prog: Arc::new(prog),
             helpers,
             maps,
             host,
@@ -270,8 +285,12 @@ impl LoadedProg {
         cookie: u64,
     ) -> Result<u64, Trap> {
         let _cookie = crate::helpers::CookieGuard::set(cookie);
-        // Ring buffer records the program leaves uncommitted are discarded when it ends.
+        // Ring buffer records the program leaves uncommitted are discarded when it ends (by
+        // the last program of the run, after tail calls, then by this one).
         let _commit = crate::buffers::RunGuard(&self.maps);
+        let _run = exec::RunGuard::enter(self, self.engine(), |last| {
+            crate::buffers::end_of_run(&last.maps)
+        });
         #[cfg(target_arch = "x86_64")]
         if let Some(j) = &self.jit {
             let run = |gm: &mut _, r1, r2, host| j.run_in(gm, r1, r2, host);
@@ -284,5 +303,456 @@ impl LoadedProg {
         let run = |gm: &mut _, r1, r2, host| interp.run_in(gm, r1, r2, host);
         // SAFETY: forwarded contract on `ctx`.
         unsafe { exec::run_on_thread_memory(&run, &self.host, &self.value_regions, ctx, ctx_len) }
+    }
+}
+
+/// Tail-call targets loaded in this process: (store, program id, engine) → program.
+type TargetKey = (usize, u32, Engine);
+
+static TARGETS: LazyLock<parking_lot::Mutex<HashMap<TargetKey, Arc<LoadedProg>>>> =
+    LazyLock::new(Default::default);
+
+/// Program `id` of `store`, loaded for `engine` (from the table, or now).
+fn tail_target(
+    store: &Arc<Store>,
+    id: u32,
+    engine: Engine,
+    helpers: &Arc<HelperRegistry>,
+) -> Option<Arc<LoadedProg>> {
+    let key = (Arc::as_ptr(store) as usize, id, engine);
+    let live = store.object(id).map(|o| o.payload_off);
+    if let Some(p) = TARGETS.lock().get(&key)
+        && live == Some(p.payload_off)
+    {
+        return Some(p.clone());
+    }
+    // Loaded without the lock held (compiling takes a while); a concurrent load of the same
+    // program is harmless, the last one stays in the table.
+    let p = match LoadedProg::load(store, id, helpers.clone()).and_then(|p| p.with_engine(engine)) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::warn!("tail call target {id} cannot be loaded: {e}");
+            return None;
+        }
+    };
+    let mut t = TARGETS.lock();
+    // Forget programs that are gone from the store.
+    t.retain(|&(s, i, _), q| {
+        s != key.0 || store.object(i).map(|o| o.payload_off) == Some(q.payload_off)
+    });
+    t.insert(key, p.clone());
+    Some(p)
+}
+
+fn neg(errno: i32) -> u64 {
+    (-i64::from(errno)) as u64
+}
+
+/// `bpf_tail_call(ctx, prog_array, index)` (helper 12) for the running program: checks in the
+/// kernel's order (`bpf_tail_call` in `kernel/bpf/core.c`) — a program array, `index` (as u32)
+/// in range, fewer than 33 tail calls so far (counted from here on), a filled slot — then
+/// resolves the slot's program and tells the engine to start it
+/// ([`CallEnv::tail_call`]): its map handles, global data and JIT code. A failed call falls
+/// through with a negative errno (`-ENOENT`; `-EINVAL` for a bad map or inside a callback).
+pub(crate) fn tail_call(env: &mut CallEnv, map: u64, index: u64) -> u64 {
+    if env.in_callback() {
+        return neg(libc::EINVAL);
+    }
+    let Some(m) = crate::host::map_arg(env, map) else {
+        return neg(libc::EINVAL);
+    };
+    if m.def().map_type != MapType::ProgArray as u32 {
+        return neg(libc::EINVAL);
+    }
+    let index = index as u32;
+    if index >= m.def().max_entries || !env.count_tail_call() {
+        return neg(libc::ENOENT);
+    }
+    let Some(id) = m.prog_array_get(index) else {
+        return neg(libc::ENOENT);
+    };
+    exec::with_current_run(|run| {
+        let Some(run) = run else {
+            return neg(libc::EINVAL);
+        };
+        let helpers = run.current().helpers.clone();
+        let Some(target) = tail_target(m.store(), id, run.engine, &helpers) else {
+            return neg(libc::ENOENT);
+        };
+        // The kernel's verifier refuses a tail call while a ring buffer record is held; ours
+        // cannot, so whatever the caller left uncommitted is discarded here.
+        crate::buffers::end_of_run(&run.current().maps);
+        env.host = &*target.host as *const ProgHost as *mut std::ffi::c_void;
+        for r in &target.value_regions {
+            // SAFETY: the target's global data lives in its map handles' store mapping, and
+            // the target stays alive until the run ends (`RunState::enter` below).
+            unsafe { env.grant(r.start, r.len, r.writable) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        let entry = target
+            .jit
+            .as_ref()
+            .map_or(std::ptr::null(), |j| j.tail_entry());
+        #[cfg(not(target_arch = "x86_64"))]
+        let entry = std::ptr::null();
+        let next = TailTarget {
+            prog: target.prog.clone(),
+            helpers: target.helpers.clone(),
+        };
+        // SAFETY: `entry` is null or the tail entry of the target's JIT code, compiled for the
+        // run's engine (the table is keyed by it) and kept mapped by `run.enter` until the run
+        // ends.
+        unsafe { env.tail_call(next, entry) };
+        run.enter(target);
+        0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{ProgRecord, create_prog};
+    use bpftime_maps::MapDef;
+    use bpftime_maps::map::BPF_ANY;
+    use bpftime_vm::asm::assemble;
+
+    struct TempStore {
+        store: Arc<Store>,
+        path: std::path::PathBuf,
+    }
+
+    impl TempStore {
+        fn new() -> TempStore {
+            let path = std::env::temp_dir().join(format!(
+                "bpftime-rt-tail-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            TempStore {
+                store: Arc::new(Store::open(&path).unwrap()),
+                path,
+            }
+        }
+
+        fn map(&self, map_type: MapType, value_size: u32, max_entries: u32) -> Map {
+            let def = MapDef {
+                map_type: map_type as u32,
+                key_size: 4,
+                value_size,
+                max_entries,
+                flags: 0,
+            };
+            Map::create(&self.store, def, "m").unwrap()
+        }
+
+        fn prog(&self, src: &str) -> u32 {
+            let insns = assemble(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+            let rec = ProgRecord {
+                prog_type: 2,
+                expected_attach_type: 0,
+                name: "t".into(),
+                insns,
+            };
+            create_prog(&self.store, &rec).unwrap()
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    const ENGINES: [Engine; 3] = [
+        Engine::Interpreter,
+        Engine::Jit { checked: true },
+        Engine::Jit { checked: false },
+    ];
+
+    fn load(t: &TempStore, id: u32, engine: Engine) -> LoadedProg {
+        LoadedProg::load(&t.store, id, Arc::new(crate::helpers::registry()))
+            .unwrap()
+            .with_engine(engine)
+            .unwrap()
+    }
+
+    /// `counts[slot] += 1` (array map `counts`), r0 = `ret`.
+    fn counter(counts: u32, slot: u32, ret: u32) -> String {
+        format!(
+            "stw [%r10-4], {slot}
+             lddw %r1, map_fd {counts}
+             mov %r2, %r10
+             add %r2, -4
+             call 1
+             jeq %r0, 0, out
+             mov %r1, 1
+             lock add [%r0+0], %r1
+             out:
+             mov %r0, {ret}
+             exit"
+        )
+    }
+
+    fn count(m: &Map, slot: u32) -> u64 {
+        let mut v = [0u8; 8];
+        m.lookup(&slot.to_ne_bytes(), &mut v).unwrap();
+        u64::from_ne_bytes(v)
+    }
+
+    fn run(p: &LoadedProg, arg: u64) -> u64 {
+        let mut regs = [0u64; 21];
+        regs[14] = arg;
+        // SAFETY: `regs` is a live, writable 168-byte buffer.
+        unsafe { p.run(regs.as_mut_ptr().cast(), 168) }.unwrap()
+    }
+
+    #[test]
+    fn dispatcher_tail_calls_into_targets_that_count_exactly() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let progs = t.map(MapType::ProgArray, 4, 4);
+            let counts = t.map(MapType::Array, 8, 8);
+            // Slot k: counts[k] += 1, returns 100 + k. Slot 3 stays empty.
+            let targets: Vec<u32> = (0..3)
+                .map(|k| t.prog(&counter(counts.id(), k, 100 + k)))
+                .collect();
+            for (k, &id) in targets.iter().enumerate() {
+                progs
+                    .update_id(&(k as u32).to_ne_bytes(), id, BPF_ANY)
+                    .unwrap();
+            }
+            // The dispatcher: tail-call slot PARM1 % 4; on fall-through counts[7] += 1.
+            let dispatcher = t.prog(&format!(
+                "mov %r6, %r1
+                 ldxdw %r3, [%r1+112]
+                 mod %r3, 4
+                 lddw %r2, map_fd {}
+                 call 12
+                 mov %r1, %r6
+                 {}",
+                progs.id(),
+                counter(counts.id(), 7, 7)
+            ));
+            let p = load(&t, dispatcher, engine);
+            let mut sum = 0;
+            for i in 0..400u64 {
+                sum += run(&p, i);
+            }
+            assert_eq!(
+                (0..8).map(|k| count(&counts, k)).collect::<Vec<_>>(),
+                [100, 100, 100, 0, 0, 0, 0, 100],
+                "{engine:?}"
+            );
+            assert_eq!(sum, 100 * (100 + 101 + 102 + 7), "{engine:?}");
+        }
+    }
+
+    #[test]
+    fn slot_updates_after_loading_take_effect_at_the_next_call() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let progs = t.map(MapType::ProgArray, 4, 1);
+            let counts = t.map(MapType::Array, 8, 4);
+            let a = t.prog(&counter(counts.id(), 0, 1));
+            let b = t.prog(&counter(counts.id(), 1, 2));
+            let caller = t.prog(&format!(
+                "lddw %r2, map_fd {}
+                 mov %r3, 0
+                 call 12
+                 mov %r0, 9
+                 exit",
+                progs.id()
+            ));
+            let p = load(&t, caller, engine);
+            assert_eq!(run(&p, 0), 9, "empty slot: falls through");
+            progs.update_id(&0u32.to_ne_bytes(), a, BPF_ANY).unwrap();
+            assert_eq!(run(&p, 0), 1);
+            progs.update_id(&0u32.to_ne_bytes(), b, BPF_ANY).unwrap();
+            assert_eq!(run(&p, 0), 2);
+            progs.delete_id(&0u32.to_ne_bytes()).unwrap();
+            assert_eq!(run(&p, 0), 9);
+            assert_eq!((count(&counts, 0), count(&counts, 1)), (1, 1), "{engine:?}");
+        }
+    }
+
+    #[test]
+    fn self_tail_calls_stop_after_33_per_run() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let progs = t.map(MapType::ProgArray, 4, 1);
+            let counts = t.map(MapType::Array, 8, 1);
+            let me = t.prog(&format!(
+                "mov %r6, %r1
+                 {}
+                 mov %r1, %r6
+                 lddw %r2, map_fd {}
+                 mov %r3, 0
+                 call 12
+                 exit",
+                counter(counts.id(), 0, 0).replace("mov %r0, 0\n             exit", ""),
+                progs.id()
+            ));
+            progs.update_id(&0u32.to_ne_bytes(), me, BPF_ANY).unwrap();
+            let p = load(&t, me, engine);
+            for run_no in 1..=3 {
+                run(&p, 0);
+                assert_eq!(count(&counts, 0), 34 * run_no, "{engine:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_target_uses_its_own_maps_and_global_data() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let progs = t.map(MapType::ProgArray, 4, 1);
+            let counts = t.map(MapType::Array, 8, 1);
+            let data = t.map(MapType::Array, 16, 1);
+            // The target, not the caller, uses `counts` and a global variable.
+            let target = t.prog(&format!(
+                "{}
+                 lddw %r2, map_value {}+8
+                 ldxdw %r3, [%r2+0]
+                 add %r3, 5
+                 stxdw [%r2+0], %r3
+                 mov %r0, %r3
+                 exit",
+                counter(counts.id(), 0, 0).replace("mov %r0, 0\n             exit", ""),
+                data.id()
+            ));
+            progs
+                .update_id(&0u32.to_ne_bytes(), target, BPF_ANY)
+                .unwrap();
+            let caller = t.prog(&format!(
+                "lddw %r2, map_fd {}
+                 mov %r3, 0
+                 call 12
+                 exit",
+                progs.id()
+            ));
+            let p = load(&t, caller, engine);
+            assert_eq!(run(&p, 0), 5);
+            assert_eq!(run(&p, 0), 10);
+            assert_eq!(count(&counts, 0), 2, "{engine:?}");
+        }
+    }
+
+    /// `bpf_for_each_map_elem(map, cb, &acc, flags)` where `cb` adds the value's first u64 to
+    /// acc[0], the key's first u32 to acc[1], counts in acc[2], bumps the value, and stops
+    /// when the key is `stop`; r0 = calls * 1000 + acc[2].
+    fn for_each(map: u32, flags: u32, stop: u32) -> String {
+        format!(
+            "stdw [%r10-24], 0
+             stdw [%r10-16], 0
+             stdw [%r10-8], 0
+             lddw %r1, map_fd {map}
+             lddw %r2, func cb
+             mov %r3, %r10
+             add %r3, -24
+             mov %r4, {flags}
+             call 164
+             mov %r6, %r0
+             mul %r6, 1000
+             ldxdw %r1, [%r10-8]
+             add %r6, %r1
+             mov %r0, %r6
+             exit
+             cb:
+             ldxdw %r5, [%r4+0]
+             ldxdw %r6, [%r3+0]
+             add %r5, %r6
+             stxdw [%r4+0], %r5
+             ldxw %r6, [%r2+0]
+             ldxdw %r5, [%r4+8]
+             add %r5, %r6
+             stxdw [%r4+8], %r5
+             ldxdw %r5, [%r4+16]
+             add %r5, 1
+             stxdw [%r4+16], %r5
+             ldxdw %r5, [%r3+0]
+             add %r5, 1
+             stxdw [%r3+0], %r5
+             mov %r0, 0
+             jne %r6, {stop}, out
+             mov %r0, 1
+             out:
+             exit"
+        )
+    }
+
+    #[test]
+    fn for_each_map_elem_visits_hash_and_array_elements() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let hash = t.map(MapType::Hash, 8, 16);
+            for k in 1..=5u32 {
+                hash.update(&k.to_ne_bytes(), &u64::from(10 * k).to_ne_bytes(), 0)
+                    .unwrap();
+            }
+            let p = load(&t, t.prog(&for_each(hash.id(), 0, 99)), engine);
+            assert_eq!(run(&p, 0), 5 * 1000 + 5, "{engine:?}");
+            let mut v = [0u8; 8];
+            hash.lookup(&3u32.to_ne_bytes(), &mut v).unwrap();
+            assert_eq!(u64::from_ne_bytes(v), 31, "the callback wrote the value");
+            // Stopping at one key: the call that stops counts.
+            let p = load(&t, t.prog(&for_each(hash.id(), 0, 3)), engine);
+            let r = run(&p, 0);
+            assert!(
+                r / 1000 >= 1 && r / 1000 <= 5 && r % 1000 == r / 1000,
+                "{r}"
+            );
+            // An array: every index, in order.
+            let array = t.map(MapType::Array, 8, 4);
+            let p = load(&t, t.prog(&for_each(array.id(), 0, 2)), engine);
+            assert_eq!(run(&p, 0), 3 * 1000 + 3, "{engine:?}");
+            // Per-CPU array: this CPU's value.
+            let pc = t.map(MapType::PercpuArray, 8, 2);
+            let p = load(&t, t.prog(&for_each(pc.id(), 0, 99)), engine);
+            assert_eq!(run(&p, 0), 2 * 1000 + 2, "{engine:?}");
+            // Flags and maps the kernel refuses.
+            let einval = (-22i64 as u64).wrapping_mul(1000);
+            let p = load(&t, t.prog(&for_each(hash.id(), 1, 99)), engine);
+            assert_eq!(run(&p, 0), einval);
+            let q = Map::create(
+                &t.store,
+                MapDef {
+                    map_type: MapType::Queue as u32,
+                    key_size: 0,
+                    value_size: 8,
+                    max_entries: 4,
+                    flags: 0,
+                },
+                "q",
+            )
+            .unwrap();
+            let p = load(&t, t.prog(&for_each(q.id(), 0, 99)), engine);
+            assert_eq!(run(&p, 0), einval);
+        }
+    }
+
+    #[test]
+    fn bpf_loop_runs_in_the_runtime() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            let counts = t.map(MapType::Array, 8, 1);
+            // 7 iterations, each counting into the array through a map lookup.
+            let src = format!(
+                "mov %r1, 7
+                 lddw %r2, func cb
+                 mov %r3, 0
+                 mov %r4, 0
+                 call 181
+                 exit
+                 cb:
+                 {}",
+                counter(counts.id(), 0, 0)
+            );
+            let p = load(&t, t.prog(&src), engine);
+            assert_eq!(run(&p, 0), 7);
+            assert_eq!(count(&counts, 0), 7, "{engine:?}");
+        }
     }
 }

@@ -11,6 +11,9 @@
 //! - `bpf_get_prandom_u32` (7): a splitmix64 stream seeded from the standard library's random
 //!   hasher keys. Not cryptographic, as in the kernel.
 //!
+//! - `bpf_loop` (181): the VM's own (`bpftime_vm::helper::bpf_loop`), calling the program's
+//!   callback through the engine; it needs no maps.
+//!
 //! `bpf_trace_printk` (6) is not provided: reading its format string needs raw guest-memory
 //! access, which this crate (`#![forbid(unsafe_code)]`) does not have.
 
@@ -33,6 +36,11 @@ pub fn runner_helpers() -> HelperRegistry {
     let mut h = HelperRegistry::new();
     h.register(KTIME_GET_NS, "bpf_ktime_get_ns", ktime_get_ns);
     h.register(GET_PRANDOM_U32, "bpf_get_prandom_u32", get_prandom_u32);
+    h.register_calling_back(
+        bpftime_vm::helper::BPF_LOOP,
+        "bpf_loop",
+        bpftime_vm::helper::bpf_loop,
+    );
     h
 }
 
@@ -323,12 +331,15 @@ mod tests {
     }
 
     #[test]
-    fn runner_provides_only_ktime_and_prandom() {
+    fn runner_provides_only_ktime_prandom_and_loop() {
         let h = runner_helpers();
-        assert_eq!(h.ids().collect::<Vec<_>>(), [KTIME_GET_NS, GET_PRANDOM_U32]);
+        assert_eq!(
+            h.ids().collect::<Vec<_>>(),
+            [KTIME_GET_NS, GET_PRANDOM_U32, bpftime_vm::helper::BPF_LOOP]
+        );
         assert_eq!(
             describe_registry(&h),
-            "5 (bpf_ktime_get_ns), 7 (bpf_get_prandom_u32)"
+            "5 (bpf_ktime_get_ns), 7 (bpf_get_prandom_u32), 181 (bpf_loop)"
         );
     }
 

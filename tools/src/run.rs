@@ -318,4 +318,64 @@ mod tests {
         let out = exec("call 5\nmov %r0, 1\nexit\n", &mut []);
         assert_eq!(out, Outcome::Returned(1));
     }
+
+    /// A clang-built program whose `bpf_loop` callback sums the indexes up to 9, where it
+    /// stops the loop: r0 = 10 * 1000 + 45 on both engines.
+    #[test]
+    fn clang_built_bpf_loop_runs_on_both_engines() {
+        const SRC: &str = r#"
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+static long (*bpf_loop)(__u32 nr_loops, void *fn, void *ctx, __u64 flags) = (void *)181;
+struct acc { __u64 sum; };
+static int add(__u32 i, void *data)
+{
+    struct acc *a = data;
+    a->sum += i;
+    return i == 9;
+}
+__attribute__((section("socket"), used)) int prog(void *mem)
+{
+    struct acc a = { 0 };
+    long n = bpf_loop(100, add, &a, 0);
+    return n * 1000 + a.sum;
+}
+"#;
+        let dir = std::env::temp_dir().join(format!("bpftime-run-loop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, obj) = (dir.join("loop.bpf.c"), dir.join("loop.o"));
+        std::fs::write(&src, SRC).unwrap();
+        let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
+        let built = std::process::Command::new(clang)
+            .args(["-O2", "-g", "-target", "bpf", "-c"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status();
+        if !built.is_ok_and(|s| s.success()) {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(!ci, "CI=true but clang cannot build a BPF object");
+            eprintln!("SKIPPED: clang cannot build a BPF object");
+            return;
+        }
+        for no_jit in [false, true] {
+            let args = RunArgs {
+                file: obj.clone(),
+                no_jit,
+                mem: None,
+                mem_file: None,
+                section: None,
+                program: None,
+                budget: None,
+                format: None,
+                conformance_helpers: false,
+            };
+            assert_eq!(
+                run(&args).unwrap(),
+                Outcome::Returned(10_045),
+                "no_jit {no_jit}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

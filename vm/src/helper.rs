@@ -13,8 +13,10 @@
 //! which check the interpreter's regions (and trust the pointer under the JIT).
 
 use crate::memory::GuestMemory;
+use crate::verifier::Program;
 use std::ffi::c_void;
 use std::fmt;
+use std::sync::Arc;
 
 /// A helper function as both engines call it.
 pub type HelperFn = extern "C" fn(u64, u64, u64, u64, u64, &mut CallEnv) -> u64;
@@ -29,6 +31,65 @@ pub enum CallStatus {
     Exit = 1,
     /// The helper faulted (bad argument it cannot turn into an errno); the program traps.
     Fault = 2,
+    /// The helper started a tail call ([`CallEnv::tail_call`]): the engine replaces the running
+    /// program with the target. An engine that cannot (no target for it, or inside a callback)
+    /// continues as for [`CallStatus::Continue`].
+    TailCall = 3,
+    /// A callback the helper ran ([`CallEnv::call_func`]) trapped; the engine has recorded the
+    /// trap and the program stops with it.
+    Trapped = 4,
+}
+
+/// High 32 bits of the value `lddw rX, func f` (`BPF_PSEUDO_FUNC`) loads: the engines load
+/// `FUNC_TAG | pc of f`, an opaque token only [`CallEnv::call_func`] gives meaning to.
+pub const FUNC_TAG: u64 = 0xbfca_11b0 << 32;
+
+/// The token `lddw rX, func f` loads for a function starting at slot `pc`.
+pub fn func_token(pc: usize) -> u64 {
+    FUNC_TAG | pc as u64
+}
+
+/// The slot a function token names (not checked against any program).
+pub fn func_token_pc(token: u64) -> Option<usize> {
+    (token & !0xffff_ffff == FUNC_TAG).then_some((token & 0xffff_ffff) as usize)
+}
+
+/// Why [`CallEnv::call_func`] did not return a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackError {
+    /// Not a function of the running program that a `lddw` names (or no frame is left for
+    /// it): the helper returns `-EINVAL`, as the kernel's verifier would have refused it.
+    #[error("invalid callback")]
+    Invalid,
+    /// The program stops (the callback trapped, or a helper it called asked to stop): the
+    /// helper returns at once; the engine ignores its result.
+    #[error("the program stops")]
+    Stop,
+}
+
+/// An engine's implementation of [`CallEnv::call_func`] (`engine` is its state).
+///
+/// # Safety
+/// Called only through [`CallEnv::call_func`], with the env the engine set it in, during the
+/// helper call; `grants` as in [`CallEnv::call_func_granting`].
+pub type CallbackFn = unsafe fn(
+    env: &mut CallEnv,
+    func: u64,
+    args: [u64; 5],
+    grants: &[MemRegion],
+) -> Result<u64, CallbackError>;
+
+/// The kernel's `MAX_TAIL_CALL_CNT`: tail calls one run may make.
+pub const MAX_TAIL_CALLS: u32 = 33;
+
+/// The program a tail call starts, as the interpreter runs it (the JIT jumps to the target's
+/// native code instead, [`CallEnv::tail_entry`]).
+#[derive(Clone, Debug)]
+pub struct TailTarget {
+    /// The verified target program.
+    pub prog: Arc<Program>,
+    /// The helpers it was verified against.
+    pub helpers: Arc<HelperRegistry>,
 }
 
 /// A memory region the program may access, as (start, length, writable).
@@ -83,6 +144,18 @@ impl Grants {
     pub fn clear(&mut self) {
         self.regions.clear();
     }
+    /// Number of grants.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+    /// Whether nothing is granted.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+    /// Drops every grant after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.regions.truncate(len);
+    }
 }
 
 /// The engine state a helper can see. `#[repr(C)]`: JIT code reads `status` at a fixed offset.
@@ -101,10 +174,27 @@ pub struct CallEnv {
     /// The interpreter's guest memory during a helper call; null when the engine does not
     /// check memory (JIT code).
     mem: *mut GuestMemory,
+    /// Tail call: where JIT code jumps when `status == TailCall` (the target's tail entry;
+    /// null: the JIT falls through).
+    tail_entry: *const u8,
+    /// Tail calls made so far in this run (at most [`MAX_TAIL_CALLS`]).
+    tail_calls: u32,
+    /// Callbacks (`bpf_loop`, …) of this run currently executing: 0 in the program itself.
+    pub(crate) callback_depth: u32,
+    /// Tail call: the target for the interpreter.
+    pub(crate) tail_target: Option<TailTarget>,
+    /// The engine's callback entry, set around calls of helpers that call back.
+    callback: Option<CallbackFn>,
+    /// The engine's state for `callback`.
+    engine: *mut c_void,
 }
 
 const _: () = assert!(std::mem::offset_of!(CallEnv, status) == 0);
 const _: () = assert!(std::mem::offset_of!(CallEnv, exit_value) == 8);
+/// Offset of the tail-call entry JIT code reads after a tail-calling helper.
+pub const ENV_TAIL_ENTRY: usize = std::mem::offset_of!(CallEnv, tail_entry);
+/// Offset of the callback depth JIT code reads before a tail call.
+pub const ENV_CALLBACK_DEPTH: usize = std::mem::offset_of!(CallEnv, callback_depth);
 
 impl fmt::Debug for CallEnv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -128,7 +218,129 @@ impl CallEnv {
             ctx,
             host,
             mem: std::ptr::null_mut(),
+            tail_entry: std::ptr::null(),
+            tail_calls: 0,
+            callback_depth: 0,
+            tail_target: None,
+            callback: None,
+            engine: std::ptr::null_mut(),
         }
+    }
+
+    /// Calls the program's function `func` — a token `lddw rX, func f` loaded, as a helper
+    /// such as `bpf_loop` gets it — with r1–r5 = `args`, in a fresh 512-byte frame below the
+    /// calling function's, on the run's memory; returns its r0.
+    ///
+    /// `Err(Invalid)`: not a callback of the running program (a helper then returns
+    /// `-EINVAL`, never a crash). `Err(Stop)`: the program stops (the callback trapped or
+    /// exited through a helper); the helper must return at once.
+    pub fn call_func(&mut self, func: u64, args: [u64; 5]) -> Result<u64, CallbackError> {
+        // SAFETY: no grants.
+        unsafe { self.call_func_granting(func, args, &[]) }
+    }
+
+    /// [`CallEnv::call_func`], letting the callback access `grants` (a map key and value)
+    /// during the call only.
+    ///
+    /// # Safety
+    /// Each grant must be valid for reads (and writes if writable) during the call, and not be
+    /// accessed through Rust references meanwhile.
+    pub unsafe fn call_func_granting(
+        &mut self,
+        func: u64,
+        args: [u64; 5],
+        grants: &[MemRegion],
+    ) -> Result<u64, CallbackError> {
+        match self.callback {
+            // SAFETY: the engine set `f` for this helper call (see `set_callback`); grants
+            // per this function's contract.
+            Some(f) => unsafe { f(self, func, args, grants) },
+            None => Err(CallbackError::Invalid),
+        }
+    }
+
+    /// Installs the engine's callback entry for a helper call; returns the previous one, to
+    /// restore after the call.
+    ///
+    /// # Safety
+    /// `f` must be sound to call with this env and `engine` until the previous entry is
+    /// restored.
+    pub unsafe fn set_callback(
+        &mut self,
+        f: Option<CallbackFn>,
+        engine: *mut c_void,
+    ) -> (Option<CallbackFn>, *mut c_void) {
+        let old = (self.callback, self.engine);
+        self.callback = f;
+        self.engine = engine;
+        old
+    }
+
+    /// The engine state set with [`CallEnv::set_callback`].
+    pub fn engine_state(&self) -> *mut c_void {
+        self.engine
+    }
+
+    /// Enters (`true`) or leaves a callback: tail calls are refused inside one.
+    pub fn enter_callback(&mut self, enter: bool) {
+        if enter {
+            self.callback_depth += 1;
+        } else {
+            self.callback_depth = self.callback_depth.saturating_sub(1);
+        }
+    }
+
+    /// The number of regions helpers granted so far this run (with checked memory), for
+    /// [`CallEnv::truncate_grants`].
+    pub fn grants_mark(&self) -> usize {
+        crate::memory::grants_len(self.mem)
+    }
+
+    /// Revokes the grants made after `mark` (a callback's arguments, once it returned).
+    pub fn truncate_grants(&mut self, mark: usize) {
+        crate::memory::truncate_grants(self.mem, mark)
+    }
+
+    /// Tail calls made so far in this run.
+    pub fn tail_calls(&self) -> u32 {
+        self.tail_calls
+    }
+
+    /// Counts one tail call, as the kernel does before it looks at the slot: false (nothing
+    /// counted) when the run already made [`MAX_TAIL_CALLS`].
+    pub fn count_tail_call(&mut self) -> bool {
+        if self.tail_calls >= MAX_TAIL_CALLS {
+            return false;
+        }
+        self.tail_calls += 1;
+        true
+    }
+
+    /// Whether a callback (a function a helper such as `bpf_loop` called) is running: tail
+    /// calls are not possible there.
+    pub fn in_callback(&self) -> bool {
+        self.callback_depth > 0
+    }
+
+    /// Replaces the running program with `target` once this helper returns: the interpreter
+    /// runs `target`, JIT code jumps to `jit_entry` (null: JIT code falls through instead).
+    /// The new program starts with the current r1 and an empty stack of frames; helpers it
+    /// calls see `self.host` (which the caller of this function sets to the target's).
+    ///
+    /// # Safety
+    /// `jit_entry` is null or the tail entry of native code compiled for the running JIT
+    /// backend that stays mapped until the run ends.
+    pub unsafe fn tail_call(&mut self, target: TailTarget, jit_entry: *const u8) {
+        self.status = CallStatus::TailCall as u32;
+        self.tail_target = Some(target);
+        self.tail_entry = jit_entry;
+    }
+
+    /// The pending tail call's target, clearing it and the status (for engines).
+    pub fn take_tail_call(&mut self) -> Option<TailTarget> {
+        self.status = CallStatus::Continue as u32;
+        self.tail_entry = std::ptr::null();
+        self.tail_target.take()
     }
 
     /// Lets helpers check against, and grant into, the interpreter's memory for one call.
@@ -207,6 +419,9 @@ pub struct Helper {
     /// Whether it may set [`CallStatus::Exit`] or [`CallStatus::Fault`]; the JIT checks the
     /// status only after such helpers.
     pub may_stop: bool,
+    /// Whether it calls program functions back ([`CallEnv::call_func`]): the engines set up
+    /// their callback entry around calls of such helpers.
+    pub calls_back: bool,
 }
 
 impl fmt::Debug for Helper {
@@ -214,6 +429,7 @@ impl fmt::Debug for Helper {
         f.debug_struct("Helper")
             .field("name", &self.name)
             .field("may_stop", &self.may_stop)
+            .field("calls_back", &self.calls_back)
             .finish()
     }
 }
@@ -244,6 +460,7 @@ impl HelperRegistry {
                 name,
                 func,
                 may_stop: false,
+                calls_back: false,
             },
         )
     }
@@ -256,6 +473,26 @@ impl HelperRegistry {
                 name,
                 func,
                 may_stop: true,
+                calls_back: false,
+            },
+        )
+    }
+
+    /// Registers a helper that calls program functions back ([`CallEnv::call_func`]); it may
+    /// stop the program too (a callback that traps stops it).
+    pub fn register_calling_back(
+        &mut self,
+        id: u32,
+        name: &'static str,
+        func: HelperFn,
+    ) -> &mut Self {
+        self.insert(
+            id,
+            Helper {
+                name,
+                func,
+                may_stop: true,
+                calls_back: true,
             },
         )
     }
@@ -310,4 +547,46 @@ pub fn conformance_helpers() -> HelperRegistry {
     let mut h = HelperRegistry::new();
     h.register_stopping(5, "unwind", conformance_unwind);
     h
+}
+
+/// `BPF_FUNC_loop`.
+pub const BPF_LOOP: u32 = 181;
+/// Most iterations `bpf_loop` runs (the kernel's `BPF_MAX_LOOPS`).
+pub const BPF_MAX_LOOPS: u64 = 1 << 23;
+
+fn neg(errno: i64) -> u64 {
+    (-errno) as u64
+}
+
+/// `bpf_loop(nr_loops, callback_fn, callback_ctx, flags)` (helper 181, `kernel/bpf/bpf_iter.c`):
+/// calls `callback_fn(i, callback_ctx)` for i = 0, 1, … up to `nr_loops` times, stopping after
+/// a call that returns non-zero (the verifier allows only 0 and 1); returns the number of calls
+/// made. `-E2BIG` when `nr_loops` is over 2^23, `-EINVAL` for non-zero flags or a bad
+/// callback. Register it with [`HelperRegistry::register_calling_back`].
+pub extern "C" fn bpf_loop(
+    nr_loops: u64,
+    func: u64,
+    ctx: u64,
+    flags: u64,
+    _: u64,
+    env: &mut CallEnv,
+) -> u64 {
+    const E2BIG: i64 = 7;
+    const EINVAL: i64 = 22;
+    let nr_loops = nr_loops & 0xffff_ffff;
+    if nr_loops > BPF_MAX_LOOPS {
+        return neg(E2BIG);
+    }
+    if flags != 0 {
+        return neg(EINVAL);
+    }
+    for i in 0..nr_loops {
+        match env.call_func(func, [i, ctx, 0, 0, 0]) {
+            Ok(0) => {}
+            Ok(_) => return i + 1,
+            Err(CallbackError::Invalid) => return neg(EINVAL),
+            Err(CallbackError::Stop) => return 0,
+        }
+    }
+    nr_loops
 }

@@ -10,7 +10,7 @@
 //! faulting pc. r1–r5 are left unchanged by helper calls here; programs must not rely on their
 //! value after a call (the JIT clobbers them, as the kernel does).
 
-use crate::helper::{CallEnv, CallStatus, HelperRegistry, MemRegion};
+use crate::helper::{CallEnv, CallStatus, HelperRegistry, MemRegion, TailTarget, func_token};
 use crate::isa::AtomicOp;
 use crate::memory::{GuestMemory, MemFault};
 use crate::opcode::*;
@@ -133,6 +133,11 @@ impl<'a> Interpreter<'a> {
     /// Runs with r1 = `r1`, r2 = `r2`, in memory `gm` (whose regions the caller registered),
     /// with `host` passed to helpers. Earlier helper grants are dropped; the stack is *not*
     /// cleared (callers that reuse `gm` and need a zeroed stack call [`GuestMemory::reset`]).
+    ///
+    /// A helper that starts a tail call ([`CallEnv::tail_call`]) replaces the running program
+    /// with its target: all frames are dropped, the target starts at its first instruction with
+    /// r1 = the r1 of the call, r10 = the top frame's and every other register zero (the stack
+    /// memory is left as it is, as the JIT leaves it).
     pub fn run_in(
         &self,
         gm: &mut GuestMemory,
@@ -142,24 +147,82 @@ impl<'a> Interpreter<'a> {
     ) -> Result<u64, Trap> {
         gm.grants.clear();
         let mut env = CallEnv::new(r1, host);
-        let mut regs = [0u64; 16];
-        regs[1] = r1;
-        regs[2] = r2;
-        regs[10] = gm.frame_pointer(0);
-        self.exec(gm, &mut regs, &mut env)
+        let mut budget = Budget {
+            left: self.budget.unwrap_or(u64::MAX),
+            limited: self.budget.is_some(),
+        };
+        let mut target: Option<TailTarget> = None;
+        let (mut r1, mut r2) = (r1, r2);
+        loop {
+            let (prog, helpers) = match &target {
+                Some(t) => (&*t.prog, &*t.helpers),
+                None => (self.prog, self.helpers),
+            };
+            let mut regs = [0u64; 16];
+            regs[1] = r1;
+            regs[2] = r2;
+            regs[10] = gm.frame_pointer(0);
+            let run = Run {
+                prog,
+                helpers,
+                depth: 0,
+            };
+            match run.exec(gm, &mut regs, &mut env, &mut budget, 0)? {
+                Stop::Return(v) => return Ok(v),
+                Stop::TailCall(ctx) => {
+                    target = env.take_tail_call();
+                    r1 = ctx;
+                    r2 = 0;
+                }
+            }
+        }
     }
+}
 
-    fn exec(
+/// `BPF_FUNC_tail_call`.
+const TAIL_CALL_ID: i32 = 12;
+
+/// How [`Run::exec`] ended without a trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The function it started returned (or a helper stopped the program), with this r0.
+    Return(u64),
+    /// A helper started a tail call (the target is in the env); the r1 of the call.
+    TailCall(u64),
+}
+
+/// Instructions a run may still execute (shared by a program and the callbacks it runs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) left: u64,
+    pub(crate) limited: bool,
+}
+
+/// One function activation chain: a program, its helpers, and the frame it starts in.
+#[derive(Clone, Copy)]
+pub(crate) struct Run<'p> {
+    pub(crate) prog: &'p Program,
+    pub(crate) helpers: &'p HelperRegistry,
+    /// Frame index of the starting function (0: the program's entry; deeper for callbacks).
+    pub(crate) depth: usize,
+}
+
+impl Run<'_> {
+    /// Runs from `start` with `regs` until the starting function returns, a helper stops the
+    /// program or starts a tail call, or a trap.
+    pub(crate) fn exec(
         &self,
         gm: &mut GuestMemory,
         regs: &mut [u64; 16],
         env: &mut CallEnv,
-    ) -> Result<u64, Trap> {
+        budget: &mut Budget,
+        start: usize,
+    ) -> Result<Stop, Trap> {
         let insns = self.prog.insns();
         let mut frames: Vec<Frame> = Vec::new();
-        let mut pc = 0usize;
-        let mut budget = self.budget.unwrap_or(u64::MAX);
-        let limited = self.budget.is_some();
+        let mut pc = start;
+        let mut left = budget.left;
+        let limited = budget.limited;
         macro_rules! trap {
             ($kind:expr) => {
                 return Err(Trap { kind: $kind, pc })
@@ -173,12 +236,34 @@ impl<'a> Interpreter<'a> {
                 }
             };
         }
+        // A helper call: r0, or the end of this activation chain. Tail calls start only from
+        // `call 12` (`bpf_tail_call`) outside callbacks; elsewhere the request is dropped.
+        macro_rules! helper {
+            ($id:expr, $tail:expr) => {{
+                budget.left = left;
+                regs[0] = self.call_helper($id, regs, gm, env, budget, pc, frames.len())?;
+                left = budget.left;
+                match env.status {
+                    s if s == CallStatus::Continue as u32 => {}
+                    s if s == CallStatus::Exit as u32 => return Ok(Stop::Return(env.exit_value)),
+                    s if s == CallStatus::TailCall as u32 => {
+                        if !$tail || env.in_callback() || env.tail_target.is_none() {
+                            // Nothing this engine can start: fall through.
+                            env.take_tail_call();
+                        } else {
+                            return Ok(Stop::TailCall(regs[1]));
+                        }
+                    }
+                    _ => {}
+                }
+            }};
+        }
         loop {
             if limited {
-                if budget == 0 {
+                if left == 0 {
                     trap!(TrapKind::BudgetExhausted);
                 }
-                budget -= 1;
+                left -= 1;
             }
             let insn = insns[pc];
             let dst = (insn.dst & 0xf) as usize;
@@ -291,8 +376,11 @@ impl<'a> Interpreter<'a> {
                     };
                 }
                 LDDW => {
-                    regs[dst] =
-                        (insn.imm as u32 as u64) | ((insns[pc + 1].imm as u32 as u64) << 32);
+                    regs[dst] = if insn.src == BPF_PSEUDO_FUNC {
+                        func_token((pc as i64 + 1 + insn.imm as i64) as usize)
+                    } else {
+                        (insn.imm as u32 as u64) | ((insns[pc + 1].imm as u32 as u64) << 32)
+                    };
                     next = pc + 2;
                 }
                 c if class(c) == BPF_LDX => {
@@ -348,26 +436,21 @@ impl<'a> Interpreter<'a> {
                             ret_pc: pc + 1,
                             saved: [regs[6], regs[7], regs[8], regs[9]],
                         });
-                        regs[10] = gm.frame_pointer(frames.len());
+                        regs[10] = gm.frame_pointer(self.depth + frames.len());
                         next = (pc as i64 + 1 + insn.imm as i64) as usize;
                     } else {
-                        regs[0] = self.call_helper(insn.imm as u32 as u64, regs, gm, env, pc)?;
-                        if env.status == CallStatus::Exit as u32 {
-                            return Ok(env.exit_value);
-                        }
+                        helper!(insn.imm as u32 as u64, insn.imm == TAIL_CALL_ID);
                     }
                 }
-                CALLX => {
-                    regs[0] = self.call_helper(regs[dst], regs, gm, env, pc)?;
-                    if env.status == CallStatus::Exit as u32 {
-                        return Ok(env.exit_value);
-                    }
-                }
+                CALLX => helper!(regs[dst], false),
                 EXIT => match frames.pop() {
-                    None => return Ok(regs[0]),
+                    None => {
+                        budget.left = left;
+                        return Ok(Stop::Return(regs[0]));
+                    }
                     Some(f) => {
                         regs[6..10].copy_from_slice(&f.saved);
-                        regs[10] = gm.frame_pointer(frames.len());
+                        regs[10] = gm.frame_pointer(self.depth + frames.len());
                         next = f.ret_pc;
                     }
                 },
@@ -388,13 +471,16 @@ impl<'a> Interpreter<'a> {
     }
 
     #[cold]
+    #[allow(clippy::too_many_arguments)]
     fn call_helper(
         &self,
         id: u64,
         regs: &[u64; 16],
         gm: &mut GuestMemory,
         env: &mut CallEnv,
+        budget: &mut Budget,
         pc: usize,
+        frames: usize,
     ) -> Result<u64, Trap> {
         let Some(h) = u32::try_from(id).ok().and_then(|id| self.helpers.get(id)) else {
             return Err(Trap {
@@ -403,7 +489,24 @@ impl<'a> Interpreter<'a> {
             });
         };
         env.set_memory(gm);
-        let r = (h.func)(regs[1], regs[2], regs[3], regs[4], regs[5], env);
+        let r = if h.calls_back {
+            let mut cb = crate::callback::Callbacks {
+                run: Run {
+                    depth: self.depth + frames,
+                    ..*self
+                },
+                gm,
+                budget,
+                trap: None,
+            };
+            let r = cb.call(h.func, regs, env);
+            if let Some(trap) = cb.trap {
+                return Err(trap);
+            }
+            r
+        } else {
+            (h.func)(regs[1], regs[2], regs[3], regs[4], regs[5], env)
+        };
         if env.status == CallStatus::Fault as u32 {
             return Err(Trap {
                 kind: TrapKind::HelperFault {

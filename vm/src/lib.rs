@@ -12,9 +12,12 @@
 //! - A [`verifier::Program`] only holds instructions that decode, with every jump and call
 //!   target inside the program, on an instruction boundary, and an `exit` reachable.
 //! - Guest memory is touched only in [`memory`], and only inside regions the host registered;
-//!   anything else is a [`interpreter::Trap`], never a host fault.
+//!   anything else is a [`interpreter::Trap`], never a host fault. The only other unsafe code
+//!   is the interpreter's callback entry (`callback`), which reaches the interpreter's state
+//!   through the helper env.
 
 pub mod asm;
+mod callback;
 pub mod disasm;
 pub mod helper;
 pub mod interpreter;

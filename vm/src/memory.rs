@@ -253,6 +253,20 @@ pub(crate) unsafe fn grant(mem: *mut GuestMemory, region: MemRegion) {
     }
 }
 
+/// Regions granted so far (0 without a `GuestMemory`).
+pub(crate) fn grants_len(mem: *mut GuestMemory) -> usize {
+    // SAFETY: as in `read_guest`.
+    unsafe { mem.as_ref() }.map_or(0, |m| m.grants.len())
+}
+
+/// Drops the grants after the first `len` (nothing without a `GuestMemory`).
+pub(crate) fn truncate_grants(mem: *mut GuestMemory, len: usize) {
+    // SAFETY: as in `read_guest`; no other reference to the memory is live during the call.
+    if let Some(m) = unsafe { mem.as_mut() } {
+        m.grants.truncate(len);
+    }
+}
+
 /// Copies guest memory into `buf`; with a `GuestMemory`, only from permitted ranges.
 pub(crate) fn read_guest(mem: *mut GuestMemory, addr: u64, buf: &mut [u8]) -> bool {
     // SAFETY: `mem` comes from `CallEnv`, which holds null or the interpreter's live memory,

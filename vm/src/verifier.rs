@@ -9,6 +9,10 @@
 //!   slot of an `lddw`; no path falls off the end of a function;
 //! - every local call targets the start of a function; the call graph has no recursion and
 //!   nests at most [`MAX_CALL_DEPTH`] frames;
+//! - every `lddw rX, func f` (`BPF_PSEUDO_FUNC`) names an instruction other than the entry,
+//!   which becomes the start of a function (a *callback*, which helpers such as `bpf_loop`
+//!   call); it counts as a call of `f` from the function holding the `lddw` in the call graph,
+//!   and no callback may reach itself;
 //! - every helper called by id is registered with the host;
 //! - stack accesses through r10 with a constant offset stay inside the 512-byte frame;
 //! - an `exit` is reachable from the entry; at most [`MAX_INSNS`] slots.
@@ -100,6 +104,12 @@ pub enum VerifyErrorKind {
         /// Access size.
         size: usize,
     },
+    /// `lddw rX, func f` names no valid function start.
+    #[error("invalid callback reference to {target}")]
+    BadFunc {
+        /// Target slot (may be negative).
+        target: i64,
+    },
     /// A map/BTF reference that the runtime has not resolved.
     #[error("unresolved {kind:?} reference in lddw; load the program through the runtime")]
     UnresolvedPseudo {
@@ -160,6 +170,9 @@ pub struct Program {
     insns: Vec<Insn>,
     ops: Vec<Option<Op>>,
     functions: Vec<usize>,
+    /// Entries of the functions named by `lddw rX, func f`, sorted, with the frames each one's
+    /// call tree needs (itself included).
+    callbacks: Vec<(usize, usize)>,
 }
 
 impl Program {
@@ -174,6 +187,17 @@ impl Program {
     /// Entry slots of the functions, sorted; `functions()[0] == 0` is the main function.
     pub fn functions(&self) -> &[usize] {
         &self.functions
+    }
+    /// The functions `lddw rX, func f` names (callbacks), by entry slot, sorted.
+    pub fn callbacks(&self) -> impl Iterator<Item = usize> + '_ {
+        self.callbacks.iter().map(|c| c.0)
+    }
+    /// When `pc` is the entry of a callback: the frames its call tree needs, itself included.
+    pub fn callback_frames(&self, pc: usize) -> Option<usize> {
+        self.callbacks
+            .binary_search_by_key(&pc, |c| c.0)
+            .ok()
+            .map(|i| self.callbacks[i].1)
     }
     /// Number of slots.
     pub fn len(&self) -> usize {
@@ -219,6 +243,7 @@ pub fn verify_with(
     let n = insns.len();
     let mut ops: Vec<Option<Op>> = vec![None; n];
     let mut functions = BTreeSet::from([0usize]);
+    let mut callbacks = BTreeSet::new();
     let mut pc = 0;
     while pc < n {
         let op = match decode(insns, pc) {
@@ -238,6 +263,19 @@ pub fn verify_with(
                     return err(pc, VerifyErrorKind::CallOutOfRange { target });
                 }
                 functions.insert(target as usize);
+            }
+            Op::LdImm64 {
+                kind: LdImmKind::Func,
+                lo,
+                hi,
+                ..
+            } => {
+                let target = pc as i64 + 1 + i64::from(lo);
+                if hi != 0 || target <= 0 || target >= n as i64 {
+                    return err(pc, VerifyErrorKind::BadFunc { target });
+                }
+                functions.insert(target as usize);
+                callbacks.insert(target as usize);
             }
             Op::LdImm64 { kind, .. } if kind != LdImmKind::Imm64 && !opts.allow_pseudo_lddw => {
                 return err(pc, VerifyErrorKind::UnresolvedPseudo { kind });
@@ -282,6 +320,17 @@ pub fn verify_with(
             let target = (pc as i64 + 1 + *off as i64) as usize;
             if ops[target].is_none() {
                 return err(pc, VerifyErrorKind::JumpIntoLddw { target });
+            }
+        }
+        if let Some(Op::LdImm64 {
+            kind: LdImmKind::Func,
+            lo,
+            ..
+        }) = op
+        {
+            let target = pc as i64 + 1 + i64::from(*lo);
+            if ops[target as usize].is_none() {
+                return err(pc, VerifyErrorKind::BadFunc { target });
             }
         }
     }
@@ -342,10 +391,18 @@ pub fn verify_with(
                     stack.push(next);
                 }
                 _ => {
-                    if let Op::CallLocal { off } = op {
-                        let target = (pc as i64 + 1 + off as i64) as usize;
+                    let callee = match op {
+                        Op::CallLocal { off } => Some(pc as i64 + 1 + i64::from(off)),
+                        Op::LdImm64 {
+                            kind: LdImmKind::Func,
+                            lo,
+                            ..
+                        } => Some(pc as i64 + 1 + i64::from(lo)),
+                        _ => None,
+                    };
+                    if let Some(target) = callee {
                         let ti = functions
-                            .binary_search(&target)
+                            .binary_search(&(target as usize))
                             .expect("collected in pass 1");
                         calls[fi].push(ti);
                     }
@@ -406,10 +463,31 @@ pub fn verify_with(
         Ok(_) => {}
     }
 
+    // Callbacks: a helper may call any of them from anywhere (the token is a value), so each
+    // one's tree is checked for recursion, and its depth kept for the engines' run-time check.
+    let mut cbs = Vec::with_capacity(callbacks.len());
+    for &target in &callbacks {
+        let fi = functions
+            .binary_search(&target)
+            .expect("collected in pass 1");
+        match depth(fi, &calls, &mut on_path, &mut memo) {
+            Err(fi) => {
+                return err(
+                    functions[fi],
+                    VerifyErrorKind::Recursion {
+                        target: functions[fi],
+                    },
+                );
+            }
+            Ok(d) => cbs.push((target, d)),
+        }
+    }
+
     Ok(Program {
         insns: insns.to_vec(),
         ops,
         functions,
+        callbacks: cbs,
     })
 }
 

@@ -25,7 +25,7 @@ use super::regs::*;
 use crate::abi::{JitContext, MAX_TAIL_CALLS, TailCallTable, trap};
 use crate::{Arch, CompiledCode, JitError, JitOptions};
 use bpftime_vm::helper::{Helper, HelperRegistry};
-use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, Op, Size, Src, Width};
+use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, LdImmKind, Op, Size, Src, Width};
 use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
 use bpftime_vm::verifier::Program;
 use dynasmrt::aarch64::{
@@ -63,6 +63,10 @@ const CTX_FAST_LEN: u32 = offset_of!(JitContext, fast_len) as u32;
 const CTX_FAST_WLEN: u32 = offset_of!(JitContext, fast_wlen) as u32;
 const CTX_TAIL_TABLES: u32 = offset_of!(JitContext, tail_tables) as u32;
 const CTX_TAIL_TABLES_LEN: u32 = offset_of!(JitContext, tail_tables_len) as u32;
+const CTX_FUNCS: u32 = offset_of!(JitContext, funcs) as u32;
+const CTX_CUR_FP: u32 = offset_of!(JitContext, cur_fp) as u32;
+const CB_TARGET: u32 = crate::abi::CB_TARGET as u32;
+const CB_FP: u32 = crate::abi::CB_FP as u32;
 const TT_MAP: u32 = offset_of!(TailCallTable, map) as u32;
 const TT_LEN: u32 = offset_of!(TailCallTable, len) as u32;
 const TT_SLOTS: u32 = offset_of!(TailCallTable, slots) as u32;
@@ -81,13 +85,19 @@ const ENV_FAULT_CODE: u32 = 4;
 const ENV_EXIT_VALUE: u32 = 8;
 const STATUS_EXIT: u32 = 1;
 const STATUS_FAULT: u32 = 2;
+const STATUS_TAIL_CALL: u32 = 3;
+const STATUS_TRAPPED: u32 = 4;
+const ENV_TAIL_ENTRY: u32 = bpftime_vm::helper::ENV_TAIL_ENTRY as u32;
+const ENV_CALLBACK_DEPTH: u32 = bpftime_vm::helper::ENV_CALLBACK_DEPTH as u32;
 
 const _: () = assert!(FRAME_SIZE < 4096, "r10 moves by an add/sub immediate");
 /// Bytes of eBPF stack of all frames.
 const STACK_BYTES: u32 = (FRAME_SIZE * MAX_FRAMES) as u32;
 const _: () = assert!(STACK_BYTES <= 4096, "compared as an add/sub immediate");
-/// Frame size of the entry function: fp, lr and x19–x28.
-const ENTRY_FRAME: u32 = 96;
+/// Frame size of the entry function: fp, lr, x19–x28 and the previous `ctx.saved_sp` (at
+/// [`SAVED_SP_SLOT`], restored by the unwinder: callback runs nest).
+const ENTRY_FRAME: u32 = 112;
+const SAVED_SP_SLOT: u32 = 96;
 /// Frame size of a subprogram: fp, lr and r6–r9.
 const SUB_FRAME: u32 = 48;
 /// Above this many slots, conditional branches are emitted as `b.!cond +8; b target` because
@@ -204,6 +214,14 @@ pub(crate) struct Emitter<'a> {
     epilogue: DynamicLabel,
     tail_routine: DynamicLabel,
     uses_tail: bool,
+    /// Callbacks (`lddw rX, func f` targets): (entry slot, frames), sorted.
+    callbacks: Vec<(usize, usize)>,
+    callback_entry: DynamicLabel,
+    /// Code offset of each function's entry, by index in `prog.functions()`.
+    func_offsets: Vec<usize>,
+    /// Offset of the `movz`/`movk` pair in the prologue that receives the distance to the
+    /// function table.
+    table_fixup: Option<usize>,
 }
 
 impl<'a> Emitter<'a> {
@@ -224,6 +242,7 @@ impl<'a> Emitter<'a> {
         let unwind = ops.new_dynamic_label();
         let epilogue = ops.new_dynamic_label();
         let tail_routine = ops.new_dynamic_label();
+        let callback_entry = ops.new_dynamic_label();
         Emitter {
             ops,
             prog,
@@ -239,6 +258,13 @@ impl<'a> Emitter<'a> {
             epilogue,
             tail_routine,
             uses_tail: false,
+            callbacks: prog
+                .callbacks()
+                .map(|pc| (pc, prog.callback_frames(pc).unwrap_or(usize::MAX)))
+                .collect(),
+            callback_entry,
+            func_offsets: vec![0; prog.functions().len()],
+            table_fixup: None,
         }
     }
 
@@ -261,6 +287,7 @@ impl<'a> Emitter<'a> {
             let main = fi == 0;
             if !main {
                 let entry = self.func_entries[fi];
+                self.func_offsets[fi] = self.ops.offset().0;
                 a64!(self.ops
                     ; =>entry
                     ; stp x29, x30, [sp, -(SUB_FRAME as i32)]!
@@ -285,10 +312,23 @@ impl<'a> Emitter<'a> {
             self.emit_tail_call();
         }
         self.emit_tail();
-        let code = self
+        if !self.callbacks.is_empty() {
+            self.emit_callback_entry();
+        }
+        let table = self.emit_func_table();
+        let mut code = self
             .ops
             .finalize()
             .map_err(|e| JitError::Codegen(format!("aarch64: {e}")))?;
+        if let (Some(at), Some(table)) = (self.table_fixup, table) {
+            // `adr x9, here` at `at - 4`: the table is `table - (at - 4)` bytes further.
+            let dist = u32::try_from(table - (at - 4))
+                .map_err(|_| JitError::Codegen("aarch64: code over 4 GiB".into()))?;
+            let movz = 0xd280_0000 | ((dist & 0xffff) << 5) | u32::from(TMP);
+            let movk = 0xf2a0_0000 | ((dist >> 16) << 5) | u32::from(TMP);
+            code[at..at + 4].copy_from_slice(&movz.to_le_bytes());
+            code[at + 4..at + 8].copy_from_slice(&movk.to_le_bytes());
+        }
         Ok(CompiledCode {
             arch: Arch::Aarch64,
             code,
@@ -317,10 +357,29 @@ impl<'a> Emitter<'a> {
             ; stp x27, x28, [sp, 64]
             ; stp x23, x24, [sp, 80]
             ; mov X(CTX), x2
+            ; ldr X(ADDR), [X(CTX), CTX_SAVED_SP]
+            ; str X(ADDR), [sp, SAVED_SP_SLOT]
             ; mov XSP(ADDR), sp
             ; str X(ADDR), [X(CTX), CTX_SAVED_SP]
             ; str wzr, [X(CTX), CTX_TRAP_KIND]
             ; =>init
+        );
+        if self.callbacks.is_empty() {
+            a64!(self.ops ; str xzr, [X(CTX), CTX_FUNCS]);
+        } else {
+            // x9 = this instruction's address + the distance to the table (patched in
+            // `compile`, once the table's offset is known).
+            let here = self.ops.new_dynamic_label();
+            a64!(self.ops ; =>here ; adr X(ADDR), =>here);
+            self.table_fixup = Some(self.ops.offset().0);
+            a64!(self.ops
+                ; movz X(TMP), 0
+                ; movk X(TMP), 0, lsl 16
+                ; add X(ADDR), X(ADDR), X(TMP)
+                ; str X(ADDR), [X(CTX), CTX_FUNCS]
+            );
+        }
+        a64!(self.ops
             ; ldr X(FP), [X(CTX), CTX_FRAME_TOP]
             // The interpreter starts every register but r1, r2 and r10 at zero.
             ; mov X(R0), xzr
@@ -358,6 +417,8 @@ impl<'a> Emitter<'a> {
             ; =>unwind
             ; ldr X(ADDR), [X(CTX), CTX_SAVED_SP]
             ; mov sp, XSP(ADDR)
+            ; ldr X(ADDR), [sp, SAVED_SP_SLOT]
+            ; str X(ADDR), [X(CTX), CTX_SAVED_SP]
             ; =>epilogue
             ; ldp x23, x24, [sp, 80]
             ; ldp x27, x28, [sp, 64]
@@ -369,14 +430,91 @@ impl<'a> Emitter<'a> {
         );
     }
 
+    /// The callback entry routine ([`crate::abi::CallbackEntry`]): x0 = the frame, x1 = the
+    /// context. Same native frame as the host entry, so the unwinder serves both.
+    fn emit_callback_entry(&mut self) {
+        let (l, epilogue) = (self.callback_entry, self.epilogue);
+        a64!(self.ops
+            ; =>l
+            ; stp x29, x30, [sp, -(ENTRY_FRAME as i32)]!
+            ; mov x29, sp
+            ; stp x19, x20, [sp, 16]
+            ; stp x21, x22, [sp, 32]
+            ; stp x25, x26, [sp, 48]
+            ; stp x27, x28, [sp, 64]
+            ; stp x23, x24, [sp, 80]
+            ; mov X(CTX), x1
+            ; ldr X(ADDR), [X(CTX), CTX_SAVED_SP]
+            ; str X(ADDR), [sp, SAVED_SP_SLOT]
+            ; mov XSP(ADDR), sp
+            ; str X(ADDR), [X(CTX), CTX_SAVED_SP]
+        );
+        if self.checked {
+            a64!(self.ops
+                ; ldr X(STACK_LO), [X(CTX), CTX_STACK_LO]
+                ; ldr X(FAST_START), [X(CTX), CTX_FAST_START]
+                ; ldr X(FAST_LEN), [X(CTX), CTX_FAST_LEN]
+                ; ldr X(FAST_WLEN), [X(CTX), CTX_FAST_WLEN]
+            );
+        }
+        a64!(self.ops
+            ; mov X(CALL), x0
+            ; ldr x17, [X(CALL), CB_TARGET]
+            ; ldr X(FP), [X(CALL), CB_FP]
+            ; ldp x0, x1, [X(CALL)]
+            ; ldp x2, x3, [X(CALL), 16]
+            ; ldr x4, [X(CALL), 32]
+            ; mov X(R0), xzr
+            ; mov x19, xzr
+            ; mov x20, xzr
+            ; mov x21, xzr
+            ; mov x22, xzr
+            ; blr x17
+            ; mov x0, X(R0)
+            ; ldr X(ADDR), [sp, SAVED_SP_SLOT]
+            ; str X(ADDR), [X(CTX), CTX_SAVED_SP]
+            ; b =>epilogue
+        );
+    }
+
+    /// The [`crate::abi::FuncTable`] at the end of the code (when there are callbacks); its
+    /// offset.
+    fn emit_func_table(&mut self) -> Option<usize> {
+        if self.callbacks.is_empty() {
+            return None;
+        }
+        while !self.ops.offset().0.is_multiple_of(8) {
+            a64!(self.ops ; nop);
+        }
+        let table_off = self.ops.offset().0;
+        let entry_off = self
+            .ops
+            .labels()
+            .resolve_dynamic(self.callback_entry)
+            .map_or(0, |o| o.0);
+        let funcs = self.prog.functions();
+        let entries: Vec<(usize, usize, usize)> = self
+            .callbacks
+            .iter()
+            .filter_map(|&(pc, frames)| {
+                let fi = funcs.binary_search(&pc).ok()?;
+                Some((pc, self.func_offsets[fi], frames))
+            })
+            .collect();
+        self.ops
+            .extend(crate::abi::func_table_bytes(table_off, entry_off, &entries));
+        Some(table_off)
+    }
+
     /// `bpf_tail_call(r1 = ctx, r2 = map, r3 = index)`, entered with `bl` (every function saved
     /// lr). Falls through (returns, r0–r5 unchanged) when r2 names no table, the index is out
     /// of range, the run made [`MAX_TAIL_CALLS`] tail calls, or the slot is empty — counting
     /// the call before the slot test, as the kernel does; otherwise drops every frame down to
     /// the entry's and jumps to the target's tail entry.
     fn emit_tail_call(&mut self) {
-        let (l, next, found, out) = (
+        let (l, next, found, out, dynamic) = (
             self.tail_routine,
+            self.ops.new_dynamic_label(),
             self.ops.new_dynamic_label(),
             self.ops.new_dynamic_label(),
             self.ops.new_dynamic_label(),
@@ -385,7 +523,7 @@ impl<'a> Emitter<'a> {
             ; =>l
             ; ldr X(ADDR), [X(CTX), CTX_TAIL_TABLES]
             ; ldr X(TMP), [X(CTX), CTX_TAIL_TABLES_LEN]
-            ; cbz X(TMP), =>out
+            ; cbz X(TMP), =>dynamic
             ; =>next
             ; ldr X(TMP2), [X(ADDR), TT_MAP]
             ; cmp X(TMP2), x1
@@ -393,9 +531,42 @@ impl<'a> Emitter<'a> {
             ; add XSP(ADDR), XSP(ADDR), TT_SIZE
             ; subs X(TMP), XSP(TMP), 1
             ; b.ne =>next
+            ; =>dynamic
+        );
+        if let Some(h) = self.helpers.get(TAIL_CALL_ID).copied() {
+            // No table for r2: the registered helper 12, which may start a tail call through
+            // the env (`CallStatus::TailCall`). r1 (x0) and lr are kept across the call.
+            let addr = (self.helper_addr)(TAIL_CALL_ID, &h);
+            a64!(self.ops
+                ; stp x0, x30, [sp, -16]!
+                ; ldr X(ENV_ARG), [X(CTX), CTX_ENV]
+            );
+            self.mov_imm64(CALL, addr);
+            a64!(self.ops
+                ; blr X(CALL)
+                ; mov X(R0), x0
+                ; ldp x0, x30, [sp], 16
+                ; ldr X(ADDR), [X(CTX), CTX_ENV]
+                ; ldr W(TMP), [X(ADDR), ENV_STATUS]
+                ; cmp WSP(TMP), STATUS_TAIL_CALL
+                ; b.ne =>out
+                ; str wzr, [X(ADDR), ENV_STATUS]
+                ; ldr W(TMP), [X(ADDR), ENV_CALLBACK_DEPTH]
+                ; cbnz W(TMP), =>out
+                ; ldr X(CALL), [X(ADDR), ENV_TAIL_ENTRY]
+                ; cbz X(CALL), =>out
+                ; ldr X(ADDR), [X(CTX), CTX_SAVED_SP]
+                ; mov sp, XSP(ADDR)
+                ; br X(CALL)
+            );
+        }
+        a64!(self.ops
             ; =>out
             ; ret
             ; =>found
+            ; ldr X(TMP2), [X(CTX), CTX_ENV]
+            ; ldr W(TMP2), [X(TMP2), ENV_CALLBACK_DEPTH]
+            ; cbnz W(TMP2), =>out
             ; mov W(TMP), w2
             ; ldr X(TMP2), [X(ADDR), TT_LEN]
             ; cmp X(TMP), X(TMP2)
@@ -474,15 +645,24 @@ impl<'a> Emitter<'a> {
                 Stub::Status { pc, resume } => {
                     let exit = self.ops.new_dynamic_label();
                     let fault = self.ops.new_dynamic_label();
+                    let trapped = self.ops.new_dynamic_label();
                     let unwind = self.unwind;
                     a64!(self.ops
                         ; cmp WSP(TMP), STATUS_EXIT
                         ; b.eq =>exit
                         ; cmp WSP(TMP), STATUS_FAULT
                         ; b.eq =>fault
+                        // A callback trapped: the context holds its trap.
+                        ; cmp WSP(TMP), STATUS_TRAPPED
+                        ; b.eq =>trapped
+                        // A tail call requested anywhere but `call 12`: dropped.
+                        ; str wzr, [X(ADDR), ENV_STATUS]
                         ; b =>resume
                         ; =>exit
                         ; ldr x0, [X(ADDR), ENV_EXIT_VALUE]
+                        ; b =>unwind
+                        ; =>trapped
+                        ; mov x0, xzr
                         ; b =>unwind
                         ; =>fault
                         ; ldr W(ADDR), [X(ADDR), ENV_FAULT_CODE]
@@ -639,6 +819,15 @@ impl<'a> Emitter<'a> {
                     (Endian::Be | Endian::Swap, 32) => a64!(self.ops ; rev W(d), W(d)),
                     (Endian::Be | Endian::Swap, _) => a64!(self.ops ; rev X(d), X(d)),
                 }
+            }
+            Op::LdImm64 {
+                dst,
+                kind: LdImmKind::Func,
+                lo,
+                ..
+            } => {
+                let target = (pc as i64 + 1 + i64::from(lo)) as usize;
+                self.mov_imm64(host(dst), bpftime_vm::helper::func_token(target));
             }
             Op::LdImm64 { dst, lo, hi, .. } => {
                 self.mov_imm64(
@@ -1115,15 +1304,24 @@ impl<'a> Emitter<'a> {
             self.uses_tail = true;
             let l = self.tail_routine;
             a64!(self.ops ; bl =>l);
+            if h.may_stop {
+                self.status_check(pc);
+            }
             return Ok(());
         }
         let addr = (self.helper_addr)(id, &h);
+        if h.calls_back {
+            a64!(self.ops ; str X(FP), [X(CTX), CTX_CUR_FP]);
+        }
         a64!(self.ops ; ldr X(ENV_ARG), [X(CTX), CTX_ENV]);
         self.mov_imm64(CALL, addr);
         a64!(self.ops
             ; blr X(CALL)
             ; mov X(R0), x0
         );
+        if h.calls_back {
+            a64!(self.ops ; str xzr, [X(CTX), CTX_CUR_FP]);
+        }
         if h.may_stop {
             self.status_check(pc);
         }
@@ -1147,8 +1345,11 @@ impl<'a> Emitter<'a> {
         self.b_cond(Cond::Eq, unknown);
         a64!(self.ops
             ; ldr X(ENV_ARG), [X(CTX), CTX_ENV]
+            // The target may call back (its registration is not known here).
+            ; str X(FP), [X(CTX), CTX_CUR_FP]
             ; blr X(CALL)
             ; mov X(R0), x0
+            ; str xzr, [X(CTX), CTX_CUR_FP]
         );
         // The table does not say which helpers may stop: always look at the status.
         self.status_check(pc);

@@ -47,8 +47,8 @@
 use super::regs::{native, x};
 use crate::abi::{JitContext, MAX_TAIL_CALLS, TailCallTable, trap};
 use crate::{Arch, CompiledCode, JitError, JitOptions};
-use bpftime_vm::helper::{CallEnv, HelperRegistry};
-use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, Op, Size, Src, Width};
+use bpftime_vm::helper::{CallEnv, CallStatus, HelperRegistry};
+use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, LdImmKind, Op, Size, Src, Width};
 use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
 use bpftime_vm::verifier::Program;
 use dynasmrt::x64::X64Relocation;
@@ -101,10 +101,16 @@ const CACHE_START: i32 = offset_of!(JitContext, reserved) as i32;
 const CACHE_LEN: i32 = CACHE_START + 8;
 const CACHE_WLEN: i32 = CACHE_START + 16;
 const TAIL_TABLES_LEN: i32 = offset_of!(JitContext, tail_tables_len) as i32;
+const FUNCS: i32 = offset_of!(JitContext, funcs) as i32;
+const CUR_FP: i32 = offset_of!(JitContext, cur_fp) as i32;
+const CB_TARGET: i32 = crate::abi::CB_TARGET as i32;
+const CB_FP: i32 = crate::abi::CB_FP as i32;
 // CallEnv (asserted in bpftime_vm::helper for status and exit_value).
 const ENV_STATUS: i32 = offset_of!(CallEnv, status) as i32;
 const ENV_FAULT_CODE: i32 = offset_of!(CallEnv, fault_code) as i32;
 const ENV_EXIT_VALUE: i32 = offset_of!(CallEnv, exit_value) as i32;
+const ENV_TAIL_ENTRY: i32 = bpftime_vm::helper::ENV_TAIL_ENTRY as i32;
+const ENV_CALLBACK_DEPTH: i32 = bpftime_vm::helper::ENV_CALLBACK_DEPTH as i32;
 // TailCallTable.
 const TT_MAP: i32 = offset_of!(TailCallTable, map) as i32;
 const TT_LEN: i32 = offset_of!(TailCallTable, len) as i32;
@@ -173,6 +179,13 @@ struct Emitter<'a> {
     /// Whether eBPF r3 (rdx) is read anywhere in the program (explicitly or as a call
     /// argument): if not, `div`/`mul` may clobber rdx without saving it.
     r3_read: bool,
+    /// Callbacks (`lddw rX, func f` targets): (entry slot, frames), sorted.
+    callbacks: Vec<(usize, usize)>,
+    /// The function table and the callback entry routine (when there are callbacks).
+    func_table: DynamicLabel,
+    callback_entry: DynamicLabel,
+    /// Code offset of each function's prologue, by index in `functions`.
+    func_offsets: Vec<usize>,
 }
 
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
@@ -366,6 +379,7 @@ pub fn compile(
         .iter()
         .map(|_| ops.new_dynamic_label())
         .collect();
+    let (func_table, callback_entry) = (ops.new_dynamic_label(), ops.new_dynamic_label());
     let mut e = Emitter {
         unwind: ops.new_dynamic_label(),
         trap_exit: ops.new_dynamic_label(),
@@ -384,6 +398,13 @@ pub fn compile(
         bmi2: host_has_bmi2(),
         r3_read: reads_register(prog, 3),
         offsets: vec![u32::MAX; n],
+        callbacks: prog
+            .callbacks()
+            .map(|pc| (pc, prog.callback_frames(pc).unwrap_or(usize::MAX)))
+            .collect(),
+        func_table,
+        callback_entry,
+        func_offsets: vec![0; prog.functions().len()],
         stack_ptrs: if opts.checked {
             stack_pointers(prog)
         } else {
@@ -411,6 +432,7 @@ pub fn compile(
     for (pc, op) in prog.ops().iter().enumerate() {
         let Some(op) = *op else { continue };
         if e.functions.get(next_function) == Some(&pc) {
+            e.func_offsets[next_function] = e.ops.offset().0;
             e.subprogram_prologue(e.func_entry[next_function]);
             next_function += 1;
         }
@@ -430,6 +452,7 @@ pub fn compile(
         e.insn(pc, op, pc < main_end, prog)?;
     }
     e.finish();
+    e.emit_func_table();
     let code = std::mem::replace(&mut e.ops, VecAssembler::new(0))
         .finalize()
         .map_err(|err| JitError::Codegen(err.to_string()))?;
@@ -461,8 +484,22 @@ impl Emitter<'_> {
             ; push r15
             ; sub rsp, 8
             ; mov r12, rdx
+            // The unwinder restores ctx.saved_sp from here (callback runs nest).
+            ; mov rax, [r12 + SAVED_SP]
+            ; mov [rsp], rax
             ; mov [r12 + SAVED_SP], rsp
             ; =>init
+        );
+        if self.callbacks.is_empty() {
+            asm!(self.ops; mov QWORD [r12 + FUNCS], 0);
+        } else {
+            let t = self.func_table;
+            asm!(self.ops
+                ; lea rax, [=>t]
+                ; mov [r12 + FUNCS], rax
+            );
+        }
+        asm!(self.ops
             ; mov rbp, [r12 + FRAME_TOP]
             ; xor eax, eax
             ; xor edx, edx
@@ -474,6 +511,71 @@ impl Emitter<'_> {
             ; xor r15d, r15d
         );
         entry
+    }
+
+    /// The callback entry routine ([`crate::abi::CallbackEntry`]): `rdi` = the frame, `rsi` =
+    /// the context. Same native frame as the program entry, so the unwinder serves both.
+    fn emit_callback_entry(&mut self) {
+        let l = self.callback_entry;
+        self.align_with_nops(16);
+        asm!(self.ops
+            ; =>l
+            ; push rbp
+            ; push rbx
+            ; push r12
+            ; push r13
+            ; push r14
+            ; push r15
+            ; sub rsp, 8
+            ; mov r12, rsi
+            ; mov rax, [r12 + SAVED_SP]
+            ; mov [rsp], rax
+            ; mov [r12 + SAVED_SP], rsp
+            ; mov r11, rdi
+            // The subprogram's prologue moves r10 down by a frame.
+            ; mov rbp, [r11 + CB_FP]
+            ; add rbp, FRAME_SIZE as i32
+            ; mov rdi, [r11]
+            ; mov rsi, [r11 + 8]
+            ; mov rdx, [r11 + 16]
+            ; mov rcx, [r11 + 24]
+            ; mov r8, [r11 + 32]
+            ; xor eax, eax
+            ; xor ebx, ebx
+            ; xor r13d, r13d
+            ; xor r14d, r14d
+            ; xor r15d, r15d
+            ; call QWORD [r11 + CB_TARGET]
+            ; mov r11, [rsp]
+            ; mov [r12 + SAVED_SP], r11
+        );
+        self.main_epilogue();
+    }
+
+    /// The [`crate::abi::FuncTable`] at the end of the code (when there are callbacks).
+    fn emit_func_table(&mut self) {
+        if self.callbacks.is_empty() {
+            return;
+        }
+        self.align_with_nops(8);
+        let table_off = self.ops.offset().0;
+        let t = self.func_table;
+        asm!(self.ops; =>t);
+        let entry_off = self
+            .ops
+            .labels()
+            .resolve_dynamic(self.callback_entry)
+            .map_or(0, |o| o.0);
+        let entries: Vec<(usize, usize, usize)> = self
+            .callbacks
+            .iter()
+            .filter_map(|&(pc, frames)| {
+                let fi = self.functions.binary_search(&pc).ok()?;
+                Some((pc, self.func_offsets[fi], frames))
+            })
+            .collect();
+        self.ops
+            .extend(crate::abi::func_table_bytes(table_off, entry_off, &entries));
     }
 
     /// Rough bytes of code for `op` (only to place loops; errs on the large side).
@@ -609,6 +711,15 @@ impl Emitter<'_> {
                     (_, _) => asm!(self.ops; bswap Rq(d)),
                 }
             }
+            Op::LdImm64 {
+                dst,
+                kind: LdImmKind::Func,
+                lo,
+                ..
+            } => {
+                let target = (pc as i64 + 1 + i64::from(lo)) as usize;
+                self.mov_imm64(native(dst), bpftime_vm::helper::func_token(target));
+            }
             Op::LdImm64 { dst, lo, hi, .. } => {
                 let v = u64::from(lo as u32) | (u64::from(hi as u32) << 32);
                 self.mov_imm64(native(dst), v);
@@ -714,15 +825,24 @@ impl Emitter<'_> {
                 self.uses_tail = true;
                 let l = self.tail_routine;
                 asm!(self.ops; call =>l);
+                if self.helpers.get(id).is_some_and(|h| h.may_stop) {
+                    self.status_check(pc);
+                }
             }
             Op::Call { id } => match self.helpers.get(id) {
                 Some(h) => {
                     let addr = h.func as usize as i64;
+                    if h.calls_back {
+                        asm!(self.ops; mov [r12 + CUR_FP], rbp);
+                    }
                     asm!(self.ops
                         ; mov r9, [r12 + ENV]
                         ; mov rax, QWORD addr
                         ; call rax
                     );
+                    if h.calls_back {
+                        asm!(self.ops; mov QWORD [r12 + CUR_FP], 0);
+                    }
                     if h.may_stop {
                         self.status_check(pc);
                     }
@@ -768,7 +888,10 @@ impl Emitter<'_> {
                     ; test r10, r10
                     ; jz =>entry
                     ; mov r9, [r12 + ENV]
+                    // The target may call back (its registration is not known here).
+                    ; mov [r12 + CUR_FP], rbp
                     ; call r10
+                    ; mov QWORD [r12 + CUR_FP], 0
                 );
                 self.status_check(pc);
             }
@@ -1374,8 +1497,13 @@ impl Emitter<'_> {
             ; xor eax, eax
             ; =>unwind
             ; mov rsp, [r12 + SAVED_SP]
+            ; mov r11, [rsp]
+            ; mov [r12 + SAVED_SP], r11
         );
         self.main_epilogue();
+        if !self.callbacks.is_empty() {
+            self.emit_callback_entry();
+        }
         if self.uses_check {
             // In: r11 = address, r10 = len | write << 8. Out: ZF clear iff accessible.
             // Entered by `call` from a body (rsp 16-aligned there): 7 pushes + the return
@@ -1408,9 +1536,12 @@ impl Emitter<'_> {
             );
         }
         if self.uses_tail {
-            // bpf_tail_call(r1 = ctx, r2 = map, r3 = index), entered by `call`.
+            // bpf_tail_call(r1 = ctx, r2 = map, r3 = index), entered by `call`: the host's
+            // tables (`ctx.tail_tables`) first; no table for r2 → the registered helper 12,
+            // which may start a tail call through the env (`CallStatus::TailCall`).
             let l = self.tail_routine;
-            let (next, found, out) = (
+            let (next, found, out, dynamic) = (
+                self.ops.new_dynamic_label(),
                 self.ops.new_dynamic_label(),
                 self.ops.new_dynamic_label(),
                 self.ops.new_dynamic_label(),
@@ -1420,16 +1551,46 @@ impl Emitter<'_> {
                 ; mov r9, [r12 + TAIL_TABLES]
                 ; mov r10, [r12 + TAIL_TABLES_LEN]
                 ; test r10, r10
-                ; jz =>out
+                ; jz =>dynamic
                 ; =>next
                 ; cmp rsi, [r9 + TT_MAP]
                 ; je =>found
                 ; add r9, TT_SIZE
                 ; dec r10
                 ; jnz =>next
+                ; =>dynamic
+            );
+            if let Some(h) = self.helpers.get(TAIL_CALL_ID) {
+                // rsp is 8 mod 16 here: the push realigns it for the call.
+                let addr = h.func as usize as i64;
+                let fall = self.ops.new_dynamic_label();
+                asm!(self.ops
+                    ; push rdi
+                    ; mov r9, [r12 + ENV]
+                    ; mov rax, QWORD addr
+                    ; call rax
+                    ; pop rdi
+                    ; mov r10, [r12 + ENV]
+                    ; cmp DWORD [r10 + ENV_STATUS], CallStatus::TailCall as i32
+                    ; jne =>out
+                    ; mov DWORD [r10 + ENV_STATUS], 0
+                    ; mov r11, [r10 + ENV_TAIL_ENTRY]
+                    ; cmp DWORD [r10 + ENV_CALLBACK_DEPTH], 0
+                    ; jne =>fall
+                    ; test r11, r11
+                    ; jz =>fall
+                    ; mov rsp, [r12 + SAVED_SP]
+                    ; jmp r11
+                    ; =>fall
+                );
+            }
+            asm!(self.ops
                 ; =>out
                 ; ret
                 ; =>found
+                ; mov r10, [r12 + ENV]
+                ; cmp DWORD [r10 + ENV_CALLBACK_DEPTH], 0
+                ; jne =>out
                 ; mov r10d, edx
                 ; cmp r10, [r9 + TT_LEN]
                 ; jae =>out
@@ -1509,13 +1670,21 @@ impl Emitter<'_> {
                 Stub::Status { entry, back, pc } => {
                     // r10 = env. The interpreter's order: fault first, then exit.
                     let fault = self.ops.new_dynamic_label();
+                    let exit = self.ops.new_dynamic_label();
                     asm!(self.ops
                         ; =>entry
                         ; mov r11d, DWORD [r10 + ENV_STATUS]
                         ; cmp r11d, 2
                         ; je =>fault
                         ; cmp r11d, 1
-                        ; jne =>back
+                        ; je =>exit
+                        // A callback trapped: the context holds its trap.
+                        ; cmp r11d, CallStatus::Trapped as i32
+                        ; je =>trap_exit
+                        // A tail call requested anywhere but `call 12`: dropped.
+                        ; mov DWORD [r10 + ENV_STATUS], 0
+                        ; jmp =>back
+                        ; =>exit
                         ; mov rax, [r10 + ENV_EXIT_VALUE]
                         ; jmp =>unwind
                         ; =>fault

@@ -27,9 +27,12 @@
 #![allow(dead_code)]
 
 use bpftime_jit::aarch64::compile_with;
-use bpftime_jit::abi::{JitContext, TailCallTable, trap};
+use bpftime_jit::abi::{CallbackFrame, JitContext, TailCallTable, trap};
 use bpftime_jit::{CompiledCode, JitError, JitOptions};
-use bpftime_vm::helper::{CallEnv, HelperFn, HelperRegistry, MAX_HELPER_ID, MemRegion};
+use bpftime_vm::helper::{
+    CallEnv, CallStatus, CallbackError, HelperFn, HelperRegistry, MAX_HELPER_ID, MemRegion,
+    func_token_pc,
+};
 use bpftime_vm::interpreter::{Trap, TrapKind};
 use bpftime_vm::memory::{FRAME_SIZE, GuestMemory, MAX_FRAMES};
 use bpftime_vm::verifier::Program;
@@ -64,7 +67,10 @@ const CTX_OFF: usize = 0;
 const ENV_OFF: usize = 512;
 const TABLE_OFF: usize = 1024;
 const TABLE_ENTRIES: usize = 1024;
-const CTX_PAGE_BYTES: usize = TABLE_OFF + 8 * TABLE_ENTRIES;
+/// Callback frames ([`CallbackFrame`]), one per nesting level.
+const FRAMES_OFF: usize = TABLE_OFF + 8 * TABLE_ENTRIES;
+const FRAME_SLOT: usize = 64;
+const CTX_PAGE_BYTES: usize = FRAMES_OFF + FRAME_SLOT * MAX_FRAMES;
 /// Tail-call tables: headers, then slot arrays.
 const TAIL_PAGE_BYTES: usize = 4096;
 const TAIL_SLOTS_OFF: usize = 1024;
@@ -147,6 +153,11 @@ impl Drop for HostPages {
 thread_local! {
     /// Regions helpers granted during the current emulated run (see [`record_grant`]).
     static GRANTS: RefCell<Vec<MemRegion>> = const { RefCell::new(Vec::new()) };
+    /// The emulator while a hook calls a host helper, so that the helper can call back into
+    /// the emulated program ([`emu_callback`]).
+    static CURRENT_UC: std::cell::Cell<*mut c_void> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    /// Callbacks running (nested emulations), for their frame slots.
+    static LEVEL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Lets the emulated program access `r` for the rest of the run, in checked mode (what
@@ -445,9 +456,14 @@ impl Emu {
             );
         }
         let env_ptr = env as *mut CallEnv;
+        const _: () = assert!(ENV_OFF + size_of::<CallEnv>() <= TABLE_OFF);
         // SAFETY: `env` is 8-aligned host memory of the context page, inside it (ENV_OFF +
-        // size_of::<CallEnv>() < TABLE_OFF), owned by `self`; the emulator is stopped.
-        unsafe { env_ptr.write(CallEnv::new(r1, host)) };
+        // size_of::<CallEnv>() <= TABLE_OFF), owned by `self`; the emulator is stopped. The
+        // callback entry is sound with the context page as state (see `emu_callback`).
+        unsafe {
+            env_ptr.write(CallEnv::new(r1, host));
+            (*env_ptr).set_callback(Some(emu_callback), ctx as *mut c_void);
+        }
 
         for n in 0..=30 {
             self.uc.reg_write(x_reg(n), POISON ^ n as u64).unwrap();
@@ -611,7 +627,10 @@ fn trampoline_hook(uc: &mut Unicorn<'_, HostState>, addr: u64, _size: u32) {
             // host memory owned by the `Emu`; the emulator is paused in this hook, so the
             // helper has exclusive access to it for the call.
             let env = unsafe { &mut *(x[5] as *mut CallEnv) };
-            f(x[0], x[1], x[2], x[3], x[4], env)
+            let outer = CURRENT_UC.with(|c| c.replace((uc as *mut Unicorn<'_, HostState>).cast()));
+            let r = f(x[0], x[1], x[2], x[3], x[4], env);
+            CURRENT_UC.with(|c| c.set(outer));
+            r
         }
     };
     // A C `bool` only defines the low byte: poison the rest to catch code that reads more.
@@ -630,4 +649,99 @@ fn trampoline_hook(uc: &mut Unicorn<'_, HostState>, addr: u64, _size: u32) {
         uc.reg_write(x_reg(n), POISON.rotate_right(n as u32))
             .unwrap();
     }
+}
+
+/// The emulator's [`bpftime_vm::helper::CallbackFn`]: what `crate::program`'s `jit_callback`
+/// does natively, with a nested emulation of the program's callback entry routine. The
+/// function table is read from the emulated code; the frame is written to the context page.
+///
+/// # Safety
+/// Called through `CallEnv::call_func` by a helper that `trampoline_hook` runs: `CURRENT_UC`
+/// is the paused emulator (not otherwise used until the helper returns) and the env's state is
+/// the context page of its `Emu`.
+unsafe fn emu_callback(
+    env: &mut CallEnv,
+    func: u64,
+    args: [u64; 5],
+    grants: &[MemRegion],
+) -> Result<u64, CallbackError> {
+    let uc_ptr = CURRENT_UC
+        .with(|c| c.get())
+        .cast::<Unicorn<'static, HostState>>();
+    // SAFETY: per the contract: the emulator paused in the hook that runs this helper.
+    let uc = unsafe { uc_ptr.as_mut() }.ok_or(CallbackError::Invalid)?;
+    let ctx = env.engine_state() as u64;
+    let field = |off: usize| {
+        // SAFETY: the context page (contract), identity-mapped host memory of the `Emu`.
+        unsafe { ((ctx + off as u64) as *const u64).read_unaligned() }
+    };
+    let set_field = |off: usize, v: u64| {
+        // SAFETY: as above.
+        unsafe { ((ctx + off as u64) as *mut u64).write_unaligned(v) }
+    };
+    let pc = func_token_pc(func).ok_or(CallbackError::Invalid)?;
+    let table = field(offset_of!(JitContext, funcs));
+    let mut read = |addr: u64, buf: &mut [u8]| uc.mem_read(addr, buf).is_ok();
+    let (entry, target, frames) =
+        bpftime_jit::abi::find_callback(&mut read, table, pc).ok_or(CallbackError::Invalid)?;
+    let cur_fp = field(offset_of!(JitContext, cur_fp));
+    let fp =
+        bpftime_jit::abi::callback_fp(field(offset_of!(JitContext, frame_top)), cur_fp, frames)
+            .ok_or(CallbackError::Invalid)?;
+    // One frame slot per nesting level (at most MAX_FRAMES: each level takes a frame).
+    let level = LEVEL.with(|l| l.get());
+    if level >= MAX_FRAMES {
+        return Err(CallbackError::Invalid);
+    }
+    let frame_addr = ctx + (FRAMES_OFF + FRAME_SLOT * level) as u64;
+    let frame = CallbackFrame { args, target, fp };
+    // SAFETY: inside the context page (CTX_PAGE_BYTES covers MAX_FRAMES slots), 8-aligned.
+    unsafe { (frame_addr as *mut CallbackFrame).write(frame) };
+    let mark = GRANTS.with(|g| g.borrow().len());
+    for g in grants {
+        record_grant(*g);
+    }
+    let saved = uc.context_init().map_err(|_| CallbackError::Invalid)?;
+    let sp = (uc
+        .reg_read(RegisterARM64::SP)
+        .unwrap_or(STACK_BASE + STACK_BYTES)
+        - 256)
+        & !15;
+    let exit = TRAMPOLINES + 4 * EXIT_SLOT;
+    for (reg, v) in [
+        (RegisterARM64::X0, frame_addr),
+        (RegisterARM64::X1, ctx),
+        (RegisterARM64::X30, exit),
+        (RegisterARM64::SP, sp),
+    ] {
+        uc.reg_write(reg, v).map_err(|_| CallbackError::Invalid)?;
+    }
+    env.enter_callback(true);
+    LEVEL.with(|l| l.set(level + 1));
+    let run = uc.emu_start(entry, exit, 0, 0);
+    LEVEL.with(|l| l.set(level));
+    env.enter_callback(false);
+    let r0 = uc.reg_read(RegisterARM64::X0).unwrap_or(0);
+    let _ = uc.context_restore(&saved);
+    GRANTS.with(|g| g.borrow_mut().truncate(mark));
+    set_field(offset_of!(JitContext, cur_fp), cur_fp);
+    for k in 0..3 {
+        set_field(offset_of!(JitContext, reserved) + 8 * k, 0);
+    }
+    if let Err(e) = run {
+        uc.get_data_mut().error = Some(format!("nested emulation failed: {e:?}"));
+        env.status = CallStatus::Trapped as u32;
+        return Err(CallbackError::Stop);
+    }
+    let trap_kind =
+        // SAFETY: as `field`, a u32.
+        unsafe { ((ctx + offset_of!(JitContext, trap_kind) as u64) as *const u32).read() };
+    if trap_kind != trap::NONE {
+        env.status = CallStatus::Trapped as u32;
+        return Err(CallbackError::Stop);
+    }
+    if env.status == CallStatus::Exit as u32 {
+        return Err(CallbackError::Stop);
+    }
+    Ok(r0)
 }

@@ -233,7 +233,15 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     {
         let r = emulate(|| Ok(emu.ioctl(fd, request, arg as usize as u64)));
         match r {
-            Ok(Some(r)) => return ret_int(r),
+            Ok(Some(r)) => {
+                if r.is_ok() {
+                    let _ = emulate(|| {
+                        crate::selfprobe::sync(emu);
+                        Ok(())
+                    });
+                }
+                return ret_int(r);
+            }
             Ok(None) => {}
             Err(e) => return ret_int(Err(e)),
         }
@@ -370,6 +378,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         let mut out = -1;
         let r = emulate(|| {
             out = emu.close_with(fd, || real_close(fd));
+            if crate::selfprobe::active() {
+                crate::selfprobe::sync(emu);
+            }
             Ok(())
         });
         return if r.is_ok() {
@@ -827,4 +838,137 @@ pub unsafe extern "C" fn ppoll(
             None => enosys(),
         },
     )
+}
+
+/// Whether a libc credential call should answer root (see [`crate::creds`]).
+fn fake_root() -> bool {
+    Guard::enter().is_some_and(|_g| crate::creds::fake_root())
+}
+
+/// `uid_t getuid(void)`: 0 inside a loader (see [`crate::creds`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getuid() -> libc::uid_t {
+    if fake_root() {
+        return 0;
+    }
+    match next!(c"getuid", unsafe extern "C" fn() -> libc::uid_t) {
+        // SAFETY: getuid has no arguments or preconditions.
+        Some(f) => unsafe { f() },
+        // SAFETY: the raw system call has no arguments.
+        None => unsafe { sys::raw_syscall6(libc::SYS_getuid, [0; 6]) as libc::uid_t },
+    }
+}
+
+/// `uid_t geteuid(void)`: 0 inside a loader (see [`crate::creds`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn geteuid() -> libc::uid_t {
+    if fake_root() {
+        return 0;
+    }
+    match next!(c"geteuid", unsafe extern "C" fn() -> libc::uid_t) {
+        // SAFETY: geteuid has no arguments or preconditions.
+        Some(f) => unsafe { f() },
+        // SAFETY: the raw system call has no arguments.
+        None => unsafe { sys::raw_syscall6(libc::SYS_geteuid, [0; 6]) as libc::uid_t },
+    }
+}
+
+/// `int getresuid(uid_t *r, uid_t *e, uid_t *s)`: all 0 inside a loader.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getresuid(
+    r: *mut libc::uid_t,
+    e: *mut libc::uid_t,
+    s: *mut libc::uid_t,
+) -> c_int {
+    if fake_root() {
+        let zero = 0u32.to_ne_bytes();
+        for p in [r, e, s] {
+            if let Err(err) = sys::write_user(p as usize as u64, &zero) {
+                set_errno(err.0);
+                return -1;
+            }
+        }
+        return 0;
+    }
+    type F = unsafe extern "C" fn(*mut libc::uid_t, *mut libc::uid_t, *mut libc::uid_t) -> c_int;
+    match next!(c"getresuid", F) {
+        // SAFETY: forwarding the caller's pointers unchanged to libc's getresuid.
+        Some(f) => unsafe { f(r, e, s) },
+        None => enosys(),
+    }
+}
+
+/// Reads a NULL-terminated `char *[]` (at most 65536 entries) fault-safely.
+fn read_cstr_array(p: *const *const c_char) -> Result<Vec<Vec<u8>>, Errno> {
+    let mut out = Vec::new();
+    if p.is_null() {
+        return Ok(out);
+    }
+    for i in 0..65536u64 {
+        let at = (p as usize as u64).saturating_add(i * 8);
+        let w = sys::read_user(at, 8)?;
+        let s = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        if s == 0 {
+            return Ok(out);
+        }
+        out.push(read_user_cstr(s, 1 << 20)?);
+    }
+    Err(Errno(libc::E2BIG))
+}
+
+/// The loader's environment for a program it starts, if it must change (see
+/// [`crate::creds`]): owned strings and the NULL-terminated pointer array over them.
+fn child_envp(envp: *const *const c_char) -> Option<(Vec<std::ffi::CString>, Vec<*const c_char>)> {
+    let _g = Guard::enter()?;
+    if !crate::creds::preloaded() {
+        return None;
+    }
+    let env = read_cstr_array(envp).ok()?;
+    let refs: Vec<&[u8]> = env.iter().map(Vec::as_slice).collect();
+    let owned = crate::creds::child_env(&refs)?;
+    let mut ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    Some((owned, ptrs))
+}
+
+/// `int execve(const char *path, char *const argv[], char *const envp[])`: a program started
+/// by a loader gets the agent instead of this library (see [`crate::creds`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    type F =
+        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    let Some(f) = next!(c"execve", F) else {
+        return enosys();
+    };
+    if let Some((_owned, ptrs)) = child_envp(envp) {
+        // SAFETY: `ptrs` is a NULL-terminated array of valid C strings owned by `_owned`, which
+        // lives until execve returns (it only returns on failure).
+        return unsafe { f(path, argv, ptrs.as_ptr()) };
+    }
+    // SAFETY: forwarding the caller's arguments unchanged to libc's execve.
+    unsafe { f(path, argv, envp) }
+}
+
+/// `int execvpe(const char *file, char *const argv[], char *const envp[])`: as [`execve`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    type F =
+        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    let Some(f) = next!(c"execvpe", F) else {
+        return enosys();
+    };
+    if let Some((_owned, ptrs)) = child_envp(envp) {
+        // SAFETY: as in `execve`.
+        return unsafe { f(file, argv, ptrs.as_ptr()) };
+    }
+    // SAFETY: forwarding the caller's arguments unchanged to libc's execvpe.
+    unsafe { f(file, argv, envp) }
 }

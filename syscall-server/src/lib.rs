@@ -45,6 +45,7 @@
 #![deny(unsafe_code)]
 
 mod bpf;
+mod creds;
 mod emu;
 pub mod epoll;
 pub mod ffi;
@@ -52,6 +53,7 @@ mod files;
 mod log;
 mod mmap;
 mod perf;
+mod selfprobe;
 pub mod sys;
 mod tracepoint;
 pub mod uapi;

@@ -31,10 +31,10 @@
 //!   store when it fits in an aligned block, else with the int3 protocol (int3 first, then the
 //!   tail, then the first byte) and a `SIGTRAP` handler that sends trapping threads to the stub.
 //! - A thread suspended inside the patched bytes (between two instructions of a multi-instruction
-//!   prologue) is moved to the matching instruction of the trampoline; a thread that has entered
-//!   the stub but not yet been counted when a hook is removed is moved back to the original
-//!   code. Both happen in a short "stop the world" in which every other thread waits in a
-//!   real-time signal handler; see the `signals` module.
+//!   prologue) is moved to the matching instruction of the trampoline, in a short "stop the
+//!   world" in which every other thread waits in a real-time signal handler (see the `signals`
+//!   module). A thread that has entered the stub but not yet been counted when a hook is
+//!   removed sees the hook's removed flag once counted and goes back to the original code.
 //! - When [`Hook::remove`] returns, no thread is running or will run the handler for that hook.
 //!   Stubs and trampolines are never unmapped: a preempted thread may still be executing their
 //!   last instructions.

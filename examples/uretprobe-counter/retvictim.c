@@ -23,6 +23,8 @@
  *               (a loop branches into the bytes after it) inside the function
  *     override  check_fn(i): returns 0; prints "overridden K", the calls that returned
  *               something else
+ *     mix       target_function(i), nop5_entry(i) and short_fn(i) each (entries and returns
+ *               of the expect line: all three together)
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -271,6 +273,14 @@ int main(int argc, char **argv)
 			ret_sum += r;
 		}
 		entries = returns = n_calls;
+	} else if (!strcmp(mode, "mix")) {
+		for (long i = 0; i < n_calls; i++) {
+			long a = target_function(i), b = nop5_entry(i), c = short_fn(i);
+
+			sink += a + b + c;
+			ret_sum += (unsigned long long)a + b + c;
+		}
+		entries = returns = 3ULL * n_calls;
 	} else if (!strcmp(mode, "override")) {
 		for (long i = 0; i < n_calls; i++) {
 			long r = check_fn(i);

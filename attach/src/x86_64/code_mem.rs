@@ -2,7 +2,8 @@
 //!
 //! # Invariants
 //!
-//! - A [`CodeBlock`] is two pages: a code page and a data page (the in-flight counter). The code
+//! - A [`CodeBlock`] is two pages: a code page and a data page (the in-flight counter and the
+//!   removed flag). The code
 //!   page is read-write until [`CodeBlock::seal`] makes it read-execute; it is never writable
 //!   and executable at once. The data page is never executable.
 //! - A sealed block is never unmapped: a thread may be running its last instructions (or be
@@ -45,6 +46,21 @@ impl CodeBlock {
     /// Address of the in-flight counter at the start of the data page.
     pub(crate) fn inflight_addr(&self) -> usize {
         self.base + PAGE
+    }
+
+    /// Address of the *removed* flag (the word after the in-flight counter): set once the
+    /// hook's original bytes are back; a thread that jumped to the stub before that and sees it
+    /// goes back to the original code without calling the handler.
+    pub(crate) fn removed_addr(&self) -> usize {
+        self.base + PAGE + 8
+    }
+
+    /// Sets the removed flag (see [`CodeBlock::removed_addr`]).
+    pub(crate) fn mark_removed(&self) {
+        // SAFETY: the data page stays mapped read-write for the life of the process; the flag
+        // is 8-aligned and only read (by the stub) or written here.
+        let flag = unsafe { AtomicU64::from_ptr(self.removed_addr() as *mut u64) };
+        flag.store(1, Ordering::SeqCst);
     }
 
     /// Copies `code` to the code page. Fails if it does not fit.

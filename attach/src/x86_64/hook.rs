@@ -10,9 +10,10 @@
 //!   A multi-instruction patch first puts an int3 on the first byte (so no thread enters the
 //!   prologue any more), then stops the world, writes the jump, and moves every thread stopped
 //!   between two prologue instructions to the same instruction in the trampoline.
-//! - Remove: the original bytes are written back first, then the world is stopped and threads
-//!   that entered the stub but were not yet counted go back to the original code; then the
-//!   in-flight count drains to zero. After that no thread runs the handler for this hook.
+//! - Remove: the original bytes are written back first, then the hook's removed flag is set:
+//!   a thread that entered the stub counts itself in flight, then reads the flag and, if set,
+//!   goes back to the original code; the remover waits for the in-flight count to drain. After
+//!   that no thread runs the handler for this hook (no stop of the world is needed).
 //! - The only `unsafe` here is the contract of [`install`]; the work is done by the safe
 //!   wrappers of `code_mem`, `patch` and `signals`.
 
@@ -135,7 +136,6 @@ struct JumpState {
     patch_len: usize,
     trampoline: usize,
     block: CodeBlock,
-    entry: [Fixup; 3],
 }
 
 /// Installs a hook at `target`: from now on every thread executing `target` first calls
@@ -285,6 +285,7 @@ fn install_jump(
         handler: handler as usize as u64,
         user: user as u64,
         inflight: block.inflight_addr() as u64,
+        removed: block.removed_addr() as u64,
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func
@@ -328,11 +329,6 @@ fn install_jump(
             rsp_delta: 0,
         })
         .collect();
-    let entry = enc.entry.map(|e| Fixup {
-        from: e.pc as usize,
-        to: target,
-        rsp_delta: e.rsp_delta,
-    });
 
     let writable = patch::make_writable(maps, target, len)?;
     signals::arm_trap(target, stub_entry);
@@ -369,7 +365,6 @@ fn install_jump(
         patch_len: prologue.patch_len,
         trampoline: enc.trampoline as usize,
         block,
-        entry,
     };
     if let Err(e) = restored {
         // The text page could not be made read-only again: take the hook out and report.
@@ -481,15 +476,16 @@ fn remove_jump(
     patch::write_instruction(target, &state.original[..state.len]);
     let restored = writable.restore();
     reg.retain(|r| r.start != target);
-    // Threads that took the jump but were not yet counted go back to the original code.
-    let stop = signals::stop_the_world(&state.entry).map(|s| s.release(true));
+    // Threads that took the jump but are not yet counted see the flag once counted and go
+    // back to the original code; the counted ones drain.
+    state.block.mark_removed();
     signals::disarm_trap();
     while state.block.inflight() != 0 {
         std::thread::yield_now();
     }
     // `state.block` stays mapped (`CodeBlock` has no Drop): a thread may still be in the
     // stub's or the trampoline's last instructions.
-    stop.and(restored).map_err(|e| (true, e))
+    restored.map_err(|e| (true, e))
 }
 
 /// Removes the hook of `state`; on `Err`, whether the original bytes are back.

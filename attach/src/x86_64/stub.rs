@@ -49,14 +49,8 @@ pub(crate) struct StubParams {
     pub user: u64,
     /// Address of the hook's in-flight counter (8 bytes, writable, within ±2 GiB of the stub).
     pub inflight: u64,
-}
-
-/// A thread stopped at `pc` has not yet been counted as in flight; sending it back to the
-/// hooked address requires adding `rsp_delta` to its rsp.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct EntryPc {
-    pub pc: u64,
-    pub rsp_delta: u64,
+    /// Address of the hook's removed flag (8 bytes, within ±2 GiB of the stub).
+    pub removed: u64,
 }
 
 /// Stub and trampoline, encoded for one base address.
@@ -67,8 +61,6 @@ pub(crate) struct Encoded {
     pub trampoline: u64,
     /// New address of each relocated instruction (same order as [`Prologue::insns`]).
     pub relocated: Vec<u64>,
-    /// The stub's instructions before the in-flight increment.
-    pub entry: [EntryPc; 3],
 }
 
 fn iced(addr: u64) -> impl Fn(IcedError) -> AttachError {
@@ -193,34 +185,10 @@ pub(crate) fn encode(
     insns.extend(redirect);
     let (code, at) = encode_block(prologue.addr, base, &insns)?;
     let relocated = prologue_addrs(prologue, &origin, &at, stub.len())?;
-    let pc = |i: usize| -> Result<u64, AttachError> {
-        at.get(i)
-            .copied()
-            .filter(|&a| a != u64::MAX)
-            .ok_or_else(|| AttachError::Relocation {
-                addr: prologue.addr as usize,
-                message: format!("stub instruction {i} was rewritten"),
-            })
-    };
-    let entry = [
-        EntryPc {
-            pc: pc(0)?,
-            rsp_delta: 0,
-        },
-        EntryPc {
-            pc: pc(1)?,
-            rsp_delta: FIRST_DROP as u64,
-        },
-        EntryPc {
-            pc: pc(2)?,
-            rsp_delta: FIRST_DROP as u64 + 8,
-        },
-    ];
     Ok(Encoded {
         code,
         trampoline: relocated[0],
         relocated,
-        entry,
     })
 }
 
@@ -278,15 +246,24 @@ fn call_with_xmm_saved(
     Ok(())
 }
 
-/// The entry stub (ending where the trampoline starts) and the redirect tail, taken when the
-/// handler changed `rip`: it resumes at `pt_regs.rip` with rsp = `pt_regs.rsp`.
+/// The entry stub (ending where the trampoline starts) and its tails: the redirect, taken
+/// when the handler changed `rip` (it resumes at `pt_regs.rip` with rsp = `pt_regs.rsp`), and
+/// the bail-out of a thread that entered a hook being removed (back to the original code).
 fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instruction>), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut redirect = a.create_label();
-    // Entry: the three instructions before the increment are the `entry` window.
+    let mut bail = a.create_label();
     a.lea(rsp, ptr(rsp - FIRST_DROP))?;
     a.pushfq()?;
     a.add_instruction(locked_rip_rel(Code::Inc_rm64, p.inflight)?)?;
+    // Counted first, then the flag: a remover that sets the flag and then sees no thread in
+    // flight knows every later entrant will see the flag (both are sequentially consistent).
+    a.add_instruction(Instruction::with2(
+        Code::Cmp_rm8_imm8,
+        MemoryOperand::with_base_displ(Register::RIP, p.removed as i64),
+        0u32,
+    )?)?;
+    a.jne(bail)?;
     a.push(USER_CS as i32)?;
     a.lea(rsp, ptr(rsp - 16))?; // rip, orig_rax
     for r in SAVED {
@@ -329,6 +306,13 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     a.popfq()?;
     a.mov(rsp, qword_ptr(rsp))?;
     a.ret()?;
+    // Bail out: the hook is gone; run the original instructions (the encoder sends this jump
+    // to their relocated copy, which is the same thing).
+    a.set_label(&mut bail)?;
+    a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
+    a.popfq()?;
+    a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    a.add_instruction(Instruction::with_branch(Code::Jmp_rel32_64, p.hook_addr)?)?;
     let mut all = a.take_instructions();
     let redirect = all.split_off(stub_len);
     Ok((all, redirect))
@@ -386,6 +370,7 @@ mod tests {
             handler: 0x7777_0000_0010,
             user: 0x1234,
             inflight: BASE + 4096,
+            removed: BASE + 4096 + 8,
         }
     }
 
@@ -402,16 +387,35 @@ mod tests {
             .collect();
         assert!(insns.iter().all(|i| !i.is_invalid()));
         let m: Vec<Mnemonic> = insns.iter().map(|i| i.mnemonic()).collect();
-        assert_eq!(&m[..3], &[Mnemonic::Lea, Mnemonic::Pushfq, Mnemonic::Inc]);
+        assert_eq!(
+            &m[..5],
+            &[
+                Mnemonic::Lea,
+                Mnemonic::Pushfq,
+                Mnemonic::Inc,
+                Mnemonic::Cmp,
+                Mnemonic::Jne
+            ]
+        );
         assert!(insns[2].has_lock_prefix());
         assert_eq!(insns[2].ip_rel_memory_address(), BASE + 4096);
+        assert_eq!(insns[3].ip_rel_memory_address(), BASE + 4096 + 8);
+        // The bail-out: uncount, restore flags and rsp, back to the hooked address.
+        let bail = insns
+            .iter()
+            .position(|i| i.ip() == insns[4].near_branch_target())
+            .unwrap();
         assert_eq!(
-            enc.entry.map(|e| e.pc),
-            [insns[0].ip(), insns[1].ip(), insns[2].ip()]
+            &m[bail..bail + 4],
+            &[Mnemonic::Dec, Mnemonic::Popfq, Mnemonic::Lea, Mnemonic::Jmp]
         );
+        // (To the relocated copy of the original instructions: the block encoder resolves a
+        // branch to the hooked address to the instruction that came from there.)
+        assert_eq!(insns[bail + 3].near_branch_target(), enc.trampoline);
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Push).count(), 16);
         // 15 pops on the way out, 15 more in the redirect tail.
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Pop).count(), 30);
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Popfq).count(), 3);
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
         // The trampoline: the mov reads the same absolute address, then jumps back.
         let t = insns.iter().position(|i| i.ip() == enc.trampoline).unwrap();
@@ -436,9 +440,9 @@ mod tests {
             .unwrap();
         assert_eq!(m[jne - 1], Mnemonic::Cmp);
         assert!(jne < dec && insns[jne].near_branch_target() > enc.trampoline);
-        assert_eq!(m[m.len() - 1], Mnemonic::Ret);
-        assert_eq!(m[m.len() - 2], Mnemonic::Mov);
-        assert_eq!(m[m.len() - 3], Mnemonic::Popfq);
+        assert_eq!(m[bail - 1], Mnemonic::Ret);
+        assert_eq!(m[bail - 2], Mnemonic::Mov);
+        assert_eq!(m[bail - 3], Mnemonic::Popfq);
     }
 
     #[test]

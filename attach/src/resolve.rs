@@ -75,8 +75,10 @@ pub fn function_ranges(path: impl AsRef<Path>) -> Result<Vec<(u64, u64)>, Attach
         .iter()
         .chain(elf.dynsyms.iter())
         .filter(|s| {
-            matches!(s.st_type(), goblin::elf::sym::STT_FUNC | goblin::elf::sym::STT_GNU_IFUNC)
-                && s.st_shndx != SHN_UNDEF as usize
+            matches!(
+                s.st_type(),
+                goblin::elf::sym::STT_FUNC | goblin::elf::sym::STT_GNU_IFUNC
+            ) && s.st_shndx != SHN_UNDEF as usize
                 && s.st_value != 0
                 && s.st_size != 0
         })
@@ -248,7 +250,12 @@ mod tests {
 
     #[test]
     fn functions_are_found_by_offset() {
-        let r = [(0x100, 0x180), (0x180, 0x200), (0x300, 0x400), (0x310, 0x320)];
+        let r = [
+            (0x100, 0x180),
+            (0x180, 0x200),
+            (0x300, 0x400),
+            (0x310, 0x320),
+        ];
         assert_eq!(function_containing(&r, 0x100), Some((0x100, 0x180)));
         assert_eq!(function_containing(&r, 0x17f), Some((0x100, 0x180)));
         assert_eq!(function_containing(&r, 0x180), Some((0x180, 0x200)));

@@ -140,6 +140,11 @@ impl Agent {
         &self.store
     }
 
+    /// This agent's record in the store (`None` when it could not register).
+    pub fn record_id(&self) -> Option<u32> {
+        self.record
+    }
+
     /// Addresses currently hooked, and how.
     pub fn hooked(&self) -> Vec<(usize, HookKind)> {
         self.sites

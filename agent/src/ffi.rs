@@ -32,6 +32,11 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Marks the calling thread as the agent's own: probes it hits are skipped.
+pub(crate) fn enter_agent_thread() {
+    BUSY.with(|b| b.set(true));
+}
+
 /// Programs with their attach cookies, in attach order.
 pub type ProgList = Vec<(Arc<LoadedProg>, u64)>;
 
@@ -275,6 +280,10 @@ extern "C" fn agent_constructor() {
         if std::env::var_os("BPFTIME_AGENT_DISABLE").is_some() {
             return;
         }
+        if !crate::control::preloaded() {
+            // dlopen'ed (`bpftime attach`): the injector starts us with `bpftime_agent_attach`.
+            return;
+        }
         crate::log::init_from_env();
         // Attach what the store already holds before the program's main runs, so
         // `bpftime start` traces from the first call; then follow the store on a thread.
@@ -296,7 +305,7 @@ extern "C" fn agent_constructor() {
                     .name("bpftime-agent".into())
                     .spawn(move || {
                         BUSY.with(|b| b.set(true));
-                        agent.run(&cfg)
+                        crate::control::follow(agent, &cfg)
                     });
                 if let Err(e) = spawned {
                     tracing::error!("bpftime agent: cannot start its thread: {e}");

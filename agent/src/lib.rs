@@ -8,6 +8,10 @@
 //! the kernel's `struct pt_regs` as context. Links that disappear (the loader closed them or
 //! exited) are detached live, so `load` and `start` work in either order.
 //!
+//! Injected by `bpftime attach` (dlopen), it starts when the injector calls
+//! `bpftime_agent_attach(store, log_level, log_file)`; `bpftime detach` asks it, through its
+//! store record, to remove every hook and stop (`control`).
+//!
 //! The agent never writes to the target's stdout or stderr unless asked: `BPFTIME_LOG` sets the
 //! level (`error`, `warn`, `info`, `debug`), `BPFTIME_LOG_FILE` a file to log to (default:
 //! stderr, only when `BPFTIME_LOG` is set). `BPFTIME_STORE` names the store (`default`).
@@ -16,6 +20,7 @@
 //! interpreter), aarch64.
 
 pub mod agent;
+mod control;
 mod ffi;
 pub mod syscalls;
 pub mod log;

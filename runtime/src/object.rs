@@ -517,7 +517,17 @@ pub fn attachments(store: &Store) -> Vec<Attachment> {
 }
 
 const AGENT_MAX_SITES: usize = 62;
-const AGENT_LEN: u64 = 8 + 4 * AGENT_MAX_SITES as u64;
+const AGENT_LIST_LEN: u64 = 8 + 4 * AGENT_MAX_SITES as u64;
+/// Control word (mutable): [`AGENT_DETACH`] / [`AGENT_DETACHED`] bits.
+const AGENT_CONTROL: u64 = AGENT_LIST_LEN;
+/// Completed syncs (mutable), so `bpftime attach` knows when a new agent has caught up.
+const AGENT_SYNCS: u64 = AGENT_LIST_LEN + 4;
+const AGENT_LEN: u64 = AGENT_LIST_LEN + 8;
+
+/// Agent control bit: `bpftime detach` asks the agent to remove its hooks and stop.
+pub const AGENT_DETACH: u32 = 1;
+/// Agent control bit: the agent has removed every hook (its record goes next).
+pub const AGENT_DETACHED: u32 = 2;
 
 /// An agent's entry in the store: which process it runs in and which perf events it has
 /// attached there.
@@ -527,6 +537,10 @@ pub struct AgentRecord {
     pub pid: u32,
     /// Perf events attached in it (at most 62 listed).
     pub perf_events: Vec<u32>,
+    /// Control bits ([`AGENT_DETACH`], [`AGENT_DETACHED`]).
+    pub control: u32,
+    /// Syncs the agent has completed.
+    pub syncs: u32,
 }
 
 /// Registers the calling process's agent; returns the object id.
@@ -558,5 +572,34 @@ pub fn read_agent_record(store: &Store, id: u32) -> Result<AgentRecord> {
     Ok(AgentRecord {
         pid: get_u32(store, off).ok_or_else(corrupt)?,
         perf_events,
+        control: get_u32(store, off + AGENT_CONTROL).ok_or_else(corrupt)?,
+        syncs: get_u32(store, off + AGENT_SYNCS).ok_or_else(corrupt)?,
     })
+}
+
+fn agent_word(store: &Store, id: u32, at: u64) -> Result<&std::sync::atomic::AtomicU32> {
+    let off = payload(store, id, ObjectKind::Agent, "agent", AGENT_LEN)?;
+    store
+        .segment()
+        .atomic_u32(off + at)
+        .ok_or(RuntimeError::Corrupt { what: "agent", id })
+}
+
+/// Sets `bits` in an agent record's control word and wakes every agent (`bpftime detach`
+/// sets [`AGENT_DETACH`]; the agent sets [`AGENT_DETACHED`] once its hooks are gone).
+pub fn set_agent_control(store: &Store, id: u32, bits: u32) -> Result<()> {
+    agent_word(store, id, AGENT_CONTROL)?.fetch_or(bits, Ordering::AcqRel);
+    store.touch();
+    Ok(())
+}
+
+/// An agent record's control word (0 when the record is gone).
+pub fn agent_control(store: &Store, id: u32) -> u32 {
+    agent_word(store, id, AGENT_CONTROL).map_or(0, |w| w.load(Ordering::Acquire))
+}
+
+/// Counts one completed sync of the agent owning record `id`.
+pub fn note_agent_sync(store: &Store, id: u32) -> Result<()> {
+    agent_word(store, id, AGENT_SYNCS)?.fetch_add(1, Ordering::AcqRel);
+    Ok(())
 }

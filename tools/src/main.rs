@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use bpftime_tools::attach::{self, AttachArgs, DetachArgs};
 use bpftime_tools::launch::{LaunchArgs, Library, exec_with};
 use bpftime_tools::list::{self, ListArgs};
 use bpftime_tools::run::{self, RunArgs};
@@ -41,6 +43,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Load the agent into a running process (ptrace; same user, no root): it attaches the
+    /// store's probes there. Returns once they are in place.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Attach(AttachArgs),
+    /// Remove every hook of the agent in PID (or in every process with an agent on the store)
+    /// and stop it; the target keeps running with its original code.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Detach(DetachArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +75,14 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Wasm { args } => fail(exec_wasm(&args)),
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Command::Attach(args) => {
+            attach::attach_main(&args).map_or_else(fail, |()| ExitCode::SUCCESS)
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Command::Detach(args) => {
+            attach::detach_main(&args).map_or_else(fail, |()| ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -972,3 +972,37 @@ pub unsafe extern "C" fn execvpe(
     // SAFETY: forwarding the caller's arguments unchanged to libc's execvpe.
     unsafe { f(file, argv, envp) }
 }
+
+type SetrlimitFn = unsafe extern "C" fn(c_int, *const libc::rlimit) -> c_int;
+
+fn setrlimit_common(resource: c_int, rlim: *const libc::rlimit, real: Option<SetrlimitFn>) -> c_int {
+    let Some(f) = real else {
+        return enosys();
+    };
+    // SAFETY: forwarding the caller's arguments unchanged to libc.
+    let r = unsafe { f(resource, rlim) };
+    if r != 0
+        && resource as u32 == libc::RLIMIT_MEMLOCK as u32
+        && sys::errno() == libc::EPERM
+        && Guard::enter().is_some_and(|_g| crate::creds::preloaded())
+    {
+        // Loaders raise RLIMIT_MEMLOCK for the kernel's map accounting; emulated maps lock no
+        // kernel memory, so the limit does not matter and an unprivileged loader may go on.
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK) refused by the kernel: ignored in a loader");
+        return 0;
+    }
+    r
+}
+
+/// `int setrlimit(int resource, const struct rlimit *rlim)`: in a loader, raising
+/// `RLIMIT_MEMLOCK` beyond the hard limit succeeds (nothing is locked).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setrlimit(resource: c_int, rlim: *const libc::rlimit) -> c_int {
+    setrlimit_common(resource, rlim, next!(c"setrlimit", SetrlimitFn))
+}
+
+/// `int setrlimit64(int resource, const struct rlimit64 *rlim)`: as [`setrlimit`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setrlimit64(resource: c_int, rlim: *const libc::rlimit) -> c_int {
+    setrlimit_common(resource, rlim, next!(c"setrlimit64", SetrlimitFn))
+}

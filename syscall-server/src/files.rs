@@ -36,6 +36,7 @@ pub fn virtual_file(path: &[u8]) -> Option<&'static [u8]> {
         .find(|(p, _)| p.as_bytes() == path)
         .map(|(_, c)| c.as_bytes())
         .or_else(|| tracefs_file(path))
+        .or_else(|| crate::tracefs::file(path))
 }
 
 /// A tracepoint's `id` or `format` file. Allocates only for paths under a tracefs mount point

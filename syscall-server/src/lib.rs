@@ -55,6 +55,7 @@ mod mmap;
 mod perf;
 mod selfprobe;
 pub mod sys;
+mod tracefs;
 mod tracepoint;
 pub mod uapi;
 

@@ -3,6 +3,8 @@
 //! and reading their output line by line with timeouts.
 #![forbid(unsafe_code)]
 
+pub mod bench;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};

@@ -16,6 +16,7 @@
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod attach;
+pub mod bench;
 pub mod helpers;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[allow(unsafe_code)]

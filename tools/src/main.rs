@@ -5,6 +5,7 @@
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 use bpftime_tools::attach::{self, AttachArgs, DetachArgs};
+use bpftime_tools::bench::{BenchArgs, exec_bench};
 use bpftime_tools::launch::{LaunchArgs, Library, exec_with};
 use bpftime_tools::list::{self, ListArgs};
 use bpftime_tools::run::{self, RunArgs};
@@ -43,6 +44,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Benchmark bpftime against the kernel (uprobes, uretprobes, syscall tracepoints, maps,
+    /// load latency, memory, VM suite) and write results.json, results.md and PNG plots.
+    /// Runs `cargo bench --bench report` in the source tree; the kernel columns need root.
+    Bench(BenchArgs),
     /// Load the agent into a running process (ptrace; same user, no root): it attaches the
     /// store's probes there. Returns once they are in place.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Wasm { args } => fail(exec_wasm(&args)),
+        Command::Bench(args) => fail(exec_bench(&args)),
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Command::Attach(args) => {
             attach::attach_main(&args).map_or_else(fail, |()| ExitCode::SUCCESS)

@@ -236,13 +236,37 @@ impl Emulator {
             BPF_PROG_BIND_MAP => self.prog_bind_map(attr),
             BPF_LINK_CREATE => self.link_create(attr),
             BPF_RAW_TRACEPOINT_OPEN => self.raw_tracepoint_open(&attr[..]),
+            BPF_OBJ_GET_INFO_BY_FD
+                if crate::kbtf::is_vmlinux_fd(parse::<bpf_attr_info>(attr).bpf_fd as i32) =>
+            {
+                let a: bpf_attr_info = parse(attr);
+                let len = crate::kbtf::info(a.info, a.info_len)?;
+                write_user(uattr.wrapping_add(4), &len.to_ne_bytes())?;
+                Ok(0)
+            }
             BPF_OBJ_GET_INFO_BY_FD => self.obj_get_info(attr, uattr),
             BPF_PROG_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Prog),
             BPF_MAP_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Map),
-            BPF_BTF_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Btf),
+            BPF_BTF_GET_NEXT_ID => self
+                .get_next_id(attr, uattr, ObjectKind::Btf)
+                .or_else(|err| {
+                    // After the store's BTF objects, the kernel's (see `kbtf`).
+                    if err != e(libc::ENOENT) {
+                        return Err(err);
+                    }
+                    let a: bpf_attr_get_id = parse(attr);
+                    let next = crate::kbtf::next_id(a.start_id).ok_or(err)?;
+                    write_user(uattr.wrapping_add(4), &next.to_ne_bytes())?;
+                    Ok(0)
+                }),
             BPF_LINK_GET_NEXT_ID => self.get_next_id(attr, uattr, ObjectKind::Link),
             BPF_PROG_GET_FD_BY_ID => self.get_fd_by_id(attr, ObjectKind::Prog),
             BPF_MAP_GET_FD_BY_ID => self.get_fd_by_id(attr, ObjectKind::Map),
+            BPF_BTF_GET_FD_BY_ID
+                if parse::<bpf_attr_get_id>(attr).start_id == crate::kbtf::VMLINUX_BTF_ID =>
+            {
+                crate::kbtf::open_fd()
+            }
             BPF_BTF_GET_FD_BY_ID => self.get_fd_by_id(attr, ObjectKind::Btf),
             BPF_LINK_GET_FD_BY_ID => self.get_fd_by_id(attr, ObjectKind::Link),
             _ => {

@@ -50,6 +50,7 @@ mod emu;
 pub mod epoll;
 pub mod ffi;
 mod files;
+mod kbtf;
 mod log;
 mod mmap;
 mod perf;

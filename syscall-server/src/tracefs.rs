@@ -6,6 +6,11 @@
 //! would fail with "open(.../uprobe_events): Permission denied". The emulation never uses the
 //! text interface (uprobes are made with the uprobe PMU), so the file we serve lists no events.
 //! Writes (`p:uprobes/...`) are refused with `EACCES` like the real file's for this user.
+//!
+//! `available_events` lists the tracepoints the emulation has (the syscall tracepoints of
+//! `bpftime_attach::syscall::table`, and `raw_syscalls:sys_{enter,exit}`), in the kernel's
+//! `category:name` lines: bpftrace reads it to check and expand `tracepoint:` probes before it
+//! reads their `format` files.
 
 /// Mount points of tracefs that loaders use.
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing/", "/sys/kernel/debug/tracing/"];
@@ -17,8 +22,25 @@ pub fn file(path: &[u8]) -> Option<&'static [u8]> {
         .find_map(|m| path.strip_prefix(m.as_bytes()))?;
     match rest {
         b"uprobe_events" => Some(b""),
+        b"available_events" => Some(available_events()),
         _ => None,
     }
+}
+
+/// The `available_events` text, made once.
+fn available_events() -> &'static [u8] {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut t = String::from("raw_syscalls:sys_exit\nraw_syscalls:sys_enter\n");
+        for e in bpftime_attach::syscall::table::events() {
+            t.push_str(&format!(
+                "syscalls:sys_exit_{0}\nsyscalls:sys_enter_{0}\n",
+                e.name
+            ));
+        }
+        t
+    })
+    .as_bytes()
 }
 
 #[cfg(test)]
@@ -34,5 +56,15 @@ mod tests {
         );
         assert!(file(b"/sys/kernel/tracing/kprobe_events").is_none());
         assert!(file(b"/sys/kernel/tracing/uprobe_events/x").is_none());
+    }
+
+    #[test]
+    fn available_events_lists_the_syscall_tracepoints() {
+        let t = std::str::from_utf8(file(b"/sys/kernel/tracing/available_events").unwrap())
+            .unwrap();
+        assert!(t.lines().any(|l| l == "syscalls:sys_enter_openat"));
+        assert!(t.lines().any(|l| l == "syscalls:sys_exit_getppid"));
+        assert!(t.lines().any(|l| l == "raw_syscalls:sys_enter"));
+        assert!(t.lines().all(|l| l.split(':').count() == 2));
     }
 }

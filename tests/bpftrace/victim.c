@@ -7,7 +7,8 @@
  * Prints "pid <PID>", waits until FILE exists, then for i = 0..N-1:
  *   malloc(1000 + i) (freed right away), six_args(i, 2i, 3i, 4i, 5i, 6i) (returns their sum),
  *   greet(name) with name "alice" for even i and "bob" for odd i (returns strlen(name));
- * then words({"one", "two", "three", NULL}) once, and prints "calls N".
+ * then words({"one", "two", "three", NULL}) once, prints "calls N", and waits until FILE is
+ * gone before it exits (so a tracer can still read its /proc/PID files to resolve symbols).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,5 +68,8 @@ int main(int argc, char **argv)
 		sink += words(w);
 	}
 	printf("calls %ld\n", n);
+	fflush(stdout);
+	while (access(wait_file, F_OK) == 0)
+		usleep(1000);
 	return 0;
 }

@@ -459,7 +459,11 @@ fn norm_line(l: &str, pid: Option<u32>, uid: u32) -> String {
         let after = rest[i + p.len()..].chars().next();
         let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
         out.push_str(&rest[..i]);
-        out.push_str(if word(before) || word(after) { &p } else { "PID" });
+        out.push_str(if word(before) || word(after) {
+            &p
+        } else {
+            "PID"
+        });
         rest = &rest[i + p.len()..];
     }
     out.push_str(rest);
@@ -580,7 +584,8 @@ fn run(case: &Case, side: Side, victims: &Victims, off: &str, tag: &str) -> Vec<
         // printf output comes through perf buffers, read asynchronously: wait for the lines the
         // case expects from printf before interrupting (maps are printed at exit).
         // (END's "end …" line comes after the interrupt.)
-        let printed = |m: &&&str| !m.starts_with('@') && !m.starts_with('[') && !m.starts_with("end ");
+        let printed =
+            |m: &&&str| !m.starts_with('@') && !m.starts_with('[') && !m.starts_with("end ");
         for m in case.must.iter().filter(printed) {
             let m = subst(m, vpath, None, off);
             let (p, uid) = (vpid, side_uid(side));
@@ -713,4 +718,65 @@ fn bpftrace_one_liners_match_the_kernel_as_unprivileged_user() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// What cannot work in userspace fails with a clear message under `bpftime load` (and never
+/// hangs): (probe, text bpftrace prints on stderr).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "kprobe:do_nanosleep { @ = count(); }",
+        "ERROR: Error attaching probe: 'kprobe:do_nanosleep'",
+    ),
+    (
+        "interval:s:1 { exit(); }",
+        "ERROR: Error attaching probe: interval:s:1",
+    ),
+    (
+        "profile:hz:99 { @ = count(); }",
+        "ERROR: Error attaching probe: profile:hz:99",
+    ),
+    (
+        "software:cpu-clock:1000 { @ = count(); }",
+        "ERROR: Error attaching probe: software:cpu-clock:1000",
+    ),
+    (
+        "tracepoint:sched:sched_switch { @ = count(); }",
+        "ERROR: tracepoint not found: sched:sched_switch",
+    ),
+    (
+        // Kernel structs: curtask is bpf_get_current_task (helper 35), which userspace has
+        // not (`bpftrace -v` shows the verifier log "invalid func unknown#35").
+        "uprobe:/usr/bin/bpftrace:BEGIN_trigger { @pid = curtask->pid; }",
+        "ERROR: Error loading program: uprobe:/usr/bin/bpftrace:BEGIN_trigger",
+    ),
+    (
+        "kfunc:vfs_read { @ = count(); }",
+        "ERROR: kfunc/kretfunc not available for your kernel version.",
+    ),
+];
+
+#[test]
+fn kernel_only_probes_fail_with_a_clear_error_as_unprivileged_user() {
+    if Command::new("bpftrace").arg("--version").output().is_err() {
+        skip("bpftrace is not installed (scripts/deps installs it)");
+        return;
+    }
+    let a = artifacts();
+    for (i, (prog, want)) in UNSUPPORTED.iter().enumerate() {
+        let store = TestStore::new(&format!("btx{i}"));
+        let out = unprivileged("timeout")
+            .args(["-s", "KILL", "60"])
+            .arg(&a.bpftime)
+            .args(["load", "--store", &store.name, "--", "bpftrace", "-e", prog])
+            .output()
+            .expect("run bpftrace");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.lines().any(|l| l.contains(want)),
+            "{prog}: expected {want:?} on stderr, got status {} and:\n{err}",
+            out.status
+        );
+        // 137: killed by the timeout, i.e. it hung instead of failing.
+        assert_ne!(out.status.code(), Some(137), "{prog} hung");
+    }
 }

@@ -155,7 +155,11 @@ mod tests {
 
     #[test]
     fn child_env_changes_only_ld_preload() {
-        let env: Vec<&[u8]> = vec![b"A=1", b"LD_PRELOAD=/n/libbpftime_syscall_server.so", b"B=2"];
+        let env: Vec<&[u8]> = vec![
+            b"A=1",
+            b"LD_PRELOAD=/n/libbpftime_syscall_server.so",
+            b"B=2",
+        ];
         let out = child_env(&env).unwrap();
         let out: Vec<&[u8]> = out.iter().map(|c| c.as_bytes()).collect();
         assert_eq!(out, vec![b"A=1".as_slice(), b"LD_PRELOAD=", b"B=2"]);

@@ -33,7 +33,10 @@ pub fn open_fd() -> Result<i64, Errno> {
 
 fn vmlinux_identity() -> Option<(u64, u64)> {
     let m = std::fs::metadata(VMLINUX).ok()?;
-    Some((std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)))
+    Some((
+        std::os::unix::fs::MetadataExt::dev(&m),
+        std::os::unix::fs::MetadataExt::ino(&m),
+    ))
 }
 
 /// Whether `fd` is an fd of the kernel's BTF file.

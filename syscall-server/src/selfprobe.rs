@@ -79,7 +79,11 @@ pub(crate) fn sync(emu: &Emulator) {
         .iter()
         .map(|a| (a.perf_event_id, a.progs.iter().map(|p| p.0).collect()))
         .collect();
-    let stale: Vec<_> = hooks.keys().filter(|k| !keys.contains(k)).cloned().collect();
+    let stale: Vec<_> = hooks
+        .keys()
+        .filter(|k| !keys.contains(k))
+        .cloned()
+        .collect();
     for k in stale {
         if let Some((hook, site)) = hooks.remove(&k) {
             if let Err(err) = hook.remove() {

@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn uprobe_events_is_an_empty_list() {
-        assert_eq!(file(b"/sys/kernel/tracing/uprobe_events"), Some(b"".as_slice()));
+        assert_eq!(
+            file(b"/sys/kernel/tracing/uprobe_events"),
+            Some(b"".as_slice())
+        );
         assert_eq!(
             file(b"/sys/kernel/debug/tracing/uprobe_events"),
             Some(b"".as_slice())
@@ -60,8 +63,8 @@ mod tests {
 
     #[test]
     fn available_events_lists_the_syscall_tracepoints() {
-        let t = std::str::from_utf8(file(b"/sys/kernel/tracing/available_events").unwrap())
-            .unwrap();
+        let t =
+            std::str::from_utf8(file(b"/sys/kernel/tracing/available_events").unwrap()).unwrap();
         assert!(t.lines().any(|l| l == "syscalls:sys_enter_openat"));
         assert!(t.lines().any(|l| l == "syscalls:sys_exit_getppid"));
         assert!(t.lines().any(|l| l == "raw_syscalls:sys_enter"));

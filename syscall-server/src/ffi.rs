@@ -975,7 +975,11 @@ pub unsafe extern "C" fn execvpe(
 
 type SetrlimitFn = unsafe extern "C" fn(c_int, *const libc::rlimit) -> c_int;
 
-fn setrlimit_common(resource: c_int, rlim: *const libc::rlimit, real: Option<SetrlimitFn>) -> c_int {
+fn setrlimit_common(
+    resource: c_int,
+    rlim: *const libc::rlimit,
+    real: Option<SetrlimitFn>,
+) -> c_int {
     let Some(f) = real else {
         return enosys();
     };

@@ -986,7 +986,7 @@ fn setrlimit_common(
     // SAFETY: forwarding the caller's arguments unchanged to libc.
     let r = unsafe { f(resource, rlim) };
     if r != 0
-        && resource as u32 == libc::RLIMIT_MEMLOCK as u32
+        && resource as u32 == libc::RLIMIT_MEMLOCK
         && sys::errno() == libc::EPERM
         && Guard::enter().is_some_and(|_g| crate::creds::preloaded())
     {

@@ -85,12 +85,12 @@ pub(crate) fn sync(emu: &Emulator) {
         .cloned()
         .collect();
     for k in stale {
-        if let Some((hook, site)) = hooks.remove(&k) {
-            if let Err(err) = hook.remove() {
-                tracing::warn!("removing self-probe of perf event {}: {err}", k.0);
-                // The hook may still call the handler: keep its data alive.
-                std::mem::forget(site);
-            }
+        if let Some((hook, site)) = hooks.remove(&k)
+            && let Err(err) = hook.remove()
+        {
+            tracing::warn!("removing self-probe of perf event {}: {err}", k.0);
+            // The hook may still call the handler: keep its data alive.
+            std::mem::forget(site);
         }
     }
     for (a, k) in wanted.iter().zip(keys) {

@@ -32,7 +32,7 @@ use crate::wasi::{PathOpenCtx, WASI_EACCES};
 use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
-use wasmtime::{AsContextMut as _, Caller, Extern, Linker, Memory, TypedFunc};
+use wasmtime::{AsContextMut as _, Caller, Linker, Memory, Table, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p1::wasi_snapshot_preview1::{self, WasiSnapshotPreview1 as _};
 
@@ -51,6 +51,10 @@ pub struct State {
     pub bpf: BpfHost,
     /// The status line.
     pub status: Status,
+    /// The guest's exported `memory`, looked up once at instantiation.
+    pub memory: Option<Memory>,
+    /// The guest's exported `__indirect_function_table`.
+    pub table: Option<Table>,
 }
 
 impl std::fmt::Debug for State {
@@ -116,7 +120,7 @@ impl Status {
 }
 
 fn memory(caller: &mut Caller<'_, State>) -> Option<Memory> {
-    caller.get_export("memory").and_then(Extern::into_memory)
+    caller.data().memory
 }
 
 /// Runs `f` with the guest's memory and the host state.
@@ -308,8 +312,8 @@ fn nonnull(p: i32, what: &'static str) -> Result<i32> {
 /// The guest's callback at `index` of its function table.
 fn callback(caller: &mut Caller<'_, State>, index: i32) -> Result<TypedFunc<(i32, i32, i32), i32>> {
     let table = caller
-        .get_export("__indirect_function_table")
-        .and_then(Extern::into_table)
+        .data()
+        .table
         .ok_or_else(|| HostError::invalid("guest exports no __indirect_function_table"))?;
     let f = table
         .get(&mut *caller, u64::from(index as u32))
@@ -381,6 +385,7 @@ fn buffer_poll(
             result = Some(e.ret());
             break;
         }
+        buf.recycle(rec);
         caller.data_mut().bpf.stats.delivered += 1;
         delivered = delivered.saturating_add(1);
         match cb.call(&mut *caller, (ctx, data, n as i32)) {

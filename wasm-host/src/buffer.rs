@@ -43,6 +43,8 @@ pub struct Buffer {
     map: Map,
     kind: Kind,
     pending: VecDeque<Vec<u8>>,
+    /// Record buffers for reuse (no allocation per record once warm).
+    spare: Vec<Vec<u8>>,
     lost: u64,
 }
 
@@ -88,6 +90,7 @@ impl Buffer {
             map,
             kind,
             pending: VecDeque::new(),
+            spare: Vec::new(),
             lost: 0,
         })
     }
@@ -141,7 +144,12 @@ impl Buffer {
         match &self.kind {
             Kind::Ring => {
                 if let Ok(r) = RingBuf::new(&self.map) {
-                    r.consume(|rec| self.pending.push_back(rec.to_vec()));
+                    r.consume(|rec| {
+                        let mut v = self.spare.pop().unwrap_or_default();
+                        v.clear();
+                        v.extend_from_slice(rec);
+                        self.pending.push_back(v);
+                    });
                 }
             }
             Kind::Perf(ids) => {
@@ -205,6 +213,13 @@ impl Buffer {
     /// The next queued record.
     pub fn pop(&mut self) -> Option<Vec<u8>> {
         self.pending.pop_front()
+    }
+
+    /// Gives a delivered record's buffer back for reuse.
+    pub fn recycle(&mut self, rec: Vec<u8>) {
+        if self.spare.len() < 4096 {
+            self.spare.push(rec);
+        }
     }
 
     /// Puts a record back at the front (the guest did not take it).

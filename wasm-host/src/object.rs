@@ -294,13 +294,13 @@ impl BpfObject {
                 what: format!("map `{name}`: {e}"),
             })?;
         // Global data: the section's initial contents (`.bss` is zeros).
-        if !m.data().is_empty() {
-            if let Err(e) = map.update_syscall(&0u32.to_ne_bytes(), m.data(), 0) {
-                release_map(&self.store, &map);
-                return Err(HostError::Object {
-                    what: format!("initialising `{name}`: {e}"),
-                });
-            }
+        if !m.data().is_empty()
+            && let Err(e) = map.update_syscall(&0u32.to_ne_bytes(), m.data(), 0)
+        {
+            release_map(&self.store, &map);
+            return Err(HostError::Object {
+                what: format!("initialising `{name}`: {e}"),
+            });
         }
         Ok(map)
     }

@@ -97,6 +97,8 @@ impl Guest {
                 wasi: wasi.build_p1(),
                 bpf,
                 status: Status::new(cfg.status),
+                memory: None,
+                table: None,
             },
         );
         wstore.set_epoch_deadline(1);
@@ -133,6 +135,11 @@ impl Guest {
         wt(api::hook_wasi(&mut linker))?;
         let instance = wt(linker.instantiate(&mut wstore, &module))
             .context("cannot instantiate the module")?;
+        let memory = instance.get_memory(&mut wstore, "memory");
+        let table = instance.get_table(&mut wstore, "__indirect_function_table");
+        let st = wstore.data_mut();
+        st.memory = memory;
+        st.table = table;
         Ok(Guest {
             store: wstore,
             instance,

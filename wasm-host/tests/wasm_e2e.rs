@@ -214,3 +214,70 @@ fn opensnoop_guest_traces_openat_in_a_victim_through_syscall_tracepoints() {
     assert_eq!(ok[0], bad[0], "same pid");
     assert_eq!(listed(&store), Vec::<String>::new());
 }
+
+#[test]
+fn a_guest_trapping_mid_trace_ends_alone_and_the_victim_runs_on() {
+    let Some(guests) = example_guests() else {
+        return;
+    };
+    let Some(victim_dir) = build_example("uprobe-counter") else {
+        return;
+    };
+    let victim = victim_dir.join("victim");
+    let a = artifacts();
+    let store = TestStore::new("wasm-trap");
+    // A guest that attaches uprobe_events' count_calls to the victim, then polls its ring
+    // buffer with a callback that traps on the first record.
+    let object = std::fs::read(guests.join("uprobe_events.bpf.o")).unwrap();
+    let target = format!("{}:target_function", victim.display());
+    let esc = |b: &[u8]| b.iter().map(|b| format!("\\{b:02x}")).collect::<String>();
+    let src = format!(
+        r#"(module
+  (import "wasm_bpf" "wasm_load_bpf_object" (func $load (param i32 i32) (result i64)))
+  (import "wasm_bpf" "wasm_attach_bpf_program" (func $attach (param i64 i32 i32) (result i32)))
+  (import "wasm_bpf" "wasm_bpf_map_fd_by_name" (func $fd (param i64 i32) (result i32)))
+  (import "wasm_bpf" "wasm_bpf_buffer_poll"
+    (func $poll (param i64 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (table (export "__indirect_function_table") 2 funcref)
+  (elem (i32.const 1) $boom)
+  (data (i32.const 1024) "count_calls\00")
+  (data (i32.const 1536) "events\00")
+  (data (i32.const 2048) "{target}\00")
+  (data (i32.const 65536) "{obj}")
+  (func $boom (param i32 i32 i32) (result i32) unreachable)
+  (func (export "_start") (local $h i64)
+    (local.set $h (call $load (i32.const 65536) (i32.const {len})))
+    (if (i64.eqz (local.get $h)) (then (unreachable)))
+    (if (call $attach (local.get $h) (i32.const 1024) (i32.const 2048)) (then (unreachable)))
+    (drop (call $poll (local.get $h) (call $fd (local.get $h) (i32.const 1536)) (i32.const 1)
+      (i32.const 0) (i32.const 4096) (i32.const 64) (i32.const -1))))
+)"#,
+        obj = esc(&object),
+        len = object.len(),
+    );
+    let module = std::env::temp_dir().join(format!("bpftime-trap-{}.wasm", std::process::id()));
+    std::fs::write(&module, wasm_support::wat(&src)).unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let mut cmd = unprivileged(bpftime_wasm());
+    cmd.args(["run", "--store", &store.name, "--no-status", "--log", "off"])
+        .arg(&module);
+    let mut guest = Proc::spawn(cmd, "trapping guest");
+    bpftime_suite::poll(T, "the guest's link in the store", || {
+        listed(&store)
+            .iter()
+            .any(|l| l.starts_with("link"))
+            .then_some(())
+    });
+    let mut v = unprivileged(&a.bpftime);
+    v.args(["start", "--store", &store.name, "--"])
+        .arg(&victim)
+        .arg("1000");
+    let out = Proc::spawn(v, "victim").finish(T);
+    assert!(out.iter().any(|l| l == "calls 1000"), "{out:?}");
+    let st = bpftime_suite::poll(T, "the guest to end", || guest.child.try_wait().unwrap());
+    let _ = std::fs::remove_file(&module);
+    assert_eq!(st.code(), Some(3), "a trap ends the guest with status 3");
+    assert_eq!(listed(&store), Vec::<String>::new(), "its objects are gone");
+}

@@ -152,9 +152,9 @@ const QUICK: Sizes = Sizes {
 };
 
 const FULL: Sizes = Sizes {
-    reps: 7,
-    calls: 2_000_000,
-    kernel_calls: 200_000,
+    reps: 5,
+    calls: 1_000_000,
+    kernel_calls: 100_000,
     syscalls: 1_000_000,
     latency_reps: 10,
     vm_runs: 3,
@@ -208,13 +208,18 @@ fn main() {
     let root = is_root();
     let kernel_skip = (!root).then(|| "kernel: skipped: needs root".to_string());
 
+    // Build everything first, so that the clock of the measurements starts after it.
     let a = artifacts();
     let bins = bench_binaries(&["jit", "maps"]);
+    let ret = build_example("uretprobe-counter").expect("examples/uretprobe-counter builds");
+    let rb = build_example("ringbuf-events").expect("examples/ringbuf-events builds");
+    let sys = build_example("syscall-trace").expect("examples/syscall-trace builds");
+    let build_s = t0.elapsed().as_secs_f64();
+    eprintln!("built in {build_s:.0} s");
+    let t0 = Instant::now();
     let mut entries = Vec::new();
 
     // Probes.
-    let ret = build_example("uretprobe-counter").expect("examples/uretprobe-counter builds");
-    let rb = build_example("ringbuf-events").expect("examples/ringbuf-events builds");
     let entries_of = [
         ("target", "target_function"),
         ("nop5", "nop5_entry"),
@@ -276,7 +281,6 @@ fn main() {
     }
 
     // Syscall tracepoints.
-    let sys = build_example("syscall-trace").expect("examples/syscall-trace builds");
     for (name, flags) in [
         ("syscall/sys_enter_getpid", &["-g"][..]),
         ("syscall/raw_syscalls:sys_enter", &[][..]),
@@ -310,8 +314,11 @@ fn main() {
     let elapsed = t0.elapsed().as_secs_f64();
     eprintln!("[{elapsed:>5.1}s] writing the report");
     let heads = headlines(&entries);
-    write_report(&opts, &machine, &entries, &heads, elapsed);
-    eprintln!("report in {} ({elapsed:.0} s)", opts.out.display());
+    write_report(&opts, &machine, &entries, &heads, (build_s, elapsed));
+    eprintln!(
+        "report in {} (measured in {elapsed:.0} s after {build_s:.0} s of builds)",
+        opts.out.display()
+    );
 }
 
 /// Builds the named bench targets of this package (release, as `cargo bench`) and returns
@@ -965,7 +972,7 @@ fn write_report(
     machine: &BTreeMap<&'static str, String>,
     entries: &[Entry],
     heads: &[(String, String, Option<bool>)],
-    elapsed: f64,
+    (build_s, elapsed): (f64, f64),
 ) {
     let mut m = machine.clone();
     m.insert(
@@ -978,7 +985,8 @@ fn write_report(
     let json = json!({
         "mode": if opts.quick { "quick" } else { "full" },
         "machine": m,
-        "elapsed_s": elapsed,
+        "build_s": build_s,
+        "measure_s": elapsed,
         "headlines": heads.iter().map(|(t, v, ok)| json!({"target": t, "measured": v, "met": ok})).collect::<Vec<_>>(),
         "scenarios": entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
     });
@@ -991,7 +999,8 @@ fn write_report(
 
     let mut md = String::new();
     md += &format!(
-        "# bpftime bench ({} mode)\n\n{} · {} · {} CPUs · kernel {} · commit {} · {} · {:.0} s\n\n",
+        "# bpftime bench ({} mode)\n\n{} · {} · {} CPUs · kernel {} · commit {} · {} · measured in \
+         {:.0} s (after {build_s:.0} s of builds) · load average before: {}\n\n",
         if opts.quick { "quick" } else { "full" },
         m["date"],
         m["cpu"],
@@ -999,7 +1008,8 @@ fn write_report(
         m["kernel"],
         m["commit"],
         m["user"],
-        elapsed
+        elapsed,
+        m["load_before"]
     );
     md += "## Headlines\n\n| target | measured | met |\n|---|---:|---|\n";
     for (t, v, ok) in heads {

@@ -8,6 +8,7 @@
 //! `cargo bench --bench syscall` (the kernel column needs root; skipped otherwise).
 //! Environment: `BPFTIME_BENCH_CALLS` (default 2,000,000).
 
+use bpftime_suite::bench::median;
 use bpftime_suite::{Proc, TestStore, artifacts, build_example, is_root};
 use std::path::Path;
 use std::process::Command;
@@ -16,11 +17,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(120);
 
 fn ns_per_call(lines: &[String]) -> f64 {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix("ns_per_call "))
-        .and_then(|v| v.parse().ok())
-        .expect("victim prints ns_per_call")
+    bpftime_suite::bench::ns_per_call(lines).expect("victim prints ns_per_call")
 }
 
 fn victim(prefix: Option<(&Path, &str)>, build: &Path, n: u64) -> f64 {
@@ -35,11 +32,6 @@ fn victim(prefix: Option<(&Path, &str)>, build: &Path, n: u64) -> f64 {
     };
     c.args(["-b", &n.to_string()]);
     ns_per_call(&Proc::spawn(c, "syscall-victim -b").finish(T))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The loader's report line `getpid_calls N`.

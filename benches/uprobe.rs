@@ -7,6 +7,7 @@
 //! `cargo bench --bench uprobe` (the kernel column needs root; it is skipped otherwise).
 //! Environment: `BPFTIME_BENCH_CALLS` (default 2,000,000; kernel runs use a tenth).
 
+use bpftime_suite::bench::median;
 use bpftime_suite::{Proc, TestStore, artifacts, build_example, is_root};
 use std::path::Path;
 use std::process::Command;
@@ -15,11 +16,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(120);
 
 fn ns_per_call(lines: &[String]) -> f64 {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix("ns_per_call "))
-        .and_then(|v| v.parse().ok())
-        .expect("victim prints ns_per_call")
+    bpftime_suite::bench::ns_per_call(lines).expect("victim prints ns_per_call")
 }
 
 fn victim_cmd(prefix: Option<(&Path, &str)>, build: &Path, mode: &str, n: u64) -> Command {
@@ -40,11 +37,6 @@ fn interrupt(p: &Proc) {
     let _ = Command::new("kill")
         .args(["-INT", &p.pid().to_string()])
         .status();
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -61,6 +61,9 @@ struct Case {
     events: usize,
     /// Lines that must appear in the output (after normalisation; `{N}` etc. substituted).
     must: &'static [&'static str],
+    /// bpftime side: hide the uprobe PMU (`BPFTIME_NO_UPROBE_PMU=1`), so bpftrace attaches
+    /// through its tracefs `uprobe_events` fallback.
+    no_pmu: bool,
 }
 
 const CASES: &[Case] = &[
@@ -71,6 +74,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:target_function { @calls = count(); }"],
         events: 1,
         must: &["@calls: 64"],
+        no_pmu: false,
     },
     Case {
         name: "sum avg min max",
@@ -82,6 +86,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@s: 2016", "@a: 31", "@mn: 0", "@mx: 63"],
+        no_pmu: false,
     },
     Case {
         name: "stats",
@@ -90,6 +95,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:target_function { @st = stats(arg0); }"],
         events: 1,
         must: &["@st: count 64, average 31, total 2016"],
+        no_pmu: false,
     },
     Case {
         name: "hist",
@@ -98,6 +104,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:target_function { @h = hist(arg0); }"],
         events: 1,
         must: &["[32, 64)              32 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|"],
+        no_pmu: false,
     },
     Case {
         name: "lhist",
@@ -109,6 +116,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["[48, 64)              16 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|"],
+        no_pmu: false,
     },
     Case {
         name: "uprobe by address",
@@ -117,6 +125,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:{OFF} { @by_addr = count(); }"],
         events: 1,
         must: &["@by_addr: 64"],
+        no_pmu: false,
     },
     Case {
         name: "filter",
@@ -128,6 +137,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@even: 32"],
+        no_pmu: false,
     },
     Case {
         name: "uretprobe retval",
@@ -139,6 +149,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@n: 64", "@r: 2080"],
+        no_pmu: false,
     },
     Case {
         name: "pid tid comm",
@@ -150,6 +161,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["pid=PID tid=PID comm=victim"],
+        no_pmu: false,
     },
     Case {
         name: "uid",
@@ -161,6 +173,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["uid=UID"],
+        no_pmu: false,
     },
     Case {
         name: "nsecs cpu",
@@ -172,6 +185,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["nsecs 1 cpu 1"],
+        no_pmu: false,
     },
     Case {
         name: "func probe",
@@ -183,6 +197,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["six_args|uprobe:{V}:six_args"],
+        no_pmu: false,
     },
     Case {
         name: "ustack",
@@ -194,6 +209,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["        six_args+0"],
+        no_pmu: false,
     },
     Case {
         name: "arg0-arg5",
@@ -205,6 +221,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["5 10 15 20 25 30"],
+        no_pmu: false,
     },
     Case {
         name: "str",
@@ -213,6 +230,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:greet { @names[str(arg0)] = count(); }"],
         events: 1,
         must: &["@names[alice]: 32", "@names[bob]: 32"],
+        no_pmu: false,
     },
     Case {
         name: "join",
@@ -221,6 +239,7 @@ const CASES: &[Case] = &[
         args: &["-e", "uprobe:{V}:words { join(arg0); }"],
         events: 1,
         must: &["one two three"],
+        no_pmu: false,
     },
     Case {
         name: "libc malloc lhist with -p",
@@ -234,6 +253,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["[1000, 1016)          16 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|"],
+        no_pmu: false,
     },
     Case {
         name: "libc malloc uretprobe with delete",
@@ -248,6 +268,7 @@ const CASES: &[Case] = &[
         ],
         events: 2,
         must: &["@ok[1]: 64"],
+        no_pmu: false,
     },
     Case {
         name: "print clear delete",
@@ -259,6 +280,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@c[1]: 16", "@c[3]: 16"],
+        no_pmu: false,
     },
     Case {
         name: "BEGIN END printf",
@@ -270,6 +292,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["start", "end 1", "@c: 64"],
+        no_pmu: false,
     },
     Case {
         name: "exit from a probe",
@@ -281,6 +304,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["seen 40"],
+        no_pmu: false,
     },
     Case {
         name: "-c command",
@@ -294,6 +318,7 @@ const CASES: &[Case] = &[
         ],
         events: 0,
         must: &["calls 64", "@c: 64"],
+        no_pmu: false,
     },
     Case {
         name: "tracepoint syscalls count",
@@ -305,6 +330,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@getppid: 128"],
+        no_pmu: false,
     },
     Case {
         name: "tracepoint exit args",
@@ -316,6 +342,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@ok[0]: 64", "@ok[1]: 64"],
+        no_pmu: false,
     },
     Case {
         name: "tracepoint string arg",
@@ -327,6 +354,7 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@paths[/etc/hostname]: 64"],
+        no_pmu: false,
     },
     Case {
         name: "raw_syscalls",
@@ -338,6 +366,19 @@ const CASES: &[Case] = &[
         ],
         events: 1,
         must: &["@umask: 64"],
+        no_pmu: false,
+    },
+    Case {
+        name: "uprobe and uretprobe through uprobe_events",
+        victim: Victim::Counter,
+        end: End::Sigint,
+        args: &[
+            "-e",
+            "uprobe:{V}:target_function { @c = count(); } uretprobe:{V}:target_function { @r = sum(retval); }",
+        ],
+        events: 2,
+        must: &["@c: 64", "@r: 2016"],
+        no_pmu: true,
     },
     Case {
         name: "-l uprobes",
@@ -346,6 +387,7 @@ const CASES: &[Case] = &[
         args: &["-l", "uprobe:{V}:*"],
         events: 0,
         must: &["uprobe:{V}:six_args", "uprobe:{V}:greet"],
+        no_pmu: false,
     },
 ];
 
@@ -545,6 +587,9 @@ fn run(case: &Case, side: Side, victims: &Victims, off: &str, tag: &str) -> Vec<
             let mut c = unprivileged(&a.bpftime);
             c.args(["load", "--store", &store.name, "--", "bpftrace"])
                 .args(&args);
+            if case.no_pmu {
+                c.env("BPFTIME_NO_UPROBE_PMU", "1");
+            }
             c
         }
     };

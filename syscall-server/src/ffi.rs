@@ -372,6 +372,16 @@ fn real_close(fd: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if let Some(_g) = Guard::enter()
+        && crate::tracefs::is_writer(fd)
+    {
+        let applied = emulate(|| crate::tracefs::close_writer(fd));
+        let r = real_close(fd);
+        return match applied {
+            Ok(()) => r,
+            Err(e) => ret_int(Err(e)),
+        };
+    }
+    if let Some(_g) = Guard::enter()
         && let Some(emu) = GLOBAL.get()
         && (emu.is_ours(fd) || emu.is_tracked_epoll(fd))
     {
@@ -496,6 +506,38 @@ fn served(path: *const c_char) -> Option<&'static [u8]> {
     files::virtual_file(&buf[..n])
 }
 
+/// `uprobe_events` opened for writing inside a loader (see [`crate::tracefs`]); with
+/// `BPFTIME_NO_UPROBE_PMU=1`, the uprobe PMU's `type` file is missing (`ENOENT`), so loaders
+/// take their `uprobe_events` fallback (the tests use this to exercise it).
+fn open_tracefs_writer(path: *const c_char, flags: c_int) -> Option<c_int> {
+    if path.is_null() {
+        return None;
+    }
+    // Path checks first (no allocation: `open` may run inside an allocator's initialisation);
+    // the environment is read only for the two paths concerned.
+    let mut buf = [0u8; VPATH_MAX + 1];
+    let n = sys::read_user_cstr_into(path as usize as u64, &mut buf).ok()?;
+    let path = &buf[..n];
+    let writer =
+        flags & libc::O_ACCMODE != libc::O_RDONLY && crate::tracefs::is_uprobe_events(path);
+    if !writer && path != crate::tracefs::UPROBE_PMU_TYPE_FILE.as_bytes() {
+        return None;
+    }
+    if !crate::creds::preloaded() {
+        return None;
+    }
+    if crate::tracefs::pmu_hidden(path) {
+        set_errno(libc::ENOENT);
+        return Some(-1);
+    }
+    if !writer {
+        return None;
+    }
+    Some(ret_int(emulate(|| {
+        crate::tracefs::open_writer(flags & libc::O_CLOEXEC != 0).map(i64::from)
+    })))
+}
+
 /// An fd with the content of a served file, for an `open` with `flags`.
 fn open_served(content: &'static [u8], flags: c_int) -> c_int {
     let r = emulate(|| {
@@ -515,6 +557,9 @@ macro_rules! open_like {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($($arg: $t),*) -> c_int {
             if let Some(_g) = Guard::enter() {
+                if let Some(fd) = open_tracefs_writer($path, $flags) {
+                    return fd;
+                }
                 if let Some(c) = served($path) {
                     return open_served(c, $flags);
                 }

@@ -44,6 +44,30 @@ impl Emulator {
         cpu: i32,
         flags: u64,
     ) -> Result<i64, Errno> {
+        if let Some(ev) = crate::tracefs::dyn_uprobe(attr.config) {
+            // An event made through `uprobe_events`: a uprobe perf event (see `tracefs`).
+            let rec = PerfEventRecord {
+                kind: if ev.retprobe {
+                    PerfKind::Uretprobe
+                } else {
+                    PerfKind::Uprobe
+                },
+                pid,
+                cpu,
+                offset: ev.offset,
+                ref_ctr_offset: 0,
+                path: ev.path,
+            };
+            let id = create_perf_event(&self.store, &rec).map_err(|err| e(err.errno()))?;
+            if attr.flags & PERF_ATTR_FLAG_DISABLED == 0
+                && let Err(err) = set_perf_enabled(&self.store, id, true)
+            {
+                self.release(id);
+                return Err(e(err.errno()));
+            }
+            let flag = flags & PERF_FLAG_FD_CLOEXEC != 0;
+            return self.install(ObjectKind::PerfEvent, id, "uprobe", flag, true, true);
+        }
         let Some(tp) = Tracepoint::by_id(attr.config) else {
             tracing::warn!(
                 "perf_event_open: tracepoint {} is not a syscall tracepoint: EINVAL",

@@ -651,3 +651,46 @@ fn custom_script_with_uprobe_uretprobe_and_perf_buffer() {
     ]);
     assert_eq!(out, want);
 }
+
+#[test]
+fn custom_script_on_eight_threads() {
+    let case = Case {
+        tag: "script-threads",
+        example: "uretprobe-counter",
+        binary: "retvictim",
+        victim_args: &["-m", "threads", "250"],
+        tool: |v| {
+            let script = bpftime_suite::workspace_root().join("tests/bcc/uprobe_ret.py");
+            s(&[&script.display().to_string(), v, "target_function", "2000"])
+        },
+        ready: |l| l == "attached",
+        stop: Stop::Exits,
+        normalize: all_lines,
+    };
+    let Some((out, vout)) = both_ways(&case) else {
+        return;
+    };
+    let expect = vout
+        .iter()
+        .find_map(|l| l.strip_prefix("expect "))
+        .expect("victim's expect line");
+    let ret_sum = expect.split_whitespace().last().unwrap();
+    // 8 threads call target_function(0..250): each argument 8 times, none on the main thread.
+    let want = s(&[
+        "attached",
+        "event arg=0 ret=0",
+        "event arg=0 ret=0",
+        "event arg=0 ret=0",
+        "event arg=0 ret=0",
+        "event arg=0 ret=0",
+        "events 2000 lost 0",
+        "arg_sum 249000",
+        &format!("ret_sum {ret_sum}"),
+        "main_thread_events 0",
+        "entries arg%4=0: 504",
+        "entries arg%4=1: 504",
+        "entries arg%4=2: 496",
+        "entries arg%4=3: 496",
+    ]);
+    assert_eq!(out, want);
+}

@@ -694,3 +694,98 @@ fn custom_script_on_eight_threads() {
     ]);
     assert_eq!(out, want);
 }
+
+/// Perf events the agent in `pid` reports attached, from `bpftime list`.
+fn attached_events(store: &TestStore, pid: u32) -> Option<usize> {
+    let out = unprivileged(&artifacts().bpftime)
+        .args(["list", "--store", &store.name])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let prefix = format!("agent pid {pid} attached events [");
+    let line = text.lines().find(|l| l.starts_with(&prefix))?;
+    let inner = line.strip_prefix(&prefix)?.strip_suffix(']')?;
+    Some(inner.split(", ").filter(|s| !s.is_empty()).count())
+}
+
+/// `funccount -p PID` on a victim that waits for a file, while another process runs the same
+/// function unfiltered: only the chosen process counts, both ways.
+#[test]
+fn funccount_pid_filter_counts_one_process() {
+    let Some(headers) = bcc_env() else {
+        return;
+    };
+    let Some(victim) = Victim::new("uprobe-counter", "victim", "funccount-pid") else {
+        return;
+    };
+    let mut modes = vec![Mode::Bpftime];
+    if is_root() {
+        modes.push(Mode::Kernel);
+    } else {
+        skip("the kernel half of the bcc comparison needs root");
+    }
+    let mut outs = Vec::new();
+    for mode in modes {
+        let store = TestStore::new("bcc-pid");
+        let go = victim.dir.join(format!("go-{mode:?}"));
+        let go_arg = go.display().to_string();
+        let args = ["-W", go_arg.as_str(), "321"];
+        let cmd = match mode {
+            Mode::Kernel => {
+                let mut c = Command::new(&victim.path);
+                c.args(args);
+                c
+            }
+            Mode::Bpftime => {
+                let mut c = unprivileged(&artifacts().bpftime);
+                c.args(["start", "--store", &store.name, "--"])
+                    .arg(&victim.path)
+                    .args(args);
+                c
+            }
+        };
+        let mut target = bpftime_suite::Proc::spawn(cmd, "waiting victim");
+        let pid = target.wait_line(T, |l| l.starts_with("pid "))[4..].to_string();
+        let tool_args = s(&[
+            "/usr/sbin/funccount-bpfcc",
+            "-p",
+            &pid,
+            &format!("{}:target_function", victim.path()),
+        ]);
+        let mut tool = Tool::spawn(mode, &store, &headers, &tool_args);
+        tool.wait_for(READY, "ready line", |out| {
+            out.iter().any(|l| l.starts_with("Tracing 1 functions"))
+        });
+        if mode == Mode::Bpftime {
+            let vpid: u32 = pid.parse().expect("victim pid");
+            bpftime_suite::poll(T, "the agent to attach funccount's probe", || {
+                attached_events(&store, vpid).filter(|&n| n > 0)
+            });
+        }
+        // Another process calling the same function: filtered out.
+        run_victim(mode, &store, &victim, &["200"]);
+        std::fs::write(&go, b"").expect("create the go file");
+        assert_eq!(
+            target.finish(T).last().map(String::as_str),
+            Some("calls 321")
+        );
+        tool.interrupt();
+        let (code, out) = tool.finish(T);
+        outs.push((code, all_lines(&out)));
+    }
+    let ours = &outs[0];
+    let counts: Vec<&str> = ours
+        .1
+        .iter()
+        .filter(|l| l.starts_with("target_function"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(counts.len(), 1, "{ours:?}");
+    assert!(
+        counts[0].split_whitespace().eq(["target_function", "321"]),
+        "{ours:?}"
+    );
+    if let Some(kernel) = outs.get(1) {
+        assert_eq!(ours, kernel, "bpftime (left) and kernel (right) differ");
+    }
+}

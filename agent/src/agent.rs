@@ -190,9 +190,11 @@ impl Agent {
             off => match resolve_file_offset_writable(&a.event.path, off) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    // The kernel refuses such a uprobe (EINVAL from the ref_ctr update).
-                    self.warn_once(a.perf_event_id, format!("USDT semaphore: {e}"));
-                    return None;
+                    // No writable mapping holds it: the kernel still attaches and defers the
+                    // increment to a later mapping (`delayed_ref_ctr_inc`). bcc's python
+                    // binding always sends garbage here (ref_ctr_offset 6, the ELF header).
+                    tracing::debug!("perf event {}: USDT semaphore: {e}", a.perf_event_id);
+                    None
                 }
             },
         };

@@ -579,6 +579,51 @@ fn argdist_counts_argument_values() {
 }
 
 #[test]
+fn argdist_counts_return_values() {
+    let case = Case {
+        tag: "argdist-ret",
+        example: "uprobe-counter",
+        binary: "victim",
+        victim_args: &["300"],
+        tool: |v| {
+            s(&[
+                "/usr/sbin/argdist-bpfcc",
+                "-c",
+                "-i",
+                "1",
+                "-C",
+                &format!("r:{v}:target_function():u32:(u32)$retval%5"),
+            ])
+        },
+        ready: |l| l.starts_with('['),
+        stop: Stop::InterruptWhen(|out| block_total(&last_block(out)) == 300),
+        normalize: |out| {
+            let mut v = last_block(out);
+            v.sort();
+            v
+        },
+    };
+    let Some((out, _)) = both_ways(&case) else {
+        return;
+    };
+    // target_function(i) returns i & 0xff for i in 0..300: 0..=255 then 0..=43, modulo 5.
+    let mut counts: Vec<(u64, u64)> = out
+        .iter()
+        .filter(|l| l.contains(" = "))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.last()?.parse().ok()?, f.first()?.parse().ok()?))
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![(0, 61), (1, 60), (2, 60), (3, 60), (4, 59)],
+        "{out:?}"
+    );
+}
+
+#[test]
 fn stackcount_counts_user_stacks() {
     let case = Case {
         tag: "stackcount",

@@ -388,7 +388,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         let mut out = -1;
         let r = emulate(|| {
             out = emu.close_with(fd, || real_close(fd));
-            if crate::selfprobe::active() {
+            if crate::selfprobe::active() || crate::timer::active() {
                 crate::selfprobe::sync(emu);
             }
             Ok(())
@@ -883,6 +883,14 @@ pub unsafe extern "C" fn ppoll(
             None => enosys(),
         },
     )
+}
+
+/// Runs `f` with this thread's re-entrancy flag set, so the libc calls it makes go to libc
+/// (threads of ours that run programs, see [`crate::timer`]); does nothing if it is set.
+pub(crate) fn guarded(f: impl FnOnce()) {
+    if let Some(_g) = Guard::enter() {
+        f();
+    }
 }
 
 /// Whether a libc credential call should answer root (see [`crate::creds`]).

@@ -56,6 +56,7 @@ mod mmap;
 mod perf;
 mod selfprobe;
 pub mod sys;
+mod timer;
 mod tracefs;
 mod tracepoint;
 pub mod uapi;

@@ -111,6 +111,12 @@ impl Emulator {
             PERF_TYPE_SOFTWARE if attr.config == PERF_COUNT_SW_BPF_OUTPUT => {
                 return self.open_bpf_output(&attr, pid_filter, cpu, flags);
             }
+            PERF_TYPE_SOFTWARE
+                if attr.config == crate::timer::PERF_COUNT_SW_CPU_CLOCK
+                    || attr.config == crate::timer::PERF_COUNT_SW_TASK_CLOCK =>
+            {
+                return self.open_timer(&attr, pid_filter, cpu, flags);
+            }
             PERF_TYPE_SOFTWARE => {
                 tracing::warn!(
                     "perf_event_open: software event {} is not emulated: EOPNOTSUPP",

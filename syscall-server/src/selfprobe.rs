@@ -7,7 +7,7 @@
 //! hook the function in this process with the same engine agents use
 //! ([`bpftime_attach::install_probe`]) and run the program there; disabling or closing the event
 //! removes the hook. [`sync`] brings the hooks in line with the store after every perf ioctl
-//! and close of one of our perf event fds.
+//! and close of one of our perf event fds (and the timer threads, see [`crate::timer`]).
 //!
 //! # Invariants
 //!
@@ -62,6 +62,7 @@ extern "C" fn on_hit(regs: &mut PtRegs, user: *mut c_void) {
 /// Installs hooks for the enabled uprobes this process created on itself, removes those no
 /// longer enabled.
 pub(crate) fn sync(emu: &Emulator) {
+    crate::timer::sync(emu);
     let me = crate::emu::pid() as i32;
     let store = emu.store();
     let wanted: Vec<_> = attachments(store)

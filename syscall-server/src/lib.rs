@@ -41,7 +41,12 @@
 //!   maps). At exit, a process releases all it holds.
 //! - Loader memory is untrusted: it is read and written only through fault-safe copies
 //!   ([`sys`]); a bad pointer is `EFAULT`, never a crash. Errors are the kernel's errnos.
-//! - Unsafe code lives only in [`sys`] and [`ffi`].
+//! - Unsafe code lives only in [`sys`], [`ffi`], `selfprobe` (hooks a loader puts on itself)
+//!   and `timer` (timer perf event threads).
+//!
+//! For bpftrace (see `docs/architecture.md`): `creds` (libc answers uid 0 inside a loader;
+//! programs it execs get the agent), `selfprobe` (BEGIN/END), `kbtf` (the kernel's BTF as a
+//! BTF object), `tracefs` (`available_events`, `uprobe_events`), `timer` (interval/profile).
 #![deny(unsafe_code)]
 
 mod bpf;

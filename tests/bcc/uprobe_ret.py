@@ -4,10 +4,11 @@
 #
 #   uprobe_ret.py BINARY SYMBOL N
 #
-# Prints "attached" once both probes are in place, then reads N events (one per return of
-# SYMBOL: its first argument and return value) from the perf buffer and prints the five with
-# the smallest arguments, the totals and the entry counts by argument modulo 4, then exits. Gives up after 60 s without
-# events (and says so), so a broken emulation fails the test instead of hanging it.
+# Prints "attached" once both probes and the perf buffer are in place, then reads N events (one
+# per return of SYMBOL: its first argument and return value) from the perf buffer and prints
+# the five with the smallest arguments, the totals and the entry counts by argument modulo 4,
+# then exits. Gives up after 30 s without events (and says so), so a broken emulation fails
+# the test instead of hanging it.
 import sys
 import time
 
@@ -61,7 +62,6 @@ def main():
     b = BPF(text=PROGRAM)
     b.attach_uprobe(name=binary, sym=symbol, fn_name="on_entry")
     b.attach_uretprobe(name=binary, sym=symbol, fn_name="on_return")
-    print("attached", flush=True)
 
     seen = []
     lost = [0]
@@ -74,14 +74,16 @@ def main():
         lost[0] += n
 
     b["events"].open_perf_buffer(on_event, page_cnt=256, lost_cb=on_lost)
+    # Only now: an event output before the perf buffer is open is dropped without a trace.
+    print("attached", flush=True)
     last = time.monotonic()
     while len(seen) + lost[0] < want:
         before = len(seen)
         b.perf_buffer_poll(timeout=200)
         if len(seen) != before:
             last = time.monotonic()
-        elif time.monotonic() - last > 60:
-            print("timeout: no events for 60 s")
+        elif time.monotonic() - last > 30:
+            print("timeout: no events for 30 s")
             break
 
     # Events come through one buffer per CPU: their order across CPUs is not fixed.

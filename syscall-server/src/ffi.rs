@@ -506,7 +506,7 @@ fn served(path: *const c_char) -> Option<&'static [u8]> {
     files::virtual_file(&buf[..n])
 }
 
-/// `uprobe_events` opened for writing inside a loader (see [`crate::tracefs`]); with
+/// `uprobe_events` opened for writing inside a loader (see `tracefs.rs`); with
 /// `BPFTIME_NO_UPROBE_PMU=1`, the uprobe PMU's `type` file is missing (`ENOENT`), so loaders
 /// take their `uprobe_events` fallback (the tests use this to exercise it).
 fn open_tracefs_writer(path: *const c_char, flags: c_int) -> Option<c_int> {
@@ -886,19 +886,19 @@ pub unsafe extern "C" fn ppoll(
 }
 
 /// Runs `f` with this thread's re-entrancy flag set, so the libc calls it makes go to libc
-/// (threads of ours that run programs, see [`crate::timer`]); does nothing if it is set.
+/// (threads of ours that run programs, see `timer.rs`); does nothing if it is set.
 pub(crate) fn guarded(f: impl FnOnce()) {
     if let Some(_g) = Guard::enter() {
         f();
     }
 }
 
-/// Whether a libc credential call should answer root (see [`crate::creds`]).
+/// Whether a libc credential call should answer root (see `creds.rs`).
 fn fake_root() -> bool {
     Guard::enter().is_some_and(|_g| crate::creds::fake_root())
 }
 
-/// `uid_t getuid(void)`: 0 inside a loader (see [`crate::creds`]).
+/// `uid_t getuid(void)`: 0 inside a loader (see `creds.rs`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn getuid() -> libc::uid_t {
     if fake_root() {
@@ -912,7 +912,7 @@ pub unsafe extern "C" fn getuid() -> libc::uid_t {
     }
 }
 
-/// `uid_t geteuid(void)`: 0 inside a loader (see [`crate::creds`]).
+/// `uid_t geteuid(void)`: 0 inside a loader (see `creds.rs`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn geteuid() -> libc::uid_t {
     if fake_root() {
@@ -970,7 +970,7 @@ fn read_cstr_array(p: *const *const c_char) -> Result<Vec<Vec<u8>>, Errno> {
 }
 
 /// The loader's environment for a program it starts, if it must change (see
-/// [`crate::creds`]): owned strings and the NULL-terminated pointer array over them.
+/// `creds.rs`): owned strings and the NULL-terminated pointer array over them.
 fn child_envp(envp: *const *const c_char) -> Option<(Vec<std::ffi::CString>, Vec<*const c_char>)> {
     let _g = Guard::enter()?;
     if !crate::creds::preloaded() {
@@ -985,7 +985,7 @@ fn child_envp(envp: *const *const c_char) -> Option<(Vec<std::ffi::CString>, Vec
 }
 
 /// `int execve(const char *path, char *const argv[], char *const envp[])`: a program started
-/// by a loader gets the agent instead of this library (see [`crate::creds`]).
+/// by a loader gets the agent instead of this library (see `creds.rs`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execve(
     path: *const c_char,

@@ -7,7 +7,7 @@
 //! hook the function in this process with the same engine agents use
 //! ([`bpftime_attach::install_probe`]) and run the program there; disabling or closing the event
 //! removes the hook. [`sync`] brings the hooks in line with the store after every perf ioctl
-//! and close of one of our perf event fds (and the timer threads, see [`crate::timer`]).
+//! and close of one of our perf event fds (and the timer threads, see `timer.rs`).
 //!
 //! # Invariants
 //!

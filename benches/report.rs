@@ -158,8 +158,8 @@ const FULL: Sizes = Sizes {
     syscalls: 1_000_000,
     latency_reps: 10,
     vm_runs: 3,
-    map_runs: 5,
-    map_ms: 200,
+    map_runs: 3,
+    map_ms: 100,
 };
 
 fn parse_args() -> Option<Opts> {
@@ -681,7 +681,11 @@ fn map_scenarios(bin: &Path, sizes: Sizes) -> Vec<Entry> {
     // name -> (bpftime values, kernel values)
     let mut acc: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     // The bench takes the median of its own runs; we repeat it for a spread.
-    let outer = if sizes.map_runs >= 5 { 3 } else { 1 };
+    let outer = if sizes.map_runs > 1 && sizes.map_ms >= 100 {
+        3
+    } else {
+        1
+    };
     for _ in 0..outer {
         let lines = run_bench_bin(
             bin,

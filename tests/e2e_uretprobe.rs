@@ -67,6 +67,24 @@ fn a_function_shorter_than_the_jump_is_traced_through_a_trap() {
 }
 
 #[test]
+fn a_trap_probe_works_in_a_thread_that_blocks_every_signal() {
+    // A blocked SIGTRAP at an int3 kills the process; the agent keeps it unblocked.
+    let Some(build) = example() else {
+        return;
+    };
+    let r = run(
+        Runtime::Bpftime,
+        &build,
+        "uretprobe-counter",
+        &[],
+        "retvictim",
+        &["-b", "-m", "short", "300"],
+        "short_fn",
+    );
+    assert_eq!(r.counts(), r.expected(), "{r:?}");
+}
+
+#[test]
 fn recursion_21_frames_deep_returns_each_frame() {
     same_as_kernel("rec", "rec_fn", "1000", &[]);
 }

@@ -16,7 +16,9 @@
 //!   hooked function) and from the agent's own thread.
 //! - The `sigaction`/`signal` interposers answer for `SIGTRAP` only once bpftime-attach's trap
 //!   handler is installed (it then keeps the application's handler and passes it the traps
-//!   that are not probes); everything else goes to the next definition (libc's).
+//!   that are not probes); everything else goes to the next definition (libc's). The
+//!   `sigaction`, `pthread_sigmask` and `sigprocmask` interposers drop `SIGTRAP` from the masks
+//!   they pass on: a blocked `SIGTRAP` would kill the process at an `int3`.
 
 use crate::agent::{Agent, AgentConfig, SiteData};
 use bpftime_attach::x86_64::{intercept_sigaction, override_return};
@@ -44,6 +46,10 @@ pub type ProgList = Vec<(Arc<LoadedProg>, u64)>;
 #[derive(Debug)]
 pub struct ProgSlot {
     cur: AtomicPtr<ProgList>,
+    #[allow(
+        clippy::vec_box,
+        reason = "handlers may still hold references into a retired list's box"
+    )]
     retired: parking_lot::Mutex<Vec<Box<ProgList>>>,
 }
 
@@ -190,7 +196,7 @@ pub(crate) fn install_hook(
 /// kernel does when it installs (+1) or removes (-1) a uprobe with a `ref_ctr_offset`.
 /// False if the address is misaligned.
 pub(crate) fn adjust_semaphore(addr: usize, delta: i16) -> bool {
-    if addr % 2 != 0 {
+    if !addr.is_multiple_of(2) {
         return false;
     }
     // SAFETY: `addr` is 2-aligned and lies in a writable, file-backed mapping of this process
@@ -201,7 +207,8 @@ pub(crate) fn adjust_semaphore(addr: usize, delta: i16) -> bool {
     true
 }
 
-type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type SigactionFn =
+    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
 
 /// The next definition of `name` (libc's), cached in `cache`.
@@ -233,6 +240,20 @@ pub unsafe extern "C" fn sigaction(
     if let Some(r) = unsafe { intercept_sigaction(sig, act, old) } {
         return r;
     }
+    // A handler's mask does not block SIGTRAP either (see `without_trap`).
+    // SAFETY: forwarded contract on `act`.
+    let mut copy: libc::sigaction = match unsafe { act.as_ref() } {
+        Some(a) => *a,
+        // SAFETY: plain data.
+        None => unsafe { std::mem::zeroed() },
+    };
+    // SAFETY: a valid sigset_t inside `copy`.
+    unsafe { libc::sigdelset(&mut copy.sa_mask, libc::SIGTRAP) };
+    let act = if act.is_null() {
+        act
+    } else {
+        &copy as *const libc::sigaction
+    };
     let f = next_symbol(&REAL_SIGACTION, c"sigaction");
     if f == 0 {
         set_errno(libc::ENOSYS);
@@ -242,6 +263,84 @@ pub unsafe extern "C" fn sigaction(
     let f: SigactionFn = unsafe { std::mem::transmute(f) };
     // SAFETY: forwarded contract.
     unsafe { f(sig, act, old) }
+}
+
+static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
+
+type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
+
+/// `set` without `SIGTRAP` (copied into `copy`) when it would block it. A blocked `SIGTRAP`
+/// is fatal at a trap-based probe or during a patch (the kernel forces an `int3`'s signal
+/// through, resetting its action to the default), so the agent keeps it unblocked; nothing
+/// sends `SIGTRAP` asynchronously in practice.
+fn without_trap(set: *const libc::sigset_t, copy: &mut libc::sigset_t) -> *const libc::sigset_t {
+    // SAFETY: `set` is null or a valid sigset_t (the libc contract of our callers).
+    match unsafe { set.as_ref() } {
+        // SAFETY: a valid sigset_t.
+        Some(s) if unsafe { libc::sigismember(s, libc::SIGTRAP) } == 1 => {
+            *copy = *s;
+            // SAFETY: `copy` is a valid sigset_t.
+            unsafe { libc::sigdelset(copy, libc::SIGTRAP) };
+            copy
+        }
+        _ => set,
+    }
+}
+
+fn forward_sigmask(
+    cache: &AtomicUsize,
+    name: &std::ffi::CStr,
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: zeroed sigset_t is valid storage.
+    let mut copy: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let set = if how == libc::SIG_UNBLOCK {
+        set
+    } else {
+        without_trap(set, &mut copy)
+    };
+    let f = next_symbol(cache, name);
+    if f == 0 {
+        return libc::ENOSYS;
+    }
+    // SAFETY: `f` is libc's function of that name, with this signature.
+    let f: SigmaskFn = unsafe { std::mem::transmute(f) };
+    // SAFETY: `set` is null, the caller's set or our copy; `old` is the caller's.
+    unsafe { f(how, set, old) }
+}
+
+/// `pthread_sigmask(3)` for the application: never blocks `SIGTRAP` (see `without_trap`).
+///
+/// # Safety
+/// The libc contract.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    forward_sigmask(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old)
+}
+
+/// `sigprocmask(2)` for the application: never blocks `SIGTRAP` (see `without_trap`).
+///
+/// # Safety
+/// The libc contract.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    let r = forward_sigmask(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old);
+    if r > 0 {
+        set_errno(r);
+        return -1;
+    }
+    r
 }
 
 /// `signal(3)` for the application: glibc's calls its internal `sigaction`, which the
@@ -261,7 +360,11 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointers.
         if let Some(r) = unsafe { intercept_sigaction(sig, &sa, &mut old) } {
-            return if r == 0 { old.sa_sigaction } else { libc::SIG_ERR };
+            return if r == 0 {
+                old.sa_sigaction
+            } else {
+                libc::SIG_ERR
+            };
         }
     }
     let f = next_symbol(&REAL_SIGNAL, c"signal");

@@ -17,9 +17,11 @@
 //!   addresses (relocator, stub building [`aarch64::PtRegsArm64`], entry patch); it is built
 //!   and tested (under emulation) on every host, and nothing installs it in a process yet.
 //!
-//! What it does not do (yet): aarch64, uretprobes, syscall tracepoints and the trap-based
-//! fallback for functions too short to patch ([`AttachError::TooShort`] reports them so that
-//! fallback can take over). It does not run eBPF programs: the handler is plain native code.
+//! - [`install_probe`] is the general form: entry and return handlers (uretprobes: return
+//!   trampolines, a per-thread shadow stack, unwind information for them), and the trap-based
+//!   fallback (`int3` + a `SIGTRAP` handler + out-of-line execution) where a jump cannot go.
+//!
+//! It does not run eBPF programs: the handlers are plain native code.
 //!
 //! ## Invariants
 //!

@@ -77,10 +77,8 @@ fn application_trap_handlers_keep_working_next_to_trap_probes() {
     // SAFETY: zeroed sigaction is valid output storage.
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: valid pointers.
-    assert_eq!(
-        unsafe { intercept_sigaction(libc::SIGTRAP, &new, &mut old) },
-        Some(0)
-    );
+    let r = unsafe { intercept_sigaction(libc::SIGTRAP, &new, &mut old) };
+    assert_eq!(r, Some(0));
     assert_eq!(
         old.sa_sigaction,
         libc::SIG_DFL,
@@ -88,30 +86,24 @@ fn application_trap_handlers_keep_working_next_to_trap_probes() {
     );
     // Other signals are not ours to answer.
     // SAFETY: null pointers are allowed.
-    assert_eq!(
-        unsafe { intercept_sigaction(libc::SIGUSR2, core::ptr::null(), core::ptr::null_mut()) },
-        None
-    );
+    let r = unsafe { intercept_sigaction(libc::SIGUSR2, core::ptr::null(), core::ptr::null_mut()) };
+    assert_eq!(r, None);
     foreign_int3();
     assert_eq!(APP1.load(Ordering::SeqCst), 1);
     assert_eq!(tc_short(2), 3);
     assert_eq!(HITS.load(Ordering::SeqCst), 2);
     // A query sees the application's own handler.
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { intercept_sigaction(libc::SIGTRAP, core::ptr::null(), &mut old) },
-        Some(0)
-    );
+    let r = unsafe { intercept_sigaction(libc::SIGTRAP, core::ptr::null(), &mut old) };
+    assert_eq!(r, Some(0));
     assert_eq!(old.sa_sigaction, app1 as *const () as usize);
 
     // Behind the interposer's back (the real sigaction): probes would be lost until the
     // recheck puts our handler back in front of the application's.
     let raw = sa(app2 as *const () as usize, libc::SA_SIGINFO);
     // SAFETY: valid action, no old action wanted.
-    assert_eq!(
-        unsafe { libc::sigaction(libc::SIGTRAP, &raw, core::ptr::null_mut()) },
-        0
-    );
+    let r = unsafe { libc::sigaction(libc::SIGTRAP, &raw, core::ptr::null_mut()) };
+    assert_eq!(r, 0);
     assert!(recheck_trap_handler().unwrap());
     assert!(
         !recheck_trap_handler().unwrap(),

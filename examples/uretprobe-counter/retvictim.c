@@ -2,15 +2,18 @@
 /*
  * retvictim: a process for uretprobe-counter to probe.
  *
- *   retvictim [-w | -W FILE] [-t] [-a] [-m MODE] N
+ *   retvictim [-w | -W FILE] [-t] [-a] [-b] [-m MODE] N
  *
  * Runs MODE N times, then prints what a probe of the mode's function must have counted:
  *   "expect entries E returns R ret_sum S" (S wraps around at 2^64), then "calls N".
  *
  *   -w       print "pid <PID>" and wait for a line on stdin first
  *   -W FILE  print "pid <PID>" and wait until FILE exists first
- *   -t       time the loop and print "ns_per_call X" (benchmarks)
+ *   -t       time the loop and print "ns_per_call X" (wall clock) and "cpu_ns_per_call X" (the
+ *            calling thread's CPU time: steadier on a loaded machine) (benchmarks)
  *   -a       print "addr <function> <hex address>" for the mode's functions
+ *   -b       block every signal (pthread_sigmask) before the calls, as servers do in worker
+ *            threads
  *   -m MODE  (default target)
  *     target    target_function(i): C, first instruction push %rbp; returns i & 0xff
  *     nop5      nop5_entry(i): first instruction a 5-byte nop; returns i + 1
@@ -28,6 +31,7 @@
  */
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,20 +157,20 @@ static void *thread_main(void *arg)
 
 static void usage(const char *prog)
 {
-	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-a] [-m MODE] N\n", prog);
+	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-a] [-b] [-m MODE] N\n", prog);
 }
 
 int main(int argc, char **argv)
 {
 	const char *mode = "target", *wait_file = NULL;
-	int wait_stdin = 0, timed = 0, addrs = 0, opt;
+	int wait_stdin = 0, timed = 0, addrs = 0, block = 0, opt;
 	unsigned long long entries = 0, returns = 0, ret_sum = 0;
 	long overridden = 0;
 	volatile long sink = 0;
-	struct timespec t0, t1;
+	struct timespec t0, t1, c0, c1;
 	char *end;
 
-	while ((opt = getopt(argc, argv, "wW:tam:h")) != -1) {
+	while ((opt = getopt(argc, argv, "wW:tabm:h")) != -1) {
 		switch (opt) {
 		case 'w':
 			wait_stdin = 1;
@@ -179,6 +183,9 @@ int main(int argc, char **argv)
 			break;
 		case 'a':
 			addrs = 1;
+			break;
+		case 'b':
+			block = 1;
 			break;
 		case 'm':
 			mode = optarg;
@@ -218,6 +225,13 @@ int main(int argc, char **argv)
 		while (access(wait_file, F_OK) != 0)
 			usleep(1000);
 
+	if (block) {
+		sigset_t all;
+
+		sigfillset(&all);
+		pthread_sigmask(SIG_BLOCK, &all, NULL);
+	}
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (!strcmp(mode, "target") || !strcmp(mode, "nop5") || !strcmp(mode, "lea") ||
 	    !strcmp(mode, "short")) {
@@ -295,10 +309,14 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t1);
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
 
-	if (timed && n_calls > 0)
+	if (timed && n_calls > 0) {
 		printf("ns_per_call %.2f\n",
 		       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (double)n_calls);
+		printf("cpu_ns_per_call %.2f\n",
+		       ((c1.tv_sec - c0.tv_sec) * 1e9 + (c1.tv_nsec - c0.tv_nsec)) / (double)n_calls);
+	}
 	printf("expect entries %llu returns %llu ret_sum %llu\n", entries, returns, ret_sum);
 	printf("calls %ld\n", n_calls);
 	return 0;

@@ -19,7 +19,7 @@ use bpftime_maps::{Map, MapType, Store};
 use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion, TailTarget};
 use bpftime_vm::interpreter::{Interpreter, Trap};
 use bpftime_vm::isa::{Insn, LdImmKind, Op, decode};
-use bpftime_vm::opcode::LDDW;
+use bpftime_vm::opcode::{CALL, LDDW};
 use bpftime_vm::verifier::{Program, VerifyError, verify};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -41,6 +41,11 @@ pub struct LoadedProg {
     maps: Vec<Box<Map>>,
     host: Box<ProgHost>,
     value_regions: Vec<MemRegion>,
+    /// The program calls `bpf_tail_call`: its runs are registered for the helper.
+    tail_calls: bool,
+    /// The program may reserve ring buffer records (a ring buffer map, or a map of maps that
+    /// may hold one): leftovers are discarded when its runs end.
+    reserves: bool,
     #[cfg(target_arch = "x86_64")]
     jit: Option<bpftime_jit::program::JitProgram>,
 }
@@ -200,6 +205,14 @@ impl LoadedProg {
             pc += 2;
         }
         let prog = verify(&insns, &helpers)?;
+        let tail_calls = insns
+            .iter()
+            .any(|i| i.code == CALL && i.src == 0 && i.imm == crate::helpers::TAIL_CALL as i32);
+        let reserves = maps.iter().any(|m| {
+            [MapType::RingBuf, MapType::ArrayOfMaps, MapType::HashOfMaps]
+                .iter()
+                .any(|&t| m.def().map_type == t as u32)
+        });
         let host = Box::new(ProgHost {
             maps: maps.iter().map(|m| &**m as *const Map as usize).collect(),
             ..ProgHost::default()
@@ -213,6 +226,8 @@ impl LoadedProg {
             maps,
             host,
             value_regions,
+            tail_calls,
+            reserves,
             #[cfg(target_arch = "x86_64")]
             jit: None,
         })
@@ -286,10 +301,15 @@ impl LoadedProg {
     ) -> Result<u64, Trap> {
         let _cookie = crate::helpers::CookieGuard::set(cookie);
         // Ring buffer records the program leaves uncommitted are discarded when it ends (by
-        // the last program of the run, after tail calls, then by this one).
-        let _commit = crate::buffers::RunGuard(&self.maps);
-        let _run = exec::RunGuard::enter(self, self.engine(), |last| {
-            crate::buffers::end_of_run(&last.maps)
+        // the last program of the run, after tail calls, then by this one). A program that
+        // neither tail-calls nor can reserve records needs neither guard (the probe hot path).
+        let _commit = self.reserves.then(|| crate::buffers::RunGuard(&self.maps));
+        let _run = self.tail_calls.then(|| {
+            exec::RunGuard::enter(self, self.engine(), |last| {
+                if last.reserves {
+                    crate::buffers::end_of_run(&last.maps)
+                }
+            })
         });
         #[cfg(target_arch = "x86_64")]
         if let Some(j) = &self.jit {

@@ -286,6 +286,8 @@ fn install_jump(
         user: user as u64,
         inflight: block.inflight_addr() as u64,
         removed: block.removed_addr() as u64,
+        restore_flags: !matches!(func, FuncBounds::Entry)
+            && !matches!(func, FuncBounds::Range { start, .. } if start == target),
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func

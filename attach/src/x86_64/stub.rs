@@ -51,6 +51,10 @@ pub(crate) struct StubParams {
     pub inflight: u64,
     /// Address of the hook's removed flag (8 bytes, within ±2 GiB of the stub).
     pub removed: u64,
+    /// Restore the flags on the way out. Not needed at a function's first instruction: no
+    /// calling convention passes values in the flags (and `popfq` is the stub's costliest
+    /// instruction).
+    pub restore_flags: bool,
 }
 
 /// Stub and trampoline, encoded for one base address.
@@ -287,8 +291,12 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     }
     a.lea(rsp, ptr(rsp + 24))?; // orig_rax, rip, cs
     a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
-    a.popfq()?;
-    a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    if p.restore_flags {
+        a.popfq()?;
+        a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    } else {
+        a.lea(rsp, ptr(rsp + FIRST_DROP + 8))?;
+    }
     let stub_len = a.instructions().len();
     // Redirect: store the new rip just below the new rsp, point the saved rsp at it, restore
     // everything, switch stacks and `ret` into it.
@@ -344,9 +352,8 @@ pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, At
         for r in SAVED.iter().rev() {
             a.pop(*r)?;
         }
-        a.lea(rsp, ptr(rsp + 24))?; // orig_rax, rip, cs
-        a.popfq()?;
-        a.lea(rsp, ptr(rsp + 16))?; // rsp, ss
+        // eflags too: after a `ret`, no calling convention leaves values in the flags.
+        a.lea(rsp, ptr(rsp + 24 + 8 + 16))?; // orig_rax, rip, cs, eflags, rsp, ss
         a.ret()?;
         Ok(a.take_instructions())
     };
@@ -371,6 +378,7 @@ mod tests {
             user: 0x1234,
             inflight: BASE + 4096,
             removed: BASE + 4096 + 8,
+            restore_flags: true,
         }
     }
 
@@ -501,9 +509,10 @@ mod tests {
             && i.memory_base() == Register::RSP
             && i.memory_displacement64() == PT_REGS as u64
             && i.op1_register() == Register::RAX));
-        assert_eq!(
-            &m[m.len() - 3..],
-            &[Mnemonic::Popfq, Mnemonic::Lea, Mnemonic::Ret]
+        assert_eq!(&m[m.len() - 2..], &[Mnemonic::Lea, Mnemonic::Ret]);
+        assert!(
+            !m.contains(&Mnemonic::Popfq),
+            "flags are dead after a return"
         );
     }
 

@@ -1144,7 +1144,10 @@ impl Emulator {
         if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
             return Err(e(libc::EBADF));
         }
-        let path = path.into_os_string().into_string().map_err(|_| e(libc::EINVAL))?;
+        let path = path
+            .into_os_string()
+            .into_string()
+            .map_err(|_| e(libc::EINVAL))?;
         if pid != 0 && !sys::pid_exists(pid) {
             return Err(e(libc::ESRCH));
         }

@@ -72,7 +72,8 @@ pub enum FuncBounds {
     /// Nothing: a jump could overwrite the target of a branch from anywhere, so
     /// [`PatchMode::Auto`] uses a trap (a [`PatchMode::Jump`] is checked as for `Entry`).
     Unknown,
-    /// The address is a function's first instruction; only branches after it are checked.
+    /// The address is a function's first instruction; only branches after it are checked,
+    /// and the stub does not restore the flags there.
     Entry,
     /// The function occupies `start..end` (from its ELF symbol): every branch in it is
     /// checked, and a probe in its middle refuses a jump if it has jump tables.
@@ -154,10 +155,11 @@ struct JumpState {
 ///
 /// # Safety
 ///
-/// - `target` must be the first byte of an instruction in code that stays mapped while hooked,
-///   and nothing else may modify that code while the hook exists (another inline hooker, a
+/// - `target` must be a function's first instruction (flags are not restored there: no
+///   calling convention passes values in them) in code that stays mapped while hooked, and
+///   nothing else may modify that code while the hook exists (another inline hooker, a
 ///   debugger's breakpoints, or code that jumps into the first bytes of `target` from before
-///   it — only branches after `target` can be checked).
+///   it — only branches after `target` can be checked). Elsewhere use [`install_probe`].
 /// - `handler` must be sound to call on any thread that executes `target`, at that point, with
 ///   `user`; `user` must stay valid for it until the hook is removed.
 /// - The process must not replace the `SIGTRAP` handler or the stop signal's handler while
@@ -190,9 +192,10 @@ pub unsafe fn install(
 ///
 /// # Safety
 ///
-/// As for [`install`], for both handlers; with a return handler, `target` must be a
-/// function's entry (`[rsp]` holds the return address there), and with [`FuncBounds::Range`]
-/// the range must be the function's.
+/// As for [`install`], for both handlers, except that `target` may be any instruction boundary
+/// unless `func` is [`FuncBounds::Entry`]; with a return handler, `target` must be a function's
+/// entry (`[rsp]` holds the return address there), and with [`FuncBounds::Range`] the range must
+/// be the function's.
 pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, AttachError> {
     let mut reg = registry();
     signals::init()?;

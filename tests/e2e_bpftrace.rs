@@ -394,6 +394,37 @@ const CASES: &[Case] = &[
         no_pmu: false,
     },
     Case {
+        name: "libc by short name, uretprobe stats, ustack map key",
+        victim: Victim::Bt,
+        end: End::Sigint,
+        args: &[
+            "-e",
+            "uprobe:libc:malloc /pid == {P} && arg0 >= 1000 && arg0 < 1064/ { @m = count(); } \
+             uretprobe:{V}:six_args { @s = stats(retval); @u[ustack(1)] = count(); }",
+        ],
+        events: 2,
+        must: &["@m: 64", "@s: count 64, average 661, total 42336"],
+        no_pmu: false,
+    },
+    Case {
+        name: "-l tracepoints",
+        victim: Victim::Bt,
+        end: End::List,
+        args: &["-l", "tracepoint:syscalls:sys_enter_getp*"],
+        events: 0,
+        must: &["tracepoint:syscalls:sys_enter_getppid"],
+        no_pmu: false,
+    },
+    Case {
+        name: "-lv tracepoint arguments",
+        victim: Victim::Bt,
+        end: End::List,
+        args: &["-lv", "tracepoint:syscalls:sys_enter_openat"],
+        events: 0,
+        must: &["    const char * filename", "    umode_t mode"],
+        no_pmu: false,
+    },
+    Case {
         name: "-l uprobes",
         victim: Victim::Bt,
         end: End::List,

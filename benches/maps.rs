@@ -186,6 +186,23 @@ fn kprog_run(prog: &OwnedFd, repeat: u32) {
 /// Runs `batch(thread)` (returning the operations it did) on `threads` threads until `dur`
 /// passed; operations per second (millions).
 fn rate(threads: usize, dur: Duration, batch: &(dyn Fn(usize) -> u64 + Sync)) -> f64 {
+    rate_cpu(threads, dur, batch).0
+}
+
+/// This process's CPU time so far (all threads), in ns.
+fn cpu_ns() -> u64 {
+    // SAFETY: all-zero is a valid `rusage`, which getrusage fills.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// [`rate`], and the CPU time per operation (ns) over all threads: unlike the rate, it does
+/// not depend on how much of the machine other work leaves us, and it grows with contention.
+fn rate_cpu(threads: usize, dur: Duration, batch: &(dyn Fn(usize) -> u64 + Sync)) -> (f64, f64) {
+    let cpu0 = cpu_ns();
     let start = Instant::now();
     let total: u64 = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
@@ -205,7 +222,9 @@ fn rate(threads: usize, dur: Duration, batch: &(dyn Fn(usize) -> u64 + Sync)) ->
             .map(|h| h.join().expect("bench thread"))
             .sum()
     });
-    total as f64 / start.elapsed().as_secs_f64() / 1e6
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_ns().saturating_sub(cpu0);
+    (total as f64 / secs / 1e6, cpu as f64 / total.max(1) as f64)
 }
 
 fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
@@ -235,6 +254,74 @@ fn run_ours(progs: &[LoadedProg], t: usize, runs: u32) -> u64 {
         black_box(r.expect("our program trapped"));
     }
     u64::from(runs) * iter() as u64
+}
+
+/// Hash and LRU updates straight through [`Map::update`] (what the helper does, without the
+/// VM): 1 and 2 threads, for the free lists' scaling (1,024 keys in a 2,048-entry hash map; a
+/// full 1,024-entry LRU map updated with 4,096 keys).
+fn update_scaling(store: &Arc<Store>, runs: usize, dur: Duration) {
+    println!(
+        "\n| map | op | 1 thread | 2 threads | 2 / 1 | CPU ns/op, 1 thread | CPU ns/op, 2 threads |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (name, ty, mask) in [
+        ("hash", MapType::Hash, 1023u64),
+        ("lru_hash", MapType::LruHash, 4095),
+    ] {
+        // The hash map has room to spare, so replacing a value takes a free element and frees
+        // the old one (the free lists' traffic); the LRU map is full and evicts.
+        let def = MapDef {
+            map_type: ty as u32,
+            key_size: 4,
+            value_size: 8,
+            max_entries: if ty == MapType::Hash { 2 * N } else { N },
+            flags: 0,
+        };
+        let m = Map::create(store, def, name).expect("map");
+        for i in 0..u64::from(N) {
+            m.update(&(i as u32).to_ne_bytes(), &i.to_ne_bytes(), 0)
+                .expect("fill");
+        }
+        let r: Vec<(f64, f64)> = [1usize, 2]
+            .iter()
+            .map(|&threads| {
+                let mut v: Vec<(f64, f64)> = (0..runs)
+                    .map(|_| {
+                        rate_cpu(threads, dur, &|t| {
+                            for i in 0..256u64 {
+                                let k = key(i + t as u64 * 7919 + u64::from(next_seed()), mask);
+                                let _ = black_box(m.update(&k, &i.to_ne_bytes(), 0));
+                            }
+                            256
+                        })
+                    })
+                    .collect();
+                let mut rates: Vec<f64> = v.iter().map(|x| x.0).collect();
+                rates.sort_by(f64::total_cmp);
+                v.sort_by(|a, b| a.1.total_cmp(&b.1));
+                (rates[rates.len() / 2], v[v.len() / 2].1)
+            })
+            .collect();
+        let op = if ty == MapType::LruHash {
+            "update (evicting)"
+        } else {
+            "update"
+        };
+        println!(
+            "| {name} | {op} | {:.2} | {:.2} | {:.2}× | {:.0} | {:.0} |",
+            r[0].0,
+            r[1].0,
+            r[1].0 / r[0].0,
+            r[0].1,
+            r[1].1
+        );
+    }
+}
+
+/// A cheap per-call seed so batches do not repeat the same keys.
+fn next_seed() -> u32 {
+    static S: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    S.fetch_add(0x9E37_79B9, std::sync::atomic::Ordering::Relaxed)
 }
 
 struct Row {
@@ -283,7 +370,9 @@ fn main() {
         ("lru_hash", MapType::LruHash),
     ];
     let mut rows = Vec::new();
-    for (name, ty) in types {
+    // `BPFTIME_BENCH_ONLY=scaling`: only the update-scaling table.
+    let only_scaling = std::env::var("BPFTIME_BENCH_ONLY").is_ok_and(|v| v == "scaling");
+    for (name, ty) in types.into_iter().filter(|_| !only_scaling) {
         let def = MapDef {
             map_type: ty as u32,
             key_size: 4,
@@ -417,5 +506,6 @@ fn main() {
         );
     }
     println!("\nmillions of operations per second (2 threads: both threads' operations)");
+    update_scaling(&store, runs, dur);
     let _ = std::fs::remove_file(&path);
 }

@@ -11,7 +11,9 @@
 //!   time minus the stamp, p50/p90/p99.
 //!
 //! `cargo bench --bench ringbuf`; under `cargo test --benches` it runs tiny sizes.
-//! Environment: `BPFTIME_BENCH_EVENTS` (events per producer, default 2,000,000).
+//! Environment: `BPFTIME_BENCH_EVENTS` (events per producer, default 2,000,000),
+//! `BPFTIME_BENCH_CASE` (only the throughput cases whose name contains it; no latency cases),
+//! `BPFTIME_BENCH_BACKOFF=yield` (producers finding the ring full yield instead of sleeping).
 
 use bpftime_maps::ringbuf::RingBuf;
 use bpftime_maps::shm::monotonic_raw_ns;
@@ -55,6 +57,13 @@ fn event(producer: u32, seq: u64) -> [u8; EVENT] {
     e
 }
 
+/// How a producer waits for room: sleeps 50 µs, or with `BPFTIME_BENCH_BACKOFF=yield` yields
+/// the CPU (to the consumer, when it is runnable).
+fn backoff_sleeps() -> bool {
+    static S: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *S.get_or_init(|| !std::env::var("BPFTIME_BENCH_BACKOFF").is_ok_and(|v| v == "yield"))
+}
+
 /// Produces `n` events as `producer`, retrying while the ring is full; returns the retries.
 fn produce(rb: &RingBuf<'_>, producer: u32, n: u64) -> u64 {
     let mut retries = 0;
@@ -68,7 +77,11 @@ fn produce(rb: &RingBuf<'_>, producer: u32, n: u64) -> u64 {
             }
             retries += 1;
             // Back-pressure: leave the CPU to the consumer.
-            std::thread::sleep(Duration::from_micros(50));
+            if backoff_sleeps() {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
     retries
@@ -346,7 +359,12 @@ fn main() {
         "{:<38} {:>10} {:>9} {:>9} {:>11} {:>8}",
         "case (median of runs, best)", "events", "Mev/s", "best", "CPU ns/ev", "retries"
     );
+    // `BPFTIME_BENCH_CASE=TEXT`: only the cases whose name contains TEXT.
+    let only = std::env::var("BPFTIME_BENCH_CASE").ok();
     let show = |name: &str, f: &dyn Fn() -> Run| {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            return;
+        }
         let runs: Vec<Run> = (0..reps).map(|_| f()).collect();
         let mut rate: Vec<f64> = runs
             .iter()
@@ -383,6 +401,9 @@ fn main() {
     show("8 producers in 4 processes, consumer", &|| {
         processes(per_thread_total / 8)
     });
+    if only.is_some() {
+        return;
+    }
     let n = if quick { 200 } else { 4000 };
     let cases: [(&str, &dyn Fn() -> Vec<u64>); 3] = [
         ("ring buffer, producer thread", &|| latency(n, false)),

@@ -2,14 +2,21 @@
 //! tables under `HASH_OF_MAPS` and `LPM_TRIE`), preallocated like the kernel's default.
 //!
 //! Data layout: `n_buckets` (a power of two ≥ `max_entries`) buckets of 16 bytes
-//! `[lock: u64 | head: u32 | pad]`, then `max_entries` elements of
+//! `[lock: u64 | head: u32 | pad]`, then [`FREE_LISTS`] free-list heads of 64 bytes each (one
+//! cache line per head), then `max_entries` elements of
 //! `[next: u32 | hash: u32 | state: u32 | ref: u32 | key (8-rounded) | value (8-rounded)]`.
 //! Per-CPU variants keep the values out of the elements: after the elements come one block per
 //! possible CPU of `max_entries` values (`round_up(value_size, 8)` each, 64-byte aligned
 //! blocks), so CPUs never share a cache line and a value is updated in place, as the kernel's
 //! `pcpu_copy_value` does.
-//! Free elements sit on a lock-free stack (Treiber) whose head is a tagged
-//! `(tag << 32) | index` word in the map metadata.
+//! Free elements sit on [`FREE_LISTS`] lock-free stacks (Treiber), each head a tagged
+//! `(tag << 32) | index` word on its own cache line: a thread pushes to and pops from its own
+//! list (threads get lists round-robin, starting from a per-process offset) and takes from the
+//! others only when that one is empty, as the kernel's `pcpu_freelist` does per CPU, so threads
+//! replacing values do not fight over one head. A hint word after the heads says "every list
+//! was empty" (set by a scan that found nothing, cleared by the next free): replacing an existing
+//! key, which may write in place when nothing is free, checks it instead of scanning every
+//! list, so a full map costs one list per update.
 //!
 //! Links are element indexes; a chain ends in a *nulls* marker `NULLS | bucket` (as the kernel's
 //! `hlist_nulls`), and the free stack ends in `FREE_END`. Lookups take no lock: a reader that
@@ -47,6 +54,11 @@ const HTAB_ELEM_LEN: u64 = 48;
 /// Evictions an LRU update tries before giving up with `E2BIG` (others keep taking the
 /// elements it frees).
 const MAX_EVICT_ROUNDS: usize = 64;
+/// Free lists per hash map (CPUs share them modulo this count).
+pub const FREE_LISTS: u32 = 16;
+/// Bytes between two free-list heads (one cache line each); the "all empty" hint follows the
+/// last head, on its own line.
+const FREE_HEAD_LEN: u64 = 64;
 
 /// Which hash flavour a map type is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +93,12 @@ fn n_buckets(def: &MapDef) -> u64 {
     u64::from(def.max_entries).next_power_of_two()
 }
 
+/// Bytes of the buckets and the free-list heads after them (a cache-line multiple).
+fn table_len(def: &MapDef) -> Option<u64> {
+    let buckets = n_buckets(def).checked_mul(BUCKET_LEN)?.div_ceil(64) * 64;
+    buckets.checked_add(u64::from(FREE_LISTS + 1) * FREE_HEAD_LEN)
+}
+
 fn elem_len(def: &MapDef, percpu: bool) -> u64 {
     let v = if percpu { 0 } else { round8(def.value_size) };
     ELEM_HDR + round8(def.key_size) + v
@@ -106,7 +124,7 @@ pub(crate) fn check_def(def: &MapDef, nr_cpus: u32) -> Result<u64, MapError> {
     if def.max_entries >= NULLS {
         return Err(MapError::TooBig);
     }
-    let buckets = n_buckets(def).checked_mul(BUCKET_LEN);
+    let buckets = table_len(def);
     let elems = elem_len(def, v.percpu).checked_mul(u64::from(def.max_entries));
     let values = if v.percpu {
         if nr_cpus == 0 || nr_cpus > percpu::MAX_CPUS {
@@ -134,6 +152,7 @@ struct H<'a> {
     map: &'a Map,
     v: Variant,
     mask: u32,
+    heads_off: u64,
     elems_off: u64,
     elem_len: u64,
     values_off: u64,
@@ -145,12 +164,14 @@ impl<'a> H<'a> {
         let def = &map.def;
         let v = Variant::of(def.map_type);
         let nb = n_buckets(def);
-        let elems_off = map.data_off + nb * BUCKET_LEN;
+        let table = table_len(def).unwrap_or(0);
+        let elems_off = map.data_off + table;
         let elem_len = elem_len(def, v.percpu);
         H {
             map,
             v,
             mask: (nb - 1) as u32,
+            heads_off: elems_off - u64::from(FREE_LISTS + 1) * FREE_HEAD_LEN,
             elems_off,
             elem_len,
             values_off: elems_off + elem_len * u64::from(def.max_entries),
@@ -217,9 +238,17 @@ impl<'a> H<'a> {
             self.value_off(i)
         }
     }
-    fn freelist(&self) -> Result<&'a AtomicU64, MapError> {
+    /// Head of free list `l` (taken modulo [`FREE_LISTS`]).
+    fn freelist(&self, l: u32) -> Result<&'a AtomicU64, MapError> {
         self.seg()
-            .atomic_u64(self.map.meta_off + meta::FREELIST)
+            .atomic_u64(self.heads_off + u64::from(l % FREE_LISTS) * FREE_HEAD_LEN)
+            .ok_or_else(corrupt)
+    }
+
+    /// The "every free list was empty" hint.
+    fn empty_hint(&self) -> Result<&'a AtomicU32, MapError> {
+        self.seg()
+            .atomic_u32(self.heads_off + u64::from(FREE_LISTS) * FREE_HEAD_LEN)
             .ok_or_else(corrupt)
     }
     fn key_eq(&self, i: u32, key: &[u8]) -> Result<bool, MapError> {
@@ -267,8 +296,30 @@ impl<'a> H<'a> {
         }
     }
 
-    fn pop_free(&self) -> Result<Option<u32>, MapError> {
-        let head = self.freelist()?;
+    /// A free element: from this thread's list, else from the next non-empty one. With
+    /// `replacing` (the caller can write in place instead), gives up after its own list when
+    /// the hint says every list was empty.
+    fn pop_free(&self, replacing: bool) -> Result<Option<u32>, MapError> {
+        let me = my_list();
+        if let Some(i) = self.pop_from(self.freelist(me)?)? {
+            return Ok(Some(i));
+        }
+        let hint = self.empty_hint()?;
+        if replacing && hint.load(Ordering::Relaxed) != 0 {
+            return Ok(None);
+        }
+        for k in 1..FREE_LISTS {
+            if let Some(i) = self.pop_from(self.freelist(me.wrapping_add(k))?)? {
+                return Ok(Some(i));
+            }
+        }
+        if hint.load(Ordering::Relaxed) == 0 {
+            hint.store(1, Ordering::Relaxed);
+        }
+        Ok(None)
+    }
+
+    fn pop_from(&self, head: &AtomicU64) -> Result<Option<u32>, MapError> {
         loop {
             let cur = head.load(Ordering::Acquire);
             let idx = cur as u32;
@@ -286,8 +337,13 @@ impl<'a> H<'a> {
         }
     }
 
+    /// Returns element `idx` to this thread's free list.
     fn push_free(&self, idx: u32) -> Result<(), MapError> {
-        let head = self.freelist()?;
+        let head = self.freelist(my_list())?;
+        let hint = self.empty_hint()?;
+        if hint.load(Ordering::Relaxed) != 0 {
+            hint.store(0, Ordering::Relaxed);
+        }
         self.state(idx)?.store(DEAD, Ordering::Release);
         loop {
             let cur = head.load(Ordering::Acquire);
@@ -368,8 +424,10 @@ impl<'a> H<'a> {
         Err(corrupt())
     }
 
-    /// LRU: evicts one element (CLOCK sweep). Returns false if none could be evicted.
-    fn evict_one(&self) -> Result<bool, MapError> {
+    /// LRU: evicts one element (CLOCK sweep) and hands it to the caller, unlinked and marked
+    /// dead (not on a free list, so no other thread takes it first). `None` if none could be
+    /// evicted.
+    fn evict_one(&self) -> Result<Option<u32>, MapError> {
         let hand = self
             .seg()
             .atomic_u32(self.map.meta_off + meta::LRU_HAND)
@@ -394,12 +452,33 @@ impl<'a> H<'a> {
             }
             if let Some(prev) = self.link_to(b, i)? {
                 prev.store(self.next(i)?.load(Ordering::Acquire), Ordering::Release);
-                self.push_free(i)?;
-                return Ok(true);
+                self.state(i)?.store(DEAD, Ordering::Release);
+                return Ok(Some(i));
             }
         }
-        Ok(false)
+        Ok(None)
     }
+}
+
+/// This thread's free list: assigned round-robin on first use, from an offset derived from the
+/// process id so the first threads of different processes use different lists.
+fn my_list() -> u32 {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static LIST: Cell<u32> = const { Cell::new(u32::MAX) };
+    }
+    LIST.with(|c| {
+        let l = c.get();
+        if l != u32::MAX {
+            return l;
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let l = crate::shm::cached_pid().wrapping_mul(7).wrapping_add(n) % FREE_LISTS;
+        c.set(l);
+        l
+    })
 }
 
 /// The hash of a key: a multiply–rotate mix over 8-byte words, seeded per map.
@@ -422,18 +501,25 @@ pub(crate) fn hash_key(seed: u64, key: &[u8]) -> u32 {
     (h >> 32) as u32
 }
 
-/// Links every element into the free stack and empties every bucket.
+/// Splits the elements into the free lists (list `l` gets a contiguous run) and empties every
+/// bucket.
 pub(crate) fn init(map: &Map) -> Result<(), MapError> {
     let h = H::new(map);
     for b in 0..=h.mask {
         h.bucket_head(b)?.store(NULLS | b, Ordering::Relaxed);
     }
-    let n = map.def.max_entries;
-    for i in 0..n {
-        let next = if i + 1 < n { i + 1 } else { FREE_END };
-        h.next(i)?.store(next, Ordering::Relaxed);
+    let n = u64::from(map.def.max_entries);
+    for l in 0..FREE_LISTS {
+        let start = (n * u64::from(l) / u64::from(FREE_LISTS)) as u32;
+        let end = (n * u64::from(l + 1) / u64::from(FREE_LISTS)) as u32;
+        for i in start..end {
+            let next = if i + 1 < end { i + 1 } else { FREE_END };
+            h.next(i)?.store(next, Ordering::Relaxed);
+        }
+        let first = if start < end { start } else { FREE_END };
+        // Tag 0, head = the run's first element.
+        h.freelist(l)?.store(u64::from(first), Ordering::Release);
     }
-    h.freelist()?.store(0, Ordering::Release); // tag 0, head = element 0
     Ok(())
 }
 
@@ -488,6 +574,16 @@ pub(crate) fn update_swap(
     let h = H::new(map);
     let hv = hash_key(map.seed, key);
     let b = hv & h.mask;
+    // LRU: an element this update evicted, for its next round (back to a free list if unused).
+    struct Spare<'h, 'a>(Option<u32>, &'h H<'a>);
+    impl Drop for Spare<'_, '_> {
+        fn drop(&mut self) {
+            if let Some(i) = self.0.take() {
+                let _ = self.1.push_free(i);
+            }
+        }
+    }
+    let mut spare = Spare(None, &h);
     for _ in 0..MAX_EVICT_ROUNDS {
         {
             let _g = lock::lock(h.bucket_lock(b)?);
@@ -505,7 +601,12 @@ pub(crate) fn update_swap(
                 h.write_value(old, val, false)?;
                 return Ok(false);
             }
-            let Some(new) = h.pop_free()? else {
+            // A full LRU map evicts rather than searching every list (the hint suffices).
+            let new = match spare.0.take() {
+                Some(i) => Some(i),
+                None => h.pop_free(existing.is_some() || h.v.lru)?,
+            };
+            let Some(new) = new else {
                 if let Some((old, _)) = existing {
                     // Full: overwrite in place rather than fail.
                     h.write_value(old, val, false)?;
@@ -514,9 +615,10 @@ pub(crate) fn update_swap(
                 if !h.v.lru {
                     return Err(MapError::TooBig);
                 }
-                // Evict outside the lock (the victim's bucket may be this one), then retry.
+                // Evict outside the lock (the victim's bucket may be this one), then retry with
+                // the victim.
                 drop(_g);
-                h.evict_one()?;
+                spare.0 = h.evict_one()?;
                 continue;
             };
             // Fill a fresh element completely before linking it (readers never see it
@@ -671,6 +773,49 @@ pub(crate) fn drain_bucket(
 #[cfg(test)]
 mod tests {
     use super::hash_key;
+    use crate::map::{BPF_EXIST, BPF_NOEXIST, Map, MapDef, MapError};
+
+    #[test]
+    fn one_thread_fills_every_free_list_and_refills_after_deletes() {
+        let p = std::env::temp_dir().join(format!(
+            "bpftime-hash-lists-{}-{}",
+            std::process::id(),
+            crate::shm::monotonic_raw_ns()
+        ));
+        let s = std::sync::Arc::new(crate::Store::open(&p).unwrap());
+        // Fewer elements than lists, and more: every element is reachable from any CPU.
+        for n in [5u32, 100] {
+            let def = MapDef {
+                map_type: 1,
+                key_size: 4,
+                value_size: 8,
+                max_entries: n,
+                flags: 0,
+            };
+            let m = Map::create(&s, def, "h").unwrap();
+            for round in 0..2 {
+                for k in 0..n {
+                    m.update(&k.to_ne_bytes(), &[round; 8], BPF_NOEXIST)
+                        .unwrap();
+                }
+                assert!(matches!(
+                    m.update(&n.to_ne_bytes(), &[0; 8], 0),
+                    Err(MapError::TooBig)
+                ));
+                // Replacing a value takes a fresh element only if one is free: still works.
+                m.update(&0u32.to_ne_bytes(), &[9; 8], BPF_EXIST).unwrap();
+                // Deleting from another thread (another CPU's list, maybe) frees for everyone.
+                std::thread::scope(|sc| {
+                    sc.spawn(|| {
+                        for k in 0..n {
+                            m.delete(&k.to_ne_bytes()).unwrap();
+                        }
+                    });
+                });
+            }
+        }
+        std::fs::remove_file(p).unwrap();
+    }
 
     #[test]
     fn hash_depends_on_seed_and_every_byte() {

@@ -395,7 +395,6 @@ pub(crate) mod meta {
     /// Maps of maps: the inner map template (type, key size, value size, max entries, flags:
     /// five `u32`s).
     pub const INNER_DEF: u64 = 96;
-    pub const FREELIST: u64 = 64;
     /// Kernel-backed maps: the kernel's map id (0: the map lives in the store).
     pub const KERNEL_ID: u64 = 116;
     /// Kernel-backed maps: the flags the kernel map was created with.

@@ -58,6 +58,8 @@ const CONSUMER_POS: u64 = PAGE;
 const PRODUCER_POS: u64 = 2 * PAGE;
 const PENDING_POS: u64 = 2 * PAGE + 8;
 const LOCK: u64 = 2 * PAGE + 16;
+/// Bytes of ring one unlocked `pending_pos` advance scans at most.
+const SCAN_CHUNK: u64 = 8192;
 const _: () = assert!(P_DROPS + 8 <= PAGE && crate::map::meta::LEN <= P_MAGIC);
 
 /// Offset of the consumer page in the map's payload (the loader maps it RW at file offset 0).
@@ -257,6 +259,32 @@ impl<'a> RingBuf<'a> {
         pend.min(prod)
     }
 
+    /// Advances `pending_pos` from `pend` over at most [`SCAN_CHUNK`] committed records below
+    /// `prod`, without the reservation lock. Safe because nothing overwrites the records at or
+    /// after `pending_pos` while it keeps a value (a reservation must end within one ring size
+    /// of it): the scan reads this lap's headers for as long as `pending_pos` is still `pend`,
+    /// and the compare-and-swap that publishes the result fails otherwise.
+    fn advance_pending(&self, m: &Mirror, pend_a: &AtomicU64, pend: u64, prod: u64) {
+        let end = prod.min(pend.saturating_add(SCAN_CHUNK));
+        let mask = self.mask();
+        let mut new = pend;
+        // Stops on a record boundary: at the first busy record, or the first at or past `end`.
+        while new < end {
+            let Some(h) = m.atomic_u32((new & mask) as usize) else {
+                break;
+            };
+            let len = h.load(Ordering::Acquire);
+            let next = new.wrapping_add(rec_len(len));
+            if len & BPF_RINGBUF_BUSY_BIT != 0 || next > prod {
+                break;
+            }
+            new = next;
+        }
+        if new != pend {
+            let _ = pend_a.compare_exchange(pend, new, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
     /// If the busy record at `pos` belongs to a process that no longer exists, discards it (so
     /// it stops blocking the ring). True if it did.
     fn recover(&self, pos: u64) -> bool {
@@ -300,28 +328,42 @@ impl<'a> RingBuf<'a> {
             self.word(PENDING_POS)?,
         );
         let cons = cons_a.load(Ordering::Acquire);
+        // Keep `pending_pos` close behind outside the lock, so the locked path need not scan.
+        let (prod_seen, pend_seen) = (
+            prod_a.load(Ordering::Relaxed),
+            pend_a.load(Ordering::Relaxed),
+        );
+        if prod_seen.wrapping_sub(pend_seen) > self.size / 4 {
+            self.advance_pending(m, pend_a, pend_seen, prod_seen);
+        }
         let guard = lock::lock(self.word(LOCK)?);
         let prod = prod_a.load(Ordering::Relaxed);
         let new_prod = prod.wrapping_add(len);
-        let mut pend = self.scan_pending(m, pend_a.load(Ordering::Relaxed), prod);
         let fits =
             |pend: u64| new_prod.wrapping_sub(cons) <= mask && new_prod.wrapping_sub(pend) <= mask;
+        // `pending_pos` only grows, so a reservation that fits behind its stored value fits
+        // behind the true one: the scan over committed records (which also finds a dead
+        // producer's record blocking the consumer) is needed only when it does not.
+        let mut pend = pend_a.load(Ordering::Relaxed);
         if !fits(pend) {
-            // A record whose producer died before committing blocks the ring forever.
-            let blocked = pend < prod && self.recover(pend);
-            if blocked {
-                pend = self.scan_pending(m, pend, prod);
-            }
-            if !blocked || !fits(pend) {
-                pend_a.store(pend, Ordering::Relaxed);
-                drop(guard);
-                if let Some(d) = self.word(P_DROPS) {
-                    d.fetch_add(1, Ordering::Relaxed);
+            pend = self.scan_pending(m, pend, prod);
+            if !fits(pend) {
+                // A record whose producer died before committing blocks the ring forever.
+                let blocked = pend < prod && self.recover(pend);
+                if blocked {
+                    pend = self.scan_pending(m, pend, prod);
                 }
-                return None;
+                if !blocked || !fits(pend) {
+                    pend_a.fetch_max(pend, Ordering::Relaxed);
+                    drop(guard);
+                    if let Some(d) = self.word(P_DROPS) {
+                        d.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return None;
+                }
             }
+            pend_a.fetch_max(pend, Ordering::Relaxed);
         }
-        pend_a.store(pend, Ordering::Relaxed);
         let h = (prod & mask) as usize;
         m.atomic_u64(h)?.store(
             header(size as u32 | BPF_RINGBUF_BUSY_BIT, cached_pid()),
@@ -633,6 +675,46 @@ mod tests {
         let mut got = Vec::new();
         rb.consume(|s| got.push(s.to_vec()));
         assert_eq!(got, vec![vec![5; 8]]);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn pending_pos_moves_only_over_committed_records() {
+        let (m, p) = ring(16384);
+        let rb = RingBuf::new(&m).unwrap();
+        let pend = || rb.word(PENDING_POS).unwrap().load(Ordering::Relaxed);
+        // 24-byte samples are 32-byte records. 200 committed, one busy, 100 committed: more
+        // than a quarter ring behind the producer, so reservations advance pending_pos.
+        for _ in 0..200 {
+            rb.output(&[1; 24], 0).unwrap();
+        }
+        let busy = rb.reserve(24).unwrap();
+        for _ in 0..100 {
+            rb.output(&[2; 24], 0).unwrap();
+        }
+        assert!(pend() > 0, "pending_pos advanced");
+        assert!(pend() <= busy.pos, "never past a busy record");
+        // The consumer stops at the busy record; after it, the ring fills up to pending_pos
+        // (one ring behind), so producers are refused until the record is committed.
+        assert_eq!(rb.consume(|_| {}), 200);
+        let mut more = 0;
+        while rb.output(&[3; 24], 0).is_ok() {
+            more += 1;
+        }
+        assert!(more > 0 && rb.drops() > 0);
+        assert!(pend() <= busy.pos);
+        rb.write(&busy, &[9; 24]).unwrap();
+        assert!(rb.submit(&busy, 0));
+        let mut seen = Vec::new();
+        rb.consume(|s| seen.push(s[0]));
+        assert_eq!(seen[0], 9);
+        assert_eq!(seen.len(), 1 + 100 + more);
+        // With the record committed, reservations go on (pending_pos catches up).
+        for _ in 0..1000 {
+            rb.output(&[4; 24], 0).unwrap();
+            rb.consume(|_| {});
+        }
+        assert!(pend() > busy.pos);
         std::fs::remove_file(p).unwrap();
     }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// "BPFTIME\x01" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BPFTIME\x01");
 /// Layout version; bump on any change to the shared layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes reserved for the header.
 pub const HEADER_LEN: u64 = 512;
 /// Offset of the object table.

@@ -1022,7 +1022,8 @@ fn write_report(
             ok.map_or("–", |b| if b { "yes" } else { "no" })
         );
     }
-    md += "\nMedians with (min–max) over the runs; probe and syscall rows are ns per call of the victim, \
+    md += "\nMedians with (min–max) over the runs; probe and syscall rows are ns per call of the victim \
+           (its thread's CPU time, user + system, so the kernel's probe work counts), \
            the overheads are over the bare call; map rows are ns per operation; VM rows ns per program run \
            (baseline: native C, bpftime: our JIT); memory rows kB.\n\n";
     md += "| scenario | unit | baseline | kernel | bpftime | kernel overhead | bpftime overhead | ratio | note |\n";

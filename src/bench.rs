@@ -18,6 +18,18 @@ pub fn ns_per_call(lines: &[String]) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The victim's CPU time per call (`cpu_ns_per_call X`: user + system time of its thread, so
+/// a kernel probe's work counts and other processes' load does not), else its wall-clock
+/// `ns_per_call X` (victims that print only that one measure CPU time already, e.g.
+/// `syscall-victim -b`).
+pub fn cpu_ns_per_call(lines: &[String]) -> Option<f64> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("cpu_ns_per_call "))
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| ns_per_call(lines))
+}
+
 /// The median of `v` (the upper middle for an even length); NaN when empty.
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -57,10 +69,11 @@ impl Stats {
     }
 }
 
-/// Runs `cmd` to completion and returns its `ns_per_call`.
+/// Runs `cmd` to completion and returns its [`cpu_ns_per_call`].
 pub fn run_victim(cmd: Command, what: &str) -> f64 {
     let lines = Proc::spawn(cmd, what).finish(STEP_TIMEOUT);
-    ns_per_call(&lines).unwrap_or_else(|| panic!("{what} printed no ns_per_call line: {lines:?}"))
+    cpu_ns_per_call(&lines)
+        .unwrap_or_else(|| panic!("{what} printed no (cpu_)ns_per_call line: {lines:?}"))
 }
 
 /// `bpftime start --store STORE -- PROGRAM` (with `Some`), else `PROGRAM`.
@@ -194,5 +207,11 @@ mod tests {
         let lines = vec!["calls 10".to_string(), "ns_per_call 12.50".to_string()];
         assert_eq!(ns_per_call(&lines), Some(12.5));
         assert_eq!(ns_per_call(&lines[..1]), None);
+        assert_eq!(cpu_ns_per_call(&lines), Some(12.5));
+        let with_cpu = vec![
+            "ns_per_call 20.0".to_string(),
+            "cpu_ns_per_call 15.0".to_string(),
+        ];
+        assert_eq!(cpu_ns_per_call(&with_cpu), Some(15.0));
     }
 }

@@ -69,7 +69,7 @@ fn grouped(
         .margin(15)
         .x_label_area_size(240)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..n, (lo / 2.0..hi * 3.0).log_scale())?;
+        .build_cartesian_2d(0f64..n, (lo / 2.0..hi * 12.0).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()

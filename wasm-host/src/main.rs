@@ -84,11 +84,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> Result<i32> {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "bpftime={0},bpftime_wasm_host={0}",
-        args.log
-    ))
-    .with_context(|| format!("bad --log level `{}`", args.log))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("bad --log level `{}`", args.log))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -120,6 +117,12 @@ fn run(args: &RunArgs) -> Result<i32> {
     };
     signals::install();
     let mut guest = Guest::new(store, &wasm, &cfg)?;
+    if !guest.exports_func("_start") {
+        anyhow::bail!(
+            "{} exports no `_start`: build it as a WASI command (a `main` function)",
+            args.module.display()
+        );
+    }
     let outcome = guest.run();
     if let bpftime_wasm_host::Outcome::Trapped(msg) = &outcome {
         eprintln!("bpftime-wasm: the guest trapped: {msg}");

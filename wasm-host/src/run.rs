@@ -76,7 +76,18 @@ impl Guest {
         let mut config = Config::new();
         config.epoch_interruption(true);
         let engine = wt(Engine::new(&config))?;
-        let module = wt(Module::from_binary(&engine, wasm)).context("not a valid Wasm module")?;
+        if !wasm.starts_with(b"\0asm") {
+            anyhow::bail!(
+                "not a Wasm binary module (no `\\0asm` header; Wasm text is not accepted)"
+            );
+        }
+        let module = Module::from_binary(&engine, wasm).map_err(|e| {
+            let msg = format!("{e:#}");
+            anyhow::anyhow!(
+                "not a valid Wasm binary module: {}",
+                msg.lines().next().unwrap_or_default()
+            )
+        })?;
 
         let mut wasi = WasiCtxBuilder::new();
         if cfg.inherit_stdio {
@@ -191,6 +202,11 @@ impl Guest {
             .read(&self.store, offset, &mut out)
             .map_err(wasmtime::Error::from))?;
         Ok(out)
+    }
+
+    /// Whether the guest exports a function `name`.
+    pub fn exports_func(&mut self, name: &str) -> bool {
+        self.instance.get_func(&mut self.store, name).is_some()
     }
 
     /// Runs `_start` and closes what the guest left open.

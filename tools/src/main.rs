@@ -35,9 +35,10 @@ enum Command {
     Start(LaunchArgs),
     /// List the store's maps, programs, perf events, links and attached processes.
     List(ListArgs),
-    /// Run a wasm-bpf guest module: `bpftime wasm run [--store NAME] [--log LEVEL] MODULE
-    /// [ARGS]`. Execs `bpftime-wasm` (beside this binary, else on PATH), which holds the Wasm
-    /// engine; `bpftime wasm run --help` lists its options.
+    /// Run a wasm-bpf guest module (`bpftime wasm run [OPTIONS] MODULE [ARGS]`).
+    ///
+    /// Execs `bpftime-wasm` (beside this binary, else on PATH, or `$BPFTIME_WASM`), which
+    /// holds the Wasm engine; `bpftime wasm run --help` lists its options.
     #[command(disable_help_flag = true)]
     Wasm {
         /// `run` and its arguments, passed to `bpftime-wasm`.

@@ -287,3 +287,92 @@ fn a_guest_trapping_mid_trace_ends_alone_and_the_victim_runs_on() {
     assert_eq!(st.code(), Some(3), "a trap ends the guest with status 3");
     assert_eq!(listed(&store), Vec::<String>::new(), "its objects are gone");
 }
+
+#[test]
+fn perf_buffer_samples_from_a_victim_reach_the_guest() {
+    let Some(object) = wasm_support::bpf_object("api_test") else {
+        return;
+    };
+    let Some(victim_dir) = build_example("uprobe-counter") else {
+        return;
+    };
+    let victim = victim_dir.join("victim");
+    let a = artifacts();
+    let store = TestStore::new("wasm-perf");
+    // api_test's `probe` sends `config` (7) with bpf_perf_event_output on every call; the
+    // guest polls the perf buffer until 50 samples arrived and exits 0 if each carried 7.
+    let target = format!("{}:target_function", victim.display());
+    let esc = |b: &[u8]| b.iter().map(|b| format!("\\{b:02x}")).collect::<String>();
+    let src = format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (import "wasm_bpf" "wasm_load_bpf_object" (func $load (param i32 i32) (result i64)))
+  (import "wasm_bpf" "wasm_attach_bpf_program" (func $attach (param i64 i32 i32) (result i32)))
+  (import "wasm_bpf" "wasm_bpf_map_fd_by_name" (func $fd (param i64 i32) (result i32)))
+  (import "wasm_bpf" "wasm_bpf_buffer_poll"
+    (func $poll (param i64 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (table (export "__indirect_function_table") 2 funcref)
+  (elem (i32.const 1) $count)
+  (global $n (mut i32) (i32.const 0))
+  (global $bad (mut i32) (i32.const 0))
+  (data (i32.const 1024) "probe\00")
+  (data (i32.const 1536) "perf\00")
+  (data (i32.const 2048) "{target}\00")
+  (data (i32.const 65536) "{obj}")
+  (func $count (param i32 i32 i32) (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (if (i32.or (i32.lt_u (local.get 2) (i32.const 8))
+                (i64.ne (i64.load (local.get 1)) (i64.const 7)))
+      (then (global.set $bad (i32.const 1))))
+    (i32.const 0))
+  (func (export "_start") (local $h i64) (local $fd i32) (local $r i32)
+    (local.set $h (call $load (i32.const 65536) (i32.const {len})))
+    (if (i64.eqz (local.get $h)) (then (call $exit (i32.const 10))))
+    ;; The first poll makes the perf events, before anything can be sent.
+    (local.set $fd (call $fd (local.get $h) (i32.const 1536)))
+    (if (call $poll (local.get $h) (local.get $fd) (i32.const 1) (i32.const 0)
+          (i32.const 4096) (i32.const 64) (i32.const 0))
+      (then (call $exit (i32.const 12))))
+    (if (call $attach (local.get $h) (i32.const 1024) (i32.const 2048))
+      (then (call $exit (i32.const 11))))
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (global.get $n) (i32.const 50)))
+      (local.set $r (call $poll (local.get $h) (local.get $fd) (i32.const 1) (i32.const 0)
+        (i32.const 4096) (i32.const 64) (i32.const 1000)))
+      (if (i32.lt_s (local.get $r) (i32.const 0)) (then (call $exit (i32.const 12))))
+      (br $l)))
+    (call $exit (global.get $bad)))
+)"#,
+        obj = esc(&object),
+        len = object.len(),
+    );
+    let module = std::env::temp_dir().join(format!("bpftime-perf-{}.wasm", std::process::id()));
+    std::fs::write(&module, wasm_support::wat(&src)).unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let mut cmd = unprivileged(bpftime_wasm());
+    cmd.args(["run", "--store", &store.name, "--no-status"])
+        .arg(&module);
+    let mut guest = Proc::spawn(cmd, "perf guest");
+    bpftime_suite::poll(T, "the guest's link in the store", || {
+        try_listed(&store)?
+            .iter()
+            .any(|l| l.starts_with("link"))
+            .then_some(())
+    });
+    let mut v = unprivileged(&a.bpftime);
+    v.args(["start", "--store", &store.name, "--"])
+        .arg(&victim)
+        .arg("50");
+    let out = Proc::spawn(v, "victim").finish(T);
+    assert!(out.iter().any(|l| l == "calls 50"), "{out:?}");
+    let st = bpftime_suite::poll(T, "the guest to end", || guest.child.try_wait().unwrap());
+    let _ = std::fs::remove_file(&module);
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "50 samples of value 7 (10-12: load/attach/poll failed)"
+    );
+    assert_eq!(listed(&store), Vec::<String>::new());
+}

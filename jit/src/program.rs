@@ -163,6 +163,7 @@ impl JitProgram {
     /// Runs with r1 = `r1`, r2 = `r2`, in memory `gm` (whose regions the caller registered),
     /// with `host` passed to helpers — as [`bpftime_vm::interpreter::Interpreter::run_in`]:
     /// earlier helper grants are dropped, the stack is not cleared.
+    #[inline]
     pub fn run_in(
         &self,
         gm: &mut GuestMemory,

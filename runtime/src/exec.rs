@@ -2,8 +2,10 @@
 //!
 //! # Invariants
 //!
-//! - Each thread owns one `GuestMemory` (thread-local), reused across runs: regions are reset
-//!   before every run, so no run sees another run's regions.
+//! - Each thread owns one `GuestMemory` (thread-local), reused across runs: before every run
+//!   its regions are made exactly the run's own (kept when the previous run left the same
+//!   ones, rebuilt otherwise) and the engines drop earlier grants, so no run sees another
+//!   run's regions.
 //! - The regions added for a run are the context (valid per the caller's contract) and the
 //!   program's map value areas, which live in the store mapping owned by the program's `Map`
 //!   handles and stay mapped while the `LoadedProg` exists, i.e. beyond the run.
@@ -106,45 +108,85 @@ pub(crate) fn with_current_run<R>(f: impl FnOnce(Option<&mut RunState>) -> R) ->
     }
 }
 
-/// An engine's `run_in(gm, r1, r2, host)`: the interpreter's or the JIT's, same contract.
-pub(crate) type RunIn<'a> =
-    dyn Fn(&mut GuestMemory, u64, u64, *mut c_void) -> Result<u64, Trap> + 'a;
+/// Whether `gm` holds exactly the regions a run with `ctx` and `values` adds: the context
+/// (when there is one) followed by the value areas.
+fn regions_match(gm: &GuestMemory, ctx: Option<MemRegion>, values: &[MemRegion]) -> bool {
+    let r = gm.regions();
+    match ctx {
+        Some(c) => r.first() == Some(&c) && r[1..] == *values,
+        None => r == values,
+    }
+}
 
 /// Runs a program with `ctx` in r1 on this thread's guest memory: `engine` is the interpreter's
-/// or the JIT's `run_in` (same contract).
+/// or the JIT's `run_in(gm, r1, r2, host)` (same contract: both drop earlier helper grants).
+///
+/// The regions the previous run on this thread left are kept when they are exactly the ones
+/// this run adds (the same context and value areas: the common case of one probe hit after
+/// another), which spares rebuilding them; otherwise they are replaced. Either way the run
+/// sees exactly its own regions.
 ///
 /// # Safety
 /// `ctx` must be valid for reads and writes of `ctx_len` bytes during the call.
-pub(crate) unsafe fn run_on_thread_memory(
-    engine: &RunIn<'_>,
+#[inline]
+pub(crate) unsafe fn run_on_thread_memory<F>(
+    engine: F,
     host: &ProgHost,
     values: &[MemRegion],
     ctx: *mut u8,
     ctx_len: usize,
-) -> Result<u64, Trap> {
-    let go = |gm: &mut GuestMemory| {
-        gm.clear_regions();
-        // SAFETY: `ctx` per this function's contract; `values` per the module invariants.
-        unsafe {
-            if !ctx.is_null() && ctx_len > 0 {
-                gm.add_region(MemRegion {
-                    start: ctx as u64,
-                    len: ctx_len as u64,
-                    writable: true,
-                });
-            }
-            for r in values {
-                gm.add_region(*r);
-            }
-        }
-        let host = host as *const ProgHost as *mut std::ffi::c_void;
-        engine(gm, ctx as u64, 0, host)
-    };
+) -> Result<u64, Trap>
+where
+    F: FnOnce(&mut GuestMemory, u64, u64, *mut c_void) -> Result<u64, Trap>,
+{
+    let ctx_region = (!ctx.is_null() && ctx_len > 0).then_some(MemRegion {
+        start: ctx as u64,
+        len: ctx_len as u64,
+        writable: true,
+    });
+    let host = host as *const ProgHost as *mut c_void;
     // After the thread's TLS destructors ran (a system call traced at thread or process exit)
-    // the thread memory is gone: use a fresh one.
-    MEM.try_with(|m| match m.try_borrow_mut() {
-        Ok(mut gm) => go(&mut gm),
-        Err(_) => go(&mut GuestMemory::new()),
-    })
-    .unwrap_or_else(|_| go(&mut GuestMemory::new()))
+    // the thread memory is gone, and a run nested in another on this thread (a signal
+    // handler's probe) finds it borrowed: a fresh one then. (The engine is called in tail
+    // position in every branch: its result is not copied around on the hot path.)
+    let Ok(cell) = MEM.try_with(|m| m as *const RefCell<GuestMemory>) else {
+        let mut gm = GuestMemory::new();
+        // SAFETY: as below.
+        unsafe { prepare(&mut gm, ctx_region, values) };
+        return engine(&mut gm, ctx as u64, 0, host);
+    };
+    // SAFETY: `cell` is this thread's `MEM`, which `try_with` found alive; it is destroyed only
+    // by the thread's own TLS teardown, which cannot start while this call is on its stack.
+    let cell = unsafe { &*cell };
+    let Ok(mut gm) = cell.try_borrow_mut() else {
+        let mut gm = GuestMemory::new();
+        // SAFETY: as below.
+        unsafe { prepare(&mut gm, ctx_region, values) };
+        return engine(&mut gm, ctx as u64, 0, host);
+    };
+    // SAFETY: `ctx` per this function's contract; `values` per the module invariants.
+    unsafe { prepare(&mut gm, ctx_region, values) };
+    engine(&mut gm, ctx as u64, 0, host)
+}
+
+/// Makes `gm`'s regions exactly `ctx` (if any) then `values`, keeping them when they already
+/// are (kept regions equal the ones described, so the same contract covers them).
+///
+/// # Safety
+/// As [`GuestMemory::add_region`] for each region, for the run about to start.
+#[inline]
+unsafe fn prepare(gm: &mut GuestMemory, ctx: Option<MemRegion>, values: &[MemRegion]) {
+    if regions_match(gm, ctx, values) {
+        return;
+    }
+    gm.clear_regions();
+    // SAFETY: forwarded contract.
+    unsafe {
+        if let Some(c) = ctx {
+            gm.add_region(c);
+        }
+        for r in values {
+            gm.add_region(*r);
+        }
+    }
 }

@@ -316,13 +316,13 @@ impl LoadedProg {
             let run = |gm: &mut _, r1, r2, host| j.run_in(gm, r1, r2, host);
             // SAFETY: forwarded contract on `ctx`.
             return unsafe {
-                exec::run_on_thread_memory(&run, &self.host, &self.value_regions, ctx, ctx_len)
+                exec::run_on_thread_memory(run, &self.host, &self.value_regions, ctx, ctx_len)
             };
         }
         let interp = Interpreter::new(&self.prog, &self.helpers);
         let run = |gm: &mut _, r1, r2, host| interp.run_in(gm, r1, r2, host);
         // SAFETY: forwarded contract on `ctx`.
-        unsafe { exec::run_on_thread_memory(&run, &self.host, &self.value_regions, ctx, ctx_len) }
+        unsafe { exec::run_on_thread_memory(run, &self.host, &self.value_regions, ctx, ctx_len) }
     }
 }
 

@@ -14,10 +14,12 @@
 //! Invariants: every guest pointer and length is checked against the guest's memory before
 //! use ([`guest`]); host calls return errors to the guest rather than trapping; a guest's
 //! objects are removed from the store when it closes them or its run ends. Unsafe code lives
-//! in [`wasi`] (running a program on a local context) and [`signals`].
+//! in [`wasi`] (running a program on a local context), [`signals`] and [`cache`]
+//! (loading compiled guests from the user's private cache).
 
 pub mod api;
 pub mod buffer;
+pub mod cache;
 pub mod error;
 pub mod guest;
 pub mod host;

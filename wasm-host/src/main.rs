@@ -57,6 +57,10 @@ struct RunArgs {
     #[arg(long)]
     no_status: bool,
 
+    /// Compile the module even if the cache (`~/.cache/bpftime/wasm`) holds its code.
+    #[arg(long)]
+    no_cache: bool,
+
     /// The module.
     module: PathBuf,
 
@@ -114,6 +118,11 @@ fn run(args: &RunArgs) -> Result<i32> {
         dirs,
         status: !args.no_status,
         inherit_stdio: true,
+        cache_dir: if args.no_cache {
+            None
+        } else {
+            bpftime_wasm_host::cache::default_dir()
+        },
     };
     signals::install();
     let mut guest = Guest::new(store, &wasm, &cfg)?;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wasmtime::{Config, Engine, Instance, Linker, Module, UpdateDeadline, WasmParams, WasmResults};
+use wasmtime::{Config, Engine, Instance, Linker, UpdateDeadline, WasmParams, WasmResults};
 use wasmtime_wasi::p1;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
@@ -32,6 +32,8 @@ pub struct GuestConfig {
     pub status: bool,
     /// Give the guest this process's stdin/stdout/stderr (else none).
     pub inherit_stdio: bool,
+    /// Keep compiled guests here ([`crate::cache`]); `None`: compile every time.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// How a guest run ended.
@@ -81,13 +83,14 @@ impl Guest {
                 "not a Wasm binary module (no `\\0asm` header; Wasm text is not accepted)"
             );
         }
-        let module = Module::from_binary(&engine, wasm).map_err(|e| {
-            let msg = format!("{e:#}");
-            anyhow::anyhow!(
-                "not a valid Wasm binary module: {}",
-                msg.lines().next().unwrap_or_default()
-            )
-        })?;
+        let module =
+            crate::cache::compile(&engine, wasm, cfg.cache_dir.as_deref()).map_err(|e| {
+                let msg = format!("{e:#}");
+                anyhow::anyhow!(
+                    "not a valid Wasm binary module: {}",
+                    msg.lines().next().unwrap_or_default()
+                )
+            })?;
 
         let mut wasi = WasiCtxBuilder::new();
         if cfg.inherit_stdio {

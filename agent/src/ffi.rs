@@ -127,13 +127,16 @@ fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> 
 
 /// Runs `f` unless the thread is already in a probe; keeps errno; never unwinds.
 fn guarded(f: impl FnOnce()) {
-    if BUSY.with(|b| b.replace(true)) {
-        return;
-    }
-    let saved = errno();
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    set_errno(saved);
-    BUSY.with(|b| b.set(false));
+    // One thread-local access per hit: the run happens inside it.
+    let _ = BUSY.try_with(|b| {
+        if b.replace(true) {
+            return;
+        }
+        let saved = errno();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        set_errno(saved);
+        b.set(false);
+    });
 }
 
 /// Entry handler (uprobes): `user` is the site's `SiteData`.

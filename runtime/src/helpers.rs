@@ -8,6 +8,7 @@
 //! with `process_vm_readv` on ourselves, which reports a bad address instead of faulting.
 
 use crate::host;
+use bpftime_maps::MapType;
 use bpftime_vm::helper::{CallEnv, HelperRegistry};
 use std::cell::Cell;
 
@@ -219,12 +220,19 @@ extern "C" fn map_lookup_elem(
     if !env.read_guest(key, k) {
         return 0;
     }
-    if m.inner_template().is_some() {
+    let ty = m.def().map_type;
+    if (ty == MapType::ArrayOfMaps as u32 || ty == MapType::HashOfMaps as u32)
+        && m.inner_template().is_some()
+    {
         // A map of maps: the inner map, as a map pointer the program passes to helpers.
         return match m.inner_map_id(k) {
             Ok(id) => host::inner_map_handle(env, m, id).unwrap_or(0),
             Err(_) => 0,
         };
+    }
+    if let Some(p) = host::array_value(env, m, k) {
+        host::grant_map_value(env, m, p);
+        return p as u64;
     }
     match m.lookup_ptr(k) {
         Ok(p) => {
@@ -284,6 +292,9 @@ extern "C" fn map_update_elem(
     let v = vb.get(m.def().value_size);
     if !env.read_guest(key, k) || !env.read_guest(value, v) {
         return neg(libc::EFAULT);
+    }
+    if host::update_array_in_place(env, m, k, v, flags) {
+        return 0;
     }
     status(m.update(k, v, flags))
 }
@@ -634,18 +645,25 @@ thread_local! {
 /// Makes `bpf_get_attach_cookie` return a cookie on this thread until dropped (restoring the
 /// previous one, so nested runs are fine).
 #[derive(Debug)]
-pub struct CookieGuard(u64);
+pub struct CookieGuard(Option<u64>);
 
 impl CookieGuard {
     /// Sets `cookie` for the current run.
+    #[inline]
     pub fn set(cookie: u64) -> CookieGuard {
-        CookieGuard(COOKIE.with(|c| c.replace(cookie)))
+        // Nothing to restore when the cookie does not change (the common case of runs without
+        // cookies): one thread-local access per run instead of two.
+        let prev = COOKIE.try_with(|c| c.replace(cookie)).ok();
+        CookieGuard(prev.filter(|&p| p != cookie))
     }
 }
 
 impl Drop for CookieGuard {
+    #[inline]
     fn drop(&mut self) {
-        COOKIE.with(|c| c.set(self.0));
+        if let Some(prev) = self.0 {
+            let _ = COOKIE.try_with(|c| c.set(prev));
+        }
     }
 }
 

@@ -27,6 +27,130 @@ pub struct ProgHost {
     pub maps: Vec<usize>,
     /// Handles of inner maps handed out by lookups in maps of maps (append-only).
     pub inner: parking_lot::Mutex<Vec<Box<Map>>>,
+    /// Where the elements of the program's arrays and per-CPU arrays are (on first use).
+    pub(crate) arrays: std::sync::OnceLock<Vec<ArrayLayout>>,
+}
+
+/// Where the elements of an array or per-CPU array of this process are, as the map's own
+/// lookups report them when the program first looks one up: element `i` is at
+/// `bases[c] + i * stride` on CPU `c` (arrays: one base). The data lives in the store mapping,
+/// fixed for the life of the map handle (the same fact direct value access relies on).
+#[derive(Debug)]
+pub(crate) struct ArrayLayout {
+    /// The map handle's address.
+    map: usize,
+    max_entries: u32,
+    stride: u64,
+    /// Per CPU id (per-CPU arrays; `None`: the map's generic path) or one base (arrays).
+    bases: Vec<Option<u64>>,
+    percpu: bool,
+}
+
+/// Most CPU ids probed when laying out a per-CPU array.
+const MAX_CPU_IDS: u32 = 4096;
+
+impl ArrayLayout {
+    fn of(m: &Map) -> Option<ArrayLayout> {
+        use bpftime_maps::MapType;
+        let ty = m.def().map_type;
+        let percpu = ty == MapType::PercpuArray as u32;
+        if !(percpu || ty == MapType::Array as u32) || m.kernel_id().is_some() {
+            return None;
+        }
+        let max_entries = m.def().max_entries;
+        let (k0, k1) = (0u32.to_ne_bytes(), 1u32.to_ne_bytes());
+        let addr = |k: &[u8], cpu: Option<u32>| -> Option<u64> {
+            match cpu {
+                Some(c) => m.lookup_percpu_ptr(k, c).ok().map(|p| p as u64),
+                None => m.lookup_ptr(k).ok().map(|p| p as u64),
+            }
+        };
+        let stride_at = |cpu: Option<u32>| -> Option<u64> {
+            if max_entries > 1 {
+                addr(&k1, cpu)?.checked_sub(addr(&k0, cpu)?)
+            } else {
+                Some(0)
+            }
+        };
+        if !percpu {
+            return Some(ArrayLayout {
+                map: m as *const Map as usize,
+                max_entries,
+                stride: stride_at(None)?,
+                bases: vec![Some(addr(&k0, None)?)],
+                percpu,
+            });
+        }
+        // Indexed by CPU id: the slot each CPU's lookups use, as the map reports it (CPUs
+        // without a slot of their own keep the map's generic path).
+        let nr = m.nr_cpus();
+        let mut bases = Vec::new();
+        let mut stride = None;
+        let mut slots = vec![false; nr as usize];
+        let mut found = 0;
+        for cpu in 0..MAX_CPU_IDS {
+            if found == nr {
+                break;
+            }
+            let Some(slot) = bpftime_maps::percpu::slot_of_cpu(cpu, nr) else {
+                continue;
+            };
+            let (Some(b), Some(st)) = (addr(&k0, Some(cpu)), stride_at(Some(cpu))) else {
+                continue;
+            };
+            if *stride.get_or_insert(st) != st {
+                return None;
+            }
+            bases.resize(cpu as usize + 1, None);
+            bases[cpu as usize] = Some(b);
+            if let Some(seen) = slots.get_mut(slot as usize)
+                && !*seen
+            {
+                *seen = true;
+                found += 1;
+            }
+        }
+        Some(ArrayLayout {
+            map: m as *const Map as usize,
+            max_entries,
+            stride: stride?,
+            bases,
+            percpu,
+        })
+    }
+
+    /// The value of element `key` (this CPU's), or `None` to take the map's own path.
+    #[inline]
+    fn value(&self, key: u32) -> Option<*mut u8> {
+        if key >= self.max_entries {
+            return None;
+        }
+        let i = if self.percpu { current_cpu() } else { 0 };
+        let base = (*self.bases.get(i as usize)?)?;
+        Some((base + u64::from(key) * self.stride) as *mut u8)
+    }
+}
+
+/// The value of element `key` of array or per-CPU array `m` (this CPU's), where
+/// [`Map::lookup_ptr`] would find it, without the map's generic lookup path; `None` for other
+/// maps or when unsure (the caller then takes the generic path).
+#[inline]
+pub(crate) fn array_value(env: &CallEnv, m: &Map, key: &[u8]) -> Option<*mut u8> {
+    let key = u32::from_ne_bytes(key.try_into().ok()?);
+    let host = env.host as *const ProgHost;
+    // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
+    let host = unsafe { host.as_ref() }?;
+    let arrays = host.arrays.get_or_init(|| {
+        host.maps
+            .iter()
+            .filter_map(|&a| {
+                // SAFETY: the program's own boxed map handles (module invariants).
+                ArrayLayout::of(unsafe { &*(a as *const Map) })
+            })
+            .collect()
+    });
+    let addr = m as *const Map as usize;
+    arrays.iter().find(|a| a.map == addr)?.value(key)
 }
 
 /// Most inner map handles one program keeps (each lookup of a not yet seen inner map opens
@@ -54,28 +178,69 @@ pub(crate) fn inner_map_handle(env: &CallEnv, outer: &Map, id: u32) -> Option<u6
 
 /// The map a program passed as a helper argument, if it is one of the program's maps.
 /// The reference is valid for the rest of the helper call (module invariants).
+#[inline]
 pub(crate) fn map_arg<'a>(env: &CallEnv, arg: u64) -> Option<&'a Map> {
     let host = env.host as *const ProgHost;
     // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
     let host = unsafe { host.as_ref() }?;
     if !host.maps.contains(&(arg as usize)) {
-        let inner = host.inner.lock();
-        let m = inner
-            .iter()
-            .find(|m| &***m as *const Map as u64 == arg && m.is_live())?;
-        let p = &**m as *const Map;
-        // SAFETY: `p` is one of the program's inner map boxes, never moved or dropped while
-        // the `ProgHost` lives (module invariants), so beyond the lock and the helper call.
-        return Some(unsafe { &*p });
+        return inner_map_arg(host, arg);
     }
     let p = arg as *const Map;
     // SAFETY: `p` is one of the program's boxed map handles, alive for the whole run.
     Some(unsafe { &*p })
 }
 
+/// [`map_arg`] for an inner map handle (not one of the program's own maps).
+#[cold]
+fn inner_map_arg<'a>(host: &ProgHost, arg: u64) -> Option<&'a Map> {
+    let inner = host.inner.lock();
+    let m = inner
+        .iter()
+        .find(|m| &***m as *const Map as u64 == arg && m.is_live())?;
+    let p = &**m as *const Map;
+    // SAFETY: `p` is one of the program's inner map boxes, never moved or dropped while the
+    // `ProgHost` lives (module invariants), so beyond the lock and the helper call.
+    Some(unsafe { &*p })
+}
+
+/// `bpf_map_update_elem` on an array or per-CPU array of this process (flags `BPF_ANY` or
+/// `BPF_EXIST`, which such maps treat alike) without the generic update path: `value` is
+/// copied over the element [`Map::lookup_ptr`] finds (this CPU's, for a per-CPU array), which
+/// is where `Map::update` writes it. False (nothing written) for any other case, including a
+/// key out of range: the caller then takes the generic path and its error.
+#[inline]
+pub(crate) fn update_array_in_place(
+    env: &CallEnv,
+    m: &Map,
+    key: &[u8],
+    value: &[u8],
+    flags: u64,
+) -> bool {
+    use bpftime_maps::MapType;
+    use bpftime_maps::map::{BPF_ANY, BPF_EXIST};
+    let ty = m.def().map_type;
+    if !(ty == MapType::Array as u32 || ty == MapType::PercpuArray as u32)
+        || !(flags == BPF_ANY || flags == BPF_EXIST)
+        || m.kernel_id().is_some()
+        || value.len() != m.def().value_size as usize
+    {
+        return false;
+    }
+    let Some(p) = array_value(env, m, key).or_else(|| m.lookup_ptr(key).ok()) else {
+        return false;
+    };
+    // SAFETY: `p` is the element's value, `value_size` bytes inside the map's data in the
+    // store mapping (mapped read-write for the life of the handle); `value` is a distinct
+    // buffer of exactly that length.
+    unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), p, value.len()) };
+    true
+}
+
 /// Lets a checked (interpreted) program access the value `p` of map `m` a helper returned:
 /// read-only when the map is `BPF_F_RDONLY_PROG` (the kernel's verifier refuses stores into
 /// such values; here the interpreter traps them).
+#[inline]
 pub(crate) fn grant_map_value(env: &mut CallEnv, m: &Map, p: *mut u8) {
     let writable = m.def().flags & bpftime_maps::map::BPF_F_RDONLY_PROG == 0;
     // SAFETY: as for `grant_value`: `p` is a value inside `m`'s data in the store mapping,
@@ -246,6 +411,7 @@ pub fn tid() -> u32 {
 }
 
 /// The CPU the caller runs on.
+#[inline]
 pub fn current_cpu() -> u32 {
     // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
     let c = unsafe { libc::sched_getcpu() };

@@ -775,4 +775,86 @@ mod tests {
             assert_eq!(count(&counts, 0), 7, "{engine:?}");
         }
     }
+
+    /// Array and per-CPU array lookups and updates (the runtime's fast path) find the element
+    /// the map's own lookups find, and refuse keys out of range as the map does.
+    #[test]
+    fn array_lookups_and_updates_hit_the_maps_own_elements() {
+        for engine in ENGINES {
+            let t = TempStore::new();
+            for ty in [MapType::Array, MapType::PercpuArray] {
+                let m = t.map(ty, 8, 4);
+                // r0 = bpf_map_lookup_elem(m, &arg).
+                let lookup = load(
+                    &t,
+                    t.prog(&format!(
+                        "ldxdw %r6, [%r1+112]
+                         stxw [%r10-4], %r6
+                         lddw %r1, map_fd {}
+                         mov %r2, %r10
+                         add %r2, -4
+                         call 1
+                         exit",
+                        m.id()
+                    )),
+                    engine,
+                );
+                // r0 = bpf_map_update_elem(m, &arg, &(arg + 100), BPF_ANY).
+                let update = load(
+                    &t,
+                    t.prog(&format!(
+                        "ldxdw %r6, [%r1+112]
+                         stxw [%r10-4], %r6
+                         add %r6, 100
+                         stxdw [%r10-16], %r6
+                         lddw %r1, map_fd {}
+                         mov %r2, %r10
+                         add %r2, -4
+                         mov %r3, %r10
+                         add %r3, -16
+                         mov %r4, 0
+                         call 2
+                         exit",
+                        m.id()
+                    )),
+                    engine,
+                );
+                for key in 0..4u32 {
+                    let k = key.to_ne_bytes();
+                    let p = run(&lookup, u64::from(key));
+                    let own: Vec<u64> = if ty == MapType::Array {
+                        vec![m.lookup_ptr(&k).unwrap() as u64]
+                    } else {
+                        (0..m.nr_cpus())
+                            .filter_map(|c| {
+                                let cpu = (0..4096).find(|&cpu| {
+                                    bpftime_maps::percpu::slot_of_cpu(cpu, m.nr_cpus()) == Some(c)
+                                })?;
+                                m.lookup_percpu_ptr(&k, cpu).ok().map(|p| p as u64)
+                            })
+                            .collect()
+                    };
+                    assert!(
+                        own.contains(&p),
+                        "{engine:?} {ty:?} key {key}: {p:#x} {own:x?}"
+                    );
+                    assert_eq!(run(&update, u64::from(key)), 0, "{engine:?} {ty:?}");
+                    // The value the update wrote is where the lookup points (per-CPU arrays:
+                    // the thread may have moved to another CPU meanwhile, so only arrays).
+                    if ty == MapType::Array {
+                        let v = run(&lookup, u64::from(key));
+                        let mut b = [0u8; 8];
+                        assert!(crate::host::read_user(v, &mut b));
+                        assert_eq!(u64::from_ne_bytes(b), u64::from(key) + 100);
+                    }
+                }
+                assert_eq!(run(&lookup, 4), 0, "{engine:?} {ty:?}");
+                assert_eq!(
+                    run(&update, 4) as i64,
+                    -i64::from(libc::E2BIG),
+                    "{engine:?} {ty:?}"
+                );
+            }
+        }
+    }
 }

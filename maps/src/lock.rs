@@ -9,14 +9,20 @@
 //! every store a holder makes (publish with one atomic store; at worst leak), because a dead
 //! holder's half-done work is not rolled back.
 //!
-//! The uncontended path is one compare-and-swap to lock and one swap to unlock.
+//! The uncontended path is one compare-and-swap to lock and one swap to unlock. A waiter checks
+//! the word with exponentially growing pauses in between before it sleeps on the futex, so a
+//! holder that releases and retakes the lock (a ring buffer producer) keeps its cache line.
 
 use crate::shm::{futex_wait, futex_wake_all, low_half};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const WAITERS: u64 = 1 << 63;
-const SPINS: u32 = 200;
+/// Checks of a held lock before sleeping; between two checks a waiter pauses for an
+/// exponentially growing number of `pause`s, up to [`MAX_BACKOFF`].
+const SPINS: u32 = 16;
+/// Most `pause`s between two checks of a held lock.
+const MAX_BACKOFF: u32 = 128;
 const WAIT_NS: u64 = 1_000_000;
 
 /// This process's lock identity.
@@ -87,6 +93,7 @@ impl Drop for Guard<'_> {
 pub fn lock(word: &AtomicU64) -> Guard<'_> {
     let me = me();
     let mut spins = 0;
+    let mut backoff = 1;
     loop {
         let cur = word.load(Ordering::Relaxed);
         if cur == 0 {
@@ -102,8 +109,14 @@ pub fn lock(word: &AtomicU64) -> Guard<'_> {
             continue;
         }
         if spins < SPINS {
+            // Exponential backoff: a waiter that keeps reading the word takes its cache line
+            // from the holder on every check, slowing down the very thread it waits for (and
+            // a holder that releases and retakes the lock quickly keeps the line).
             spins += 1;
-            std::hint::spin_loop();
+            for _ in 0..backoff {
+                std::hint::spin_loop();
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
         // Announce a waiter and sleep a little; then check the holder is alive.
@@ -130,6 +143,7 @@ pub fn lock(word: &AtomicU64) -> Guard<'_> {
             };
         }
         spins = SPINS / 2;
+        backoff = 1;
     }
 }
 

@@ -2,10 +2,17 @@
 //!
 //! # Invariants
 //!
-//! - An [`ExecMem`] owns one private anonymous mapping of `len` bytes (rounded up to pages),
-//!   created read-write, filled with the code, then switched to read-execute with `mprotect`
-//!   (whose result is checked) *before* the value exists. It is never writable and executable at
-//!   once, and never writable again; it is unmapped exactly once, on drop.
+//! - An [`ExecMem`] owns pages of private anonymous memory (`len` bytes rounded up to pages):
+//!   read-write when it gets them, filled with the code, then switched to read-execute with
+//!   `mprotect` (whose result is checked) *before* the value exists. They are never writable and
+//!   executable at once, and not writable while the `ExecMem` lives.
+//! - Code of one page comes from a per-process pool (most programs: one `mprotect` instead of
+//!   `mmap` + page fault + `mprotect` + `munmap`): the pool's `ready` pages are read-write,
+//!   prefaulted, owned by the pool alone and never executed while there. A dropped pooled page
+//!   goes to `freed` still read-execute (no system call at drop; nothing executes it any more);
+//!   when `ready` runs dry, `freed` pages are switched back to read-write (one `mprotect` per
+//!   contiguous run) before any is handed out again — a page whose `mprotect` fails is leaked,
+//!   never reused while possibly executable. Larger code has its own mapping, unmapped on drop.
 //! - The pointer it hands out ([`ExecMem::as_ptr`]) stays valid, readable and executable for as
 //!   long as the `ExecMem` lives; callers that turn it into a function pointer must not call it
 //!   after the `ExecMem` is dropped.
@@ -14,6 +21,7 @@
 
 use std::io;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A read-execute mapping holding a copy of some machine code.
@@ -24,7 +32,28 @@ pub struct ExecMem {
     len: usize,
     /// Bytes mapped (`len` rounded up to pages).
     map_len: usize,
+    /// A page of the pool (returned on drop) rather than an own mapping.
+    pooled: bool,
 }
+
+/// Pages for one-page programs, taken from mappings of [`POOL_CHUNK`] pages (module
+/// invariants).
+#[derive(Debug)]
+struct Pool {
+    /// Read-write pages, ready for code.
+    ready: Vec<usize>,
+    /// Pages of dropped programs, still read-execute.
+    freed: Vec<usize>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    ready: Vec::new(),
+    freed: Vec::new(),
+});
+/// Pages the pool maps at once.
+const POOL_CHUNK: usize = 16;
+/// Pages the pool keeps at most; more freed pages are unmapped.
+const POOL_MAX: usize = 256;
 
 // SAFETY: the mapping is immutable (read-execute) after construction and owned by this value;
 // sharing or sending its address between threads is as safe as sharing a `&[u8]`.
@@ -54,18 +83,111 @@ impl ExecMem {
     pub fn new_near(code: &[u8], near: usize) -> io::Result<Self> {
         let page = page_size();
         let len = code.len().max(1).div_ceil(page) * page;
+        if len == page {
+            return Self::pooled(code, near);
+        }
+        Self::map(code, Self::hint(len, near))
+    }
+
+    /// A hint for a mapping of `len` bytes near `near`: successive mappings take successive
+    /// addresses downwards from `near - 256 MiB`, so that each hint names a range no earlier
+    /// mapping holds.
+    fn hint(len: usize, near: usize) -> usize {
+        let page = page_size();
         // Successive mappings take successive addresses downwards from `near - 256 MiB`, so
         // that each hint names a range no earlier mapping holds.
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let start = near.saturating_sub(NEAR_DISTANCE) & !(page - 1);
         let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
         let cursor = NEXT.fetch_sub(len, Ordering::Relaxed);
-        let hint = if cursor.abs_diff(near) < 4 * NEAR_DISTANCE && cursor > len {
+        if cursor.abs_diff(near) < 4 * NEAR_DISTANCE && cursor > len {
             cursor - len
         } else {
             start
+        }
+    }
+
+    /// One page of code from the pool.
+    fn pooled(code: &[u8], near: usize) -> io::Result<Self> {
+        let page = page_size();
+        let taken = {
+            let mut pool = POOL
+                .lock()
+                .map_err(|_| io::Error::other("code pool poisoned"))?;
+            if pool.ready.is_empty() && !pool.freed.is_empty() {
+                let mut freed = std::mem::take(&mut pool.freed);
+                freed.sort_unstable();
+                let mut i = 0;
+                while i < freed.len() {
+                    let mut j = i + 1;
+                    while j < freed.len() && freed[j] == freed[j - 1] + page {
+                        j += 1;
+                    }
+                    // SAFETY: pages of dropped programs, owned by the pool, executed by
+                    // nothing any more (module invariants).
+                    let r = unsafe {
+                        libc::mprotect(
+                            freed[i] as *mut libc::c_void,
+                            (j - i) * page,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                        )
+                    };
+                    if r == 0 {
+                        pool.ready.extend_from_slice(&freed[i..j]);
+                    }
+                    i = j;
+                }
+            }
+            pool.ready.pop()
         };
-        Self::map(code, hint)
+        let addr = match taken {
+            Some(a) => a,
+            None => {
+                let chunk = POOL_CHUNK * page;
+                // SAFETY: a fresh private anonymous mapping, prefaulted; without MAP_FIXED the
+                // address is only a hint.
+                let p = unsafe {
+                    libc::mmap(
+                        Self::hint(chunk, near) as *mut libc::c_void,
+                        chunk,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED || p.is_null() {
+                    return Err(io::Error::last_os_error());
+                }
+                let base = p as usize;
+                if let Ok(mut pool) = POOL.lock() {
+                    pool.ready.extend((1..POOL_CHUNK).map(|i| base + i * page));
+                }
+                base
+            }
+        };
+        let Some(ptr) = NonNull::new(addr as *mut u8) else {
+            return Err(io::Error::other("null code page"));
+        };
+        // SAFETY: a read-write pool page that is now ours alone (popped or fresh), one page of
+        // at least `code.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), ptr.as_ptr(), code.len()) };
+        #[cfg(target_arch = "aarch64")]
+        flush_icache(ptr.as_ptr(), code.len());
+        // SAFETY: exactly the page taken above.
+        let r = unsafe {
+            libc::mprotect(ptr.as_ptr().cast(), page, libc::PROT_READ | libc::PROT_EXEC)
+        };
+        if r != 0 {
+            // Its protection is unknown now: leak the page rather than reuse it.
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ExecMem {
+            ptr,
+            len: code.len(),
+            map_len: page,
+            pooled: true,
+        })
     }
 
     fn map(code: &[u8], hint: usize) -> io::Result<Self> {
@@ -94,6 +216,7 @@ impl ExecMem {
             ptr,
             len: code.len(),
             map_len: len,
+            pooled: false,
         };
         // SAFETY: the mapping is `len >= code.len()` bytes, writable, and not aliased by
         // anything else (it was just created).
@@ -133,8 +256,18 @@ impl ExecMem {
 
 impl Drop for ExecMem {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe the mapping this value owns; it is unmapped only here.
-        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+        let p = self.ptr.as_ptr().cast::<libc::c_void>();
+        if self.pooled
+            && let Ok(mut pool) = POOL.lock()
+            && pool.ready.len() + pool.freed.len() < POOL_MAX
+        {
+            // Switched back to read-write when the pool needs it (module invariants).
+            pool.freed.push(p as usize);
+            return;
+        }
+        // SAFETY: `ptr`/`map_len` describe memory this value owns (its mapping, or a pool page
+        // the full pool does not take back); it is unmapped only here.
+        let r = unsafe { libc::munmap(p, self.map_len) };
         debug_assert_eq!(r, 0, "munmap failed: {}", io::Error::last_os_error());
     }
 }
@@ -186,6 +319,29 @@ mod tests {
         // An impossible hint still maps somewhere.
         let m = ExecMem::new_near(&[0xc3], usize::MAX).unwrap();
         assert!(!m.as_ptr().is_null());
+    }
+
+    #[test]
+    fn pooled_pages_are_reused_and_never_writable_while_live() {
+        let a = ExecMem::new_near(&[0xc3; 64], 0).unwrap();
+        let addr = a.as_ptr() as usize;
+        assert!(protection_of(addr).starts_with("r-x"));
+        drop(a);
+        let many: Vec<ExecMem> = (0..40)
+            .map(|i| ExecMem::new_near(&[0x90, 0xc3, i as u8], 0).unwrap())
+            .collect();
+        for (i, m) in many.iter().enumerate() {
+            assert_eq!(m.bytes(), &[0x90, 0xc3, i as u8]);
+            assert!(protection_of(m.as_ptr() as usize).starts_with("r-x"));
+        }
+        drop(many);
+        // Freed pages come back read-write before they hold code again.
+        let again: Vec<ExecMem> = (0..80).map(|_| ExecMem::new_near(&[0xc3], 0).unwrap()).collect();
+        assert!(again.iter().all(|m| m.bytes() == [0xc3]));
+        // Larger code has its own mapping.
+        let big = ExecMem::new_near(&vec![0xc3; 10_000], 0).unwrap();
+        assert_eq!(big.len(), 10_000);
+        assert!(protection_of(big.as_ptr() as usize).starts_with("r-x"));
     }
 
     #[test]

@@ -10,9 +10,12 @@
 //! pc 0 …                 main function body (exit: pop the host's registers, ret)
 //! subprogram:            push rbx, r13, r14, r15, rbp; rbp -= 512; body (exit: pop, ret)
 //! unwind / trap exit:    rsp = ctx.saved_sp; pop the host's registers; ret
-//! shared routines:       memory-check call (checked mode), tail call
+//! callback entry:        (programs with callbacks) the entry's frame, then a call of the
+//!                        function `abi::CallbackFrame` names
+//! shared routines:       out-of-bounds trap and memory-check call (checked mode), tail call
 //! cold stubs:            per-site slow paths and traps (checked memory, misaligned atomics,
 //!                        unknown callx target, helper status)
+//! data:                  jump tables (32-bit offsets), the callback table (`abi::FuncTable`)
 //! ```
 //!
 //! The native stack is 16-byte aligned in every function body (so helper calls need no fix-up):
@@ -27,7 +30,13 @@
 //! - rdx (r3) is not saved around `mul`/`div` when no instruction reads r3;
 //! - 8-bit immediates and displacements where they fit, 8-bit backward jumps where they reach;
 //! - loop heads (targets of backward jumps) are 16-byte aligned, and a loop estimated to fit 64
-//!   bytes starts where it does not cross a 64-byte boundary.
+//!   bytes starts where it does not cross a 64-byte boundary;
+//! - a forward `ja` to a block of at most 4 instructions ending in a conditional jump or `exit`
+//!   gets a copy of the block ([`tail_copies`]: the `break` of each `case` into a loop's test);
+//! - chains of 12 or more `jeq` on one register with dense constants become a bounds test and
+//!   an indirect jump through a table ([`switch_chains`]; shorter chains are faster as compares);
+//! - checked-mode stubs pass the trap's pc, length and direction packed in one register to one
+//!   shared trap routine.
 //!
 //! Checked mode tests `[addr, addr + len)` inline against one region — the stack when the base
 //! register provably holds a pointer derived from r10 ([`stack_pointers`]), else the fast region
@@ -122,6 +131,13 @@ const STACK_BYTES: i32 = (FRAME_SIZE * MAX_FRAMES) as i32;
 /// `bpf_tail_call`.
 const TAIL_CALL_ID: u32 = 12;
 
+/// What the shared out-of-bounds trap gets in r10 (`len | write << 8 | pc << 9`; slots fit
+/// 23 bits: the loader takes at most 1,000,000).
+fn trap_info(pc: u32, len: u8, write: bool) -> i32 {
+    const _: () = assert!(bpftime_vm::verifier::MAX_INSNS < 1 << 23);
+    (i32::from(len) | (i32::from(write) << 8)) | ((pc as i32) << 9)
+}
+
 /// Out-of-line code for one instruction, emitted after all functions.
 enum Stub {
     /// Checked access that missed the inline test: the other region's test, then
@@ -166,6 +182,8 @@ struct Emitter<'a> {
     unwind: DynamicLabel,
     trap_exit: DynamicLabel,
     check_routine: DynamicLabel,
+    /// Shared out-of-bounds trap (checked mode), next to `check_routine`.
+    oob_routine: DynamicLabel,
     tail_routine: DynamicLabel,
     uses_check: bool,
     uses_tail: bool,
@@ -186,6 +204,8 @@ struct Emitter<'a> {
     callback_entry: DynamicLabel,
     /// Code offset of each function's prologue, by index in `functions`.
     func_offsets: Vec<usize>,
+    /// `(ja slot, (start, end))`, sorted: the block `[start, end)` copied in place of the `ja`.
+    tails: Vec<(usize, (usize, usize))>,
 }
 
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
@@ -259,6 +279,169 @@ fn stack_pointers(prog: &Program) -> Vec<u16> {
         }
     }
     state
+}
+
+/// Largest block (instructions, the final jump included) copied in place of a `ja`.
+const TAIL_COPY_MAX: usize = 4;
+
+/// For each forward `ja`, the block it jumps to when that block is short — at most
+/// [`TAIL_COPY_MAX`] instructions without jumps or calls, ending in a conditional jump or
+/// `exit` — as `[start, end)` (`end` = the slot after it, where a conditional jump falls
+/// through). Copying it saves a taken jump on that path: typically the `break` of each `case`
+/// of a `switch` into the loop's increment and test.
+fn tail_copies(prog: &Program) -> Vec<(usize, (usize, usize))> {
+    let ops = prog.ops();
+    let n = ops.len();
+    let block = |t: usize| -> Option<(usize, usize)> {
+        let mut q = t;
+        for _ in 0..TAIL_COPY_MAX {
+            let op = ops.get(q).copied().flatten()?;
+            let next = q + op.slots();
+            match op {
+                Op::Exit => return Some((t, next)),
+                Op::Jmp { off, .. } => {
+                    let target = usize::try_from(q as i64 + 1 + i64::from(off)).ok()?;
+                    ops.get(target).copied().flatten()?;
+                    ops.get(next).copied().flatten()?;
+                    return Some((t, next));
+                }
+                Op::Ja { .. } | Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
+                    return None;
+                }
+                _ => q = next,
+            }
+        }
+        None
+    };
+    let mut out = Vec::new();
+    for (pc, op) in ops.iter().enumerate() {
+        if let Some(Op::Ja { off }) = op
+            && *off > 0
+            && let Some(t) = usize::try_from(pc as i64 + 1 + i64::from(*off))
+                .ok()
+                .filter(|&t| t < n)
+            && let Some(b) = block(t)
+        {
+            out.push((pc, b));
+        }
+    }
+    out
+}
+
+/// A run of `jeq dst, imm, target` on one register compiled as a jump table.
+#[derive(Debug, Clone)]
+struct Switch {
+    /// The register (eBPF) and the comparison width.
+    dst: u8,
+    w64: bool,
+    /// The smallest case value (as compared: sign-extended for 64 bits).
+    min: i64,
+    /// Slot each value `min + i` jumps to (the fall-through slot for holes).
+    cases: Vec<usize>,
+    /// The slot after the chain, where unmatched values go.
+    default: usize,
+}
+
+/// Shortest chain worth a table, and the largest table and emptiest one accepted. Measured
+/// on a loop over pseudo-random cases (`benches/jit.rs`'s `switch`, and chains of 6–40 cases):
+/// below ~12 cases a compare chain (with the `break` blocks copied, [`tail_copies`]) is as fast
+/// or faster — the indirect jump predicts worse than the short chain — beyond it the table
+/// wins by up to 2.3× (40 cases).
+const SWITCH_MIN_CASES: usize = 12;
+const SWITCH_MAX_ENTRIES: i64 = 1024;
+const SWITCH_MAX_HOLES_PER_CASE: i64 = 3;
+
+/// Dense `jeq` chains, by their first slot: consecutive `jeq dst, imm, +off` on the same
+/// register and width (nothing jumping into the middle of the chain), at least
+/// [`SWITCH_MIN_CASES`] distinct values spanning at most [`SWITCH_MAX_HOLES_PER_CASE`] + 1
+/// entries per case. Compilers emit these for `switch` when the kernel's verifier-friendly
+/// lowering avoids jump tables (eBPF has no indirect jumps); natively they are one bounds test
+/// and one indirect jump instead of up to one compare per case.
+fn switch_chains(prog: &Program, label_of: &[u32]) -> Vec<(usize, Switch)> {
+    let ops = prog.ops();
+    let n = ops.len();
+    let mut out = Vec::new();
+    let case = |pc: usize| -> Option<(u8, bool, i64, usize)> {
+        match ops.get(pc).copied().flatten()? {
+            Op::Jmp {
+                width,
+                cond: JmpCond::Eq,
+                dst,
+                src: Src::Imm(v),
+                off,
+            } => {
+                let t = usize::try_from(pc as i64 + 1 + i64::from(off)).ok()?;
+                ops.get(t).copied().flatten()?;
+                let w64 = width == Width::W64;
+                let v = if w64 { i64::from(v) } else { i64::from(v as u32) };
+                Some((dst, w64, v, t))
+            }
+            _ => None,
+        }
+    };
+    let mut pc = 0;
+    while pc < n {
+        let Some((dst, w64, _, _)) = case(pc) else {
+            pc += 1;
+            continue;
+        };
+        // Long enough to matter? (Counted before anything is allocated.)
+        let run = (pc..n)
+            .take_while(|&q| {
+                case(q).is_some_and(|(d, w, _, _)| d == dst && w == w64)
+                    && (q == pc || label_of[q] == u32::MAX)
+            })
+            .count();
+        if run < SWITCH_MIN_CASES {
+            pc += run.max(1);
+            continue;
+        }
+        // The chain: same register and width, no label after its first slot.
+        let mut entries: Vec<(i64, usize)> = Vec::new();
+        let mut end = pc;
+        while let Some((d, w, v, t)) = case(end) {
+            if d != dst || w != w64 || (end > pc && label_of[end] != u32::MAX) {
+                break;
+            }
+            if !entries.iter().any(|e| e.0 == v) {
+                entries.push((v, t));
+            }
+            end += 1;
+        }
+        let (Some(min), Some(max)) = (
+            entries.iter().map(|e| e.0).min(),
+            entries.iter().map(|e| e.0).max(),
+        ) else {
+            pc += 1;
+            continue;
+        };
+        let span = max - min + 1;
+        let default = end;
+        let fits = entries.len() >= SWITCH_MIN_CASES
+            && span <= SWITCH_MAX_ENTRIES
+            && span <= entries.len() as i64 * (SWITCH_MAX_HOLES_PER_CASE + 1)
+            && default < n
+            && ops[default].is_some()
+            && i32::try_from(min).is_ok();
+        if fits {
+            let mut cases = vec![default; span as usize];
+            for &(v, t) in &entries {
+                cases[(v - min) as usize] = t;
+            }
+            out.push((
+                pc,
+                Switch {
+                    dst,
+                    w64,
+                    min,
+                    cases,
+                    default,
+                },
+            ));
+        }
+        pc = end.max(pc + 1);
+    }
+    out
 }
 
 /// Whether any instruction of `prog` reads eBPF register `r`, explicitly or implicitly (helper
@@ -363,6 +546,23 @@ pub fn compile(
             };
         }
     }
+    // Forward `ja`s to a short block ending in a conditional jump or `exit` get a copy of the
+    // block instead; the copy's fall-through needs a label.
+    let tails = tail_copies(prog);
+    for &(_, (_, end)) in &tails {
+        if end < n && label_of[end] == NONE {
+            label_of[end] = targets as u32;
+            targets += 1;
+        }
+    }
+    // Dense `jeq` chains become jump tables; their fall-through slot needs a label.
+    let switches = switch_chains(prog, &label_of);
+    for (_, sw) in &switches {
+        if label_of[sw.default] == NONE {
+            label_of[sw.default] = targets as u32;
+            targets += 1;
+        }
+    }
     // ~6 bytes of code per instruction on average (more in checked mode); grows as needed.
     let mut ops = VecAssembler::<X64Relocation>::new_with_capacity(
         0,
@@ -384,6 +584,7 @@ pub fn compile(
         unwind: ops.new_dynamic_label(),
         trap_exit: ops.new_dynamic_label(),
         check_routine: ops.new_dynamic_label(),
+        oob_routine: ops.new_dynamic_label(),
         tail_routine: ops.new_dynamic_label(),
         ops,
         helpers,
@@ -405,6 +606,7 @@ pub fn compile(
         func_table,
         callback_entry,
         func_offsets: vec![0; prog.functions().len()],
+        tails,
         stack_ptrs: if opts.checked {
             stack_pointers(prog)
         } else {
@@ -429,8 +631,16 @@ pub fn compile(
     let entry = e.prologue();
     let main_end = prog.functions().get(1).copied().unwrap_or(n);
     let mut next_function = 1;
+    let mut skip_to = 0;
+    let mut tables = Vec::new();
+    let mut next_switch = 0;
     for (pc, op) in prog.ops().iter().enumerate() {
         let Some(op) = *op else { continue };
+        if pc < skip_to {
+            // Inside a jump-table chain (no label: nothing jumps here).
+            e.offsets[pc] = e.ops.offset().0 as u32;
+            continue;
+        }
         if e.functions.get(next_function) == Some(&pc) {
             e.func_offsets[next_function] = e.ops.offset().0;
             e.subprogram_prologue(e.func_entry[next_function]);
@@ -449,13 +659,39 @@ pub fn compile(
             asm!(e.ops; =>l);
         }
         e.offsets[pc] = e.ops.offset().0 as u32;
+        if let Some((_, sw)) = switches.get(next_switch).filter(|s| s.0 == pc) {
+            next_switch += 1;
+            tables.push(e.switch(sw));
+            skip_to = sw.default;
+            continue;
+        }
         e.insn(pc, op, pc < main_end, prog)?;
     }
     e.finish();
     e.emit_func_table();
-    let code = std::mem::replace(&mut e.ops, VecAssembler::new(0))
+    // Jump tables: 32-bit offsets from the table to each case's code, filled in below.
+    let tables: Vec<(usize, Vec<usize>)> = tables
+        .into_iter()
+        .map(|(label, cases): (DynamicLabel, Vec<usize>)| {
+            while !e.ops.offset().0.is_multiple_of(4) {
+                e.ops.push(0xcc);
+            }
+
+            let at = e.ops.offset().0;
+            asm!(e.ops; =>label);
+            e.ops.extend(std::iter::repeat_n(0u8, 4 * cases.len()));
+            (at, cases)
+        })
+        .collect();
+    let mut code = std::mem::replace(&mut e.ops, VecAssembler::new(0))
         .finalize()
         .map_err(|err| JitError::Codegen(err.to_string()))?;
+    for (at, cases) in tables {
+        for (i, &target) in cases.iter().enumerate() {
+            let rel = (i64::from(e.offsets[target]) - at as i64) as i32;
+            code[at + 4 * i..at + 4 * i + 4].copy_from_slice(&rel.to_le_bytes());
+        }
+    }
     Ok(CompiledCode {
         arch: Arch::X86_64,
         code,
@@ -484,9 +720,16 @@ impl Emitter<'_> {
             ; push r15
             ; sub rsp, 8
             ; mov r12, rdx
-            // The unwinder restores ctx.saved_sp from here (callback runs nest).
-            ; mov rax, [r12 + SAVED_SP]
-            ; mov [rsp], rax
+        );
+        if !self.callbacks.is_empty() {
+            // The unwinder restores ctx.saved_sp from here (callback runs nest). Code without
+            // callbacks never runs nested, and its unwinder leaves saved_sp alone.
+            asm!(self.ops
+                ; mov rax, [r12 + SAVED_SP]
+                ; mov [rsp], rax
+            );
+        }
+        asm!(self.ops
             ; mov [r12 + SAVED_SP], rsp
             ; =>init
         );
@@ -511,6 +754,37 @@ impl Emitter<'_> {
             ; xor r15d, r15d
         );
         entry
+    }
+
+    /// A jump-table dispatch for `sw` (see [`switch_chains`]); returns the table's label and
+    /// its case slots, for the table emitted after the code.
+    fn switch(&mut self, sw: &Switch) -> (DynamicLabel, Vec<usize>) {
+        let d = native(sw.dst);
+        let table = self.ops.new_dynamic_label();
+        let default = self.label(sw.default);
+        let last = (sw.cases.len() - 1) as i32;
+        // r11 = dst - min, as the comparison's width sees it.
+        if sw.w64 {
+            asm!(self.ops; mov r11, Rq(d));
+            if sw.min != 0 {
+                asm!(self.ops; sub r11, sw.min as i32);
+            }
+            asm!(self.ops; cmp r11, last);
+        } else {
+            asm!(self.ops; mov r11d, Rd(d));
+            if sw.min != 0 {
+                asm!(self.ops; sub r11d, sw.min as i32);
+            }
+            asm!(self.ops; cmp r11d, last);
+        }
+        asm!(self.ops
+            ; ja =>default
+            ; lea r10, [=>table]
+            ; movsxd r11, DWORD [r10 + r11 * 4]
+            ; add r11, r10
+            ; jmp r11
+        );
+        (table, sw.cases.clone())
     }
 
     /// The callback entry routine ([`crate::abi::CallbackEntry`]): `rdi` = the frame, `rsi` =
@@ -777,6 +1051,24 @@ impl Emitter<'_> {
                 src,
                 off,
             } => self.atomic(pc, size == Size::DW, op, fetch, dst, native(src), off),
+            Op::Ja { .. } if self.tails.binary_search_by_key(&pc, |t| t.0).is_ok() => {
+                let Ok(i) = self.tails.binary_search_by_key(&pc, |t| t.0) else {
+                    unreachable!("guarded")
+                };
+                let (start, end) = self.tails[i].1;
+                let mut q = start;
+                let mut last = None;
+                while q < end {
+                    let Some(op) = prog.ops()[q] else { break };
+                    self.insn(q, op, in_main, prog)?;
+                    last = Some(op);
+                    q += op.slots();
+                }
+                if let Some(Op::Jmp { .. }) = last {
+                    let l = self.label(end);
+                    asm!(self.ops; jmp =>l);
+                }
+            }
             Op::Ja { off } => {
                 let t = rel(off.into());
                 let l = self.label(t);
@@ -1497,19 +1789,36 @@ impl Emitter<'_> {
             ; xor eax, eax
             ; =>unwind
             ; mov rsp, [r12 + SAVED_SP]
-            ; mov r11, [rsp]
-            ; mov [r12 + SAVED_SP], r11
         );
+        if !self.callbacks.is_empty() {
+            asm!(self.ops
+                ; mov r11, [rsp]
+                ; mov [r12 + SAVED_SP], r11
+            );
+        }
         self.main_epilogue();
         if !self.callbacks.is_empty() {
             self.emit_callback_entry();
         }
         if self.uses_check {
-            // In: r11 = address, r10 = len | write << 8. Out: ZF clear iff accessible.
-            // Entered by `call` from a body (rsp 16-aligned there): 7 pushes + the return
-            // address keep `ctx.check` aligned.
-            let l = self.check_routine;
+            // In: r11 = address, r10 = `trap_info` (len | write << 8 | pc << 9). Out: ZF clear
+            // iff accessible. Entered by `call` from a body (rsp 16-aligned there): 7 pushes +
+            // the return address keep `ctx.check` aligned.
+            let (l, oob) = (self.check_routine, self.oob_routine);
             asm!(self.ops
+                // The out-of-bounds trap of every access (same inputs), then the checker.
+                ; =>oob
+                ; mov DWORD [r12 + TRAP_KIND], trap::OUT_OF_BOUNDS as i32
+                ; mov [r12 + TRAP_ADDR], r11
+                ; movzx r11d, r10b
+                ; mov [r12 + TRAP_LEN], r11
+                ; mov r11d, r10d
+                ; shr r11d, 8
+                ; and r11d, 1
+                ; mov [r12 + TRAP_WRITE], r11
+                ; shr r10d, 9
+                ; mov [r12 + TRAP_PC], r10d
+                ; jmp =>trap_exit
                 ; =>l
                 ; push rax
                 ; push rcx
@@ -1523,6 +1832,7 @@ impl Emitter<'_> {
                 ; movzx edx, r10b
                 ; shr r10d, 8
                 ; mov ecx, r10d
+                ; and ecx, 1
                 ; call QWORD [r12 + CHECK]
                 ; test al, al
                 ; pop r11
@@ -1617,7 +1927,8 @@ impl Emitter<'_> {
                     stack_first,
                 } => {
                     // The other inline-testable region, then `ctx.check`, else the trap.
-                    let check = self.check_routine;
+                    let (check, oob) = (self.check_routine, self.oob_routine);
+                    let info = trap_info(pc, len, write);
                     let slow = self.ops.new_dynamic_label();
                     let uncached = self.ops.new_dynamic_label();
                     asm!(self.ops; =>entry);
@@ -1637,15 +1948,11 @@ impl Emitter<'_> {
                         ; cmp r10, [r12 + limit]
                         ; jbe =>back
                         ; =>slow
-                        ; mov r10d, i32::from(len) | (i32::from(write) << 8)
+                        ; mov r10d, info
                         ; call =>check
                         ; jnz =>back
-                        ; mov DWORD [r12 + TRAP_KIND], trap::OUT_OF_BOUNDS as i32
-                        ; mov DWORD [r12 + TRAP_PC], pc as i32
-                        ; mov [r12 + TRAP_ADDR], r11
-                        ; mov QWORD [r12 + TRAP_LEN], i32::from(len)
-                        ; mov QWORD [r12 + TRAP_WRITE], i32::from(write)
-                        ; jmp =>trap_exit
+                        ; mov r10d, info
+                        ; jmp =>oob
                     );
                 }
                 Stub::Misaligned { entry, pc, len } => {

@@ -347,13 +347,54 @@ pub fn monotonic_raw_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+thread_local! {
+    // The CPU a program run on this thread is pinned to (u32::MAX: none). Const-initialised
+    // and without a destructor, so it stays usable while the thread's TLS is torn down.
+    static PINNED_CPU: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+}
+
 /// The CPU the calling thread runs on (`sched_getcpu`, served from rseq or the vDSO: no
-/// system call); 0 if the kernel cannot tell.
+/// system call); 0 if the kernel cannot tell. Inside a [`pin_cpu`] scope, the pinned CPU.
 #[inline]
 pub fn current_cpu() -> u32 {
+    let pinned = PINNED_CPU.with(std::cell::Cell::get);
+    if pinned != u32::MAX {
+        return pinned;
+    }
     // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
     let c = unsafe { libc::sched_getcpu() };
     c.max(0) as u32
+}
+
+/// Pins [`current_cpu`] on this thread to the CPU it runs on now, until the guard drops
+/// (nested pins keep the outer CPU).
+///
+/// A program run in the kernel cannot migrate (preemption is off), so its per-CPU lookup and the
+/// update that follows address the same CPU's slot. A userspace thread can migrate between the
+/// two; pinning the CPU *index* for the run keeps the kernel's behaviour for the thread itself
+/// (a `count()`-style lookup-then-update of one thread never writes another slot's value back).
+/// Two threads that share a slot can still interleave — see the README's limits.
+pub fn pin_cpu() -> CpuPin {
+    let prev = PINNED_CPU.with(std::cell::Cell::get);
+    if prev == u32::MAX {
+        // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
+        let c = unsafe { libc::sched_getcpu() };
+        PINNED_CPU.with(|p| p.set(c.max(0) as u32));
+    }
+    CpuPin { prev }
+}
+
+/// Guard of [`pin_cpu`]; restores the previous state on drop.
+#[derive(Debug)]
+#[must_use = "the CPU stays pinned only while the guard lives"]
+pub struct CpuPin {
+    prev: u32,
+}
+
+impl Drop for CpuPin {
+    fn drop(&mut self) {
+        PINNED_CPU.with(|p| p.set(self.prev));
+    }
 }
 
 /// A page-aligned range of the store file mapped twice, back to back, in this process's address

@@ -413,9 +413,8 @@ pub fn tid() -> u32 {
 /// The CPU the caller runs on.
 #[inline]
 pub fn current_cpu() -> u32 {
-    // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
-    let c = unsafe { libc::sched_getcpu() };
-    c.max(0) as u32
+    // Pinned for the duration of a program run (`LoadedProg::run_with_cookie`).
+    bpftime_maps::shm::current_cpu()
 }
 
 /// Real uid and gid of the process.

@@ -300,6 +300,9 @@ impl LoadedProg {
         cookie: u64,
     ) -> Result<u64, Trap> {
         let _cookie = crate::helpers::CookieGuard::set(cookie);
+        // One CPU for the whole run, as in the kernel (no migration mid-program): a per-CPU
+        // lookup and the update that follows address the same slot.
+        let _cpu = bpftime_maps::shm::pin_cpu();
         // Ring buffer records the program leaves uncommitted are discarded when it ends (by
         // the last program of the run, after tail calls, then by this one). A program that
         // neither tail-calls nor can reserve records needs neither guard (the probe hot path).

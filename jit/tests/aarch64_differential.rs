@@ -19,7 +19,9 @@
 //! `lddw`; loads (sign-extending too) and stores of every size, through r9, r10 or a derived
 //! pointer with a large offset; atomics of both sizes (every op, fetch or not); forward
 //! conditional jumps (JMP/JMP32, register or immediate), `ja` and `gotol`; counted loops;
-//! helper calls by id and by `callx` (including unknown ids); local calls. In checked mode,
+//! helper calls by id and by `callx` (including unknown ids); local calls; `bpf_loop` calls of
+//! a callback function (generator core shared with the other differential tests:
+//! `bpftime_testkit::programs`). In checked mode,
 //! some accesses are out of bounds, unaligned (atomics) or into memory a helper grants only
 //! when called, and some helpers stop the program or fault.
 //!
@@ -33,12 +35,13 @@
 mod support_aarch64;
 
 use bpftime_jit::JitOptions;
-use bpftime_vm::disasm::disassemble;
-use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion};
-use bpftime_vm::interpreter::{Interpreter, Trap};
-use bpftime_vm::isa::{
-    AluOp, AtomicOp, Endian, Insn, JmpCond, LdImmKind, Op, Size, Src, Width, encode,
+use bpftime_testkit::programs::{
+    self, Frame, Rng, Unit, alu, alu_op, counted_loop, jump_insn, lddw, mov_imm, mov64,
 };
+use bpftime_vm::disasm::disassemble;
+use bpftime_vm::helper::{BPF_LOOP, CallEnv, HelperRegistry, MemRegion, bpf_loop};
+use bpftime_vm::interpreter::{Interpreter, Trap};
+use bpftime_vm::isa::{AluOp, AtomicOp, Insn, Op, Size, Src, Width, encode};
 use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
 use bpftime_vm::verifier::verify;
 use std::ffi::c_void;
@@ -74,109 +77,14 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")))
 }
 
-/// SplitMix64.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn for_case(seed: u64, case: u64) -> Self {
-        let mut r = Rng(seed ^ case.wrapping_mul(0xa076_1d64_78bd_642f));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn value64(&mut self) -> u64 {
-        match self.below(8) {
-            0 => self.pick(&[
-                0,
-                1,
-                u64::MAX,
-                i64::MIN as u64,
-                i64::MAX as u64,
-                u64::from(u32::MAX),
-                0x8000_0000,
-                0xffff_ffff_8000_0000,
-                0x1_0000_0000,
-                0x7fff_ffff,
-                0xffff_ffff_0000_0000,
-                0x0000_ffff_0000_ffff,
-            ]),
-            1 => self.below(256),
-            2 => self.range(-128, 127) as u64,
-            3 => u64::from(self.next() as u32),
-            4 => self.next() as i32 as i64 as u64,
-            5 => 1 << self.below(64),
-            _ => self.next(),
-        }
-    }
-
-    fn imm32(&mut self) -> i32 {
-        match self.below(7) {
-            0 => self.pick(&[
-                0,
-                1,
-                -1,
-                2,
-                i32::MIN,
-                i32::MAX,
-                0x7fff,
-                -0x8000,
-                0xffff,
-                0xfff,
-                0x1000,
-                -4095,
-                -4096,
-                64,
-                32,
-                0xff00,
-                0x5555_5555,
-            ]),
-            1 | 2 => self.range(-8, 63) as i32,
-            3 => self.range(-5000, 5000) as i32,
-            _ => self.next() as i32,
-        }
-    }
-}
-
-/// A piece of a function body.
-#[derive(Clone, Debug)]
-enum Unit {
-    /// Straight-line code (loops jump backwards inside the unit only).
-    Code(Vec<Op>),
-    /// A forward jump to the start of unit `target` of the same function (`== len`: its end).
-    Jump { op: Op, target: usize },
-    /// `call` function `func` (an index into `Case::funcs`, always a later one).
-    Call { func: usize },
-}
-
 #[derive(Clone, Debug)]
 struct Case {
-    /// funcs[0] is main (between prologue and epilogue).
+    /// funcs[0] is main (between prologue and epilogue); with `callback`, the last one is a
+    /// `bpf_loop` callback (never called directly).
     funcs: Vec<Vec<Unit>>,
+    callback: bool,
+    /// The data register whose low bit the callback returns (1 stops `bpf_loop`).
+    callback_ret: u8,
     /// Per subprogram: values written into r6–r9 right before its `exit` (the caller must
     /// get its own back).
     scramble: Vec<Vec<(u8, i32)>>,
@@ -188,96 +96,18 @@ struct Gen<'a> {
     rng: &'a mut Rng,
     checked: bool,
     func: usize,
-    nfuncs: usize,
+    /// Functions that units may call (the callback, if any, comes after them).
+    callable: usize,
+    /// The callback's function index.
+    callback: Option<usize>,
 }
 
 const DATA: [u8; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
 
-fn alu(width: Width, op: AluOp, dst: u8, src: Src) -> Op {
-    Op::Alu {
-        width,
-        op,
-        dst,
-        src,
-    }
-}
-
-fn mov64(dst: u8, src: u8) -> Op {
-    alu(Width::W64, AluOp::Mov, dst, Src::Reg(src))
-}
-
-fn lddw(dst: u8, v: u64) -> Op {
-    Op::LdImm64 {
-        dst,
-        kind: LdImmKind::Imm64,
-        lo: v as u32 as i32,
-        hi: (v >> 32) as u32 as i32,
-    }
-}
-
 impl Gen<'_> {
-    fn width(&mut self) -> Width {
-        if self.rng.percent(50) {
-            Width::W64
-        } else {
-            Width::W32
-        }
-    }
-
-    fn src(&mut self) -> Src {
-        if self.rng.percent(45) {
-            Src::Reg(self.rng.pick(&DATA))
-        } else {
-            Src::Imm(self.rng.imm32())
-        }
-    }
-
     /// One ALU-class instruction writing one of `dsts`.
     fn alu_op(&mut self, dsts: &[u8]) -> Op {
-        let dst = self.rng.pick(dsts);
-        match self.rng.below(20) {
-            0 => Op::Neg {
-                width: self.width(),
-                dst,
-            },
-            1 => {
-                let width = self.width();
-                let bits = match width {
-                    Width::W64 => self.rng.pick(&[8, 16, 32]),
-                    Width::W32 => self.rng.pick(&[8, 16]),
-                };
-                Op::MovSx {
-                    width,
-                    dst,
-                    src: self.rng.pick(&DATA),
-                    bits,
-                }
-            }
-            2 => Op::Endian {
-                kind: self.rng.pick(&[Endian::Le, Endian::Be, Endian::Swap]),
-                bits: self.rng.pick(&[16, 32, 64]),
-                dst,
-            },
-            _ => {
-                let op = self.rng.pick(&[
-                    AluOp::Add,
-                    AluOp::Sub,
-                    AluOp::Mul,
-                    AluOp::Div,
-                    AluOp::SDiv,
-                    AluOp::Or,
-                    AluOp::And,
-                    AluOp::Lsh,
-                    AluOp::Rsh,
-                    AluOp::Mod,
-                    AluOp::SMod,
-                    AluOp::Xor,
-                    AluOp::Mov,
-                    AluOp::Arsh,
-                ]);
-                alu(self.width(), op, dst, self.src())
-            }
-        }
+        alu_op(self.rng, dsts, &DATA)
     }
 
     fn size(&mut self) -> Size {
@@ -437,22 +267,12 @@ impl Gen<'_> {
         self.forget_pointer(base, code);
     }
 
-    fn loop_unit(&mut self, code: &mut Vec<Op>) {
+    fn loop_unit(&mut self, code: &mut Vec<Insn>) {
         let n = self.rng.range(1, 5) as i32;
-        code.push(alu(Width::W64, AluOp::Mov, 8, Src::Imm(n)));
-        let body = self.rng.range(1, 4) as usize;
-        for _ in 0..body {
-            let op = self.alu_op(&[0, 1, 2, 3, 4, 5, 6, 7]);
-            code.push(op);
-        }
-        code.push(alu(Width::W64, AluOp::Sub, 8, Src::Imm(1)));
-        code.push(Op::Jmp {
-            width: Width::W64,
-            cond: JmpCond::Ne,
-            dst: 8,
-            src: Src::Imm(0),
-            off: -(body as i16 + 2),
-        });
+        let body: Vec<Insn> = (0..self.rng.range(1, 4))
+            .flat_map(|_| encode(&self.alu_op(&[0, 1, 2, 3, 4, 5, 6, 7])))
+            .collect();
+        code.extend(counted_loop(8, n, &body));
     }
 
     /// Sets r1–r5 for a helper call of `id`.
@@ -546,64 +366,73 @@ impl Gen<'_> {
         self.reset_args(code);
     }
 
+    /// A `bpf_loop` of the callback: 0–4 loops over the block (r3 = r9, so the callback's r2
+    /// is the block), now and then too many loops or non-zero flags (errors, no call).
+    fn callback_unit(&mut self, func: usize) -> Unit {
+        let loops = if self.rng.percent(5) {
+            1 << 24
+        } else {
+            self.rng.range(0, 4) as i32
+        };
+        let flags = i32::from(self.rng.percent(5));
+        let before = [mov_imm(1, loops), mov64(3, BASE), mov_imm(4, flags)]
+            .iter()
+            .flat_map(encode)
+            .collect();
+        let mut after = Vec::new();
+        self.reset_args(&mut after);
+        Unit::Callback {
+            func,
+            before,
+            after: after.iter().flat_map(encode).collect(),
+        }
+    }
+
     fn units(&mut self, n: usize) -> Vec<Unit> {
+        let in_callback = self.callback == Some(self.func);
         let mut units = Vec::with_capacity(n);
         for i in 0..n {
+            let mut ops = Vec::new();
             let mut code = Vec::new();
             match self.rng.below(100) {
                 0..=34 => {
                     for _ in 0..self.rng.range(1, 3) {
                         let op = self.alu_op(&DATA);
-                        code.push(op);
+                        ops.push(op);
                     }
                 }
-                35..=37 => code.push(lddw(self.rng.pick(&DATA), self.rng.value64())),
-                38..=55 => self.load_store(&mut code),
-                56..=63 => self.atomic(&mut code),
+                35..=37 => ops.push(lddw(self.rng.pick(&DATA), self.rng.value64())),
+                38..=55 => self.load_store(&mut ops),
+                56..=63 => self.atomic(&mut ops),
                 64..=77 => {
                     let target = self.rng.range(i as i64 + 1, n as i64) as usize;
-                    let op = if self.rng.percent(15) {
-                        Op::Ja { off: 0 }
-                    } else {
-                        let width = self.width();
-                        Op::Jmp {
-                            width,
-                            cond: self.rng.pick(&[
-                                JmpCond::Eq,
-                                JmpCond::Gt,
-                                JmpCond::Ge,
-                                JmpCond::Set,
-                                JmpCond::Ne,
-                                JmpCond::Sgt,
-                                JmpCond::Sge,
-                                JmpCond::Lt,
-                                JmpCond::Le,
-                                JmpCond::Slt,
-                                JmpCond::Sle,
-                            ]),
-                            dst: self.rng.pick(&DATA),
-                            src: self.src(),
-                            off: 0,
-                        }
-                    };
-                    units.push(Unit::Jump { op, target });
+                    let insn = jump_insn(self.rng, &DATA);
+                    units.push(Unit::Jump { insn, target });
                     continue;
                 }
                 78..=81 => self.loop_unit(&mut code),
-                82..=89 => self.helper_call(&mut code),
-                90..=93 => self.callx(&mut code),
+                82..=89 => self.helper_call(&mut ops),
+                90..=93 => self.callx(&mut ops),
+                94..=96 if !in_callback && self.callback.is_some() => {
+                    let f = self.callback.unwrap_or_default();
+                    units.push(self.callback_unit(f));
+                    continue;
+                }
                 _ => {
-                    if self.func + 1 < self.nfuncs {
-                        let func = self.rng.range(self.func as i64 + 1, self.nfuncs as i64 - 1);
+                    if self.func + 1 < self.callable {
+                        let func = self
+                            .rng
+                            .range(self.func as i64 + 1, self.callable as i64 - 1);
                         units.push(Unit::Call {
                             func: func as usize,
                         });
                         continue;
                     }
                     let op = self.alu_op(&DATA);
-                    code.push(op);
+                    ops.push(op);
                 }
             }
+            code.extend(ops.iter().flat_map(encode));
             units.push(Unit::Code(code));
         }
         units
@@ -612,7 +441,9 @@ impl Gen<'_> {
 
 fn generate(seed: u64, case: u64, checked: bool) -> Case {
     let mut rng = Rng::for_case(seed, case);
-    let nfuncs = 1 + rng.below(4) as usize;
+    let callable = 1 + rng.below(4) as usize;
+    let callback = rng.percent(30).then_some(callable);
+    let nfuncs = callable + usize::from(callback.is_some());
     let mut funcs = Vec::new();
     for func in 0..nfuncs {
         let n = if func == 0 {
@@ -624,7 +455,8 @@ fn generate(seed: u64, case: u64, checked: bool) -> Case {
             rng: &mut rng,
             checked,
             func,
-            nfuncs,
+            callable,
+            callback,
         };
         funcs.push(g.units(n));
     }
@@ -646,21 +478,11 @@ fn generate(seed: u64, case: u64, checked: bool) -> Case {
     }
     Case {
         funcs,
+        callback: callback.is_some(),
+        callback_ret: rng.pick(&DATA),
         scramble,
         init,
         mem,
-    }
-}
-
-fn slots(op: &Op) -> usize {
-    op.slots()
-}
-
-fn unit_len(u: &Unit) -> usize {
-    match u {
-        Unit::Code(ops) => ops.iter().map(slots).sum(),
-        Unit::Jump { op, .. } => slots(op),
-        Unit::Call { .. } => 1,
     }
 }
 
@@ -695,78 +517,42 @@ fn layout(c: &Case) -> Vec<Insn> {
         });
     }
     epilogue.push(Op::Exit);
-    let head: usize = prologue.iter().map(slots).sum();
-    // Unit starts per function, and function starts.
-    let mut starts: Vec<Vec<usize>> = Vec::new();
-    let mut func_start = Vec::new();
-    let mut pos = head;
-    for (fi, units) in c.funcs.iter().enumerate() {
-        if fi > 0 {
-            func_start.push(pos);
-        } else {
-            func_start.push(0);
-        }
-        let mut s = Vec::new();
-        for u in units {
-            s.push(pos);
-            pos += unit_len(u);
-        }
-        s.push(pos); // the end: epilogue (main) or exit
-        pos += if fi == 0 {
-            epilogue.iter().map(slots).sum()
-        } else {
-            1 + c.scramble[fi].len()
-        };
-        starts.push(s);
+    let n = c.funcs.len();
+    let mut heads = vec![Vec::new(); n];
+    let mut tails: Vec<Vec<Insn>> = (0..n)
+        .map(|f| {
+            c.scramble[f]
+                .iter()
+                .map(|&(r, v)| mov_imm(r, v))
+                .chain([Op::Exit])
+                .flat_map(|op| encode(&op))
+                .collect()
+        })
+        .collect();
+    if c.callback {
+        // The callback gets the block as its context (r2): r9 as everywhere else, r2 a
+        // constant (no address in data); it returns the low bit of a data register.
+        heads[n - 1] = [mov64(BASE, 2), mov_imm(2, 0x1234)]
+            .iter()
+            .flat_map(encode)
+            .collect();
+        let ret = [
+            mov64(0, c.callback_ret),
+            alu(Width::W64, AluOp::And, 0, Src::Imm(1)),
+        ];
+        let last = tails[n - 1].len() - 1;
+        tails[n - 1].splice(last..last, ret.iter().flat_map(encode));
     }
-    let mut out: Vec<Insn> = prologue.iter().flat_map(encode).collect();
-    for (fi, units) in c.funcs.iter().enumerate() {
-        for (ui, u) in units.iter().enumerate() {
-            let here = starts[fi][ui];
-            match u {
-                Unit::Code(ops) => out.extend(ops.iter().flat_map(encode)),
-                Unit::Jump { op, target } => {
-                    let rel = starts[fi][*target] as i64 - here as i64 - 1;
-                    let op = match *op {
-                        Op::Ja { .. } => Op::Ja { off: rel as i32 },
-                        Op::Jmp {
-                            width,
-                            cond,
-                            dst,
-                            src,
-                            ..
-                        } => Op::Jmp {
-                            width,
-                            cond,
-                            dst,
-                            src,
-                            off: rel as i16,
-                        },
-                        other => other,
-                    };
-                    let mut enc = encode(&op);
-                    // Exercise `gotol` (JA32) as well as `ja`.
-                    if matches!(op, Op::Ja { .. }) && here.is_multiple_of(2) {
-                        enc = vec![Insn::new(0x06, 0, 0, 0, rel as i32)];
-                    }
-                    out.extend(enc);
-                }
-                Unit::Call { func } => {
-                    let rel = func_start[*func] as i64 - here as i64 - 1;
-                    out.extend(encode(&Op::CallLocal { off: rel as i32 }));
-                }
-            }
-        }
-        if fi == 0 {
-            out.extend(epilogue.iter().flat_map(encode));
-        } else {
-            for &(r, v) in &c.scramble[fi] {
-                out.extend(encode(&alu(Width::W64, AluOp::Mov, r, Src::Imm(v))));
-            }
-            out.extend(encode(&Op::Exit));
-        }
-    }
-    out
+    let flat = |ops: &[Op]| -> Vec<Insn> { ops.iter().flat_map(encode).collect() };
+    programs::layout(
+        &c.funcs,
+        &Frame {
+            prologue: &flat(&prologue),
+            epilogue: &flat(&epilogue),
+            heads: &heads,
+            tails: &tails,
+        },
+    )
 }
 
 // ---- helpers ---------------------------------------------------------------------------------
@@ -847,7 +633,8 @@ fn helpers() -> HelperRegistry {
         .register_stopping(3, "fault", h_fault)
         .register(4, "grant", h_grant)
         .register(6, "read", h_read)
-        .register(7, "write", h_write);
+        .register(7, "write", h_write)
+        .register_calling_back(BPF_LOOP, "bpf_loop", bpf_loop);
     h
 }
 
@@ -956,11 +743,12 @@ fn run_cases(checked: bool, first: u64, count: u64) {
     let mut runner = Runner::new();
     let opts = JitOptions { checked };
     let start = Instant::now();
-    let (mut traps, mut stops, mut insns) = (0u64, 0u64, 0usize);
+    let (mut traps, mut stops, mut insns, mut callbacks) = (0u64, 0u64, 0usize, 0u64);
     for case in first..first + count {
         let c = generate(seed, case, checked);
         let prog_insns = layout(&c);
         insns += prog_insns.len();
+        callbacks += u64::from(c.callback);
         let text = || {
             format!(
                 "seed {seed:#x} case {case} (checked: {checked}); rerun with \
@@ -1020,7 +808,7 @@ fn run_cases(checked: bool, first: u64, count: u64) {
     }
     println!(
         "aarch64 differential (checked: {checked}, cases {first}..{}): {count} programs \
-         ({insns} slots), \
+         ({insns} slots, {callbacks} with a callback), \
          {traps} traps, ~{stops} early stops, 0 mismatches in {:?} (seed {seed:#x})",
         first + count,
         start.elapsed()

@@ -19,17 +19,23 @@
 //! (traps in checked mode), helper calls (logging, stopping, faulting, reading/writing guest
 //! memory, granting a buffer), `callx` (known and unknown ids), bpf-to-bpf calls to later
 //! functions, forward `ja`/`ja32`/conditional jumps (JMP and JMP32, imm and reg), early exits and
-//! bounded loops (counter in r8, backward `jne`). Data registers are r0–r7; pointers to the
+//! bounded loops (counter in r8, backward `jne`), and `bpf_loop` calls of a callback function
+//! (`lddw r2, func f`; the callback's context is the block). The generator's core is
+//! `bpftime_testkit::programs`, shared with the other differential tests. Data registers are
+//! r0–r7; pointers to the
 //! block or the stack never reach them, so both engines must produce identical bytes. After a
 //! helper call r1–r5 are reset to constants (the JIT clobbers them, as the kernel does).
 
 #![cfg(target_arch = "x86_64")]
 
 use bpftime_jit::{JitOptions, JitProgram};
+use bpftime_testkit::programs::{
+    self, Frame, Rng, Unit, alu, alu_op, counted_loop, jump_insn, lddw, mov_imm, mov64,
+};
 use bpftime_vm::disasm::disassemble;
-use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion};
+use bpftime_vm::helper::{BPF_LOOP, CallEnv, HelperRegistry, MemRegion, bpf_loop};
 use bpftime_vm::interpreter::{Interpreter, Trap, TrapKind};
-use bpftime_vm::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Op, Size, Src, Width, encode};
+use bpftime_vm::isa::{AluOp, AtomicOp, Insn, Op, Size, Src, Width, encode};
 use bpftime_vm::memory::{GuestMemory, MAX_FRAMES};
 use bpftime_vm::opcode::*;
 use bpftime_vm::verifier::verify;
@@ -146,122 +152,35 @@ fn helpers() -> HelperRegistry {
         .register_stopping(H_FAULT, "fault", h_fault)
         .register(H_READ, "read", h_read)
         .register(H_WRITE, "write", h_write)
-        .register(H_LOOKUP, "lookup", h_lookup);
+        .register(H_LOOKUP, "lookup", h_lookup)
+        .register_calling_back(BPF_LOOP, "bpf_loop", bpf_loop);
     h
 }
 
 // ---------------------------------------------------------------------------------------------
 // Generator.
 
-#[derive(Clone, Debug)]
-struct Rng(u64);
+/// The data registers.
+const DATA: [u8; DATA_REGS as usize] = [0, 1, 2, 3, 4, 5, 6, 7];
 
-impl Rng {
-    fn for_case(seed: u64, case: u64) -> Self {
-        let mut r = Rng(seed ^ case.wrapping_mul(0xa076_1d64_78bd_642f));
-        r.next();
-        r
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-    fn value64(&mut self) -> u64 {
-        match self.below(8) {
-            0 => self.pick(&[
-                0,
-                1,
-                u64::MAX,
-                i64::MIN as u64,
-                i64::MAX as u64,
-                u64::from(u32::MAX),
-                0x8000_0000,
-                0xffff_ffff_8000_0000,
-                0x1_0000_0000,
-                0x7fff_ffff,
-                0xffff_ffff_0000_0000,
-                32,
-                64,
-            ]),
-            1 => self.below(256),
-            2 => self.range(-128, 127) as u64,
-            3 => u64::from(self.next() as u32),
-            4 => self.next() as i32 as i64 as u64,
-            _ => self.next(),
-        }
-    }
-    fn imm32(&mut self) -> i32 {
-        match self.below(6) {
-            0 => self.pick(&[
-                0,
-                1,
-                -1,
-                2,
-                i32::MIN,
-                i32::MAX,
-                0x7fff,
-                -0x8000,
-                0xffff,
-                64,
-                32,
-                8,
-                16,
-            ]),
-            1 | 2 => self.range(-8, 63) as i32,
-            _ => self.next() as i32,
-        }
-    }
-    fn data_reg(&mut self) -> u8 {
-        self.below(u64::from(DATA_REGS)) as u8
-    }
-    fn width(&mut self) -> Width {
-        if self.percent(50) {
-            Width::W64
-        } else {
-            Width::W32
-        }
-    }
-    fn size(&mut self) -> Size {
-        self.pick(&[Size::B, Size::H, Size::W, Size::DW])
-    }
-}
-
-#[derive(Clone, Debug)]
-enum Unit {
-    /// Straight-line code.
-    Code(Vec<Insn>),
-    /// A forward jump to unit `target` of the same function (`== len`: its end).
-    Jump { insn: Insn, target: usize },
-    /// A bpf-to-bpf call of function `func` (always a later one).
-    Call { func: usize },
-    /// `count` iterations of straight-line `body`, counted in r8.
-    Loop { count: i32, body: Vec<Insn> },
+fn data_reg(rng: &mut Rng) -> u8 {
+    rng.pick(&DATA)
 }
 
 #[derive(Clone, Debug)]
 struct Case {
     init: [u64; SCRATCH as usize + 1],
+    /// funcs[0] is main; with `callback`, the last one is a `bpf_loop` callback (never called
+    /// directly).
     funcs: Vec<Vec<Unit>>,
+    callback: bool,
     mem: Vec<u8>,
     readonly: bool,
     /// Whether the epilogue stores r3 (when not, and nothing else reads r3, the JIT may use
     /// rdx as scratch).
     dump_r3: bool,
+    /// The data register whose low bit a callback returns (1 stops `bpf_loop`).
+    callback_ret: u8,
 }
 
 fn one(op: Op) -> Vec<Insn> {
@@ -271,88 +190,12 @@ fn one(op: Op) -> Vec<Insn> {
 /// Resets r1–r5 after a helper call (the JIT clobbers them).
 fn reset_args(rng: &mut Rng, out: &mut Vec<Insn>) {
     for r in 1..=5u8 {
-        out.extend(encode(&Op::Alu {
-            width: Width::W64,
-            op: AluOp::Mov,
-            dst: r,
-            src: Src::Imm(rng.imm32()),
-        }));
+        out.extend(encode(&mov_imm(r, rng.imm32())));
     }
 }
 
 fn gen_alu(rng: &mut Rng) -> Vec<Insn> {
-    let dst = rng.data_reg();
-    match rng.below(20) {
-        0 => one(Op::Neg {
-            width: rng.width(),
-            dst,
-        }),
-        1 => {
-            let width = rng.width();
-            let bits = match width {
-                Width::W32 => rng.pick(&[8, 16]),
-                Width::W64 => rng.pick(&[8, 16, 32]),
-            };
-            one(Op::MovSx {
-                width,
-                dst,
-                src: rng.data_reg(),
-                bits,
-            })
-        }
-        2 => one(Op::Endian {
-            kind: rng.pick(&[Endian::Le, Endian::Be, Endian::Swap]),
-            bits: rng.pick(&[16, 32, 64]),
-            dst,
-        }),
-        3 => {
-            let v = rng.value64();
-            one(Op::LdImm64 {
-                dst,
-                kind: bpftime_vm::isa::LdImmKind::Imm64,
-                lo: v as u32 as i32,
-                hi: (v >> 32) as u32 as i32,
-            })
-        }
-        _ => {
-            let op = rng.pick(&[
-                AluOp::Add,
-                AluOp::Sub,
-                AluOp::Mul,
-                AluOp::Div,
-                AluOp::SDiv,
-                AluOp::Or,
-                AluOp::And,
-                AluOp::Lsh,
-                AluOp::Rsh,
-                AluOp::Mod,
-                AluOp::SMod,
-                AluOp::Xor,
-                AluOp::Mov,
-                AluOp::Arsh,
-            ]);
-            let width = rng.width();
-            let src = if rng.percent(50) {
-                Src::Reg(rng.data_reg())
-            } else {
-                Src::Imm(match op {
-                    AluOp::Lsh | AluOp::Rsh | AluOp::Arsh if rng.percent(80) => {
-                        rng.below(64) as i32
-                    }
-                    AluOp::Div | AluOp::Mod if rng.percent(30) => {
-                        rng.pick(&[1, 2, 4, 8, 64, 1 << 20, i32::MIN, 3, 10])
-                    }
-                    _ => rng.imm32(),
-                })
-            };
-            one(Op::Alu {
-                width,
-                op,
-                dst,
-                src,
-            })
-        }
-    }
+    one(alu_op(rng, &DATA, &DATA))
 }
 
 /// A base and an in-bounds offset for `len` bytes; `r8_ok`: r8 may be set to a stack pointer.
@@ -362,12 +205,7 @@ fn address(rng: &mut Rng, len: i64, r8_ok: bool, out: &mut Vec<Insn>) -> (u8, i1
         4..=7 => (BASE, rng.range(0, MEM_DATA as i64 - len) as i16),
         _ if r8_ok => {
             let k = rng.range(1, 8) * 8;
-            out.extend(encode(&Op::Alu {
-                width: Width::W64,
-                op: AluOp::Mov,
-                dst: SCRATCH,
-                src: Src::Reg(10),
-            }));
+            out.extend(encode(&mov64(SCRATCH, 10)));
             out.extend(encode(&Op::Alu {
                 width: Width::W64,
                 op: AluOp::Add,
@@ -384,7 +222,7 @@ fn address(rng: &mut Rng, len: i64, r8_ok: bool, out: &mut Vec<Insn>) -> (u8, i1
 /// An address that is (almost surely) outside every region.
 fn bad_address(rng: &mut Rng) -> (u8, i16) {
     match rng.below(3) {
-        0 => (rng.data_reg(), rng.next() as i16),
+        0 => (data_reg(rng), rng.next() as i16),
         1 => (
             BASE,
             rng.range(MEM_LEN as i64 - 7, MEM_LEN as i64 + 300) as i16,
@@ -406,7 +244,7 @@ fn gen_mem(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
         0 => Op::Load {
             size,
             signed: size != Size::DW && rng.percent(30),
-            dst: rng.data_reg(),
+            dst: data_reg(rng),
             src: base,
             off,
         },
@@ -414,7 +252,7 @@ fn gen_mem(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
             size,
             dst: base,
             off,
-            src: Src::Reg(rng.data_reg()),
+            src: Src::Reg(data_reg(rng)),
         },
         _ => Op::Store {
             size,
@@ -458,7 +296,7 @@ fn gen_atomic(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
         op,
         fetch,
         dst: base,
-        src: rng.data_reg(),
+        src: data_reg(rng),
         off,
     }));
     out
@@ -475,7 +313,7 @@ fn gen_helper_call(rng: &mut Rng) -> Vec<Insn> {
             0 => Op::Load {
                 size: Size::DW,
                 signed: false,
-                dst: rng.data_reg(),
+                dst: data_reg(rng),
                 src: 0,
                 off: k,
             },
@@ -512,12 +350,7 @@ fn gen_callx(rng: &mut Rng) -> Vec<Insn> {
     } else {
         u64::from(rng.pick(&HELPER_IDS))
     };
-    let mut out = encode(&Op::LdImm64 {
-        dst: SCRATCH,
-        kind: bpftime_vm::isa::LdImmKind::Imm64,
-        lo: id as u32 as i32,
-        hi: (id >> 32) as u32 as i32,
-    });
+    let mut out = encode(&lddw(SCRATCH, id));
     out.extend(encode(&Op::Callx { reg: SCRATCH }));
     reset_args(rng, &mut out);
     out
@@ -536,59 +369,59 @@ fn gen_code(rng: &mut Rng, r8_ok: bool) -> Vec<Insn> {
 }
 
 fn gen_jump(rng: &mut Rng) -> Insn {
-    const CONDS: [JmpCond; 11] = [
-        JmpCond::Eq,
-        JmpCond::Gt,
-        JmpCond::Ge,
-        JmpCond::Set,
-        JmpCond::Ne,
-        JmpCond::Sgt,
-        JmpCond::Sge,
-        JmpCond::Lt,
-        JmpCond::Le,
-        JmpCond::Slt,
-        JmpCond::Sle,
-    ];
-    match rng.below(10) {
-        0 => Insn::new(JA, 0, 0, 0, 0),
-        1 => Insn::new(JA32, 0, 0, 0, 0),
-        _ => {
-            let src = if rng.percent(50) {
-                Src::Reg(rng.data_reg())
-            } else {
-                Src::Imm(rng.imm32())
-            };
-            encode(&Op::Jmp {
-                width: rng.width(),
-                cond: rng.pick(&CONDS),
-                dst: rng.data_reg(),
-                src,
-                off: 0,
-            })[0]
-        }
+    jump_insn(rng, &DATA)
+}
+
+/// A `bpf_loop` of the case's callback: 0–4 loops over the block (r3 = r9, so the callback's
+/// r2 is the block), now and then too many loops or non-zero flags (errors, no call).
+fn gen_callback(rng: &mut Rng, func: usize) -> Unit {
+    let loops = if rng.percent(5) {
+        1 << 24
+    } else {
+        rng.range(0, 4) as i32
+    };
+    let mut before = encode(&mov_imm(1, loops));
+    before.extend(encode(&mov64(3, BASE)));
+    before.extend(encode(&mov_imm(4, i32::from(rng.percent(5)))));
+    let mut after = Vec::new();
+    reset_args(rng, &mut after);
+    Unit::Callback {
+        func,
+        before,
+        after,
     }
 }
 
-fn gen_unit(rng: &mut Rng, func: usize, nfuncs: usize, index: usize, len: usize) -> Unit {
+/// Units of function `func`: `callable` functions may be called (the callback, if any, comes
+/// after them), `callback` is the callback's index.
+fn gen_unit(
+    rng: &mut Rng,
+    func: usize,
+    callable: usize,
+    callback: Option<usize>,
+    index: usize,
+    len: usize,
+) -> Unit {
+    let in_callback = callback == Some(func);
     match rng.below(100) {
         0..=71 => Unit::Code(gen_code(rng, true)),
         72..=83 => Unit::Jump {
             insn: gen_jump(rng),
             target: index + 1 + rng.below((len - index) as u64) as usize,
         },
-        84..=88 if func + 1 < nfuncs => Unit::Call {
-            func: rng.range(func as i64 + 1, nfuncs as i64 - 1) as usize,
+        84..=88 if func + 1 < callable => Unit::Call {
+            func: rng.range(func as i64 + 1, callable as i64 - 1) as usize,
         },
         89..=94 => {
-            let body = (0..rng.range(1, 4))
+            let body: Vec<Insn> = (0..rng.range(1, 4))
                 .flat_map(|_| gen_code(rng, false))
                 .collect();
-            Unit::Loop {
-                count: rng.range(1, 5) as i32,
-                body,
-            }
+            Unit::Code(counted_loop(SCRATCH, rng.range(1, 5) as i32, &body))
         }
         95 | 96 => Unit::Code(vec![Insn::new(EXIT, 0, 0, 0, 0)]),
+        97..=99 if !in_callback && callback.is_some() => {
+            gen_callback(rng, callback.unwrap_or_default())
+        }
         _ => Unit::Code(gen_code(rng, true)),
     }
 }
@@ -598,7 +431,9 @@ fn gen_case(rng: &mut Rng) -> Case {
     for v in &mut init {
         *v = rng.value64();
     }
-    let nfuncs = 1 + rng.below(4) as usize;
+    let callable = 1 + rng.below(4) as usize;
+    let callback = rng.percent(30).then_some(callable);
+    let nfuncs = callable + usize::from(callback.is_some());
     let funcs = (0..nfuncs)
         .map(|f| {
             let len = if f == 0 {
@@ -606,7 +441,9 @@ fn gen_case(rng: &mut Rng) -> Case {
             } else {
                 1 + rng.below(8) as usize
             };
-            (0..len).map(|i| gen_unit(rng, f, nfuncs, i, len)).collect()
+            (0..len)
+                .map(|i| gen_unit(rng, f, callable, callback, i, len))
+                .collect()
         })
         .collect();
     let mut mem = vec![0u8; MEM_LEN];
@@ -616,30 +453,19 @@ fn gen_case(rng: &mut Rng) -> Case {
     Case {
         init,
         funcs,
+        callback: callback.is_some(),
         mem,
         readonly: rng.percent(5),
         dump_r3: rng.percent(70),
-    }
-}
-
-fn unit_len(u: &Unit) -> usize {
-    match u {
-        Unit::Code(c) => c.len(),
-        Unit::Jump { .. } | Unit::Call { .. } => 1,
-        Unit::Loop { body, .. } => body.len() + 3,
+        callback_ret: data_reg(rng),
     }
 }
 
 /// Lays out all functions, resolving jump and call targets.
 fn layout(case: &Case) -> Vec<Insn> {
-    let mut prologue = vec![Insn::new(BPF_ALU64 | BPF_MOV | BPF_X, BASE, 1, 0, 0)];
+    let mut prologue = encode(&mov64(BASE, 1));
     for (r, &v) in case.init.iter().enumerate() {
-        prologue.extend(encode(&Op::LdImm64 {
-            dst: r as u8,
-            kind: bpftime_vm::isa::LdImmKind::Imm64,
-            lo: v as u32 as i32,
-            hi: (v >> 32) as u32 as i32,
-        }));
+        prologue.extend(encode(&lddw(r as u8, v)));
     }
     let mut epilogue = Vec::new();
     for r in (0..DATA_REGS).filter(|&r| r != 3 || case.dump_r3) {
@@ -653,73 +479,30 @@ fn layout(case: &Case) -> Vec<Insn> {
         epilogue.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, SCRATCH, to, 0));
     }
     epilogue.push(Insn::new(EXIT, 0, 0, 0, 0));
-    let exit = [Insn::new(EXIT, 0, 0, 0, 0)];
-
-    // Pass 1: unit starts per function.
-    let mut starts: Vec<Vec<usize>> = Vec::new();
-    let mut func_start = Vec::new();
-    let mut pc = 0;
-    for (f, units) in case.funcs.iter().enumerate() {
-        func_start.push(pc);
-        if f == 0 {
-            pc += prologue.len();
-        }
-        let mut s = Vec::new();
-        for u in units {
-            s.push(pc);
-            pc += unit_len(u);
-        }
-        s.push(pc);
-        pc += if f == 0 { epilogue.len() } else { 1 };
-        starts.push(s);
+    let n = case.funcs.len();
+    let mut heads = vec![Vec::new(); n];
+    let mut tails = vec![vec![Insn::new(EXIT, 0, 0, 0, 0)]; n];
+    if case.callback {
+        // The callback gets the block as its context (r2): r9 as everywhere else, and r2 a
+        // constant (no pointer in a data register); it returns the low bit of a data register
+        // (1 stops the loop).
+        heads[n - 1] = [encode(&mov64(BASE, 2)), encode(&mov_imm(2, 0x1234))].concat();
+        tails[n - 1] = [
+            encode(&mov64(0, case.callback_ret)),
+            encode(&alu(Width::W64, AluOp::And, 0, Src::Imm(1))),
+            vec![Insn::new(EXIT, 0, 0, 0, 0)],
+        ]
+        .concat();
     }
-    // Pass 2: emit.
-    let mut insns = Vec::with_capacity(pc);
-    for (f, units) in case.funcs.iter().enumerate() {
-        if f == 0 {
-            insns.extend_from_slice(&prologue);
-        }
-        for (i, u) in units.iter().enumerate() {
-            let here = insns.len() as i64;
-            match u {
-                Unit::Code(c) => insns.extend_from_slice(c),
-                Unit::Jump { insn, target } => {
-                    let off = starts[f][*target] as i64 - (here + 1);
-                    if insn.code == JA32 {
-                        insns.push(Insn {
-                            imm: off as i32,
-                            ..*insn
-                        });
-                    } else {
-                        insns.push(Insn {
-                            off: i16::try_from(off).expect("programs are short"),
-                            ..*insn
-                        });
-                    }
-                }
-                Unit::Call { func } => {
-                    let off = func_start[*func] as i64 - (here + 1);
-                    insns.push(encode(&Op::CallLocal { off: off as i32 })[0]);
-                }
-                Unit::Loop { count, body } => {
-                    insns.push(Insn::new(
-                        BPF_ALU64 | BPF_MOV | BPF_K,
-                        SCRATCH,
-                        0,
-                        0,
-                        *count,
-                    ));
-                    insns.extend_from_slice(body);
-                    insns.push(Insn::new(BPF_ALU64 | BPF_ADD | BPF_K, SCRATCH, 0, 0, -1));
-                    let back = -(body.len() as i16 + 2);
-                    insns.push(Insn::new(BPF_JMP | BPF_JNE | BPF_K, SCRATCH, 0, back, 0));
-                }
-            }
-            debug_assert_eq!(insns.len(), starts[f][i] + unit_len(u));
-        }
-        insns.extend_from_slice(if f == 0 { &epilogue } else { &exit });
-    }
-    insns
+    programs::layout(
+        &case.funcs,
+        &Frame {
+            prologue: &prologue,
+            epilogue: &epilogue,
+            heads: &heads,
+            tails: &tails,
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -847,6 +630,8 @@ struct Stats {
     unchecked_runs: u64,
     helper_calls: u64,
     slots: u64,
+    /// Programs with a `bpf_loop` callback.
+    callbacks: u64,
 }
 
 /// The fields of two runs that differ, interpreter first.
@@ -893,6 +678,11 @@ fn compare(case: &Case, helpers: &HelperRegistry, stats: Option<&mut Stats>) -> 
     }
     if let Some(s) = stats {
         s.slots += insns.len() as u64;
+        s.callbacks += u64::from(
+            insns
+                .iter()
+                .any(|i| i.code == LDDW && i.src == BPF_PSEUDO_FUNC),
+        );
         s.helper_calls += reference.log.len() as u64;
         s.unchecked_runs += u64::from(run_unchecked);
         match &reference.outcome {
@@ -906,28 +696,13 @@ fn compare(case: &Case, helpers: &HelperRegistry, stats: Option<&mut Stats>) -> 
     Ok(())
 }
 
-/// Removes units (last function first) while the disagreement persists.
-fn shrink(mut case: Case, helpers: &HelperRegistry) -> Case {
-    for f in (0..case.funcs.len()).rev() {
-        let mut i = 0;
-        while i < case.funcs[f].len() {
-            let mut smaller = case.clone();
-            smaller.funcs[f].remove(i);
-            for u in &mut smaller.funcs[f] {
-                if let Unit::Jump { target, .. } = u
-                    && *target > i
-                {
-                    *target -= 1;
-                }
-            }
-            if compare(&smaller, helpers, None).is_err() {
-                case = smaller;
-            } else {
-                i += 1;
-            }
-        }
-    }
-    case
+/// Removes units while the disagreement persists.
+fn shrink(case: Case, helpers: &HelperRegistry) -> Case {
+    programs::shrink(
+        case,
+        |c| &mut c.funcs,
+        |c| compare(c, helpers, None).is_err(),
+    )
 }
 
 fn hex(b: &[u8]) -> String {
@@ -965,9 +740,10 @@ fn jit_agrees_with_interpreter_on_generated_programs() {
         }
     }
     println!(
-        "jit differential: {n} programs ({} slots), seed {seed:#x}, {:?}: {} exits, traps {:?}, \
-         {} also unchecked, {} helper calls, zero mismatches",
+        "jit differential: {n} programs ({} slots, {} with callbacks), seed {seed:#x}, {:?}: {} \
+         exits, traps {:?}, {} also unchecked, {} helper calls, zero mismatches",
         stats.slots,
+        stats.callbacks,
         start.elapsed(),
         stats.exits,
         stats.traps,
@@ -977,6 +753,10 @@ fn jit_agrees_with_interpreter_on_generated_programs() {
     assert!(
         stats.exits * 3 > n,
         "too few programs run to exit: {stats:?}"
+    );
+    assert!(
+        stats.callbacks * 10 > n,
+        "too few programs with callbacks: {stats:?}"
     );
     for kind in ["oob", "misaligned", "UnknownHelper", "HelperFault"] {
         assert!(
@@ -1036,7 +816,7 @@ fn mutated_programs_compile_and_agree() {
             };
             match u {
                 Unit::Code(c) if calls(c) => *u = Unit::Code(Vec::new()),
-                Unit::Loop { body, .. } if calls(body) => *u = Unit::Code(Vec::new()),
+                Unit::Callback { .. } => *u = Unit::Code(Vec::new()),
                 _ => {}
             }
         }

@@ -2,9 +2,11 @@
 //!
 //! Test support shared by the VM and JIT test suites: the bpf_conformance vectors
 //! (`../shared/conformance/vectors.json` beside the checkout, or `$BPF_CONFORMANCE_DIR`),
-//! decoded once here instead of in every suite. A missing file panics: a conformance test
-//! never passes silently.
+//! decoded once here instead of in every suite (a missing file panics: a conformance test never
+//! passes silently), and the differential tests' random program generator ([`programs`]).
 #![forbid(unsafe_code)]
+
+pub mod programs;
 
 use std::path::PathBuf;
 

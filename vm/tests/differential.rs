@@ -6,6 +6,9 @@
 //!    `insns_from_bytes` → `verify` → a budgeted run and must never panic (the in-CI version
 //!    of `fuzz/fuzz_targets/loader_interpreter.rs`).
 //!
+//! The generator's core (seeded [`Rng`], units, layout, shrinking) is shared with the JIT
+//! differential tests (`bpftime_testkit::programs`); the instruction mix here is rbpf's subset.
+//!
 //! Both are seeded: the default seed is fixed; `BPFTIME_DIFF_SEED` (decimal or `0x` hex)
 //! overrides it and `BPFTIME_DIFF_CASES` changes the number of programs. A failure prints the
 //! seed, the case number and the (shrunk) program's disassembly.
@@ -37,6 +40,7 @@
 //! scratch; r10 is only ever a base address. Pointers never reach data registers, so both
 //! engines must produce identical bytes although their memory lives at different addresses.
 
+use bpftime_testkit::programs::{self, Frame, Rng, Unit};
 use bpftime_vm::disasm::disassemble;
 use bpftime_vm::helper::{HelperRegistry, conformance_helpers};
 use bpftime_vm::interpreter::Interpreter;
@@ -83,107 +87,16 @@ fn cases() -> u64 {
 }
 
 /// SplitMix64: tiny, seedable, good enough to drive a generator.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    /// The generator for case `case` of run `seed`, independent of the other cases.
-    fn for_case(seed: u64, case: u64) -> Self {
-        let mut r = Rng(seed ^ case.wrapping_mul(0xa076_1d64_78bd_642f));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    /// A 64-bit value biased towards edge cases.
-    fn value64(&mut self) -> u64 {
-        match self.below(8) {
-            0 => self.pick(&[
-                0,
-                1,
-                u64::MAX,
-                i64::MIN as u64,
-                i64::MAX as u64,
-                u64::from(u32::MAX),
-                0x8000_0000,
-                0xffff_ffff_8000_0000,
-                0x1_0000_0000,
-                0x7fff_ffff,
-                0xffff_ffff_0000_0000,
-            ]),
-            1 => self.below(256),
-            2 => self.range(-128, 127) as u64,
-            3 => u64::from(self.next() as u32),
-            4 => self.next() as i32 as i64 as u64,
-            _ => self.next(),
-        }
-    }
-
-    /// A 32-bit immediate biased towards edge cases.
-    fn imm32(&mut self) -> i32 {
-        match self.below(6) {
-            0 => self.pick(&[
-                0,
-                1,
-                -1,
-                2,
-                i32::MIN,
-                i32::MAX,
-                0x7fff,
-                -0x8000,
-                0xffff,
-                64,
-                32,
-            ]),
-            1 | 2 => self.range(-8, 63) as i32,
-            _ => self.next() as i32,
-        }
-    }
-
-    fn data_reg(&mut self) -> u8 {
-        self.below(u64::from(DATA_REGS)) as u8
-    }
-}
-
-/// A piece of the program body. Jumps name the unit they land on, so units can be removed
-/// while shrinking without breaking the layout.
-#[derive(Clone, Debug)]
-enum Unit {
-    /// Straight-line instructions (possibly with guard jumps local to the unit).
-    Code(Vec<Insn>),
-    /// A forward jump; `off` is filled in by [`layout`]. `target == units.len()` is the
-    /// epilogue.
-    Jump { insn: Insn, target: usize },
+fn data_reg(rng: &mut Rng) -> u8 {
+    rng.below(u64::from(DATA_REGS)) as u8
 }
 
 /// Everything a case needs to be run again.
 #[derive(Clone, Debug)]
 struct Case {
     init: [u64; SCRATCH as usize + 1],
-    body: Vec<Unit>,
+    /// One function: the main one's body.
+    funcs: Vec<Vec<Unit>>,
     mem: Vec<u8>,
 }
 
@@ -219,10 +132,10 @@ fn gen_alu(rng: &mut Rng) -> Vec<Insn> {
     ];
     let wide = rng.percent(50);
     let class = if wide { BPF_ALU64 } else { BPF_ALU };
-    let dst = rng.data_reg();
+    let dst = data_reg(rng);
     let op = rng.pick(&OPS);
     let src = if rng.percent(50) {
-        Some(rng.data_reg())
+        Some(data_reg(rng))
     } else {
         None
     };
@@ -255,7 +168,7 @@ fn gen_unit(rng: &mut Rng, index: usize, len: usize) -> Unit {
     let code = match roll {
         0..=39 => gen_alu(rng),
         40..=42 => {
-            let dst = rng.data_reg();
+            let dst = data_reg(rng);
             if rng.percent(50) {
                 vec![Insn::new(BPF_ALU | BPF_NEG, dst, 0, 0, 0)]
             } else {
@@ -275,19 +188,19 @@ fn gen_unit(rng: &mut Rng, index: usize, len: usize) -> Unit {
             let bits = rng.pick(&[16, 32, 64]);
             vec![Insn::new(
                 BPF_ALU | BPF_END | src,
-                rng.data_reg(),
+                data_reg(rng),
                 0,
                 0,
                 bits,
             )]
         }
-        48..=52 => lddw(rng.data_reg(), rng.value64()).to_vec(),
+        48..=52 => lddw(data_reg(rng), rng.value64()).to_vec(),
         53..=64 => {
             let (size, len) = rng.pick(&SIZES);
             let (base, off) = address(rng, len);
             vec![Insn::new(
                 BPF_LDX | BPF_MEM | size,
-                rng.data_reg(),
+                data_reg(rng),
                 base,
                 off,
                 0,
@@ -300,7 +213,7 @@ fn gen_unit(rng: &mut Rng, index: usize, len: usize) -> Unit {
                 vec![Insn::new(
                     BPF_STX | BPF_MEM | size,
                     base,
-                    rng.data_reg(),
+                    data_reg(rng),
                     off,
                     0,
                 )]
@@ -328,9 +241,9 @@ fn gen_unit(rng: &mut Rng, index: usize, len: usize) -> Unit {
                 let wide = rng.percent(50);
                 let class = if wide { BPF_JMP } else { BPF_JMP32 };
                 let cond = rng.pick(&CONDS);
-                let dst = rng.data_reg();
+                let dst = data_reg(rng);
                 if rng.percent(50) {
-                    Insn::new(class | cond | BPF_X, dst, rng.data_reg(), 0, 0)
+                    Insn::new(class | cond | BPF_X, dst, data_reg(rng), 0, 0)
                 } else {
                     let mut imm = rng.imm32();
                     let unsigned = matches!(
@@ -357,53 +270,41 @@ fn gen_case(rng: &mut Rng) -> Case {
     }
     let len = 1 + rng.below(48) as usize;
     let body = (0..len).map(|i| gen_unit(rng, i, len)).collect();
+    let funcs = vec![body];
     let mut mem = vec![0u8; MEM_LEN];
     for b in &mut mem[..MEM_DATA] {
         *b = rng.next() as u8;
     }
-    Case { init, body, mem }
+    Case { init, funcs, mem }
 }
 
 /// Lays out prologue, body and epilogue, resolving jump targets to slot offsets.
 fn layout(case: &Case) -> Vec<Insn> {
-    let mut insns = vec![Insn::new(BPF_ALU64 | BPF_MOV | BPF_X, BASE, 1, 0, 0)];
+    let mut prologue = vec![Insn::new(BPF_ALU64 | BPF_MOV | BPF_X, BASE, 1, 0, 0)];
     for (r, &v) in case.init.iter().enumerate() {
-        insns.extend(lddw(r as u8, v));
+        prologue.extend(lddw(r as u8, v));
     }
-    let mut starts = Vec::with_capacity(case.body.len() + 1);
-    let mut pc = insns.len();
-    for u in &case.body {
-        starts.push(pc);
-        pc += match u {
-            Unit::Code(c) => c.len(),
-            Unit::Jump { .. } => 1,
-        };
-    }
-    starts.push(pc);
-    for (i, u) in case.body.iter().enumerate() {
-        match u {
-            Unit::Code(c) => insns.extend_from_slice(c),
-            Unit::Jump { insn, target } => {
-                let off = starts[*target] as i64 - (starts[i] as i64 + 1);
-                insns.push(Insn {
-                    off: i16::try_from(off).expect("programs are short"),
-                    ..*insn
-                });
-            }
-        }
-    }
+    let mut epilogue = Vec::new();
     for r in 0..DATA_REGS {
         let off = (DUMP_REGS + 8 * r as usize) as i16;
-        insns.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, r, off, 0));
+        epilogue.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, r, off, 0));
     }
     for k in 0..STACK_WINDOW / 8 {
         let from = -8 * (k as i16 + 1);
         let to = (DUMP_STACK + 8 * k) as i16;
-        insns.push(Insn::new(BPF_LDX | BPF_MEM | BPF_DW, SCRATCH, 10, from, 0));
-        insns.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, SCRATCH, to, 0));
+        epilogue.push(Insn::new(BPF_LDX | BPF_MEM | BPF_DW, SCRATCH, 10, from, 0));
+        epilogue.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, BASE, SCRATCH, to, 0));
     }
-    insns.push(Insn::new(EXIT, 0, 0, 0, 0));
-    insns
+    epilogue.push(Insn::new(EXIT, 0, 0, 0, 0));
+    programs::layout(
+        &case.funcs,
+        &Frame {
+            prologue: &prologue,
+            epilogue: &epilogue,
+            heads: &[],
+            tails: &[],
+        },
+    )
 }
 
 /// Runs both engines; `Err` describes the disagreement.
@@ -436,25 +337,8 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Removes body units one at a time while the disagreement persists.
-fn shrink(mut case: Case) -> Case {
-    let mut i = 0;
-    while i < case.body.len() {
-        let mut smaller = case.clone();
-        smaller.body.remove(i);
-        for u in &mut smaller.body {
-            if let Unit::Jump { target, .. } = u
-                && *target > i
-            {
-                *target -= 1;
-            }
-        }
-        if compare(&smaller).is_err() {
-            case = smaller;
-        } else {
-            i += 1;
-        }
-    }
-    case
+fn shrink(case: Case) -> Case {
+    programs::shrink(case, |c| &mut c.funcs, |c| compare(c).is_err())
 }
 
 #[test]
@@ -474,8 +358,8 @@ fn interpreter_agrees_with_rbpf_on_random_programs() {
                  first report: {first}\n\
                  shrunk program ({} of {} body units):\n{}\n{why}\n\
                  memory block before the run: {}",
-                small.body.len(),
-                case.body.len(),
+                small.funcs[0].len(),
+                case.funcs[0].len(),
                 disassemble(&layout(&small)),
                 hex(&small.mem),
             );

@@ -85,7 +85,10 @@ fn random_switches_agree_with_the_interpreter() {
             assert_eq!(got, want, "case {case}, input {x:#x}:\n{src}");
         }
     }
-    assert!(tables > 30, "only {tables} of 400 programs used a jump table");
+    assert!(
+        tables > 30,
+        "only {tables} of 400 programs used a jump table"
+    );
 }
 
 #[test]
@@ -116,5 +119,3 @@ fn short_or_sparse_chains_stay_compare_chains() {
         assert!(!uses_indirect_jump(&jit.compiled().code), "{values:?}");
     }
 }
-
-

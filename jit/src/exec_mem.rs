@@ -175,9 +175,8 @@ impl ExecMem {
         #[cfg(target_arch = "aarch64")]
         flush_icache(ptr.as_ptr(), code.len());
         // SAFETY: exactly the page taken above.
-        let r = unsafe {
-            libc::mprotect(ptr.as_ptr().cast(), page, libc::PROT_READ | libc::PROT_EXEC)
-        };
+        let r =
+            unsafe { libc::mprotect(ptr.as_ptr().cast(), page, libc::PROT_READ | libc::PROT_EXEC) };
         if r != 0 {
             // Its protection is unknown now: leak the page rather than reuse it.
             return Err(io::Error::last_os_error());
@@ -336,7 +335,9 @@ mod tests {
         }
         drop(many);
         // Freed pages come back read-write before they hold code again.
-        let again: Vec<ExecMem> = (0..80).map(|_| ExecMem::new_near(&[0xc3], 0).unwrap()).collect();
+        let again: Vec<ExecMem> = (0..80)
+            .map(|_| ExecMem::new_near(&[0xc3], 0).unwrap())
+            .collect();
         assert!(again.iter().all(|m| m.bytes() == [0xc3]));
         // Larger code has its own mapping.
         let big = ExecMem::new_near(&vec![0xc3; 10_000], 0).unwrap();

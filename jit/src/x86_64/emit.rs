@@ -373,7 +373,11 @@ fn switch_chains(prog: &Program, label_of: &[u32]) -> Vec<(usize, Switch)> {
                 let t = usize::try_from(pc as i64 + 1 + i64::from(off)).ok()?;
                 ops.get(t).copied().flatten()?;
                 let w64 = width == Width::W64;
-                let v = if w64 { i64::from(v) } else { i64::from(v as u32) };
+                let v = if w64 {
+                    i64::from(v)
+                } else {
+                    i64::from(v as u32)
+                };
                 Some((dst, w64, v, t))
             }
             _ => None,

@@ -64,13 +64,16 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Bytes of every attr we pass (the largest we fill: `MAP_CREATE` up to `map_extra`).
 const ATTR_LEN: usize = 72;
 
-/// A raw system call; `Err(errno)` for a negative result.
+/// Issues system call `nr` with six arguments through the machine's `syscall`/`svc`
+/// instruction; returns the kernel's raw result (`-errno` on failure) without touching `errno`
+/// or going through libc (so it never re-enters an interposed `syscall` symbol). The
+/// syscall-server uses this one too.
 ///
 /// # Safety
 /// The call and its arguments must be sound for the caller to make (the kernel may write the
 /// memory the arguments point at, or change mappings).
 #[cfg(target_arch = "x86_64")]
-unsafe fn raw_syscall(nr: i64, a: [i64; 6]) -> Result<i64, i32> {
+pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
     let ret: i64;
     // SAFETY: the Linux x86_64 syscall ABI: number in rax, arguments in rdi, rsi, rdx, r10, r8,
     // r9; the instruction clobbers rcx and r11. The call's own soundness is the caller's.
@@ -89,19 +92,15 @@ unsafe fn raw_syscall(nr: i64, a: [i64; 6]) -> Result<i64, i32> {
             options(nostack),
         );
     }
-    if (-4095..0).contains(&ret) {
-        Err(-ret as i32)
-    } else {
-        Ok(ret)
-    }
+    ret
 }
 
-/// A raw system call; `Err(errno)` for a negative result.
+/// As the x86_64 version.
 ///
 /// # Safety
 /// As the x86_64 version.
 #[cfg(target_arch = "aarch64")]
-unsafe fn raw_syscall(nr: i64, a: [i64; 6]) -> Result<i64, i32> {
+pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
     let ret: i64;
     // SAFETY: the Linux aarch64 syscall ABI: number in x8, arguments in x0..x5, result in x0.
     unsafe {
@@ -117,6 +116,16 @@ unsafe fn raw_syscall(nr: i64, a: [i64; 6]) -> Result<i64, i32> {
             options(nostack),
         );
     }
+    ret
+}
+
+/// [`raw_syscall6`] with `Err(errno)` for a negative result.
+///
+/// # Safety
+/// As [`raw_syscall6`].
+unsafe fn raw_syscall(nr: i64, a: [i64; 6]) -> Result<i64, i32> {
+    // SAFETY: forwarded contract.
+    let ret = unsafe { raw_syscall6(nr, a) };
     if (-4095..0).contains(&ret) {
         Err(-ret as i32)
     } else {

@@ -17,61 +17,9 @@ use crate::Errno;
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-/// Issues system call `nr` with six arguments; returns the kernel's raw result (`-errno` on
-/// failure), without touching `errno`.
-///
-/// # Safety
-/// The system call and its arguments must be sound for the caller to make (it may write
-/// memory named by the arguments, change mappings, etc.).
-#[cfg(target_arch = "x86_64")]
-pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
-    let ret: i64;
-    // SAFETY: the Linux x86_64 syscall ABI: number in rax, args in rdi, rsi, rdx, r10, r8, r9;
-    // the instruction clobbers rcx and r11. Soundness of the call itself is the caller's
-    // contract.
-    unsafe {
-        core::arch::asm!(
-            "syscall",
-            inlateout("rax") nr => ret,
-            in("rdi") a[0],
-            in("rsi") a[1],
-            in("rdx") a[2],
-            in("r10") a[3],
-            in("r8") a[4],
-            in("r9") a[5],
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    ret
-}
-
-/// Issues system call `nr` with six arguments; returns the kernel's raw result (`-errno` on
-/// failure), without touching `errno`.
-///
-/// # Safety
-/// The system call and its arguments must be sound for the caller to make.
-#[cfg(target_arch = "aarch64")]
-pub unsafe fn raw_syscall6(nr: i64, a: [i64; 6]) -> i64 {
-    let ret: i64;
-    // SAFETY: the Linux aarch64 syscall ABI: number in x8, args in x0..x5, result in x0.
-    // Soundness of the call itself is the caller's contract.
-    unsafe {
-        core::arch::asm!(
-            "svc 0",
-            in("x8") nr,
-            inlateout("x0") a[0] => ret,
-            in("x1") a[1],
-            in("x2") a[2],
-            in("x3") a[3],
-            in("x4") a[4],
-            in("x5") a[5],
-            options(nostack),
-        );
-    }
-    ret
-}
+/// Issues a raw system call (`-errno` on failure, `errno` untouched), never through libc — the
+/// store crate's, shared with the kernel-map code.
+pub use bpftime_maps::kernel::raw_syscall6;
 
 /// The calling thread's `errno`.
 pub fn errno() -> i32 {

@@ -2,8 +2,10 @@
 //! `bpftime load`, tracing a victim under `bpftime start`, both as an unprivileged user —
 //! `syscalls:sys_{enter,exit}_openat` with path reads and results, `raw_syscalls:sys_enter`
 //! and the raw tracepoint `sys_enter` counted per number, error injection — and the same tool
-//! on the kernel (root) for the same counts; and the generated tracepoint table against the
-//! live tracefs.
+//! on the kernel (root) for the same counts; system calls made by `syscall` instructions
+//! outside libc (`syscall-raw-victim`: the executable's own, a library's, loaded before or
+//! after the tracepoints attach) counted with the same arguments and results as the kernel;
+//! and the generated tracepoint table against the live tracefs.
 
 use bpftime_attach::syscall::Tracepoint;
 use bpftime_attach::syscall::table::events;
@@ -193,6 +195,120 @@ fn openat_error_injection_fails_the_chosen_path_with_enoent() {
         expected(Some(&path)),
         "{out:#?}"
     );
+}
+
+/// How `syscall-raw-victim` loads its library: before "ready", or after "go" (then it waits
+/// until bpftime patched it; the kernel run does not wait).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dlopen {
+    Early,
+    Late,
+}
+
+/// The raw victim's report lines: its numbers (getpid 39 from the executable's own
+/// `syscall`, getuid 102 from the library's, each also called once through libc per
+/// iteration) and its writes (number in a register, from the executable).
+fn raw_results(lines: &[String]) -> Vec<String> {
+    sorted(
+        lines
+            .iter()
+            .filter(|l| {
+                ["nr 39 ", "nr 102 ", "raw_write "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+fn raw_expected() -> Vec<String> {
+    sorted(vec![
+        format!("nr 39 calls {}", 2 * N),
+        format!("nr 102 calls {}", 2 * N),
+        format!(
+            "raw_write enter {N} bytes {} text {N} exit {N} ret_sum -{}",
+            12 * N,
+            9 * N
+        ),
+    ])
+}
+
+/// `syscall-raw-victim` and `syscall-trace -w`, under bpftime as the unprivileged user
+/// (`kernel` false) or natively as root; returns (tool report, victim output).
+fn raw_run(build: &Path, tag: &str, when: Dlopen, kernel: bool) -> (Vec<String>, Vec<String>) {
+    let a = artifacts();
+    let store = TestStore::new(tag);
+    let when_arg = match (when, kernel) {
+        (Dlopen::Early, _) => "early",
+        (Dlopen::Late, false) => "late",
+        (Dlopen::Late, true) => "late-nowait",
+    };
+    let mut c = if kernel {
+        Command::new(build.join("syscall-raw-victim"))
+    } else {
+        let mut c = unprivileged(&a.bpftime);
+        c.args(["start", "--store", &store.name, "--"])
+            .arg(build.join("syscall-raw-victim"));
+        c
+    };
+    c.arg(N.to_string())
+        .arg(build.join("librawsys.so"))
+        .arg(when_arg);
+    let mut v = Proc::spawn(c, "syscall-raw-victim");
+    let ready = v.wait_line(T, |l| l.starts_with("ready "));
+    let vpid: u32 = ready[6..].parse().expect("victim pid");
+    let mut c = if kernel {
+        Command::new(build.join("syscall-trace"))
+    } else {
+        let mut c = unprivileged(&a.bpftime);
+        c.args(["load", "--store", &store.name, "--"])
+            .arg(build.join("syscall-trace"));
+        c
+    };
+    c.args(["-p", &vpid.to_string(), "-w"]);
+    let mut l = Proc::spawn(c, "syscall-trace -w");
+    l.wait_line(T, |x| x == "attached");
+    if !kernel {
+        poll(T, "the agent to attach the tracepoints", || {
+            attached_events(&store, vpid).filter(|&n| n >= 3)
+        });
+    }
+    v.send_line("go");
+    v.wait_line(T, |x| x == "done");
+    let vout = v.finish(T);
+    l.send_line("report");
+    (l.finish(T), vout)
+}
+
+fn raw_case(tag: &str, when: Dlopen) {
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let (out, vout) = raw_run(&build, tag, when, false);
+    assert!(vout.contains(&format!("write_errs {N}")), "{vout:?}");
+    if when == Dlopen::Late {
+        assert!(vout.iter().any(|l| l == "patched"), "{vout:?}");
+    }
+    let ours = raw_results(&out);
+    assert_eq!(ours, raw_expected(), "{out:#?}");
+    if !is_root() && skip("the kernel baseline needs root") {
+        return;
+    }
+    mount_tracefs();
+    let (kout, kvout) = raw_run(&build, tag, when, true);
+    assert!(kvout.contains(&format!("write_errs {N}")), "{kvout:?}");
+    assert_eq!(raw_results(&kout), ours, "{kout:#?}");
+}
+
+#[test]
+fn raw_syscall_instructions_in_the_executable_and_a_library_counted_like_the_kernel() {
+    raw_case("sys-raw", Dlopen::Early);
+}
+
+#[test]
+fn a_library_dlopened_after_attach_is_patched_and_traced_like_the_kernel() {
+    raw_case("sys-raw-late", Dlopen::Late);
 }
 
 /// Mounts tracefs at /sys/kernel/tracing if it is not (root only; the kernel baseline and

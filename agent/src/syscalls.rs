@@ -1,13 +1,17 @@
 //! Syscall tracepoints in the target process: `syscalls:sys_{enter,exit}_<name>`,
 //! `raw_syscalls:sys_{enter,exit}` (perf tracepoint events) and the raw tracepoints
 //! `sys_enter` / `sys_exit` (`BPF_RAW_TRACEPOINT_OPEN`), attached without privileges by
-//! patching libc's `syscall` sites (`bpftime_attach::syscall::intercept`).
+//! patching the `syscall` sites of every executable object mapped in the process — the main
+//! executable, libc, the dynamic loader, other libraries, not the agent itself
+//! (`bpftime_attach::syscall::intercept`).
 //!
 //! - [`SyscallTracing::sync`] (the agent thread) turns the store's tracepoint attachments into
 //!   a dispatch table — programs per system call number — published behind a lock that the
-//!   hot path only reads, and patches the libc sites that can make those calls (all of them
-//!   for `raw_syscalls` and raw tracepoints; for `syscalls:*`, the sites whose number is that
-//!   call's or known only at run time). No attachment left: every site is restored.
+//!   hot path only reads, and patches the sites that can make those calls (all of them for
+//!   `raw_syscalls` and raw tracepoints; for `syscalls:*`, the sites whose number is that
+//!   call's or known only at run time). No attachment left: every site is restored. While
+//!   attachments exist, each sync (at least every `rescan` period) also scans objects mapped
+//!   since (`dlopen`) and forgets unmapped ones (`dlclose`) without writing to them.
 //! - The gate's handlers build the kernel's context for each program (the `format` file's
 //!   layout, see `bpftime_attach::syscall::table`), run it, and after an enter program called
 //!   `bpf_override_return(ctx, rc)` skip the system call: it returns `rc` (e.g. `-ENOENT`),
@@ -24,7 +28,10 @@
 //! - A pid filter other than this process's pid (or -1) keeps the attachment out of the table.
 
 use bpftime_attach::PtRegs;
-use bpftime_attach::syscall::intercept::{Interceptor, SyscallCall, set_handlers};
+use bpftime_attach::procmaps::read_self_maps;
+use bpftime_attach::syscall::intercept::{
+    Interceptor, SyscallCall, patchable_objects, set_handlers,
+};
 use bpftime_attach::syscall::table::{
     NR_MAX, RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID, RAW_TP_FLAG, RawSysEnterCtx, RawSysExitCtx,
     RawTpCtx, SysEnterCtx, SysExitCtx, TraceEntry, Tracepoint,
@@ -37,7 +44,8 @@ use bpftime_runtime::{Engine, LoadedProg};
 use bpftime_vm::helper::HelperRegistry;
 use parking_lot::RwLock;
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -243,12 +251,31 @@ pub fn hits() -> u64 {
     HITS.load(Ordering::Relaxed)
 }
 
+/// Which sites to patch: every one (`raw_syscalls`, raw tracepoints), or those whose static
+/// number is in the list or unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Want {
+    all_calls: bool,
+    nrs: Vec<u64>,
+}
+
+impl Want {
+    fn accepts(&self, nr: Option<u32>) -> bool {
+        self.all_calls || nr.is_none_or(|n| self.nrs.contains(&u64::from(n)))
+    }
+}
+
 /// The syscall tracepoints of one agent.
 #[derive(Default)]
 pub struct SyscallTracing {
-    interceptor: Option<Interceptor>,
-    /// Set when libc could not be scanned: warned once, not retried.
-    unavailable: bool,
+    /// One per executable object mapped (the main executable, libc, the dynamic loader, other
+    /// libraries), scanned when the first attachment arrives and, for objects mapped later
+    /// (`dlopen`), at the next sync while attachments exist.
+    objects: Vec<Interceptor>,
+    /// Objects scanned (or that could not be), by path: not scanned again while mapped.
+    tried: HashSet<PathBuf>,
+    /// The sites wanted now; `None` with no attachment.
+    want: Option<Want>,
     progs: HashMap<u32, Arc<LoadedProg>>,
     /// What the table was built from: (perf event, programs).
     built: Vec<Built>,
@@ -261,7 +288,7 @@ impl std::fmt::Debug for SyscallTracing {
             .field("attached", &self.attached)
             .field(
                 "patched",
-                &self.interceptor.as_ref().map(Interceptor::patched),
+                &self.objects.iter().map(Interceptor::patched).sum::<usize>(),
             )
             .finish()
     }
@@ -304,6 +331,10 @@ impl SyscallTracing {
             .collect();
         key.sort();
         if key == self.built {
+            if self.want.is_some() {
+                // Objects mapped (or unmapped) since: `dlopen`, `dlclose`.
+                self.rescan_objects();
+            }
             return;
         }
         let mut d = Dispatch::default();
@@ -353,23 +384,30 @@ impl SyscallTracing {
         let empty = d.is_empty();
         self.publish(d);
         if empty {
-            if let Some(ic) = self.interceptor.as_mut()
-                && let Err(e) = ic.apply(|_| false)
-            {
-                tracing::error!("cannot restore libc's syscall sites: {e}");
-            }
-        } else if let Some(ic) = self.interceptor() {
-            let want =
-                |nr: Option<u32>| all_calls || nr.is_none_or(|n| nrs.contains(&u64::from(n)));
-            match ic.apply(want) {
-                Ok(n) => tracing::info!(
-                    "syscall tracepoints: {} attachment(s), {n} libc site(s) patched",
-                    attached.len()
-                ),
-                Err(e) => tracing::error!("patching libc's syscall sites: {e}"),
-            }
+            self.want = None;
+            self.restore_all();
         } else {
-            attached.clear();
+            let want = Want { all_calls, nrs };
+            self.want = Some(want.clone());
+            self.rescan_objects();
+            let mut n = 0;
+            for ic in &mut self.objects {
+                match ic.apply(|nr| want.accepts(nr)) {
+                    Ok(k) => n += k,
+                    Err(e) => tracing::error!(
+                        "patching the syscall sites of {}: {e}",
+                        ic.path().display()
+                    ),
+                }
+            }
+            tracing::info!(
+                "syscall tracepoints: {} attachment(s), {n} site(s) patched in {} object(s)",
+                attached.len(),
+                self.objects.len()
+            );
+            if self.objects.is_empty() {
+                attached.clear();
+            }
         }
         let used: Vec<u32> = key.iter().flat_map(|k| k.2.iter().map(|p| p.0)).collect();
         self.progs.retain(|id, _| used.contains(id));
@@ -377,25 +415,74 @@ impl SyscallTracing {
         self.attached = attached;
     }
 
-    fn interceptor(&mut self) -> Option<&mut Interceptor> {
-        if self.interceptor.is_none() && !self.unavailable {
-            match Interceptor::for_libc() {
-                Ok(ic) => {
-                    let (n, skipped) = ic.counts();
-                    tracing::info!(
-                        "{}: {n} syscall sites can be patched, {skipped} left alone",
-                        ic.path().display()
-                    );
-                    set_handlers(Some(on_enter), Some(on_exit));
-                    self.interceptor = Some(ic);
-                }
+    /// Forgets the objects no longer mapped and scans the new ones, patching their sites as
+    /// `self.want` says.
+    fn rescan_objects(&mut self) {
+        let maps = match read_self_maps() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("syscall tracepoints: {e}");
+                return;
+            }
+        };
+        let mut i = 0;
+        while i < self.objects.len() {
+            if self.objects[i].still_mapped(&maps) {
+                i += 1;
+                continue;
+            }
+            let ic = self.objects.swap_remove(i);
+            tracing::info!(
+                "{} was unmapped: its sites are forgotten",
+                ic.path().display()
+            );
+            self.tried.remove(ic.path());
+            ic.forget();
+        }
+        let mapped = patchable_objects(&maps);
+        // A path unmapped without ever being scanned successfully may be mapped again.
+        self.tried.retain(|p| mapped.contains(p));
+        for path in mapped {
+            if !self.tried.insert(path.clone()) {
+                continue;
+            }
+            let mut ic = match Interceptor::for_object(&path) {
+                Ok(ic) => ic,
                 Err(e) => {
-                    tracing::warn!("syscall tracepoints are unavailable here: {e}");
-                    self.unavailable = true;
+                    tracing::info!("{}: syscall sites not scanned: {e}", path.display());
+                    continue;
                 }
+            };
+            let (n, skipped) = ic.counts();
+            tracing::info!(
+                "{}: {n} syscall sites can be patched, {skipped} left alone ({} outside \
+                 function symbols)",
+                path.display(),
+                ic.unverified()
+            );
+            if n == 0 {
+                continue;
+            }
+            set_handlers(Some(on_enter), Some(on_exit));
+            if let Some(want) = &self.want
+                && let Err(e) = ic.apply(|nr| want.accepts(nr))
+            {
+                tracing::error!("patching the syscall sites of {}: {e}", path.display());
+            }
+            self.objects.push(ic);
+        }
+    }
+
+    /// Restores every patched site.
+    fn restore_all(&mut self) {
+        for ic in &mut self.objects {
+            if let Err(e) = ic.apply(|_| false) {
+                tracing::error!(
+                    "cannot restore the syscall sites of {}: {e}",
+                    ic.path().display()
+                );
             }
         }
-        self.interceptor.as_mut()
     }
 
     fn publish(&self, d: Dispatch) {
@@ -451,11 +538,8 @@ impl SyscallTracing {
     pub fn clear(&mut self) {
         let was = GUARD.with(|g| g.replace(true));
         self.publish(Dispatch::default());
-        if let Some(ic) = self.interceptor.as_mut()
-            && let Err(e) = ic.apply(|_| false)
-        {
-            tracing::error!("cannot restore libc's syscall sites: {e}");
-        }
+        self.want = None;
+        self.restore_all();
         self.progs.clear();
         self.built.clear();
         self.attached.clear();

@@ -8,7 +8,9 @@
  *  - raw_syscalls:sys_enter (or the raw tracepoint sys_enter with -r): calls per number;
  *  - inject (loaded only with -i): openat of one path fails with ENOENT without being made
  *    (bpf_override_return; the kernel refuses it in a tracepoint program, bpftime does not);
- *  - getpid_count (loaded only with -g): counts sys_enter_getpid, the benchmark's program.
+ *  - getpid_count (loaded only with -g): counts sys_enter_getpid, the benchmark's program;
+ *  - enter_write / exit_write (loaded only with -w, with raw_syscalls:sys_enter): the raw
+ *    victim's write(1000, "bpftime raw\n", 12) calls, bytes, text and EBADF results.
  *
  * vmlinux.h-free: the contexts are declared as the tracefs format files describe them.
  */
@@ -87,6 +89,14 @@ const volatile char inject_path[PATH_LEN] = {};
 __u64 openat_enter = 0;
 __u64 openat_exit = 0;
 __u64 getpid_calls = 0;
+/* The raw victim's writes: write(RAW_FD, "bpftime raw\n", 12), which fail with EBADF. */
+__u64 raw_write_enter = 0;
+__u64 raw_write_bytes = 0;
+__u64 raw_write_text = 0;
+__u64 raw_write_exit = 0;
+__s64 raw_write_ret_sum = 0;
+
+#define RAW_FD 1000
 
 static __always_inline int wanted(void)
 {
@@ -193,6 +203,33 @@ SEC("tracepoint/syscalls/sys_enter_getpid")
 int getpid_count(struct sys_enter_ctx *ctx)
 {
 	__sync_fetch_and_add(&getpid_calls, 1);
+	return 0;
+}
+
+/* -w: the raw victim's write(RAW_FD, ...) calls, their byte counts and text. */
+SEC("tracepoint/syscalls/sys_enter_write")
+int enter_write(struct sys_enter_ctx *ctx)
+{
+	char text[12] = {};
+
+	if (!wanted() || ctx->args[0] != RAW_FD)
+		return 0;
+	__sync_fetch_and_add(&raw_write_enter, 1);
+	__sync_fetch_and_add(&raw_write_bytes, ctx->args[2]);
+	if (bpf_probe_read_user(text, sizeof(text), (const void *)ctx->args[1]) == 0 &&
+	    text[0] == 'b' && text[8] == 'r' && text[11] == '\n')
+		__sync_fetch_and_add(&raw_write_text, 1);
+	return 0;
+}
+
+/* Only the raw victim's writes fail with EBADF. */
+SEC("tracepoint/syscalls/sys_exit_write")
+int exit_write(struct sys_exit_ctx *ctx)
+{
+	if (!wanted() || ctx->ret != -9 /* EBADF */)
+		return 0;
+	__sync_fetch_and_add(&raw_write_exit, 1);
+	__sync_fetch_and_add(&raw_write_ret_sum, ctx->ret);
 	return 0;
 }
 

@@ -2,18 +2,20 @@
 /*
  * syscall-trace: libbpf loader for syscall_trace.bpf.c.
  *
- *   syscall-trace [-v] [-p PID] [-i PATH] [-r] [-g]
+ *   syscall-trace [-v] [-p PID] [-i PATH] [-r] [-g] [-w]
  *
  * Attaches the openat tracepoints and raw_syscalls:sys_enter (-r: the raw tracepoint
  * sys_enter instead), for every process or only PID; -i PATH also loads the program that
  * makes openat(PATH) fail with ENOENT; -g attaches only the sys_enter_getpid counter (the
- * benchmark's). Prints "attached", then waits for a line on stdin (or EOF, SIGINT, SIGTERM)
+ * benchmark's); -w attaches raw_syscalls:sys_enter and the write tracepoints for
+ * syscall-raw-victim (no openat). Prints "attached", then waits for a line on stdin (or EOF, SIGINT, SIGTERM)
  * and prints:
  *
  *   openat_enter N / openat_exit N
  *   path P opens N ok N errs N errno_sum N     (one line per path, sorted)
  *   nr NR calls N                              (one line per system call number, sorted)
  *   getpid_calls N
+ *   raw_write enter N bytes N text N exit N ret_sum N
  *
  * Written against libbpf 1.1 (Debian 12).
  */
@@ -108,6 +110,12 @@ static void report(struct syscall_trace_bpf *skel)
 	for (i = 0; i < m; i++)
 		printf("nr %u calls %llu\n", nrs[i].nr, (unsigned long long)nrs[i].calls);
 	printf("getpid_calls %llu\n", (unsigned long long)skel->bss->getpid_calls);
+	printf("raw_write enter %llu bytes %llu text %llu exit %llu ret_sum %lld\n",
+	       (unsigned long long)skel->bss->raw_write_enter,
+	       (unsigned long long)skel->bss->raw_write_bytes,
+	       (unsigned long long)skel->bss->raw_write_text,
+	       (unsigned long long)skel->bss->raw_write_exit,
+	       (long long)skel->bss->raw_write_ret_sum);
 	fflush(stdout);
 }
 
@@ -115,12 +123,12 @@ int main(int argc, char **argv)
 {
 	struct syscall_trace_bpf *skel;
 	const char *inject = NULL;
-	bool raw_tp = false, getpid_only = false;
+	bool raw_tp = false, getpid_only = false, raw_writes = false;
 	long pid = 0;
 	char line[64];
 	int opt, err;
 
-	while ((opt = getopt(argc, argv, "p:i:rgv")) != -1) {
+	while ((opt = getopt(argc, argv, "p:i:rgwv")) != -1) {
 		switch (opt) {
 		case 'p':
 			pid = strtol(optarg, NULL, 10);
@@ -134,11 +142,14 @@ int main(int argc, char **argv)
 		case 'g':
 			getpid_only = true;
 			break;
+		case 'w':
+			raw_writes = true;
+			break;
 		case 'v':
 			verbose = true;
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-v] [-p PID] [-i PATH] [-r] [-g]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-v] [-p PID] [-i PATH] [-r] [-g] [-w]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -161,8 +172,10 @@ int main(int argc, char **argv)
 	bpf_program__set_autoload(skel->progs.inject, inject != NULL);
 	bpf_program__set_autoload(skel->progs.raw_enter, !getpid_only && !raw_tp);
 	bpf_program__set_autoload(skel->progs.raw_tp_enter, !getpid_only && raw_tp);
-	bpf_program__set_autoload(skel->progs.enter_openat, !getpid_only);
-	bpf_program__set_autoload(skel->progs.exit_openat, !getpid_only);
+	bpf_program__set_autoload(skel->progs.enter_openat, !getpid_only && !raw_writes);
+	bpf_program__set_autoload(skel->progs.exit_openat, !getpid_only && !raw_writes);
+	bpf_program__set_autoload(skel->progs.enter_write, raw_writes);
+	bpf_program__set_autoload(skel->progs.exit_write, raw_writes);
 	bpf_program__set_autoload(skel->progs.getpid_count, getpid_only);
 
 	err = syscall_trace_bpf__load(skel);

@@ -51,7 +51,7 @@ use iced_x86::{
 
 use super::sites::{self, NEVER_PATCHED, Site};
 use crate::AttachError;
-use crate::procmaps::read_self_maps;
+use crate::procmaps::{MapEntry, read_self_maps};
 use crate::x86_64::code_mem::{self, CodeBlock, PAGE};
 use crate::x86_64::hook::{Range, registry};
 use crate::x86_64::patch::{self, INT3};
@@ -304,8 +304,13 @@ struct Prepared {
 #[derive(Debug)]
 pub struct Interceptor {
     path: PathBuf,
+    /// Inode of the mapped file (0 if not found), to notice it was unmapped (`dlclose`).
+    inode: u64,
     sites: Vec<Prepared>,
     skipped: usize,
+    /// Of `skipped`: windows outside every function symbol (not patched in objects other
+    /// than glibc's, which may keep data in their text).
+    unverified: usize,
     // Never freed: sealed code (module invariants).
     _blocks: Vec<CodeBlock>,
 }
@@ -326,6 +331,53 @@ pub fn libc_path() -> Result<PathBuf, AttachError> {
             path: "libc.so.6".into(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no C library is mapped"),
         })
+}
+
+/// Whether `path` is glibc's C library or dynamic loader, whose text holds only code (every
+/// `syscall` found by the linear sweep is one).
+fn is_glibc(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        n.starts_with("libc.so")
+            || n.starts_with("libc-")
+            || n.starts_with("ld-linux")
+            || n.starts_with("ld-2.")
+    })
+}
+
+/// The executable objects mapped in this process whose sites [`Interceptor::for_object`] may
+/// patch, libc first: every file with an executable mapping, except pseudo-files (`[vdso]`,
+/// `[vsyscall]`), deleted or replaced files, the object that holds this code (the agent: its
+/// own system calls, the gate's included, must never go through the gate) and any other
+/// `libbpftime*` file.
+pub fn patchable_objects(maps: &[MapEntry]) -> Vec<PathBuf> {
+    let gate = bpftime_syscall_gate as *const () as usize;
+    let own: Option<&str> = maps
+        .iter()
+        .find(|m| m.contains(gate))
+        .map(|m| m.path.as_str());
+    let mut out: Vec<PathBuf> = Vec::new();
+    for m in maps.iter().filter(|m| m.exec && m.path.starts_with('/')) {
+        let path = Path::new(&m.path);
+        let ours = own == Some(m.path.as_str())
+            || path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libbpftime"));
+        if ours || m.path.ends_with(" (deleted)") || out.iter().any(|p| p == path) {
+            continue;
+        }
+        out.push(path.to_path_buf());
+    }
+    let libc = out.iter().position(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
+    });
+    if let Some(i) = libc {
+        let l = out.remove(i);
+        out.insert(0, l);
+    }
+    out
 }
 
 struct Encoded {
@@ -436,19 +488,55 @@ impl Interceptor {
         Interceptor::for_library(&libc_path()?)
     }
 
-    /// As [`Interceptor::for_libc`], for the library at `path` (mapped in this process).
+    /// As [`Interceptor::for_libc`], for the library at `path` (mapped in this process): every
+    /// `syscall` instruction the linear sweep finds.
     pub fn for_library(path: &Path) -> Result<Interceptor, AttachError> {
+        Interceptor::build(path, None)
+    }
+
+    /// As [`Interceptor::for_library`], for any executable object mapped in this process (the
+    /// main executable, a shared library): glibc's libc and dynamic loader get every site;
+    /// other objects only the sites whose whole window lies inside one function symbol
+    /// (`.symtab` or `.dynsym`), since their text may hold data (hand-written assembly
+    /// tables) where a linear sweep would see a `syscall` that is not one. The others count
+    /// as skipped ([`Interceptor::unverified`]).
+    pub fn for_object(path: &Path) -> Result<Interceptor, AttachError> {
+        if is_glibc(path) {
+            return Interceptor::build(path, None);
+        }
+        let funcs = crate::resolve::function_ranges(path)?;
+        Interceptor::build(path, Some(&funcs))
+    }
+
+    fn build(path: &Path, funcs: Option<&[(u64, u64)]>) -> Result<Interceptor, AttachError> {
         let scan = sites::scan_file(path)?;
         let maps = read_self_maps()?;
+        let inode = maps
+            .iter()
+            .find(|m| m.exec && Path::new(&m.path) == path)
+            .map_or(0, |m| m.inode);
         let mut out = Interceptor {
             path: path.to_path_buf(),
+            inode,
             sites: Vec::new(),
             skipped: scan.skipped.len(),
+            unverified: 0,
             _blocks: Vec::new(),
         };
         let mut bias: Option<i64> = None;
         let mut block: Option<(CodeBlock, Vec<u8>, usize)> = None;
         for site in &scan.sites {
+            if let Some(funcs) = funcs {
+                let inside = scan.file_offset(site.start).is_some_and(|off| {
+                    crate::resolve::function_containing(funcs, off)
+                        .is_some_and(|(_, end)| off + site.bytes.len() as u64 <= end)
+                });
+                if !inside {
+                    out.skipped += 1;
+                    out.unverified += 1;
+                    continue;
+                }
+            }
             let b = match bias {
                 Some(b) => b,
                 None => {
@@ -479,6 +567,39 @@ impl Interceptor {
     /// `(sites that can be patched, syscall instructions left alone)`.
     pub fn counts(&self) -> (usize, usize) {
         (self.sites.len(), self.skipped)
+    }
+
+    /// Of the skipped `syscall` instructions, those outside every function symbol (see
+    /// [`Interceptor::for_object`]).
+    pub fn unverified(&self) -> usize {
+        self.unverified
+    }
+
+    /// Whether the object is still mapped where its sites were found (false after a
+    /// `dlclose` unmapped it: [`Interceptor::forget`] it then).
+    /// `maps`: this process's mappings now.
+    pub fn still_mapped(&self, maps: &[MapEntry]) -> bool {
+        let at = |addr: usize| {
+            maps.iter()
+                .any(|m| m.exec && m.contains(addr) && m.inode == self.inode)
+        };
+        match self.sites.first() {
+            Some(s) => at(s.start) && at(s.start + s.len - 1),
+            None => maps.iter().any(|m| m.exec && m.inode == self.inode),
+        }
+    }
+
+    /// Drops the interceptor of an object that is no longer mapped without writing its old
+    /// bytes back (the addresses may hold another object now); its stubs stay mapped.
+    pub fn forget(mut self) {
+        let mut reg = registry();
+        for s in &mut self.sites {
+            if s.patched {
+                reg.retain(|r| r.start != s.start);
+                s.patched = false;
+            }
+        }
+        drop(reg);
     }
 
     /// Sites patched now.

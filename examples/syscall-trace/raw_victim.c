@@ -1,0 +1,119 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * syscall-raw-victim: makes system calls from its own `syscall` instructions (x86_64 inline
+ * assembly in the main executable and in a dlopen'ed library), not through libc.
+ *
+ *   syscall-raw-victim N LIB WHEN
+ *
+ * WHEN: "early" (dlopen LIB before "ready"), "late" (dlopen LIB after "go", then wait until
+ * its code has changed — bpftime patched it — printing "patched" or, after 60 s,
+ * "unpatched"), or "late-nowait" (dlopen after "go", no wait: the kernel baseline).
+ * Prints "ready <pid>", waits for a line on stdin, then N times: getpid (39) with the number
+ * in the instruction stream, write(1000, "bpftime raw\n", 12) with the number in a register
+ * (fails with EBADF), and LIB's getuid (102). Prints "write_errs E" (calls that returned
+ * -EBADF), then "done".
+ */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* long raw_getpid(void): mov eax, 39; syscall; ret. */
+__asm__(".text\n"
+	".globl raw_getpid\n"
+	".type raw_getpid, @function\n"
+	"raw_getpid:\n"
+	"	movl $39, %eax\n"
+	"	syscall\n"
+	"	ret\n"
+	".size raw_getpid, . - raw_getpid\n");
+long raw_getpid(void);
+
+/* long raw_syscall3(long nr, long a, long b, long c): the number only known at run time. */
+__asm__(".text\n"
+	".globl raw_syscall3\n"
+	".type raw_syscall3, @function\n"
+	"raw_syscall3:\n"
+	"	movq %rdi, %rax\n"
+	"	movq %rsi, %rdi\n"
+	"	movq %rdx, %rsi\n"
+	"	movq %rcx, %rdx\n"
+	"	syscall\n"
+	"	cmpq $-4095, %rax\n"
+	"	ret\n"
+	".size raw_syscall3, . - raw_syscall3\n");
+long raw_syscall3(long nr, long a, long b, long c);
+
+static void *load(const char *lib)
+{
+	void *h = dlopen(lib, RTLD_NOW);
+
+	if (!h) {
+		fprintf(stderr, "dlopen %s: %s\n", lib, dlerror());
+		exit(2);
+	}
+	return h;
+}
+
+/* Waits until the first bytes of f differ from what they were (the agent patched them). */
+static void wait_patched(const unsigned char *f)
+{
+	unsigned char before[8];
+	struct timespec ts = { 0, 10 * 1000 * 1000 };
+
+	memcpy(before, f, sizeof(before));
+	for (int i = 0; i < 6000; i++) {
+		if (memcmp(before, f, sizeof(before))) {
+			printf("patched\n");
+			return;
+		}
+		nanosleep(&ts, NULL);
+	}
+	printf("unpatched\n");
+}
+
+int main(int argc, char **argv)
+{
+	static const char text[] = "bpftime raw\n";
+	long (*lib_getuid)(void) = NULL;
+	long n, errs = 0;
+	const char *when;
+	char line[64];
+	void *h = NULL;
+
+	if (argc < 4) {
+		fprintf(stderr, "usage: %s N LIB early|late|late-nowait\n", argv[0]);
+		return 2;
+	}
+	n = atol(argv[1]);
+	when = argv[3];
+	if (!strcmp(when, "early"))
+		h = load(argv[2]);
+	printf("ready %d\n", (int)getpid());
+	fflush(stdout);
+	if (!fgets(line, sizeof(line), stdin))
+		return 1;
+	if (!h)
+		h = load(argv[2]);
+	lib_getuid = (long (*)(void))dlsym(h, "rawlib_getuid");
+	if (!lib_getuid) {
+		fprintf(stderr, "dlsym: %s\n", dlerror());
+		return 2;
+	}
+	if (!strcmp(when, "late"))
+		wait_patched((const unsigned char *)lib_getuid);
+	for (long i = 0; i < n; i++) {
+		if (raw_getpid() != getpid())
+			return 3;
+		if (raw_syscall3(1, 1000, (long)text, 12) == -9)
+			errs++;
+		if (lib_getuid() != (long)getuid())
+			return 4;
+	}
+	printf("write_errs %ld\n", errs);
+	printf("done\n");
+	fflush(stdout);
+	return 0;
+}

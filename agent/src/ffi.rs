@@ -94,11 +94,6 @@ impl Drop for ProgSlot {
     }
 }
 
-fn errno() -> c_int {
-    // SAFETY: errno is thread-local; its location is valid for the thread's life.
-    unsafe { *libc::__errno_location() }
-}
-
 fn set_errno(v: c_int) {
     // SAFETY: as in `errno`.
     unsafe { *libc::__errno_location() = v };
@@ -106,7 +101,9 @@ fn set_errno(v: c_int) {
 
 /// Runs `list` on `regs`; the value of the last `bpf_override_return`, if any.
 fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> {
+    let mut may_override = false;
     for (p, cookie) in list {
+        may_override |= p.may_override();
         // SAFETY: `regs` is the stub's (or signal frame's) live, writable pt_regs for the
         // duration of this call.
         let r = unsafe {
@@ -122,7 +119,8 @@ fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> 
             tracing::debug!("program {} trapped: {t}", p.id());
         }
     }
-    take_override()
+    // (Programs that cannot override leave nothing to take: no thread-local access then.)
+    if may_override { take_override() } else { None }
 }
 
 /// Runs `f` unless the thread is already in a probe; keeps errno; never unwinds.
@@ -132,9 +130,13 @@ fn guarded(f: impl FnOnce()) {
         if b.replace(true) {
             return;
         }
-        let saved = errno();
+        // SAFETY: errno is thread-local; its location is valid for the thread's life.
+        let errno = unsafe { libc::__errno_location() };
+        // SAFETY: as above.
+        let saved = unsafe { *errno };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        set_errno(saved);
+        // SAFETY: as above.
+        unsafe { *errno = saved };
         b.set(false);
     });
 }
@@ -159,8 +161,12 @@ extern "C" fn on_return(regs: &mut PtRegs, user: *mut c_void) {
     guarded(|| {
         // SAFETY: `user` is the site's live `SiteData` (module invariants).
         let site = unsafe { &*(user as *const SiteData) };
-        let _ip = FuncIpGuard::set(site.addr as u64);
-        if let Some(rc) = run_list(site, site.ret.get(), regs) {
+        let list = site.ret.get();
+        let _ip = list
+            .iter()
+            .any(|(p, _)| p.uses_func_ip())
+            .then(|| FuncIpGuard::set(site.addr as u64));
+        if let Some(rc) = run_list(site, list, regs) {
             // bpf_override_return in a uretprobe replaces the return value.
             regs.rax = rc;
         }
@@ -243,7 +249,12 @@ pub unsafe extern "C" fn sigaction(
     if let Some(r) = unsafe { intercept_sigaction(sig, act, old) } {
         return r;
     }
-    // A handler's mask does not block SIGTRAP either (see `without_trap`).
+    // SIGSYS once the syscall user dispatch catch-all is on (`crate::syscalls`): the same.
+    // SAFETY: forwarded contract.
+    if let Some(r) = unsafe { bpftime_attach::syscall::dispatch::intercept_sigaction(sig, act, old) } {
+        return r;
+    }
+    // A handler's mask does not block SIGTRAP (nor SIGSYS) either (see `without_trap`).
     // SAFETY: forwarded contract on `act`.
     let mut copy: libc::sigaction = match unsafe { act.as_ref() } {
         Some(a) => *a,
@@ -252,6 +263,8 @@ pub unsafe extern "C" fn sigaction(
     };
     // SAFETY: a valid sigset_t inside `copy`.
     unsafe { libc::sigdelset(&mut copy.sa_mask, libc::SIGTRAP) };
+    // SAFETY: as above.
+    unsafe { libc::sigdelset(&mut copy.sa_mask, libc::SIGSYS) };
     let act = if act.is_null() {
         act
     } else {
@@ -276,15 +289,23 @@ type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::s
 /// `set` without `SIGTRAP` (copied into `copy`) when it would block it. A blocked `SIGTRAP`
 /// is fatal at a trap-based probe or during a patch (the kernel forces an `int3`'s signal
 /// through, resetting its action to the default), so the agent keeps it unblocked; nothing
-/// sends `SIGTRAP` asynchronously in practice.
+/// sends `SIGTRAP` asynchronously in practice. The same for `SIGSYS`: a syscall user
+/// dispatch trap with `SIGSYS` blocked kills the process (seccomp's `SIGSYS` is forced
+/// through anyway).
 fn without_trap(set: *const libc::sigset_t, copy: &mut libc::sigset_t) -> *const libc::sigset_t {
     // SAFETY: `set` is null or a valid sigset_t (the libc contract of our callers).
     match unsafe { set.as_ref() } {
         // SAFETY: a valid sigset_t.
-        Some(s) if unsafe { libc::sigismember(s, libc::SIGTRAP) } == 1 => {
+        Some(s)
+            if unsafe { libc::sigismember(s, libc::SIGTRAP) } == 1
+            // SAFETY: a valid sigset_t.
+                || unsafe { libc::sigismember(s, libc::SIGSYS) } == 1 =>
+        {
             *copy = *s;
             // SAFETY: `copy` is a valid sigset_t.
             unsafe { libc::sigdelset(copy, libc::SIGTRAP) };
+            // SAFETY: `copy` is a valid sigset_t.
+            unsafe { libc::sigdelset(copy, libc::SIGSYS) };
             copy
         }
         _ => set,
@@ -347,14 +368,14 @@ pub unsafe extern "C" fn sigprocmask(
 }
 
 /// `signal(3)` for the application: glibc's calls its internal `sigaction`, which the
-/// interposer above does not see, so `SIGTRAP` is handled here the same way (BSD semantics,
-/// as glibc's `signal`).
+/// interposer above does not see, so `SIGTRAP` and `SIGSYS` are handled here the same way (BSD
+/// semantics, as glibc's `signal`).
 ///
 /// # Safety
 /// The libc contract.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if sig == libc::SIGTRAP {
+    if sig == libc::SIGTRAP || sig == libc::SIGSYS {
         // SAFETY: plain data; zero is a valid empty action.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = handler;
@@ -362,7 +383,11 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         // SAFETY: zeroed sigaction is valid output storage.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointers.
-        if let Some(r) = unsafe { intercept_sigaction(sig, &sa, &mut old) } {
+        let r = unsafe { intercept_sigaction(sig, &sa, &mut old) }.or_else(|| {
+            // SAFETY: valid pointers.
+            unsafe { bpftime_attach::syscall::dispatch::intercept_sigaction(sig, &sa, &mut old) }
+        });
+        if let Some(r) = r {
             return if r == 0 {
                 old.sa_sigaction
             } else {

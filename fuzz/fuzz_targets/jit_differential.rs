@@ -219,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
             // Unchecked code trusts the program: only run what the interpreter proved safe.
             break;
         }
-        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked })
+        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked, ..Default::default() })
             .unwrap_or_else(|e| panic!("verified program does not compile: {e}"));
         let got = run(&mut gm, &mut block, &init, |gm, r1, r2| {
             jit.run_in(gm, r1, r2, std::ptr::null_mut())

@@ -2,7 +2,8 @@
 //!
 //! **Change note (x86_64 backend):** fields were only *appended* to [`JitContext`] after
 //! `reserved` (`stack_lo`, `fast_start`, `fast_len`, `fast_wlen`, `tail_tables`,
-//! `tail_tables_len`, then `funcs` and `cur_fp` for callbacks, offsets asserted below); every
+//! `tail_tables_len`, then `funcs` and `cur_fp` for callbacks, then `cpu` for inlined per-CPU
+//! lookups, offsets asserted below); every
 //! earlier offset is unchanged. Build contexts
 //! with [`JitContext::new`] (the host fills the checked-mode and tail-call fields it uses; zero
 //! means "none"). Tail calls: see [`TailCallTable`].
@@ -132,6 +133,9 @@ pub struct JitContext {
     /// r10 of the function that called a helper that calls back, during that call (0
     /// otherwise): callbacks run in the frame below it.
     pub cur_fp: u64,
+    /// The CPU id the run is pinned to, for inlined per-CPU array lookups
+    /// ([`crate::InlineMap`]); `u64::MAX` (unknown) sends them to the helper.
+    pub cpu: u64,
 }
 
 impl JitContext {
@@ -163,6 +167,7 @@ impl JitContext {
             tail_tables_len: 0,
             funcs: 0,
             cur_fp: 0,
+            cpu: u64::MAX,
         }
     }
 }
@@ -339,6 +344,7 @@ const _: () = {
     assert!(offset_of!(JitContext, tail_tables_len) == 168);
     assert!(offset_of!(JitContext, funcs) == 176);
     assert!(offset_of!(JitContext, cur_fp) == 184);
+    assert!(offset_of!(JitContext, cpu) == 192);
 };
 
 /// The generated function's type.

@@ -34,6 +34,86 @@ pub struct JitOptions {
     /// Check every memory access like the interpreter does (see [`abi`]); off: trust the
     /// program (no per-access cost).
     pub checked: bool,
+    /// Arrays and per-CPU arrays whose `bpf_map_lookup_elem` / `bpf_map_update_elem` calls the
+    /// x86_64 backend may inline (see [`InlineMap`]); other maps, and every call the inlined
+    /// code cannot answer, go to the registered helper.
+    pub inline_maps: Vec<InlineMap>,
+}
+
+/// Where the elements of an array (`BPF_MAP_TYPE_ARRAY`) or per-CPU array live, so that
+/// generated code can compute an element's address itself, as the kernel's verifier inlines
+/// `array_map_gen_lookup`: element `key` is at `base + key × stride` (per-CPU arrays: `base`
+/// is `bases[ctx.cpu]`, [`abi::JitContext::cpu`]).
+///
+/// The x86_64 backend inlines `bpf_map_lookup_elem(handle, &key)` when r1 holds `handle` from
+/// an `lddw` in the same basic block: a key `>= max_entries` gives NULL, a per-CPU array whose
+/// CPU is unknown or has no base (0) calls the helper. It inlines `bpf_map_update_elem(handle,
+/// &key, &value, flags)` for `flags` 0 (`BPF_ANY`) or 2 (`BPF_EXIST`) and keys in range
+/// (everything else calls the helper, which returns the kernel's errors), copying
+/// `value_size` bytes; r0 = 0. In checked mode the key and value reads are checked like any
+/// access, and a lookup makes the whole data area (`area_start`, `area_len`) the checker's
+/// cached window, so that the program's accesses through the returned pointer test it inline.
+#[derive(Clone, Debug)]
+pub struct InlineMap {
+    handle: u64,
+    max_entries: u32,
+    value_size: u32,
+    stride: u64,
+    layout: InlineLayout,
+    area_start: u64,
+    area_len: u64,
+    writable: bool,
+}
+
+/// An [`InlineMap`]'s element bases.
+#[derive(Clone, Debug)]
+pub enum InlineLayout {
+    /// One base.
+    Array {
+        /// Address of element 0.
+        base: u64,
+    },
+    /// A base per CPU id.
+    PerCpu {
+        /// Address of `len` u64s: element 0 of each CPU id's slot, or 0 (use the helper).
+        bases: u64,
+        /// Entries at `bases`.
+        len: u64,
+    },
+}
+
+impl InlineMap {
+    /// Describes the map whose handle (the value programs load with `lddw`) is `handle`.
+    ///
+    /// # Safety
+    /// For as long as code compiled with this description may run: every element address the
+    /// layout gives for keys below `max_entries` (`base + key × stride`, each non-zero
+    /// `bases[i]` likewise) is valid for reads (and writes when `writable`) of `value_size`
+    /// bytes, the `bases` table is readable, and `[area_start, area_start + area_len)` (which
+    /// contains all those elements) is valid memory for the program's accesses — reads, and
+    /// writes when `writable`. The helper registered as id 1 / 2 answers for the same map.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        handle: u64,
+        max_entries: u32,
+        value_size: u32,
+        stride: u64,
+        layout: InlineLayout,
+        area_start: u64,
+        area_len: u64,
+        writable: bool,
+    ) -> Self {
+        InlineMap {
+            handle,
+            max_entries,
+            value_size,
+            stride,
+            layout,
+            area_start,
+            area_len,
+            writable,
+        }
+    }
 }
 
 /// Machine code for one program.

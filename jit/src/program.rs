@@ -171,7 +171,21 @@ impl JitProgram {
         r2: u64,
         host: *mut c_void,
     ) -> Result<u64, Trap> {
-        self.run_inner(gm, r1, r2, host, &[])
+        self.run_inner(gm, r1, r2, host, &[], u64::MAX)
+    }
+
+    /// [`JitProgram::run_in`] pinned to CPU id `cpu`: inlined per-CPU array lookups and updates
+    /// ([`crate::InlineMap`]) address that CPU's elements (`u64::MAX`: they call the helper).
+    #[inline]
+    pub fn run_in_on_cpu(
+        &self,
+        gm: &mut GuestMemory,
+        r1: u64,
+        r2: u64,
+        host: *mut c_void,
+        cpu: u64,
+    ) -> Result<u64, Trap> {
+        self.run_inner(gm, r1, r2, host, &[], cpu)
     }
 
     /// [`JitProgram::run_in`] with program arrays for `bpf_tail_call` (helper 12): a tail call
@@ -185,7 +199,7 @@ impl JitProgram {
         host: *mut c_void,
         arrays: &[ProgArray<'_>],
     ) -> Result<u64, Trap> {
-        self.run_inner(gm, r1, r2, host, arrays)
+        self.run_inner(gm, r1, r2, host, arrays, u64::MAX)
     }
 
     fn run_inner(
@@ -195,6 +209,7 @@ impl JitProgram {
         r2: u64,
         host: *mut c_void,
         arrays: &[ProgArray<'_>],
+        cpu: u64,
     ) -> Result<u64, Trap> {
         gm.clear_grants();
         let frame_top = gm.frame_pointer(0);
@@ -216,6 +231,7 @@ impl JitProgram {
             unsafe { env.set_guest_memory(gm_ptr) };
         }
         let mut ctx = JitContext::new(frame_top, &mut env);
+        ctx.cpu = cpu;
         let ctx_ptr: *mut JitContext = &mut ctx;
         // SAFETY: `jit_callback` is sound with this run's context as state (module
         // invariants); the env and the context live until the run ends.

@@ -14,7 +14,10 @@ use support_aarch64::Emu;
 fn run_all(checked: bool) {
     let vectors = bpftime_testkit::vectors();
     let helpers = conformance_helpers();
-    let opts = JitOptions { checked };
+    let opts = JitOptions {
+        checked,
+        ..Default::default()
+    };
     let mut emu = Emu::new();
     let mut failures = Vec::new();
     let start = Instant::now();

@@ -741,7 +741,10 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 fn run_cases(checked: bool, first: u64, count: u64) {
     let seed = env_u64("BPFTIME_DIFF_SEED").unwrap_or(DEFAULT_SEED);
     let mut runner = Runner::new();
-    let opts = JitOptions { checked };
+    let opts = JitOptions {
+        checked,
+        ..Default::default()
+    };
     let start = Instant::now();
     let (mut traps, mut stops, mut insns, mut callbacks) = (0u64, 0u64, 0usize, 0u64);
     for case in first..first + count {

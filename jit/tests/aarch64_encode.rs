@@ -32,7 +32,10 @@ fn compiled(src: &str, checked: bool) -> Result<CompiledCode, JitError> {
         &prog,
         &h,
         &|id, _| 0x1234_5678_0000 + u64::from(id),
-        &JitOptions { checked },
+        &JitOptions {
+            checked,
+            ..Default::default()
+        },
     )
 }
 
@@ -486,8 +489,16 @@ fn every_verified_random_program_compiles() {
         };
         verified += 1;
         for checked in [false, true] {
-            compile_with(&prog, &h, &|_, _| u64::MAX, &JitOptions { checked })
-                .unwrap_or_else(|e| panic!("{e}\n{}", bpftime_vm::disasm::disassemble(&insns)));
+            compile_with(
+                &prog,
+                &h,
+                &|_, _| u64::MAX,
+                &JitOptions {
+                    checked,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{}", bpftime_vm::disasm::disassemble(&insns)));
         }
     }
     println!("{verified} of {tried} random programs verified and compiled");

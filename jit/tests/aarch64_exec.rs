@@ -55,7 +55,15 @@ fn tail_setup(target: &str, checked: bool) -> TailSetup {
     let mut emu = Emu::new();
     let h = helpers();
     emu.set_helpers(&h);
-    let code = compile(&program(target), &h, &JitOptions { checked }).unwrap();
+    let code = compile(
+        &program(target),
+        &h,
+        &JitOptions {
+            checked,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let base = emu.load_at(32 << 20, &code);
     TailSetup {
         emu,
@@ -70,7 +78,15 @@ fn run_caller(
     checked: bool,
 ) -> Result<u64, Trap> {
     let h = helpers();
-    let code = compile(&program(src), &h, &JitOptions { checked }).unwrap();
+    let code = compile(
+        &program(src),
+        &h,
+        &JitOptions {
+            checked,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let entry = s.emu.load(&code);
     s.emu.set_tail_tables(tables);
     s.emu.guest_memory().reset();
@@ -225,7 +241,15 @@ mod by_helper {
         let h = helpers();
         s.emu.set_helpers(&h);
         let prog = verify(&assemble(src).unwrap(), &h).unwrap();
-        let code = compile(&prog, &h, &JitOptions { checked }).unwrap();
+        let code = compile(
+            &prog,
+            &h,
+            &JitOptions {
+                checked,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let entry = s.emu.load(&code);
         s.emu.set_tail_tables(&[]);
         s.emu.guest_memory().reset();
@@ -288,7 +312,15 @@ mod callbacks {
             }
             let mut g = vec![0u8; 64];
             let got = emu
-                .compile_and_run(&prog, &h, &JitOptions { checked }, &mut g)
+                .compile_and_run(
+                    &prog,
+                    &h,
+                    &JitOptions {
+                        checked,
+                        ..Default::default()
+                    },
+                    &mut g,
+                )
                 .unwrap();
             assert_eq!((got, &g), (want, &m), "checked {checked}:\n{src}");
         }
@@ -357,7 +389,15 @@ fn both(src: &str, mem: &[u8], checked: bool) -> (Result<u64, Trap>, Result<u64,
     let mut emu = Emu::new();
     let mut m = mem.to_vec();
     let got = emu
-        .compile_and_run(&prog, &h, &JitOptions { checked }, &mut m)
+        .compile_and_run(
+            &prog,
+            &h,
+            &JitOptions {
+                checked,
+                ..Default::default()
+            },
+            &mut m,
+        )
         .unwrap();
     (want, got)
 }
@@ -414,7 +454,10 @@ fn checked_mode_without_a_check_function_traps_outside_the_stack() {
         .compile_and_run(
             &prog,
             &HelperRegistry::new(),
-            &JitOptions { checked: true },
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
             &mut mem,
         )
         .unwrap();
@@ -426,7 +469,10 @@ fn checked_mode_without_a_check_function_traps_outside_the_stack() {
         .compile_and_run(
             &prog,
             &HelperRegistry::new(),
-            &JitOptions { checked: true },
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
             &mut mem,
         )
         .unwrap();

@@ -104,7 +104,10 @@ fn qemu_user_and_unicorn_agree_on_every_conformance_vector() {
         let want = parse_result(v["result"].as_str().unwrap());
         let prog = verify(&insns, &helpers).unwrap();
         for checked in [false, true] {
-            let opts = JitOptions { checked };
+            let opts = JitOptions {
+                checked,
+                ..Default::default()
+            };
             let code = compile_with(&prog, &helpers, &|_, _| unwind, &opts).unwrap();
             let mut after = mem.clone();
             let uc = emu

@@ -592,6 +592,7 @@ fn run_engine(
         Engine::Checked | Engine::Unchecked => {
             let opts = JitOptions {
                 checked: engine == Engine::Checked,
+                ..Default::default()
             };
             let jit = JitProgram::new(prog, helpers, &opts).map_err(|e| e.to_string())?;
             jit.run_in(&mut gm, start, MEM_LEN as u64, std::ptr::null_mut())
@@ -842,7 +843,15 @@ fn mutated_programs_compile_and_agree() {
         };
         verified += 1;
         let compile = |checked| {
-            JitProgram::new(&prog, &helpers, &JitOptions { checked }).unwrap_or_else(|e| {
+            JitProgram::new(
+                &prog,
+                &helpers,
+                &JitOptions {
+                    checked,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| {
                 panic!(
                     "case {case_no}: verified program does not compile: {e}\n{}",
                     disassemble(&insns)
@@ -923,7 +932,15 @@ fn dead_call_of_the_main_function_compiles() {
     let helpers = helpers();
     let prog = verify(&insns, &helpers).expect("dead calls are not checked for recursion");
     for checked in [false, true] {
-        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked }).expect("compiles");
+        let jit = JitProgram::new(
+            &prog,
+            &helpers,
+            &JitOptions {
+                checked,
+                ..Default::default()
+            },
+        )
+        .expect("compiles");
         assert_eq!(jit.run(&mut []), Ok(7));
     }
 }
@@ -938,7 +955,15 @@ fn dead_jump_out_of_the_program_compiles() {
     let helpers = helpers();
     let prog = verify(&insns, &helpers).expect("the dead jump is not checked");
     for checked in [false, true] {
-        let jit = JitProgram::new(&prog, &helpers, &JitOptions { checked }).expect("compiles");
+        let jit = JitProgram::new(
+            &prog,
+            &helpers,
+            &JitOptions {
+                checked,
+                ..Default::default()
+            },
+        )
+        .expect("compiles");
         assert_eq!(jit.run(&mut []), Ok(0));
     }
 }
@@ -981,8 +1006,15 @@ fn switch_like_jeq_runs_agree_with_the_interpreter() {
         let insns = bpftime_vm::asm::assemble(&src).expect("assembles");
         let helpers = helpers();
         let prog = verify(&insns, &helpers).expect("verifies");
-        let jit =
-            JitProgram::new(&prog, &helpers, &JitOptions { checked: true }).expect("compiles");
+        let jit = JitProgram::new(
+            &prog,
+            &helpers,
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
+        )
+        .expect("compiles");
         let inputs = (0..70u64).chain([
             u64::MAX,
             1 << 32,

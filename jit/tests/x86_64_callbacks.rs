@@ -80,7 +80,15 @@ fn agree(src: &str) -> Outcome {
         if !checked && want.0.is_err() {
             continue;
         }
-        let j = JitProgram::new(&p, &h, &JitOptions { checked }).expect("compiles");
+        let j = JitProgram::new(
+            &p,
+            &h,
+            &JitOptions {
+                checked,
+                ..Default::default()
+            },
+        )
+        .expect("compiles");
         let mut block = vec![0u8; 64];
         let got = (j.run(&mut block), block);
         assert_eq!(got, want, "checked {checked}:\n{src}");

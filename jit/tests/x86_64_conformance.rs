@@ -10,7 +10,10 @@ use bpftime_vm::verifier::verify;
 fn run_all(checked: bool) {
     let vectors = bpftime_testkit::vectors();
     let helpers = conformance_helpers();
-    let opts = JitOptions { checked };
+    let opts = JitOptions {
+        checked,
+        ..Default::default()
+    };
     let mut failures = Vec::new();
     for v in &vectors {
         let name = &v.name;

@@ -23,7 +23,16 @@ fn compiled(src: &str, checked: bool) -> CompiledCode {
     let insns = assemble(src).unwrap_or_else(|e| panic!("{src}: {e}"));
     let h = helpers();
     let prog = verify(&insns, &h).unwrap_or_else(|e| panic!("{src}: {e}"));
-    compile(Arch::X86_64, &prog, &h, &JitOptions { checked }).expect("compiles")
+    compile(
+        Arch::X86_64,
+        &prog,
+        &h,
+        &JitOptions {
+            checked,
+            ..Default::default()
+        },
+    )
+    .expect("compiles")
 }
 
 fn decode(code: &[u8], from: usize, to: usize) -> Vec<Instruction> {

@@ -67,7 +67,15 @@ fn random_switches_agree_with_the_interpreter() {
             .collect();
         let src = program(&values, w32);
         let prog = verify(&assemble(&src).unwrap(), &h).unwrap_or_else(|e| panic!("{e}\n{src}"));
-        let jit = JitProgram::new(&prog, &h, &JitOptions { checked: true }).unwrap();
+        let jit = JitProgram::new(
+            &prog,
+            &h,
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         if uses_indirect_jump(&jit.compiled().code) {
             tables += 1;
         }
@@ -100,7 +108,15 @@ fn the_benchmark_switch_stays_a_compare_chain_and_agrees() {
     ))
     .unwrap();
     let prog = verify(&assemble(&src).unwrap(), &h).unwrap();
-    let jit = JitProgram::new(&prog, &h, &JitOptions { checked: false }).unwrap();
+    let jit = JitProgram::new(
+        &prog,
+        &h,
+        &JitOptions {
+            checked: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // Nine cases: below the table threshold (see `SWITCH_MIN_CASES` in the emitter).
     assert!(!uses_indirect_jump(&jit.compiled().code));
     let want = Interpreter::new(&prog, &h).run(&mut []);
@@ -115,7 +131,15 @@ fn short_or_sparse_chains_stay_compare_chains() {
     for values in [(1..12).collect::<Vec<i64>>(), sparse] {
         let src = program(&values, false);
         let prog = verify(&assemble(&src).unwrap(), &h).unwrap();
-        let jit = JitProgram::new(&prog, &h, &JitOptions { checked: false }).unwrap();
+        let jit = JitProgram::new(
+            &prog,
+            &h,
+            &JitOptions {
+                checked: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(!uses_indirect_jump(&jit.compiled().code), "{values:?}");
     }
 }

@@ -32,7 +32,15 @@ fn helpers() -> HelperRegistry {
 fn jit(src: &str, checked: bool) -> JitProgram {
     let h = helpers();
     let prog = verify(&assemble(src).expect("assembles"), &h).expect("verifies");
-    JitProgram::new(&prog, &h, &JitOptions { checked }).expect("compiles")
+    JitProgram::new(
+        &prog,
+        &h,
+        &JitOptions {
+            checked,
+            ..Default::default()
+        },
+    )
+    .expect("compiles")
 }
 
 /// Tail-calls `index` of `map`; 99 when the call falls through.
@@ -236,8 +244,17 @@ mod by_helper {
 
     fn slot(src: &str, h: &Arc<HelperRegistry>) -> Arc<Slot> {
         let prog = verify(&assemble(src).expect("assembles"), h).expect("verifies");
-        let jit = [false, true]
-            .map(|checked| JitProgram::new(&prog, h, &JitOptions { checked }).expect("compiles"));
+        let jit = [false, true].map(|checked| {
+            JitProgram::new(
+                &prog,
+                h,
+                &JitOptions {
+                    checked,
+                    ..Default::default()
+                },
+            )
+            .expect("compiles")
+        });
         Arc::new(Slot {
             target: TailTarget {
                 prog: Arc::new(prog),

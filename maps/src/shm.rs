@@ -374,26 +374,49 @@ pub fn current_cpu() -> u32 {
 /// two; pinning the CPU *index* for the run keeps the kernel's behaviour for the thread itself
 /// (a `count()`-style lookup-then-update of one thread never writes another slot's value back).
 /// Two threads that share a slot can still interleave — see the README's limits.
+#[inline]
 pub fn pin_cpu() -> CpuPin {
-    let prev = PINNED_CPU.with(std::cell::Cell::get);
-    if prev == u32::MAX {
+    // One thread-local access per pin (the guard keeps the cell's address for its drop).
+    let cell: *const std::cell::Cell<u32> = PINNED_CPU.with(|p| p as *const _);
+    // SAFETY: the cell is this thread's `PINNED_CPU`, const-initialised without a destructor:
+    // it lives until the thread ends, beyond this call.
+    let p = unsafe { &*cell };
+    let prev = p.get();
+    let cpu = if prev == u32::MAX {
         // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
-        let c = unsafe { libc::sched_getcpu() };
-        PINNED_CPU.with(|p| p.set(c.max(0) as u32));
-    }
-    CpuPin { prev }
+        let c = unsafe { libc::sched_getcpu() }.max(0) as u32;
+        p.set(c);
+        c
+    } else {
+        prev
+    };
+    CpuPin { cell, prev, cpu }
 }
 
-/// Guard of [`pin_cpu`]; restores the previous state on drop.
+/// Guard of [`pin_cpu`]; restores the previous state on drop. Not `Send`: it belongs to the
+/// thread whose CPU it pinned.
 #[derive(Debug)]
 #[must_use = "the CPU stays pinned only while the guard lives"]
 pub struct CpuPin {
+    cell: *const std::cell::Cell<u32>,
     prev: u32,
+    cpu: u32,
+}
+
+impl CpuPin {
+    /// The pinned CPU id (what [`current_cpu`] returns while the guard lives).
+    #[inline]
+    pub fn cpu(&self) -> u32 {
+        self.cpu
+    }
 }
 
 impl Drop for CpuPin {
+    #[inline]
     fn drop(&mut self) {
-        PINNED_CPU.with(|p| p.set(self.prev));
+        // SAFETY: `cell` is the creating thread's `PINNED_CPU` (see `pin_cpu`), alive until
+        // that thread ends; the guard is not `Send`, so this runs on that thread.
+        unsafe { (*self.cell).set(self.prev) };
     }
 }
 

@@ -15,7 +15,7 @@
 //!   faulting.
 
 use bpftime_maps::Map;
-use bpftime_vm::helper::CallEnv;
+use bpftime_vm::helper::{CallEnv, MemRegion};
 use std::cell::Cell;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +43,12 @@ pub(crate) struct ArrayLayout {
     stride: u64,
     /// Per CPU id (per-CPU arrays; `None`: the map's generic path) or one base (arrays).
     bases: Vec<Option<u64>>,
+    /// `bases` with 0 for `None`: the table inlined per-CPU lookups read (JIT).
+    flat: Vec<u64>,
     percpu: bool,
+    value_size: u32,
+    /// Programs may write the values (no `BPF_F_RDONLY_PROG`).
+    writable: bool,
 }
 
 /// Most CPU ids probed when laying out a per-CPU array.
@@ -72,13 +77,19 @@ impl ArrayLayout {
                 Some(0)
             }
         };
+        let value_size = m.def().value_size;
+        let writable = m.def().flags & bpftime_maps::map::BPF_F_RDONLY_PROG == 0;
         if !percpu {
+            let base = addr(&k0, None)?;
             return Some(ArrayLayout {
                 map: m as *const Map as usize,
                 max_entries,
                 stride: stride_at(None)?,
-                bases: vec![Some(addr(&k0, None)?)],
+                bases: vec![Some(base)],
+                flat: vec![base],
                 percpu,
+                value_size,
+                writable,
             });
         }
         // Indexed by CPU id: the slot each CPU's lookups use, as the map reports it (CPUs
@@ -114,9 +125,55 @@ impl ArrayLayout {
             map: m as *const Map as usize,
             max_entries,
             stride: stride?,
+            flat: bases.iter().map(|b| b.unwrap_or(0)).collect(),
             bases,
             percpu,
+            value_size,
+            writable,
         })
+    }
+
+    /// The JIT's description of this map and the data area its inlined code may touch (every
+    /// element of every CPU id's slot), or `None` when there is nothing to inline.
+    fn inline_map(&self) -> Option<(bpftime_jit::InlineMap, MemRegion)> {
+        let present: Vec<u64> = self.flat.iter().copied().filter(|&b| b != 0).collect();
+        let lo = *present.iter().min()?;
+        let hi = *present.iter().max()?;
+        let span = u64::from(self.max_entries.checked_sub(1)?)
+            .checked_mul(self.stride)?
+            .checked_add(u64::from(self.value_size))?;
+        let area = MemRegion {
+            start: lo,
+            len: (hi - lo).checked_add(span)?,
+            writable: self.writable,
+        };
+        let layout = if self.percpu {
+            bpftime_jit::InlineLayout::PerCpu {
+                bases: self.flat.as_ptr() as u64,
+                len: self.flat.len() as u64,
+            }
+        } else {
+            bpftime_jit::InlineLayout::Array { base: lo }
+        };
+        // SAFETY: the bases and stride are the map's own answers for element addresses
+        // (`Map::lookup_ptr` / `lookup_percpu_ptr`, fixed for the life of the handle: the
+        // data lives in the store mapping), and the area spans exactly those elements; the
+        // handle and this layout (with `flat`, which is never modified after construction)
+        // live in the `LoadedProg` that owns the compiled code (module invariants), and its
+        // helpers 1 and 2 answer for the same handle.
+        let m = unsafe {
+            bpftime_jit::InlineMap::new(
+                self.map as u64,
+                self.max_entries,
+                self.value_size,
+                self.stride,
+                layout,
+                area.start,
+                area.len,
+                self.writable,
+            )
+        };
+        Some((m, area))
     }
 
     /// The value of element `key` (this CPU's), or `None` to take the map's own path.
@@ -140,17 +197,29 @@ pub(crate) fn array_value(env: &CallEnv, m: &Map, key: &[u8]) -> Option<*mut u8>
     let host = env.host as *const ProgHost;
     // SAFETY: `host` is null or the running program's live `ProgHost` (module invariants).
     let host = unsafe { host.as_ref() }?;
-    let arrays = host.arrays.get_or_init(|| {
-        host.maps
-            .iter()
-            .filter_map(|&a| {
-                // SAFETY: the program's own boxed map handles (module invariants).
-                ArrayLayout::of(unsafe { &*(a as *const Map) })
-            })
-            .collect()
-    });
+    let arrays = host.arrays.get_or_init(|| array_layouts(host));
     let addr = m as *const Map as usize;
     arrays.iter().find(|a| a.map == addr)?.value(key)
+}
+
+/// The program's arrays and per-CPU arrays as the JIT inlines their lookups and updates, each
+/// with the data area its code may access (to be registered as a region of every run).
+pub(crate) fn inline_maps(host: &ProgHost) -> Vec<(bpftime_jit::InlineMap, MemRegion)> {
+    host.arrays
+        .get_or_init(|| array_layouts(host))
+        .iter()
+        .filter_map(ArrayLayout::inline_map)
+        .collect()
+}
+
+fn array_layouts(host: &ProgHost) -> Vec<ArrayLayout> {
+    host.maps
+        .iter()
+        .filter_map(|&a| {
+            // SAFETY: the program's own boxed map handles (module invariants).
+            ArrayLayout::of(unsafe { &*(a as *const Map) })
+        })
+        .collect()
 }
 
 /// Most inner map handles one program keeps (each lookup of a not yet seen inner map opens

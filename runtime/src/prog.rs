@@ -46,6 +46,13 @@ pub struct LoadedProg {
     /// The program may reserve ring buffer records (a ring buffer map, or a map of maps that
     /// may hold one): leftovers are discarded when its runs end.
     reserves: bool,
+    /// The program may read its attach cookie (`bpf_get_attach_cookie`, or a tail call or
+    /// `callx` that might): runs set it only then.
+    uses_cookie: bool,
+    /// The program may call `bpf_override_return` (directly, through a tail call or `callx`).
+    may_override: bool,
+    /// The program may call `bpf_get_func_ip` (likewise).
+    uses_func_ip: bool,
     #[cfg(target_arch = "x86_64")]
     jit: Option<bpftime_jit::program::JitProgram>,
 }
@@ -208,6 +215,16 @@ impl LoadedProg {
         let tail_calls = insns
             .iter()
             .any(|i| i.code == CALL && i.src == 0 && i.imm == crate::helpers::TAIL_CALL as i32);
+        let dynamic = tail_calls || insns.iter().any(|i| i.code == bpftime_vm::opcode::CALLX);
+        let calls = |id: u32| {
+            dynamic
+                || insns
+                    .iter()
+                    .any(|i| i.code == CALL && i.src == 0 && i.imm == id as i32)
+        };
+        let uses_cookie = calls(crate::helpers::GET_ATTACH_COOKIE);
+        let may_override = calls(crate::helpers::OVERRIDE_RETURN);
+        let uses_func_ip = calls(crate::helpers::GET_FUNC_IP);
         let reserves = maps.iter().any(|m| {
             [MapType::RingBuf, MapType::ArrayOfMaps, MapType::HashOfMaps]
                 .iter()
@@ -228,6 +245,9 @@ impl LoadedProg {
             value_regions,
             tail_calls,
             reserves,
+            uses_cookie,
+            may_override,
+            uses_func_ip,
             #[cfg(target_arch = "x86_64")]
             jit: None,
         })
@@ -240,11 +260,25 @@ impl LoadedProg {
         {
             self.jit = match engine {
                 Engine::Interpreter => None,
-                Engine::Jit { checked } => Some(bpftime_jit::program::JitProgram::new(
-                    &self.prog,
-                    &self.helpers,
-                    &bpftime_jit::JitOptions { checked },
-                )?),
+                Engine::Jit { checked } => {
+                    // Array and per-CPU array lookups and updates are inlined, as the kernel's
+                    // verifier does; a checked run may then access those maps' data areas.
+                    let inline = crate::host::inline_maps(&self.host);
+                    for (_, area) in &inline {
+                        if !self.value_regions.contains(area) {
+                            self.value_regions.push(*area);
+                        }
+                    }
+                    let opts = bpftime_jit::JitOptions {
+                        checked,
+                        inline_maps: inline.into_iter().map(|(m, _)| m).collect(),
+                    };
+                    Some(bpftime_jit::program::JitProgram::new(
+                        &self.prog,
+                        &self.helpers,
+                        &opts,
+                    )?)
+                }
             };
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -273,6 +307,18 @@ impl LoadedProg {
         &self.name
     }
 
+    /// Whether a run may call `bpf_override_return` (whose value
+    /// [`crate::helpers::take_override`] then gives): runners need not look otherwise.
+    pub fn may_override(&self) -> bool {
+        self.may_override
+    }
+
+    /// Whether a run may call `bpf_get_func_ip` (runners that set the function's address with
+    /// [`crate::helpers::FuncIpGuard`] need not otherwise).
+    pub fn uses_func_ip(&self) -> bool {
+        self.uses_func_ip
+    }
+
     /// Ids of the maps the program uses.
     pub fn map_ids(&self) -> Vec<u32> {
         self.maps.iter().map(|m| m.id()).collect()
@@ -299,10 +345,12 @@ impl LoadedProg {
         ctx_len: usize,
         cookie: u64,
     ) -> Result<u64, Trap> {
-        let _cookie = crate::helpers::CookieGuard::set(cookie);
+        let _cookie = self
+            .uses_cookie
+            .then(|| crate::helpers::CookieGuard::set(cookie));
         // One CPU for the whole run, as in the kernel (no migration mid-program): a per-CPU
         // lookup and the update that follows address the same slot.
-        let _cpu = bpftime_maps::shm::pin_cpu();
+        let cpu = bpftime_maps::shm::pin_cpu();
         // Ring buffer records the program leaves uncommitted are discarded when it ends (by
         // the last program of the run, after tail calls, then by this one). A program that
         // neither tail-calls nor can reserve records needs neither guard (the probe hot path).
@@ -316,7 +364,8 @@ impl LoadedProg {
         });
         #[cfg(target_arch = "x86_64")]
         if let Some(j) = &self.jit {
-            let run = |gm: &mut _, r1, r2, host| j.run_in(gm, r1, r2, host);
+            let cpu = u64::from(cpu.cpu());
+            let run = |gm: &mut _, r1, r2, host| j.run_in_on_cpu(gm, r1, r2, host, cpu);
             // SAFETY: forwarded contract on `ctx`.
             return unsafe {
                 exec::run_on_thread_memory(run, &self.host, &self.value_regions, ctx, ctx_len)

@@ -158,7 +158,7 @@ pub fn execute(
         Engine::Interpreter(budget) => Interpreter::new(&prog, helpers)
             .with_budget(budget)
             .run(mem),
-        Engine::Jit => JitProgram::new(&prog, helpers, &JitOptions { checked: true })
+        Engine::Jit => JitProgram::new(&prog, helpers, &JitOptions { checked: true, ..Default::default() })
             .context("the JIT cannot compile this program (try --no-jit)")?
             .run(mem),
     };

@@ -55,7 +55,7 @@
 
 use super::regs::{native, x};
 use crate::abi::{JitContext, MAX_TAIL_CALLS, TailCallTable, trap};
-use crate::{Arch, CompiledCode, JitError, JitOptions};
+use crate::{Arch, CompiledCode, InlineMap, JitError, JitOptions};
 use bpftime_vm::helper::{CallEnv, CallStatus, HelperRegistry};
 use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, LdImmKind, Op, Size, Src, Width};
 use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
@@ -112,6 +112,7 @@ const CACHE_WLEN: i32 = CACHE_START + 16;
 const TAIL_TABLES_LEN: i32 = offset_of!(JitContext, tail_tables_len) as i32;
 const FUNCS: i32 = offset_of!(JitContext, funcs) as i32;
 const CUR_FP: i32 = offset_of!(JitContext, cur_fp) as i32;
+const CPU: i32 = offset_of!(JitContext, cpu) as i32;
 const CB_TARGET: i32 = crate::abi::CB_TARGET as i32;
 const CB_FP: i32 = crate::abi::CB_FP as i32;
 // CallEnv (asserted in bpftime_vm::helper for status and exit_value).
@@ -206,6 +207,48 @@ struct Emitter<'a> {
     func_offsets: Vec<usize>,
     /// `(ja slot, (start, end))`, sorted: the block `[start, end)` copied in place of the `ja`.
     tails: Vec<(usize, (usize, usize))>,
+    /// Maps whose lookups and updates may be inlined ([`crate::InlineMap`]).
+    inline: &'a [InlineMap],
+    /// Per slot: the constant r1 holds there when an `lddw` into r1 earlier in the same basic
+    /// block set it (only computed when there are maps to inline).
+    r1_const: Vec<Option<u64>>,
+}
+
+/// For each slot, the value of r1 when an `lddw r1, imm64` earlier in the same straight-line
+/// run of instructions (no jump target, call or write of r1 in between) set it.
+fn r1_constants(prog: &Program, label_of: &[u32]) -> Vec<Option<u64>> {
+    let ops = prog.ops();
+    let mut out = vec![None; ops.len()];
+    let mut cur = None;
+    for (pc, op) in ops.iter().enumerate() {
+        if label_of.get(pc).is_some_and(|&l| l != u32::MAX) || prog.functions().contains(&pc) {
+            cur = None;
+        }
+        let Some(op) = op else { continue };
+        out[pc] = cur;
+        cur = match *op {
+            Op::LdImm64 {
+                dst: 1,
+                kind: LdImmKind::Imm64,
+                lo,
+                hi,
+            } => Some(u64::from(lo as u32) | (u64::from(hi as u32) << 32)),
+            Op::Alu { dst: 1, .. }
+            | Op::Neg { dst: 1, .. }
+            | Op::MovSx { dst: 1, .. }
+            | Op::Endian { dst: 1, .. }
+            | Op::LdImm64 { dst: 1, .. }
+            | Op::Load { dst: 1, .. }
+            | Op::Atomic { src: 1, .. }
+            | Op::Call { .. }
+            | Op::CallLocal { .. }
+            | Op::Callx { .. }
+            | Op::Ja { .. }
+            | Op::Exit => None,
+            _ => cur,
+        };
+    }
+    out
 }
 
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
@@ -616,7 +659,12 @@ pub fn compile(
         } else {
             Vec::new()
         },
+        inline: &opts.inline_maps,
+        r1_const: Vec::new(),
     };
+    if !opts.inline_maps.is_empty() {
+        e.r1_const = r1_constants(prog, &e.label_of);
+    }
     // Loops: prefix sums of estimated code sizes give a loop's size in O(1). A short loop is
     // placed so that it does not cross a 64-byte boundary (one fetch/op-cache window), others
     // start 16-byte aligned (measured: up to 40% on short loops).
@@ -1127,6 +1175,8 @@ impl Emitter<'_> {
             }
             Op::Call { id } => match self.helpers.get(id) {
                 Some(h) => {
+                    // An inlined map lookup / update falls back to the call below.
+                    let inlined = self.inline_map_call(pc, id);
                     let addr = h.func as usize as i64;
                     if h.calls_back {
                         asm!(self.ops; mov [r12 + CUR_FP], rbp);
@@ -1141,6 +1191,9 @@ impl Emitter<'_> {
                     }
                     if h.may_stop {
                         self.status_check(pc);
+                    }
+                    if let Some(done) = inlined {
+                        asm!(self.ops; =>done);
                     }
                 }
                 None => {
@@ -1207,6 +1260,132 @@ impl Emitter<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The inlined fast path of `bpf_map_lookup_elem` (`id` 1) or `bpf_map_update_elem` (2)
+    /// at `pc` when r1 holds an [`InlineMap`]'s handle there (see [`crate::InlineMap`]): it
+    /// jumps to the returned label when it answered, and falls through to the helper call the
+    /// caller emits next (with r1–r5 intact) when it cannot. Uses only rax, r10 and r11.
+    fn inline_map_call(&mut self, pc: usize, id: u32) -> Option<DynamicLabel> {
+        if id != 1 && id != 2 {
+            return None;
+        }
+        let handle = self.r1_const.get(pc).copied().flatten()?;
+        let m = self.inline.iter().find(|m| m.handle == handle)?.clone();
+        let update = id == 2;
+        if update && (!m.writable || m.value_size == 0 || m.value_size > 64) {
+            return None;
+        }
+        let done = self.ops.new_dynamic_label();
+        let slow = self.ops.new_dynamic_label();
+        if update {
+            // Flags other than BPF_ANY (0) and BPF_EXIST (2): the helper's errors.
+            asm!(self.ops
+                ; test rcx, -3
+                ; jnz =>slow
+            );
+        }
+        // The key (r2 points at it).
+        let (b, disp) = self.mem_operand(pc, 2, 0, 4, false);
+        at!(self.ops, b, disp; [mov eax, DWORD] []);
+        let absent = if update {
+            slow
+        } else {
+            self.ops.new_dynamic_label()
+        };
+        if m.max_entries <= i32::MAX as u32 {
+            asm!(self.ops; cmp eax, m.max_entries as i32);
+        } else {
+            asm!(self.ops; mov r10d, m.max_entries as i32; cmp eax, r10d);
+        }
+        asm!(self.ops; jae =>absent);
+        // rax = key × stride (+ base below).
+        if m.max_entries == 1 {
+            asm!(self.ops; xor eax, eax);
+        } else if m.stride.is_power_of_two() {
+            asm!(self.ops; shl rax, m.stride.trailing_zeros() as i8);
+        } else if m.stride <= i32::MAX as u64 {
+            asm!(self.ops; imul rax, rax, m.stride as i32);
+        } else {
+            self.mov_imm64(x::R10, m.stride);
+            asm!(self.ops; imul rax, r10);
+        }
+        match m.layout {
+            crate::InlineLayout::Array { base } => {
+                self.mov_imm64(x::R10, base);
+            }
+            crate::InlineLayout::PerCpu { bases, len } => {
+                self.mov_imm64(x::R11, len);
+                asm!(self.ops
+                    ; mov r10, [r12 + CPU]
+                    ; cmp r10, r11
+                    ; jae =>slow
+                );
+                self.mov_imm64(x::R11, bases);
+                asm!(self.ops
+                    ; mov r10, [r11 + r10 * 8]
+                    ; test r10, r10
+                    ; jz =>slow
+                );
+            }
+        }
+        asm!(self.ops; add rax, r10);
+        if update {
+            // The value: [r3, r3 + value_size), checked as one access.
+            let len = m.value_size as u8;
+            let (b, disp) = self.mem_operand(pc, 3, 0, len, false);
+            let mut off = 0i32;
+            let end = i32::from(len);
+            while off < end {
+                let d = disp + off;
+                match end - off {
+                    8.. => {
+                        at!(self.ops, b, d; [mov r10, QWORD] []);
+                        asm!(self.ops; mov [rax + off], r10);
+                        off += 8;
+                    }
+                    4..=7 => {
+                        at!(self.ops, b, d; [mov r10d, DWORD] []);
+                        asm!(self.ops; mov [rax + off], r10d);
+                        off += 4;
+                    }
+                    2 | 3 => {
+                        at!(self.ops, b, d; [movzx r10d, WORD] []);
+                        asm!(self.ops; mov [rax + off], r10w);
+                        off += 2;
+                    }
+                    _ => {
+                        at!(self.ops, b, d; [movzx r10d, BYTE] []);
+                        asm!(self.ops; mov [rax + off], r10b);
+                        off += 1;
+                    }
+                }
+            }
+            asm!(self.ops
+                ; xor eax, eax
+                ; jmp =>done
+            );
+        } else {
+            if self.checked {
+                // Accesses through the pointer test the data area inline.
+                self.mov_imm64(x::R10, m.area_start);
+                asm!(self.ops; mov [r12 + CACHE_START], r10);
+                self.mov_imm64(x::R10, m.area_len);
+                asm!(self.ops; mov [r12 + CACHE_LEN], r10);
+                if !m.writable {
+                    asm!(self.ops; xor r10d, r10d);
+                }
+                asm!(self.ops; mov [r12 + CACHE_WLEN], r10);
+            }
+            asm!(self.ops
+                ; jmp =>done
+                ; =>absent
+                ; xor eax, eax
+                ; jmp =>done
+            );
+        }
+        asm!(self.ops; =>slow);
+        Some(done)
     }
 
     /// The label of jump target `t` (every valid target got one in `compile`).

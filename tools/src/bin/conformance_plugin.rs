@@ -102,7 +102,7 @@ fn run(opts: &Options) -> Result<u64> {
     let helpers = conformance_helpers();
     let prog = verify(&insns, &helpers).context("program rejected")?;
     let result = if opts.jit {
-        JitProgram::new(&prog, &helpers, &JitOptions { checked: true })
+        JitProgram::new(&prog, &helpers, &JitOptions { checked: true, ..Default::default() })
             .context("JIT compilation failed")?
             .run(&mut memory)
     } else {

@@ -29,6 +29,7 @@
 
 use bpftime_attach::PtRegs;
 use bpftime_attach::procmaps::read_self_maps;
+use bpftime_attach::syscall::dispatch;
 use bpftime_attach::syscall::intercept::{
     Interceptor, SyscallCall, patchable_objects, set_handlers,
 };
@@ -265,6 +266,94 @@ impl Want {
     }
 }
 
+/// The Syscall User Dispatch catch-all (`bpftime_attach::syscall::dispatch`): on while
+/// attachments exist, unless the kernel lacks it or `BPFTIME_SYSCALL_DISPATCH=0`.
+#[derive(Debug, Default)]
+struct Sud {
+    /// The allowed range (libc and the agent), once found.
+    range: Option<(usize, usize)>,
+    /// Unavailable or turned off: not tried again.
+    off: bool,
+    on: bool,
+}
+
+impl Sud {
+    /// Turns the catch-all on (if it can be) and arms the threads that are not yet.
+    fn enable(&mut self) {
+        if self.off {
+            return;
+        }
+        let range = match self.range {
+            Some(r) => r,
+            None => {
+                if std::env::var("BPFTIME_SYSCALL_DISPATCH").is_ok_and(|v| v == "0") {
+                    tracing::info!("syscall user dispatch: off (BPFTIME_SYSCALL_DISPATCH=0)");
+                    self.off = true;
+                    return;
+                }
+                if !dispatch::supported() {
+                    tracing::info!(
+                        "syscall user dispatch: not supported by this kernel; only patched \
+                         sites are traced"
+                    );
+                    self.off = true;
+                    return;
+                }
+                let Some(r) = read_self_maps()
+                    .ok()
+                    .and_then(|m| dispatch::allowed_range(&m))
+                else {
+                    tracing::warn!("syscall user dispatch: libc or the agent not found in maps");
+                    self.off = true;
+                    return;
+                };
+                *self.range.insert(r)
+            }
+        };
+        if !self.on {
+            if let Err(e) = dispatch::enable(range) {
+                tracing::warn!("syscall user dispatch: {e}; only patched sites are traced");
+                self.off = true;
+                return;
+            }
+            tracing::info!(
+                "syscall user dispatch: on, system calls from outside {:#x}..{:#x} (libc and \
+                 the agent) trap",
+                range.0,
+                range.1
+            );
+            self.on = true;
+        }
+        dispatch::recheck_handler();
+        match dispatch::arm_threads(&is_agent_thread) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("syscall user dispatch: arming {n} thread(s)"),
+            Err(e) => tracing::warn!("syscall user dispatch: {e}"),
+        }
+    }
+
+    fn disable(&mut self) {
+        if self.on {
+            dispatch::disable();
+            self.on = false;
+        }
+    }
+
+    /// Whether the object of `ic` lies outside the allowed range (its unpatched sites trap).
+    fn traps(&self, ic: &Interceptor) -> bool {
+        match (self.on, self.range) {
+            (true, Some((lo, hi))) => ic.sites().next().is_some_and(|(a, _)| a < lo || a >= hi),
+            _ => false,
+        }
+    }
+}
+
+/// Whether thread `tid` of this process is one of the agent's (named `bpftime…`).
+fn is_agent_thread(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .is_ok_and(|c| c.starts_with("bpftime"))
+}
+
 /// The syscall tracepoints of one agent.
 #[derive(Default)]
 pub struct SyscallTracing {
@@ -276,6 +365,8 @@ pub struct SyscallTracing {
     tried: HashSet<PathBuf>,
     /// The sites wanted now; `None` with no attachment.
     want: Option<Want>,
+    /// The Syscall User Dispatch catch-all.
+    sud: Sud,
     progs: HashMap<u32, Arc<LoadedProg>>,
     /// What the table was built from: (perf event, programs).
     built: Vec<Built>,
@@ -332,8 +423,10 @@ impl SyscallTracing {
         key.sort();
         if key == self.built {
             if self.want.is_some() {
-                // Objects mapped (or unmapped) since: `dlopen`, `dlclose`.
-                self.rescan_objects();
+                // Objects mapped (or unmapped) since (`dlopen`, `dlclose`), threads started.
+                let new = self.rescan_objects();
+                self.sud.enable();
+                self.apply(new);
             }
             return;
         }
@@ -385,27 +478,20 @@ impl SyscallTracing {
         self.publish(d);
         if empty {
             self.want = None;
+            self.sud.disable();
             self.restore_all();
         } else {
-            let want = Want { all_calls, nrs };
-            self.want = Some(want.clone());
+            self.want = Some(Want { all_calls, nrs });
+            set_handlers(Some(on_enter), Some(on_exit));
             self.rescan_objects();
-            let mut n = 0;
-            for ic in &mut self.objects {
-                match ic.apply(|nr| want.accepts(nr)) {
-                    Ok(k) => n += k,
-                    Err(e) => tracing::error!(
-                        "patching the syscall sites of {}: {e}",
-                        ic.path().display()
-                    ),
-                }
-            }
+            self.sud.enable();
+            let n = self.apply(0);
             tracing::info!(
                 "syscall tracepoints: {} attachment(s), {n} site(s) patched in {} object(s)",
                 attached.len(),
                 self.objects.len()
             );
-            if self.objects.is_empty() {
+            if self.objects.is_empty() && !self.sud.on {
                 attached.clear();
             }
         }
@@ -415,14 +501,34 @@ impl SyscallTracing {
         self.attached = attached;
     }
 
-    /// Forgets the objects no longer mapped and scans the new ones, patching their sites as
-    /// `self.want` says.
-    fn rescan_objects(&mut self) {
+    /// Patches the sites of `self.objects[from..]` as `self.want` says — every site of an
+    /// object outside the dispatch range while the catch-all is on (the gate costs far less
+    /// than a trap); returns the sites patched.
+    fn apply(&mut self, from: usize) -> usize {
+        let Some(want) = &self.want else {
+            return 0;
+        };
+        let mut n = 0;
+        for ic in self.objects.iter_mut().skip(from) {
+            let all = self.sud.traps(ic);
+            match ic.apply(|nr| all || want.accepts(nr)) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::error!("patching the syscall sites of {}: {e}", ic.path().display())
+                }
+            }
+        }
+        n
+    }
+
+    /// Forgets the objects no longer mapped and scans the new ones (not patched yet);
+    /// returns the index of the first new one in `self.objects`.
+    fn rescan_objects(&mut self) -> usize {
         let maps = match read_self_maps() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("syscall tracepoints: {e}");
-                return;
+                return self.objects.len();
             }
         };
         let mut i = 0;
@@ -439,6 +545,7 @@ impl SyscallTracing {
             self.tried.remove(ic.path());
             ic.forget();
         }
+        let first_new = self.objects.len();
         let mapped = patchable_objects(&maps);
         // A path unmapped without ever being scanned successfully may be mapped again.
         self.tried.retain(|p| mapped.contains(p));
@@ -446,7 +553,7 @@ impl SyscallTracing {
             if !self.tried.insert(path.clone()) {
                 continue;
             }
-            let mut ic = match Interceptor::for_object(&path) {
+            let ic = match Interceptor::for_object(&path) {
                 Ok(ic) => ic,
                 Err(e) => {
                     tracing::info!("{}: syscall sites not scanned: {e}", path.display());
@@ -464,13 +571,9 @@ impl SyscallTracing {
                 continue;
             }
             set_handlers(Some(on_enter), Some(on_exit));
-            if let Some(want) = &self.want
-                && let Err(e) = ic.apply(|nr| want.accepts(nr))
-            {
-                tracing::error!("patching the syscall sites of {}: {e}", path.display());
-            }
             self.objects.push(ic);
         }
+        first_new
     }
 
     /// Restores every patched site.
@@ -539,6 +642,7 @@ impl SyscallTracing {
         let was = GUARD.with(|g| g.replace(true));
         self.publish(Dispatch::default());
         self.want = None;
+        self.sud.disable();
         self.restore_all();
         self.progs.clear();
         self.built.clear();

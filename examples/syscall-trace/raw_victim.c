@@ -10,10 +10,12 @@
  * "unpatched"), or "late-nowait" (dlopen after "go", no wait: the kernel baseline).
  * Prints "ready <pid>", waits for a line on stdin, then N times: getpid (39) with the number
  * in the instruction stream, write(1000, "bpftime raw\n", 12) with the number in a register
- * (fails with EBADF), and LIB's getuid (102). Prints "write_errs E" (calls that returned
- * -EBADF), then "done".
+ * (fails with EBADF), LIB's getuid (102), and getppid (110) from code written at run time
+ * into an anonymous page far from every library (no file: only a catch-all such as Syscall
+ * User Dispatch sees it). Prints "write_errs E" (calls that returned -EBADF), then "done".
  */
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,10 +76,30 @@ static void wait_patched(const unsigned char *f)
 	printf("unpatched\n");
 }
 
+/* long (*)(void) running mov eax, 110; syscall; ret from an anonymous page. */
+static long (*anon_getppid(void))(void)
+{
+	static const unsigned char code[] = { 0xb8, 110, 0, 0, 0, 0x0f, 0x05, 0xc3 };
+	void *hint = (void *)0x100000000000UL;
+	void *p = mmap(hint, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED) {
+		perror("mmap");
+		exit(2);
+	}
+	memcpy(p, code, sizeof(code));
+	if (mprotect(p, 4096, PROT_READ | PROT_EXEC)) {
+		perror("mprotect");
+		exit(2);
+	}
+	return (long (*)(void))p;
+}
+
 int main(int argc, char **argv)
 {
 	static const char text[] = "bpftime raw\n";
 	long (*lib_getuid)(void) = NULL;
+	long (*anon)(void) = anon_getppid();
 	long n, errs = 0;
 	const char *when;
 	char line[64];
@@ -111,6 +133,8 @@ int main(int argc, char **argv)
 			errs++;
 		if (lib_getuid() != (long)getuid())
 			return 4;
+		if (anon() != (long)getppid())
+			return 5;
 	}
 	printf("write_errs %ld\n", errs);
 	printf("done\n");

@@ -79,8 +79,8 @@ pub type EnterHandler = extern "C" fn(call: &mut SyscallCall);
 /// `execve`, or the calls run natively), with `ret` set.
 pub type ExitHandler = extern "C" fn(call: &SyscallCall);
 
-static ENTER: AtomicUsize = AtomicUsize::new(0);
-static EXIT: AtomicUsize = AtomicUsize::new(0);
+pub(super) static ENTER: AtomicUsize = AtomicUsize::new(0);
+pub(super) static EXIT: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the handlers the gate calls (`None`: no call).
 pub fn set_handlers(enter: Option<EnterHandler>, exit: Option<ExitHandler>) {
@@ -226,7 +226,7 @@ fn native_only(nr: u64) -> bool {
 /// The call must be sound for the process as the original code would have made it (it is: the
 /// same number and arguments the interrupted code was about to pass).
 #[inline(always)]
-unsafe fn raw_syscall(nr: u64, a: &[u64; 6]) -> u64 {
+pub(super) unsafe fn raw_syscall(nr: u64, a: &[u64; 6]) -> u64 {
     let ret: u64;
     // SAFETY: forwarded contract; `syscall` clobbers only rcx, r11 and rax here.
     unsafe {

@@ -1,7 +1,8 @@
 //! Per-call overhead of a syscall tracepoint: `getpid()` in a loop with a count program on
 //! `syscalls:sys_enter_getpid` (`examples/syscall-trace -g`) — bare vs bpftime (the loader under
 //! `bpftime load`, the victim under `bpftime start`: libc's getpid site patched, the program on
-//! the checked JIT) vs the kernel's tracepoint (root). Same victim, same loader, same BPF
+//! the checked JIT; with the Syscall User Dispatch catch-all on, as by default, and off) vs
+//! the kernel's tracepoint (root). Same victim, same loader, same BPF
 //! object, same machine, one run. Times are the victim thread's CPU time (user + system), which
 //! includes the kernel's tracepoint work and stays steady on a loaded machine.
 //!
@@ -20,12 +21,17 @@ fn ns_per_call(lines: &[String]) -> f64 {
     bpftime_suite::bench::ns_per_call(lines).expect("victim prints ns_per_call")
 }
 
-fn victim(prefix: Option<(&Path, &str)>, build: &Path, n: u64) -> f64 {
+/// `dispatch`: whether the agent may turn the Syscall User Dispatch catch-all on (it makes
+/// every system call of the armed threads take the kernel's slow entry path).
+fn victim(prefix: Option<(&Path, &str, bool)>, build: &Path, n: u64) -> f64 {
     let mut c = match prefix {
-        Some((bpftime, store)) => {
+        Some((bpftime, store, dispatch)) => {
             let mut c = Command::new(bpftime);
             c.args(["start", "--store", store, "--"]);
             c.arg(build.join("syscall-victim"));
+            if !dispatch {
+                c.env("BPFTIME_SYSCALL_DISPATCH", "0");
+            }
             c
         }
         None => Command::new(build.join("syscall-victim")),
@@ -64,17 +70,22 @@ fn main() {
         .arg("-g");
     let mut l = Proc::spawn(lc, "bpftime load syscall-trace -g");
     l.wait_line(T, |s| s == "attached");
-    let ours = median(
-        (0..reps)
-            .map(|_| victim(Some((&a.bpftime, &store.name)), &build, n))
-            .collect(),
-    );
+    let mut ours = 0.0;
+    let mut patch_only = 0.0;
+    for dispatch in [true, false] {
+        let v = median(
+            (0..reps)
+                .map(|_| victim(Some((&a.bpftime, &store.name, dispatch)), &build, n))
+                .collect(),
+        );
+        *(if dispatch { &mut ours } else { &mut patch_only }) = v;
+    }
     l.send_line("report");
     let counted = getpid_calls(&l.finish(T));
     assert!(
-        counted >= n * reps,
+        counted >= 2 * n * reps,
         "the program counted {counted} getpid calls, the victims made {}",
-        n * reps
+        2 * n * reps
     );
 
     let kernel = is_root().then(|| {
@@ -95,16 +106,26 @@ fn main() {
     println!("syscall tracepoint overhead: getpid() with a count program on sys_enter_getpid");
     println!("{n} calls per run, median of {reps} runs, ns per call");
     println!(
-        "| bare | bpftime | kernel | bpftime overhead | kernel overhead | bpftime / kernel overhead |"
+        "bpftime: with the Syscall User Dispatch catch-all (the default); patch only: \
+         BPFTIME_SYSCALL_DISPATCH=0"
     );
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| bare | bpftime | bpftime, patch only | kernel | bpftime overhead | patch-only overhead \
+         | kernel overhead | bpftime / kernel | patch only / kernel |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let ov = ours - bare;
+    let ov_p = patch_only - bare;
     match kernel {
         Some(k) => println!(
-            "| {bare:.1} | {ours:.1} | {k:.1} | {ov:.1} | {:.1} | {:.2} |",
+            "| {bare:.1} | {ours:.1} | {patch_only:.1} | {k:.1} | {ov:.1} | {ov_p:.1} | {:.1} | \
+             {:.2} | {:.2} |",
             k - bare,
-            ov / (k - bare).max(0.01)
+            ov / (k - bare).max(0.01),
+            ov_p / (k - bare).max(0.01)
         ),
-        None => println!("| {bare:.1} | {ours:.1} | (needs root) | {ov:.1} | | |"),
+        None => println!(
+            "| {bare:.1} | {ours:.1} | {patch_only:.1} | (needs root) | {ov:.1} | {ov_p:.1} | | | |"
+        ),
     }
 }

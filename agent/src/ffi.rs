@@ -251,7 +251,9 @@ pub unsafe extern "C" fn sigaction(
     }
     // SIGSYS once the syscall user dispatch catch-all is on (`crate::syscalls`): the same.
     // SAFETY: forwarded contract.
-    if let Some(r) = unsafe { bpftime_attach::syscall::dispatch::intercept_sigaction(sig, act, old) } {
+    if let Some(r) =
+        unsafe { bpftime_attach::syscall::dispatch::intercept_sigaction(sig, act, old) }
+    {
         return r;
     }
     // A handler's mask does not block SIGTRAP (nor SIGSYS) either (see `without_trap`).
@@ -293,14 +295,14 @@ type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::s
 /// dispatch trap with `SIGSYS` blocked kills the process (seccomp's `SIGSYS` is forced
 /// through anyway).
 fn without_trap(set: *const libc::sigset_t, copy: &mut libc::sigset_t) -> *const libc::sigset_t {
+    let member = |s: &libc::sigset_t, sig: c_int| {
+        // SAFETY: a valid sigset_t.
+        let r = unsafe { libc::sigismember(s, sig) };
+        r == 1
+    };
     // SAFETY: `set` is null or a valid sigset_t (the libc contract of our callers).
     match unsafe { set.as_ref() } {
-        // SAFETY: a valid sigset_t.
-        Some(s)
-            if unsafe { libc::sigismember(s, libc::SIGTRAP) } == 1
-            // SAFETY: a valid sigset_t.
-                || unsafe { libc::sigismember(s, libc::SIGSYS) } == 1 =>
-        {
+        Some(s) if member(s, libc::SIGTRAP) || member(s, libc::SIGSYS) => {
             *copy = *s;
             // SAFETY: `copy` is a valid sigset_t.
             unsafe { libc::sigdelset(copy, libc::SIGTRAP) };

@@ -31,7 +31,7 @@ use bpftime_attach::PtRegs;
 use bpftime_attach::procmaps::read_self_maps;
 use bpftime_attach::syscall::dispatch;
 use bpftime_attach::syscall::intercept::{
-    Interceptor, SyscallCall, patchable_objects, set_handlers,
+    ExitHandler, Interceptor, SyscallCall, patchable_objects, set_handlers,
 };
 use bpftime_attach::syscall::table::{
     NR_MAX, RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID, RAW_TP_FLAG, RawSysEnterCtx, RawSysExitCtx,
@@ -50,9 +50,39 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-thread_local! {
+/// What the handlers keep per thread, behind one thread-local access per call.
+struct ThreadState {
     /// Set while this thread runs programs, and for good on the agent's own thread.
-    static GUARD: Cell<bool> = const { Cell::new(false) };
+    guard: Cell<bool>,
+    /// The thread id, and the process id it was read under (re-read after `fork`).
+    pid: Cell<u32>,
+    tid: Cell<u32>,
+}
+
+impl ThreadState {
+    fn tid(&self) -> u32 {
+        let pid = host::pid();
+        if self.pid.get() != pid || self.tid.get() == 0 {
+            self.tid.set(host::tid());
+            self.pid.set(pid);
+        }
+        self.tid.get()
+    }
+}
+
+thread_local! {
+    static THREAD: ThreadState = const {
+        ThreadState {
+            guard: Cell::new(false),
+            pid: Cell::new(0),
+            tid: Cell::new(0),
+        }
+    };
+}
+
+/// Sets (`true`) or restores this thread's guard; returns the previous value.
+fn set_guard(on: bool) -> bool {
+    THREAD.with(|t| t.guard.replace(on))
 }
 
 type Progs = Vec<(Arc<LoadedProg>, u64)>;
@@ -69,6 +99,10 @@ struct Dispatch {
     raw_exit: Progs,
     rawtp_enter: Progs,
     rawtp_exit: Progs,
+    /// Whether some enter / exit program may call `bpf_override_return` (only then do the
+    /// handlers look at the thread's override value).
+    enter_override: bool,
+    exit_override: bool,
 }
 
 impl Default for Dispatch {
@@ -80,6 +114,8 @@ impl Default for Dispatch {
             raw_exit: Vec::new(),
             rawtp_enter: Vec::new(),
             rawtp_exit: Vec::new(),
+            enter_override: false,
+            exit_override: false,
         }
     }
 }
@@ -108,8 +144,7 @@ static ENTER_BITS: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
 static EXIT_BITS: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
 static ALL_ENTER: AtomicBool = AtomicBool::new(false);
 static ALL_EXIT: AtomicBool = AtomicBool::new(false);
-/// Enter handlers that ran programs, and program runs that trapped (diagnostics).
-static HITS: AtomicU64 = AtomicU64::new(0);
+/// Program runs that trapped (diagnostics).
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 
 fn wanted(bits: &[AtomicU64; WORDS], all: &AtomicBool, nr: u64) -> bool {
@@ -120,12 +155,12 @@ fn wanted(bits: &[AtomicU64; WORDS], all: &AtomicBool, nr: u64) -> bool {
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (nr % 64)) != 0)
 }
 
-fn header(id: u32) -> TraceEntry {
+fn header(id: u32, tid: u32) -> TraceEntry {
     TraceEntry {
         common_type: id as u16,
         common_flags: 0,
         common_preempt_count: 0,
-        common_pid: host::tid() as i32,
+        common_pid: tid as i32,
     }
 }
 
@@ -159,29 +194,34 @@ fn regs_of(call: &SyscallCall, ax: u64) -> PtRegs {
     }
 }
 
-/// Runs `f` with the guard set, unless it already is (re-entry or the agent's thread).
-fn guarded(f: impl FnOnce()) {
-    if GUARD.with(|g| g.replace(true)) {
-        return;
-    }
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    GUARD.with(|g| g.set(false));
+/// Runs `f` (given the thread id) with the guard set, unless it already is (re-entry or the
+/// agent's thread).
+fn guarded(f: impl FnOnce(u32)) {
+    THREAD.with(|t| {
+        if t.guard.replace(true) {
+            return;
+        }
+        let tid = t.tid();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid)));
+        t.guard.set(false);
+    });
 }
 
 extern "C" fn on_enter(call: &mut SyscallCall) {
     if !wanted(&ENTER_BITS, &ALL_ENTER, call.nr) {
         return;
     }
-    guarded(|| {
+    guarded(|tid| {
         let d = DISPATCH.read();
         let Some(d) = d.as_ref() else {
             return;
         };
-        HITS.fetch_add(1, Ordering::Relaxed);
-        let _ = take_override();
+        if d.enter_override {
+            let _ = take_override();
+        }
         if !d.raw_enter.is_empty() {
             let mut ctx = RawSysEnterCtx {
-                ent: header(RAW_SYS_ENTER_ID),
+                ent: header(RAW_SYS_ENTER_ID, tid),
                 id: call.nr as i64,
                 args: call.args,
             };
@@ -189,7 +229,7 @@ extern "C" fn on_enter(call: &mut SyscallCall) {
         }
         if let Some((id, progs)) = at(&d.enter, call.nr) {
             let mut ctx = SysEnterCtx {
-                ent: header(u32::from(*id)),
+                ent: header(u32::from(*id), tid),
                 nr: call.nr as i32,
                 pad: 0,
                 args: call.args,
@@ -203,7 +243,9 @@ extern "C" fn on_enter(call: &mut SyscallCall) {
             };
             run_all(&d.rawtp_enter, &mut ctx);
         }
-        if let Some(rc) = take_override() {
+        if d.enter_override
+            && let Some(rc) = take_override()
+        {
             call.skip = 1;
             call.ret = rc as i64;
         }
@@ -214,14 +256,14 @@ extern "C" fn on_exit(call: &SyscallCall) {
     if !wanted(&EXIT_BITS, &ALL_EXIT, call.nr) {
         return;
     }
-    guarded(|| {
+    guarded(|tid| {
         let d = DISPATCH.read();
         let Some(d) = d.as_ref() else {
             return;
         };
         if !d.raw_exit.is_empty() {
             let mut ctx = RawSysExitCtx {
-                ent: header(RAW_SYS_EXIT_ID),
+                ent: header(RAW_SYS_EXIT_ID, tid),
                 id: call.nr as i64,
                 ret: call.ret,
             };
@@ -229,7 +271,7 @@ extern "C" fn on_exit(call: &SyscallCall) {
         }
         if let Some((id, progs)) = at(&d.exit, call.nr) {
             let mut ctx = SysExitCtx {
-                ent: header(u32::from(*id)),
+                ent: header(u32::from(*id), tid),
                 nr: call.nr as i32,
                 pad: 0,
                 ret: call.ret,
@@ -243,13 +285,10 @@ extern "C" fn on_exit(call: &SyscallCall) {
             };
             run_all(&d.rawtp_exit, &mut ctx);
         }
-        let _ = take_override();
+        if d.exit_override {
+            let _ = take_override();
+        }
     });
-}
-
-/// Enter handlers that ran programs since the process started.
-pub fn hits() -> u64 {
-    HITS.load(Ordering::Relaxed)
 }
 
 /// Which sites to patch: every one (`raw_syscalls`, raw tracepoints), or those whose static
@@ -398,10 +437,10 @@ impl SyscallTracing {
         let agent_thread = std::thread::current()
             .name()
             .is_some_and(|n| n.starts_with("bpftime"));
-        let was = GUARD.with(|g| g.replace(true));
+        let was = set_guard(true);
         self.sync_guarded(all, store, helpers, engine);
         if !agent_thread {
-            GUARD.with(|g| g.set(was));
+            set_guard(was);
         }
         &self.attached
     }
@@ -455,6 +494,12 @@ impl SyscallTracing {
                     e.1.extend(loaded.iter().cloned());
                 }
             };
+            let may_override = loaded.iter().any(|(p, _)| p.may_override());
+            if matches!(tp, Tracepoint::RawEnter | Tracepoint::Enter(_)) {
+                d.enter_override |= may_override;
+            } else {
+                d.exit_override |= may_override;
+            }
             match (tp, raw_tp) {
                 (Tracepoint::RawEnter, true) => d.rawtp_enter.extend(loaded.iter().cloned()),
                 (Tracepoint::RawExit, true) => d.rawtp_exit.extend(loaded.iter().cloned()),
@@ -482,7 +527,6 @@ impl SyscallTracing {
             self.restore_all();
         } else {
             self.want = Some(Want { all_calls, nrs });
-            set_handlers(Some(on_enter), Some(on_exit));
             self.rescan_objects();
             self.sud.enable();
             let n = self.apply(0);
@@ -570,7 +614,6 @@ impl SyscallTracing {
             if n == 0 {
                 continue;
             }
-            set_handlers(Some(on_enter), Some(on_exit));
             self.objects.push(ic);
         }
         first_new
@@ -612,6 +655,9 @@ impl SyscallTracing {
         }
         ALL_ENTER.store(all_enter, Ordering::Release);
         ALL_EXIT.store(all_exit, Ordering::Release);
+        // No exit programs: the gate does not even call the exit handler.
+        let any_exit = all_exit || exit.iter().any(|&w| w != 0);
+        set_handlers(Some(on_enter), any_exit.then_some(on_exit as ExitHandler));
     }
 
     fn prog(
@@ -639,7 +685,7 @@ impl SyscallTracing {
 
     /// Removes every program and restores libc (agent shutdown or detach; also on drop).
     pub fn clear(&mut self) {
-        let was = GUARD.with(|g| g.replace(true));
+        let was = set_guard(true);
         self.publish(Dispatch::default());
         self.want = None;
         self.sud.disable();
@@ -647,7 +693,7 @@ impl SyscallTracing {
         self.progs.clear();
         self.built.clear();
         self.attached.clear();
-        GUARD.with(|g| g.set(was));
+        set_guard(was);
     }
 }
 

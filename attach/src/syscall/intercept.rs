@@ -16,7 +16,8 @@
 //!        jmp <end of the window>
 //! ```
 //!
-//! The gate saves every general-purpose register, the arithmetic flags (`lahf`/`seto`, not
+//! The gate saves the caller-saved general-purpose registers (and rbx, its frame pointer;
+//! `gate_main` keeps the others, as the ABI has it), the arithmetic flags (`lahf`/`seto`, not
 //! `pushfq`, which costs more than the rest of the gate; the direction flag is cleared for the
 //! handlers and left clear, as the ABI has it at every call) and xmm0–xmm15, and calls
 //! `gate_main`, which builds a [`SyscallCall`] (number in rax, arguments in rdi, rsi, rdx, r10,
@@ -97,22 +98,18 @@ struct SiteDesc {
     native: u64,
 }
 
-/// The registers the gate saves, lowest address first.
+/// The registers the gate saves, lowest address first: the caller-saved ones (`gate_main`
+/// keeps rbp and r12–r15, as the ABI has it) and rbx, which holds the frame.
 #[repr(C)]
 struct GateFrame {
     /// The arithmetic flags as `lahf` (bits 8–15) and `seto` (bit 0) give them.
     flags: u64,
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
     r11: u64,
     r10: u64,
     r9: u64,
     r8: u64,
     rdi: u64,
     rsi: u64,
-    rbp: u64,
     rbx: u64,
     rdx: u64,
     rcx: u64,
@@ -120,7 +117,7 @@ struct GateFrame {
     ret: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<GateFrame>() == 17 * 8);
+const _: () = assert!(core::mem::size_of::<GateFrame>() == 12 * 8);
 
 core::arch::global_asm!(
     ".text",
@@ -133,17 +130,12 @@ core::arch::global_asm!(
     "push rcx",
     "push rdx",
     "push rbx",
-    "push rbp",
     "push rsi",
     "push rdi",
     "push r8",
     "push r9",
     "push r10",
     "push r11",
-    "push r12",
-    "push r13",
-    "push r14",
-    "push r15",
     // The arithmetic flags, without pushfq/popfq (slow): SF ZF AF PF CF in ah, OF in al.
     "lahf",
     "seto al",
@@ -190,17 +182,12 @@ core::arch::global_asm!(
     "pop rax",
     "add al, 0x7f",
     "sahf",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
     "pop r11",
     "pop r10",
     "pop r9",
     "pop r8",
     "pop rdi",
     "pop rsi",
-    "pop rbp",
     "pop rbx",
     "pop rdx",
     "pop rcx",

@@ -12,9 +12,14 @@
  * in the instruction stream, write(1000, "bpftime raw\n", 12) with the number in a register
  * (fails with EBADF), LIB's getuid (102), and getppid (110) from code written at run time
  * into an anonymous page far from every library (no file: only a catch-all such as Syscall
- * User Dispatch sees it). Prints "write_errs E" (calls that returned -EBADF), then "done".
+ * User Dispatch sees it); a second thread, started before "ready", makes the same getppid
+ * calls N times. Then it installs its own SIGSYS handler and raises SIGSYS (what a seccomp
+ * user sees). Prints "write_errs E" (calls that returned -EBADF), "app_sigsys K" (times its
+ * handler ran), then "done".
  */
 #include <dlfcn.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,12 +100,36 @@ static long (*anon_getppid(void))(void)
 	return (long (*)(void))p;
 }
 
+static long n;
+static long (*anon)(void);
+static int go_pipe[2];
+static volatile sig_atomic_t app_sigsys;
+
+static void on_sigsys(int sig)
+{
+	(void)sig;
+	app_sigsys++;
+}
+
+/* The second thread: waits for main's "go", then n getppid calls from the anonymous page. */
+static void *worker(void *arg)
+{
+	char c;
+
+	if (read(go_pipe[0], &c, 1) != 1)
+		return NULL;
+	for (long i = 0; i < n; i++)
+		if (anon() != (long)getppid())
+			exit(6);
+	return arg;
+}
+
 int main(int argc, char **argv)
 {
 	static const char text[] = "bpftime raw\n";
 	long (*lib_getuid)(void) = NULL;
-	long (*anon)(void) = anon_getppid();
-	long n, errs = 0;
+	long errs = 0;
+	pthread_t t;
 	const char *when;
 	char line[64];
 	void *h = NULL;
@@ -111,6 +140,11 @@ int main(int argc, char **argv)
 	}
 	n = atol(argv[1]);
 	when = argv[3];
+	anon = anon_getppid();
+	if (pipe(go_pipe) || pthread_create(&t, NULL, worker, NULL)) {
+		perror("worker");
+		return 2;
+	}
 	if (!strcmp(when, "early"))
 		h = load(argv[2]);
 	printf("ready %d\n", (int)getpid());
@@ -136,7 +170,12 @@ int main(int argc, char **argv)
 		if (anon() != (long)getppid())
 			return 5;
 	}
+	if (write(go_pipe[1], "g", 1) != 1 || pthread_join(t, NULL))
+		return 7;
+	signal(SIGSYS, on_sigsys);
+	raise(SIGSYS);
 	printf("write_errs %ld\n", errs);
+	printf("app_sigsys %d\n", (int)app_sigsys);
 	printf("done\n");
 	fflush(stdout);
 	return 0;

@@ -414,10 +414,15 @@ fn encode_stub(
     v.push(Instruction::with(Code::Syscall));
     let post_at = v.len();
     v.extend(post.iter().copied());
+    // A call returns to the instruction after it, in the stub: jump back from there too
+    // (glibc's `pthread_kill`: `syscall; mov ebx, eax; call __getpid`).
     let falls_through = post.last().is_none_or(|i| {
         matches!(
             i.flow_control(),
-            FlowControl::Next | FlowControl::ConditionalBranch
+            FlowControl::Next
+                | FlowControl::ConditionalBranch
+                | FlowControl::Call
+                | FlowControl::IndirectCall
         )
     });
     if falls_through {
@@ -817,5 +822,29 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(ip + 5, out[1].ip()), (ip + 7, out[9].ip())]
         );
+    }
+
+    #[test]
+    fn a_call_ending_the_window_returns_into_a_jump_back() {
+        // syscall; mov ebx, eax; call +0x1000 (glibc's pthread_kill), then more code.
+        let code = [0x0f, 0x05, 0x89, 0xc3, 0xe8, 0x00, 0x10, 0x00, 0x00];
+        let ip = 0x7000_0000_2000u64;
+        let insns: Vec<Instruction> = Decoder::with_ip(64, &code, ip, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let base = 0x7000_0100_0000u64;
+        let end = ip + code.len() as u64;
+        let enc = encode_stub(base, &insns, ip, end, 0x1234).unwrap();
+        let out: Vec<Instruction> = Decoder::with_ip(64, &enc.code, base, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let call = out
+            .iter()
+            .position(|i| i.mnemonic() == Mnemonic::Call && i.near_branch_target() != 0)
+            .expect("relocated call");
+        assert_eq!(out[call].near_branch_target(), ip + 4 + 5 + 0x1000);
+        let next = &out[call + 1];
+        assert_eq!(next.mnemonic(), Mnemonic::Jmp);
+        assert_eq!(next.near_branch_target(), end);
     }
 }

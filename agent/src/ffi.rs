@@ -250,8 +250,8 @@ pub unsafe extern "C" fn sigaction(
         return r;
     }
     // SIGSYS once the syscall user dispatch catch-all is on (`crate::syscalls`): the same.
-    // SAFETY: forwarded contract.
     if let Some(r) =
+        // SAFETY: forwarded contract.
         unsafe { bpftime_attach::syscall::dispatch::intercept_sigaction(sig, act, old) }
     {
         return r;

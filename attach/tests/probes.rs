@@ -72,6 +72,66 @@ core::arch::global_asm!(
     "lea rax, [rdi + rsi]",
     "ret",
     ".size p_override_short, .-p_override_short",
+    // the sum of eight doubles (xmm0-7)
+    ".p2align 4",
+    ".globl p_fsum8",
+    ".type p_fsum8,@function",
+    "p_fsum8:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "addsd xmm0, xmm1",
+    "addsd xmm0, xmm2",
+    "addsd xmm0, xmm3",
+    "addsd xmm0, xmm4",
+    "addsd xmm0, xmm5",
+    "addsd xmm0, xmm6",
+    "addsd xmm0, xmm7",
+    "ret",
+    ".size p_fsum8, .-p_fsum8",
+    // 2x, touching nothing but rax
+    ".p2align 4",
+    ".globl p_ipa_leaf",
+    ".type p_ipa_leaf,@function",
+    "p_ipa_leaf:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rdi]",
+    "ret",
+    ".size p_ipa_leaf, .-p_ipa_leaf",
+    // 3x + 3a, keeping x and a in caller-saved registers (r11, xmm2, xmm9, xmm15) across the
+    // call, as GCC's -fipa-ra does around a local callee that does not use them
+    ".p2align 4",
+    ".globl p_ipa_caller",
+    ".type p_ipa_caller,@function",
+    "p_ipa_caller:",
+    "sub rsp, 8",
+    "movapd xmm2, xmm0",
+    "movapd xmm9, xmm0",
+    "movapd xmm15, xmm0",
+    "mov r11, rdi",
+    "call p_ipa_leaf",
+    "add rax, r11",
+    "cvtsi2sd xmm0, rax",
+    "addsd xmm0, xmm2",
+    "addsd xmm0, xmm9",
+    "addsd xmm0, xmm15",
+    "add rsp, 8",
+    "ret",
+    ".size p_ipa_caller, .-p_ipa_caller",
+    // a tail call from one probed function into another: x + 1
+    ".p2align 4",
+    ".globl p_tail",
+    ".type p_tail,@function",
+    "p_tail:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "jmp p_tail_callee",
+    ".size p_tail, .-p_tail",
+    ".p2align 4",
+    ".globl p_tail_callee",
+    ".type p_tail_callee,@function",
+    "p_tail_callee:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + 1]",
+    "ret",
+    ".size p_tail_callee, .-p_tail_callee",
     ".popsection",
 );
 
@@ -82,6 +142,11 @@ unsafe extern "C" {
     safe fn p_calls(a: u64) -> u64;
     safe fn p_override(a: u64, b: u64) -> u64;
     safe fn p_override_short(a: u64, b: u64) -> u64;
+    safe fn p_fsum8(a: f64, b: f64, c: f64, d: f64, e: f64, f: f64, g: f64, h: f64) -> f64;
+    safe fn p_ipa_leaf(x: u64) -> u64;
+    safe fn p_ipa_caller(a: f64, x: u64) -> f64;
+    safe fn p_tail(x: u64) -> u64;
+    safe fn p_tail_callee(x: u64) -> u64;
 }
 
 /// What the handlers record.
@@ -527,4 +592,145 @@ fn unsafe_bytes(at: usize) -> [u8; 8] {
         *x = unsafe { core::ptr::read_volatile((at + i) as *const u8) };
     }
     b
+}
+
+/// Overwrites every xmm register and the caller-saved general-purpose ones.
+#[inline(always)]
+fn clobber() {
+    // SAFETY: writes only the registers declared as clobbered.
+    unsafe {
+        core::arch::asm!(
+            "pcmpeqd xmm0, xmm0",
+            "pcmpeqd xmm1, xmm1",
+            "pcmpeqd xmm2, xmm2",
+            "pcmpeqd xmm3, xmm3",
+            "pcmpeqd xmm4, xmm4",
+            "pcmpeqd xmm5, xmm5",
+            "pcmpeqd xmm6, xmm6",
+            "pcmpeqd xmm7, xmm7",
+            "pcmpeqd xmm8, xmm8",
+            "pcmpeqd xmm9, xmm9",
+            "pcmpeqd xmm10, xmm10",
+            "pcmpeqd xmm11, xmm11",
+            "pcmpeqd xmm12, xmm12",
+            "pcmpeqd xmm13, xmm13",
+            "pcmpeqd xmm14, xmm14",
+            "pcmpeqd xmm15, xmm15",
+            "mov rcx, -1",
+            "mov rdx, -1",
+            "mov rsi, -1",
+            "mov r8, -1",
+            "mov r9, -1",
+            "mov r10, -1",
+            "mov r11, -1",
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+            out("rcx") _, out("rdx") _, out("rsi") _, out("r8") _,
+            out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
+}
+
+extern "C" fn clobber_on_entry(regs: &mut PtRegs, user: *mut c_void) {
+    clobber();
+    on_entry(regs, user);
+    clobber();
+}
+
+extern "C" fn clobber_on_return(regs: &mut PtRegs, user: *mut c_void) {
+    clobber();
+    on_return(regs, user);
+    clobber();
+}
+
+fn clobbering_probe(target: usize, rec: &Rec, mode: PatchMode) -> Hook {
+    let p = Probe {
+        entry: Some(clobber_on_entry),
+        ret: Some(clobber_on_return),
+        user: rec as *const Rec as *mut c_void,
+        func: FuncBounds::Entry,
+        mode,
+    };
+    // SAFETY: a function entry of this test binary; the handlers touch only their own
+    // registers and `rec`, which outlives the hook.
+    unsafe { install_probe(target, &p) }.expect("install_probe")
+}
+
+#[test]
+fn float_arguments_and_results_survive_handlers_that_clobber_every_xmm_register() {
+    for mode in [PatchMode::Jump, PatchMode::Trap] {
+        let rec = Rec::default();
+        let h = clobbering_probe(addr(p_fsum8 as *const ()), &rec, mode);
+        for i in 0..100 {
+            let x = f64::from(i);
+            let got = p_fsum8(black_box(x), 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5);
+            assert_eq!(got, x + 21.5, "{mode:?}");
+        }
+        h.remove().unwrap();
+        assert_eq!(rec.entries.load(Ordering::SeqCst), 100, "{mode:?}");
+        assert_eq!(rec.returns.load(Ordering::SeqCst), 100, "{mode:?}");
+    }
+}
+
+#[test]
+fn values_a_caller_keeps_in_caller_saved_registers_survive_entry_and_return_handlers() {
+    // GCC's -fipa-ra keeps values in registers the ABI calls dead across a call to a local
+    // function that does not touch them: the hook must not touch them either.
+    for mode in [PatchMode::Jump, PatchMode::Trap] {
+        let rec = Rec::default();
+        let h = clobbering_probe(addr(p_ipa_leaf as *const ()), &rec, mode);
+        for x in 0..100u64 {
+            let a = 0.25 + x as f64;
+            assert_eq!(p_ipa_caller(black_box(a), x), 3.0 * x as f64 + 3.0 * a);
+        }
+        assert_eq!(p_ipa_leaf(4), 8);
+        h.remove().unwrap();
+        assert_eq!(rec.entries.load(Ordering::SeqCst), 101, "{mode:?}");
+        assert_eq!(rec.returns.load(Ordering::SeqCst), 101, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_tail_call_between_two_return_probed_functions_returns_through_both() {
+    let (outer, inner) = (Rec::default(), Rec::default());
+    let ho = probe(
+        addr(p_tail as *const ()),
+        &outer,
+        true,
+        true,
+        PatchMode::Jump,
+    );
+    let hi = probe(
+        addr(p_tail_callee as *const ()),
+        &inner,
+        true,
+        true,
+        PatchMode::Jump,
+    );
+    let mut want = 0;
+    for x in 0..100u64 {
+        assert_eq!(p_tail(black_box(x)), x + 1);
+        want += x + 1;
+    }
+    for (rec, name) in [(&outer, "outer"), (&inner, "inner")] {
+        assert_eq!(rec.entries.load(Ordering::SeqCst), 100, "{name}");
+        assert_eq!(rec.returns.load(Ordering::SeqCst), 100, "{name}");
+        assert_eq!(rec.ret_sum.load(Ordering::SeqCst), want, "{name}");
+    }
+    // The inner function returns through the outer one's trampoline; both handlers see the
+    // real return address, in this function, and the same rsp.
+    let me =
+        a_tail_call_between_two_return_probed_functions_returns_through_both as *const () as u64;
+    let rip = outer.ret_rip.load(Ordering::SeqCst);
+    assert!(rip > me && rip < me + 0x2000, "{rip:#x} vs {me:#x}");
+    assert_eq!(inner.ret_rip.load(Ordering::SeqCst), rip);
+    assert_eq!(
+        inner.ret_rsp.load(Ordering::SeqCst),
+        outer.ret_rsp.load(Ordering::SeqCst)
+    );
+    assert_eq!(pending_returns(), 0);
+    hi.remove().unwrap();
+    ho.remove().unwrap();
 }

@@ -73,7 +73,7 @@ pub enum FuncBounds {
     /// [`PatchMode::Auto`] uses a trap (a [`PatchMode::Jump`] is checked as for `Entry`).
     Unknown,
     /// The address is a function's first instruction; only branches after it are checked,
-    /// and the stub does not restore the flags there.
+    /// and the stub neither reads nor restores the flags there (`pt_regs.eflags` = 0x202).
     Entry,
     /// The function occupies `start..end` (from its ELF symbol): every branch in it is
     /// checked, and a probe in its middle refuses a jump if it has jump tables.
@@ -230,25 +230,28 @@ pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, Attach
             )
         }
     };
+    let ret = ret_site.is_some();
     let installed = read_self_maps().and_then(|maps| {
         let reg = &mut *reg;
         match probe.mode {
-            PatchMode::Jump => install_jump(reg, &maps, target, handler, user, probe.func),
+            PatchMode::Jump => install_jump(reg, &maps, target, handler, user, probe.func, ret),
             PatchMode::Trap => install_trap(reg, &maps, target, handler, user),
             PatchMode::Auto if probe.func == FuncBounds::Unknown => {
                 install_trap(reg, &maps, target, handler, user)
             }
-            PatchMode::Auto => match install_jump(reg, &maps, target, handler, user, probe.func) {
-                Err(
-                    AttachError::TooShort { .. }
-                    | AttachError::BranchIntoPatch { .. }
-                    | AttachError::UnknownBranchTargets { .. }
-                    | AttachError::Unrelocatable { .. }
-                    | AttachError::Relocation { .. }
-                    | AttachError::OverlapsHook { .. },
-                ) => install_trap(reg, &maps, target, handler, user),
-                other => other,
-            },
+            PatchMode::Auto => {
+                match install_jump(reg, &maps, target, handler, user, probe.func, ret) {
+                    Err(
+                        AttachError::TooShort { .. }
+                        | AttachError::BranchIntoPatch { .. }
+                        | AttachError::UnknownBranchTargets { .. }
+                        | AttachError::Unrelocatable { .. }
+                        | AttachError::Relocation { .. }
+                        | AttachError::OverlapsHook { .. },
+                    ) => install_trap(reg, &maps, target, handler, user),
+                    other => other,
+                }
+            }
         }
     });
     match installed {
@@ -277,6 +280,7 @@ fn install_jump(
     handler: HookHandler,
     user: *mut c_void,
     func: FuncBounds,
+    with_return: bool,
 ) -> Result<Patch, AttachError> {
     let code = code_mem::read_code(maps, target, SCAN_LEN + 2 * JMP_ABS_LEN)?;
     let (block, len) = match code_mem::alloc_near(target, maps)? {
@@ -289,8 +293,13 @@ fn install_jump(
         user: user as u64,
         inflight: block.inflight_addr() as u64,
         removed: block.removed_addr() as u64,
-        restore_flags: !matches!(func, FuncBounds::Entry)
-            && !matches!(func, FuncBounds::Range { start, .. } if start == target),
+        at_entry: matches!(func, FuncBounds::Entry)
+            || matches!(func, FuncBounds::Range { start, .. } if start == target),
+        ret_trampolines: if with_return {
+            retprobe::trampolines()
+        } else {
+            None
+        },
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func

@@ -3,7 +3,9 @@
 //!
 //! At a probed function's entry, [`entry_with_return`] takes a free *slot* of the calling
 //! thread, saves the return address `[rsp]` and rsp in it, and replaces `[rsp]` by the slot's
-//! return trampoline `T(k)`. When the function returns into `T(k)`, the trampoline pushes `k`
+//! return trampoline `T(k)`; the hook's stub then enters the function through `C(k)`, a
+//! `call` that ends at `T(k)`, so the CPU's return stack predicts the return. When the function
+//! returns into `T(k)`, the trampoline pushes `k`
 //! and jumps to the common return stub (`stub::encode_return_stub`), which builds `pt_regs`
 //! (rax = the return value, rsp = the caller's rsp) and calls [`dispatch`]; that runs the
 //! return handler, frees the slot and hands back the original return address, where the stub
@@ -22,7 +24,11 @@
 //! Pending returns whose frames are gone — left by `longjmp`, a caught exception, or a
 //! cancelled thread — are recognised as the kernel does (`arch_uretprobe_is_alive`): on a
 //! stack that grows down, a slot whose saved rsp is at or below the current return slot
-//! belongs to a dead frame. They are dropped on the next entry or return on that thread.
+//! belongs to a dead frame. They are dropped on the next entry or return on that thread. The
+//! exception is a tail call from one probed function into another: the return address at the
+//! inner entry is then the outer's live trampoline at the same rsp (the kernel's
+//! `RP_CHECK_CHAIN_CALL`); the outer slot is kept, the inner one returns into it, and both
+//! handlers see the real return address.
 //!
 //! # Invariants
 //!
@@ -55,9 +61,18 @@ pub(crate) const SLOTS_PER_CHUNK: usize = 64;
 /// Chunks: threads that can have pending returns at the same time.
 const CHUNKS: usize = 256;
 const SLOTS: usize = CHUNKS * SLOTS_PER_CHUNK;
-/// Bytes per trampoline: `int3` pad (so `T(k) - 1`, the address unwinders look up, is inside
-/// this trampoline's range), `push imm32`, `jmp rel32`, padding.
-const TRAMP_STRIDE: usize = 16;
+/// Bytes per trampoline: two `int3`s, the call site `C(k)` = `call [rsp - 8]` (4 bytes), then
+/// `T(k)` = `push imm32`, `jmp rel32` to the common stub. `C(k)` ends where `T(k)` starts, so a
+/// hook's entry stub can enter the probed function through it: the `call` pushes `T(k)` as the
+/// return address *and* on the CPU's return stack buffer, so the function's `ret` into `T(k)`
+/// is predicted (and so is the common stub's `ret` to the real caller, whose entry is then
+/// next on the return stack). `T(k) - 1`, the address unwinders look up, is inside the range.
+pub(crate) const TRAMP_STRIDE: usize = 16;
+/// Offset of `T(k)` in its 16 bytes.
+const TRAMP_OFFSET: usize = 6;
+/// Length of the `call qword ptr [rsp - 8]` just before `T(k)`.
+pub(crate) const TRAMP_CALL_LEN: usize = 4;
+const _: () = assert!(TRAMP_OFFSET > TRAMP_CALL_LEN && TRAMP_OFFSET + 10 == TRAMP_STRIDE);
 /// Room for the common stub before the first trampoline.
 const STUB_AREA: usize = 4096;
 const CODE_LEN: usize = STUB_AREA + SLOTS * TRAMP_STRIDE;
@@ -111,11 +126,22 @@ static KEY: AtomicU32 = AtomicU32::new(u32::MAX);
 /// Returns not probed because the thread had 64 pending or no chunk was free.
 static MISSED: AtomicU64 = AtomicU64::new(0);
 
-thread_local! {
+/// A thread's shadow stack. One thread-local for both fields: in a `cdylib` (the agent) every
+/// thread-local costs a `__tls_get_addr` call per function that touches it.
+struct Shadow {
     /// This thread's chunk + 1 (0: none yet).
-    static CHUNK: Cell<u32> = const { Cell::new(0) };
+    chunk: Cell<u32>,
     /// Which slots of the chunk hold pending returns.
-    static USED: Cell<u64> = const { Cell::new(0) };
+    used: Cell<u64>,
+}
+
+thread_local! {
+    static SHADOW: Shadow = const {
+        Shadow {
+            chunk: Cell::new(0),
+            used: Cell::new(0),
+        }
+    };
 }
 
 /// Return probes skipped since the process started (a thread had 64 pending returns, or 256
@@ -134,7 +160,14 @@ fn slot(k: usize) -> &'static Slot {
 
 /// Address of slot `k`'s trampoline (what the probed function returns into).
 fn trampoline(code: usize, k: usize) -> usize {
-    code + STUB_AREA + k * TRAMP_STRIDE + 1
+    code + STUB_AREA + k * TRAMP_STRIDE + TRAMP_OFFSET
+}
+
+/// `T(0)` and the number of trampolines (`T(k)` = `T(0) + k *` [`TRAMP_STRIDE`]), once
+/// [`init`] succeeded.
+pub(crate) fn trampolines() -> Option<(u64, u64)> {
+    let code = CODE.load(Ordering::Acquire);
+    (code != 0).then(|| (trampoline(code, 0) as u64, SLOTS as u64))
 }
 
 /// Makes the trampolines, the common stub and the unwind table (once per process).
@@ -169,11 +202,13 @@ pub(crate) fn init() -> Result<(), AttachError> {
         for k in 0..SLOTS {
             let at = STUB_AREA + k * TRAMP_STRIDE;
             let t = &mut bytes[at..at + TRAMP_STRIDE];
-            t[1] = 0x68; // push imm32
-            t[2..6].copy_from_slice(&(k as u32).to_le_bytes());
-            t[6] = 0xe9; // jmp rel32 to the stub
-            let rel = code as i64 - (code + at + 11) as i64;
-            t[7..11].copy_from_slice(&(rel as i32).to_le_bytes());
+            // C(k): call qword ptr [rsp - 8]
+            t[2..6].copy_from_slice(&[0xff, 0x54, 0x24, 0xf8]);
+            t[6] = 0x68; // T(k): push imm32
+            t[7..11].copy_from_slice(&(k as u32).to_le_bytes());
+            t[11] = 0xe9; // jmp rel32 to the stub
+            let rel = code as i64 - (code + at + 16) as i64;
+            t[12..16].copy_from_slice(&(rel as i32).to_le_bytes());
         }
         // SAFETY: `code` is our fresh CODE_LEN-byte read-write mapping; nothing runs from it
         // yet. Afterwards it becomes read-execute and is never written again.
@@ -240,7 +275,8 @@ pub(crate) fn eh_frame(first: u64, ret_at: u64, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + n * 40);
     // CIE: length, id 0, version 1, "zR", code align 1, data align -8, ra column 16,
     // augmentation data (pointer encoding absptr), CFA = rsp + 8, the caller's rsp = CFA - 8
-    // (= rsp: the trampoline frame takes no stack). The CFA cannot be rsp itself: it
+    // (= rsp: the trampoline frame takes no stack). The same rule holds on `C(k)`, where rsp
+    // is already the caller's and the return address is in the slot. The CFA cannot be rsp itself: it
     // identifies the caller's frame to the unwinder (`uw_identify_context`) and would then
     // equal the probed function's CFA — a handler in the direct caller would be "found" one
     // frame early and libgcc aborts in phase 2.
@@ -308,22 +344,25 @@ extern "C" fn release_chunk(value: *mut c_void) {
     if c == 0 || c > CHUNKS {
         return;
     }
-    if CHUNK.get() as usize == c {
-        CHUNK.set(0);
-        USED.set(0);
-    }
+    // (`try_with`: this may run after the thread's thread-locals are gone.)
+    let _ = SHADOW.try_with(|t| {
+        if t.chunk.get() as usize == c {
+            t.chunk.set(0);
+            t.used.set(0);
+        }
+    });
     push_free_chunk(c - 1);
 }
 
 /// This thread's chunk, taking one if it has none.
-fn my_chunk() -> Option<usize> {
-    let c = CHUNK.get();
+fn my_chunk(t: &Shadow) -> Option<usize> {
+    let c = t.chunk.get();
     if c != 0 {
         return Some(c as usize - 1);
     }
     let c = pop_free_chunk()?;
-    USED.set(0);
-    CHUNK.set(c as u32 + 1);
+    t.used.set(0);
+    t.chunk.set(c as u32 + 1);
     let key = KEY.load(Ordering::Acquire);
     if key != u32::MAX {
         // SAFETY: `key` came from pthread_key_create; the value is a small integer, never
@@ -409,26 +448,38 @@ pub(crate) extern "C" fn entry_with_return(regs: &mut PtRegs, ctx: *mut c_void) 
 /// Takes a slot for the return whose address is at `sp` and points `[sp]` at its trampoline.
 fn arm(sp: u64, site: u32, generation: u32) {
     let code = CODE.load(Ordering::Acquire);
-    let Some(chunk) = (code != 0).then(my_chunk).flatten() else {
+    if code == 0 || SHADOW.try_with(|t| arm_on(t, code, sp, site, generation)) != Ok(true) {
         MISSED.fetch_add(1, Ordering::Relaxed);
-        return;
+    }
+}
+
+/// [`arm`] on this thread's shadow stack `t`; false if no slot was free.
+fn arm_on(t: &Shadow, code: usize, sp: u64, site: u32, generation: u32) -> bool {
+    let Some(chunk) = my_chunk(t) else {
+        return false;
     };
-    let used = prune(chunk, USED.get(), sp);
-    USED.set(used);
+    // SAFETY: `sp` is rsp at a probed function's entry (module invariants): it points at the
+    // return address on this thread's stack.
+    let ret = unsafe { core::ptr::read_volatile(sp as *const u64) };
+    // A tail call from another probed function: its pending return is at this same `sp` and
+    // still alive (the kernel's `RP_CHECK_CHAIN_CALL`); the new return goes through it.
+    let limit = if chained(t, code, chunk, sp, ret) {
+        sp - 1
+    } else {
+        sp
+    };
+    let used = prune(chunk, t.used.get(), limit);
+    t.used.set(used);
     if used == u64::MAX {
-        MISSED.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     }
     let j = (!used).trailing_zeros() as usize;
     let k = chunk * SLOTS_PER_CHUNK + j;
     let s = slot(k);
     s.sp.store(u64::MAX, Ordering::Relaxed);
     compiler_fence(Ordering::SeqCst);
-    USED.set(USED.get() | 1 << j);
+    t.used.set(t.used.get() | 1 << j);
     compiler_fence(Ordering::SeqCst);
-    // SAFETY: `sp` is rsp at a probed function's entry (module invariants): it points at the
-    // return address on this thread's stack.
-    let ret = unsafe { core::ptr::read_volatile(sp as *const u64) };
     s.orig_ret.store(ret, Ordering::Relaxed);
     s.site.store(site, Ordering::Relaxed);
     s.generation.store(generation, Ordering::Relaxed);
@@ -437,6 +488,24 @@ fn arm(sp: u64, site: u32, generation: u32) {
     compiler_fence(Ordering::SeqCst);
     // SAFETY: as above; the function will return through the trampoline of slot `k`.
     unsafe { core::ptr::write_volatile(sp as *mut u64, trampoline(code, k) as u64) };
+    true
+}
+
+/// Whether `ret`, the return address at `sp`, is the trampoline of a pending return of this
+/// thread made at the same `sp` (the function was entered by a tail call from a probed one).
+fn chained(t: &Shadow, code: usize, chunk: usize, sp: u64, ret: u64) -> bool {
+    slot_of(code, ret).is_some_and(|k| {
+        k / SLOTS_PER_CHUNK == chunk
+            && t.used.get() & (1 << (k % SLOTS_PER_CHUNK)) != 0
+            && slot(k).sp.load(Ordering::Relaxed) == sp
+    })
+}
+
+/// The slot whose trampoline is at `addr`, if it is one.
+fn slot_of(code: usize, addr: u64) -> Option<usize> {
+    let off = addr.wrapping_sub(trampoline(code, 0) as u64);
+    let k = off / TRAMP_STRIDE as u64;
+    (off.is_multiple_of(TRAMP_STRIDE as u64) && k < SLOTS as u64).then_some(k as usize)
 }
 
 /// Called by the common return stub with `pt_regs` at the return (rsp = the caller's) and the
@@ -454,13 +523,24 @@ extern "C" fn dispatch(regs: &mut PtRegs, k: u64) -> u64 {
         s.generation.load(Ordering::Relaxed),
     );
     let (chunk, j) = (k / SLOTS_PER_CHUNK, k % SLOTS_PER_CHUNK);
-    if CHUNK.get() as usize == chunk + 1 {
-        // This slot is done, and so is every frame below the one returning now.
-        let here = regs.rsp.wrapping_sub(8);
-        let used = USED.get() & !(1 << j);
-        USED.set(prune(chunk, used, here.wrapping_sub(1)));
-    }
+    let _ = SHADOW.try_with(|t| {
+        if t.chunk.get() as usize == chunk + 1 {
+            // This slot is done, and so is every frame below the one returning now.
+            let here = regs.rsp.wrapping_sub(8);
+            let used = t.used.get() & !(1 << j);
+            t.used.set(prune(chunk, used, here.wrapping_sub(1)));
+        }
+    });
+    // After a chained tail call `orig` is the outer probe's trampoline: the handler sees the
+    // real return address, as the kernel reports it.
     regs.rip = orig;
+    let code = CODE.load(Ordering::Acquire);
+    for _ in 0..SLOTS_PER_CHUNK {
+        match slot_of(code, regs.rip) {
+            Some(j) => regs.rip = slot(j).orig_ret.load(Ordering::Relaxed),
+            None => break,
+        }
+    }
     if let Some(site) = SITES.get(site as usize) {
         site.inflight.fetch_add(1, Ordering::SeqCst);
         if site.generation.load(Ordering::SeqCst) == generation {
@@ -478,7 +558,7 @@ extern "C" fn dispatch(regs: &mut PtRegs, k: u64) -> u64 {
 
 /// Number of returns this thread has pending (for tests).
 pub(crate) fn pending() -> u32 {
-    USED.get().count_ones()
+    SHADOW.with(|t| t.used.get().count_ones())
 }
 
 #[cfg(test)]

@@ -16,11 +16,21 @@
 //! S-296 .. S-176    rdi … r15 /
 //! below             xmm0–xmm15 (256 bytes, 16-aligned), then the handler's frame
 //! ```
+//!
+//! At a function's first instruction ([`StubParams::at_entry`]) `eflags` holds the constant
+//! 0x202 instead of `pushfq`'s value and the flags are not restored (the redirect tail
+//! excepted), and there is no `cld`; every GPR and xmm0–15 are still kept (GCC's `-fipa-ra`
+//! keeps values in caller-saved registers across calls to local functions). With a return
+//! probe, the stub enters the function through `call [rsp - 8]` just before the return
+//! trampoline (`C(k)`, see `retprobe`), using `[S - 8]` for the jump target.
+//!
+//! Per-hit cost (`tests/overhead.rs`, this machine): the two locked in-flight operations are
+//! ~2 ns each, about half of an entry hit; `pushfq`/`popfq` ~4.7 ns together, `cld` ~0.8 ns.
 
 use iced_x86::code_asm::{
-    CodeAssembler, ptr, qword_ptr, r8, r9, r10, r11, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi,
-    rdx, rsi, rsp, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12,
-    xmm13, xmm14, xmm15, xmmword_ptr,
+    AsmRegister64, AsmRegisterXmm, CodeAssembler, al, ptr, qword_ptr, r8, r9, r10, r11, r12, r13,
+    r14, r15, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6,
+    xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15, xmmword_ptr,
 };
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, IcedError, Instruction, InstructionBlock,
@@ -28,6 +38,7 @@ use iced_x86::{
 };
 
 use super::prologue::Prologue;
+use super::retprobe::{TRAMP_CALL_LEN, TRAMP_STRIDE};
 use crate::AttachError;
 use crate::regs::{USER_CS, USER_SS};
 
@@ -51,10 +62,17 @@ pub(crate) struct StubParams {
     pub inflight: u64,
     /// Address of the hook's removed flag (8 bytes, within ±2 GiB of the stub).
     pub removed: u64,
-    /// Restore the flags on the way out. Not needed at a function's first instruction: no
-    /// calling convention passes values in the flags (and `popfq` is the stub's costliest
-    /// instruction).
-    pub restore_flags: bool,
+    /// The hook is at a function's first instruction. There the flags are dead (no calling
+    /// convention passes values in them) and DF is clear (the ABI), so the stub neither reads
+    /// nor restores them (`pushfq`/`popfq` and `cld` cost more than the rest of the register
+    /// saving), and only the argument registers xmm0–7 are live. Elsewhere every flag and
+    /// all of xmm0–15 are kept.
+    pub at_entry: bool,
+    /// For a hook at a function's entry with a return probe: `T(0)` and the number of return
+    /// trampolines. When the entry handler armed the return (`[rsp]` = some `T(k)`), the stub
+    /// enters the function through `C(k)`, the `call` just before `T(k)`, instead of jumping,
+    /// so the return into `T(k)` is predicted (see `retprobe`).
+    pub ret_trampolines: Option<(u64, u64)>,
 }
 
 /// Stub and trampoline, encoded for one base address.
@@ -216,29 +234,43 @@ fn locked_rip_rel(code: Code, counter: u64) -> Result<Instruction, IcedError> {
 }
 
 /// The registers pushed after `orig_rax`, in push order (rdi ends up at `pt_regs + 112`).
-const SAVED: [iced_x86::code_asm::AsmRegister64; 15] = [
+const SAVED: [AsmRegister64; 15] = [
     rdi, rsi, rdx, rcx, rax, r8, r9, r10, r11, rbx, rbp, r12, r13, r14, r15,
 ];
-const XMMS: [iced_x86::code_asm::AsmRegisterXmm; 16] = [
+/// Every xmm register: what a mid-function site must keep.
+const XMMS: [AsmRegisterXmm; 16] = [
     xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14,
     xmm15,
 ];
+/// What a function-entry stub stores as `pt_regs.eflags` instead of reading the flags: IF and
+/// the always-set bit 1, as `pushfq` reads in user space with the arithmetic flags clear (they
+/// are dead at a function's entry, and the ABI requires DF clear there).
+const ENTRY_EFLAGS: i32 = 0x202;
 
 /// With rsp = `&pt_regs` (kept in rbx): saves xmm0–15 below, calls `handler(rdi = pt_regs,
 /// rsi)` with rsi loaded by `load_rsi`, restores xmm0–15 and rsp. Leaves the handler's result
-/// in rax.
+/// in rax. `cld` first unless the direction flag is known to be clear (the ABI requires it
+/// clear at every call and return; only a mid-function site may see it set).
+///
+/// All sixteen, even where the ABI makes xmm8–15 (at a function's entry) or xmm2–15 (after
+/// its return) dead: GCC's `-fipa-ra` (on at `-O2`) lets a caller keep values in caller-saved
+/// registers across a call to a local function that does not use them, and a handler may use
+/// any of them. Keeping 8 instead of 16 at an entry measured ~0.3 ns.
 fn call_with_xmm_saved(
     a: &mut CodeAssembler,
     handler: u64,
+    cld: bool,
     load_rsi: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {
     a.mov(rbx, rsp)?;
     a.and(rsp, -16)?;
-    a.sub(rsp, 256)?;
+    a.sub(rsp, 16 * XMMS.len() as i32)?;
     for (i, x) in XMMS.iter().enumerate() {
         a.movaps(xmmword_ptr(rsp + 16 * i as i32), *x)?;
     }
-    a.cld()?;
+    if cld {
+        a.cld()?;
+    }
     a.mov(rdi, rbx)?;
     load_rsi(a)?;
     a.mov(rax, handler)?;
@@ -250,6 +282,49 @@ fn call_with_xmm_saved(
     Ok(())
 }
 
+/// At a function's entry with rsp = `&pt_regs` after the handler: if the return address
+/// `[S]` is a return trampoline `T(k)` (the entry handler armed the return), restores every
+/// register and enters the function by jumping to `C(k)` = `call [rsp - 8]` with rsp = `S + 8`
+/// and `[S]` = a jump to the relocated prologue: the stack is then exactly as on the plain
+/// path (`[S]` = `T(k)`), and the CPU's return stack predicts the function's `ret`. Otherwise
+/// falls through to the plain exit. Uses only the dead stack below `S` (`[S - 8]` holds
+/// `C(k)`; a signal frame goes below the 128-byte red zone) and rax/rcx before they are
+/// restored; the flags are dead at a function's entry.
+fn enter_through_return_call(
+    a: &mut CodeAssembler,
+    p: &StubParams,
+    first: u64,
+    count: u64,
+) -> Result<(), IcedError> {
+    let mut plain = a.create_label();
+    let mut enter = a.create_label();
+    let ret_slot = PT_REGS + RED_ZONE; // [S], from rsp = &pt_regs
+    a.mov(rax, qword_ptr(rsp + ret_slot))?;
+    a.mov(rcx, first)?;
+    a.sub(rax, rcx)?;
+    a.cmp(rax, (count * TRAMP_STRIDE as u64) as i32)?;
+    a.jae(plain)?;
+    a.test(al, (TRAMP_STRIDE - 1) as i32)?;
+    a.jne(plain)?;
+    a.lea(rax, ptr(rax + rcx - TRAMP_CALL_LEN as i32))?;
+    a.mov(qword_ptr(rsp + (ret_slot - 8)), rax)?;
+    a.lea(rax, ptr(enter))?;
+    a.mov(qword_ptr(rsp + ret_slot), rax)?;
+    for r in SAVED.iter().rev() {
+        a.pop(*r)?;
+    }
+    a.lea(rsp, ptr(rsp + 24))?; // orig_rax, rip, cs
+    a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
+    a.lea(rsp, ptr(rsp + FIRST_DROP + 16))?; // eflags, [S]: rsp = S + 8
+    a.jmp(qword_ptr(rsp - 16))?;
+    // What C(k) calls: the relocated prologue (the encoder sends a branch to the hooked
+    // address there).
+    a.set_label(&mut enter)?;
+    a.add_instruction(Instruction::with_branch(Code::Jmp_rel32_64, p.hook_addr)?)?;
+    a.set_label(&mut plain)?;
+    Ok(())
+}
+
 /// The entry stub (ending where the trampoline starts) and its tails: the redirect, taken
 /// when the handler changed `rip` (it resumes at `pt_regs.rip` with rsp = `pt_regs.rsp`), and
 /// the bail-out of a thread that entered a hook being removed (back to the original code).
@@ -258,7 +333,11 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     let mut redirect = a.create_label();
     let mut bail = a.create_label();
     a.lea(rsp, ptr(rsp - FIRST_DROP))?;
-    a.pushfq()?;
+    if p.at_entry {
+        a.push(ENTRY_EFLAGS)?;
+    } else {
+        a.pushfq()?;
+    }
     a.add_instruction(locked_rip_rel(Code::Inc_rm64, p.inflight)?)?;
     // Counted first, then the flag: a remover that sets the flag and then sees no thread in
     // flight knows every later entrant will see the flag (both are sequentially consistent).
@@ -280,26 +359,30 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     a.lea(rax, ptr(rsp + (PT_REGS + RED_ZONE)))?;
     a.mov(qword_ptr(rsp + 152), rax)?;
     a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
-    call_with_xmm_saved(&mut a, p.handler, |a| a.mov(rsi, p.user))?;
+    call_with_xmm_saved(&mut a, p.handler, !p.at_entry, |a| a.mov(rsi, p.user))?;
     // Did the handler move rip (e.g. bpf_override_return)? rax and the flags are restored
     // from pt_regs below.
     a.mov(rax, p.hook_addr)?;
     a.cmp(qword_ptr(rsp + 128), rax)?;
     a.jne(redirect)?;
+    if let Some((first, count)) = p.ret_trampolines.filter(|_| p.at_entry) {
+        enter_through_return_call(&mut a, p, first, count)?;
+    }
     for r in SAVED.iter().rev() {
         a.pop(*r)?;
     }
     a.lea(rsp, ptr(rsp + 24))?; // orig_rax, rip, cs
     a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
-    if p.restore_flags {
+    if p.at_entry {
+        a.lea(rsp, ptr(rsp + FIRST_DROP + 8))?;
+    } else {
         a.popfq()?;
         a.lea(rsp, ptr(rsp + FIRST_DROP))?;
-    } else {
-        a.lea(rsp, ptr(rsp + FIRST_DROP + 8))?;
     }
     let stub_len = a.instructions().len();
     // Redirect: store the new rip just below the new rsp, point the saved rsp at it, restore
-    // everything, switch stacks and `ret` into it.
+    // everything (the flags too: the handler may send the thread where they are live), switch
+    // stacks and `ret` into it.
     a.set_label(&mut redirect)?;
     a.mov(rax, qword_ptr(rsp + 152))?;
     a.mov(rcx, qword_ptr(rsp + 128))?;
@@ -318,8 +401,12 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     // to their relocated copy, which is the same thing).
     a.set_label(&mut bail)?;
     a.add_instruction(locked_rip_rel(Code::Dec_rm64, p.inflight)?)?;
-    a.popfq()?;
-    a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    if p.at_entry {
+        a.lea(rsp, ptr(rsp + FIRST_DROP + 8))?;
+    } else {
+        a.popfq()?;
+        a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    }
     a.add_instruction(Instruction::with_branch(Code::Jmp_rel32_64, p.hook_addr)?)?;
     let mut all = a.take_instructions();
     let redirect = all.split_off(stub_len);
@@ -336,7 +423,8 @@ pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, At
     let build = || -> Result<Vec<Instruction>, IcedError> {
         let mut a = CodeAssembler::new(64)?;
         a.lea(rsp, ptr(rsp - 16))?; // ss, rsp
-        a.pushfq()?;
+        // Flags are dead after a `ret`, and DF is clear (the ABI).
+        a.push(ENTRY_EFLAGS)?;
         a.push(USER_CS as i32)?;
         a.lea(rsp, ptr(rsp - 16))?; // rip, orig_rax
         for r in SAVED {
@@ -347,7 +435,9 @@ pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, At
         a.lea(rax, ptr(rsp + (PT_REGS + 8)))?;
         a.mov(qword_ptr(rsp + 152), rax)?;
         a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
-        call_with_xmm_saved(&mut a, dispatch, |a| a.mov(rsi, qword_ptr(rbx + PT_REGS)))?;
+        call_with_xmm_saved(&mut a, dispatch, false, |a| {
+            a.mov(rsi, qword_ptr(rbx + PT_REGS))
+        })?;
         a.mov(qword_ptr(rsp + PT_REGS), rax)?;
         for r in SAVED.iter().rev() {
             a.pop(*r)?;
@@ -378,7 +468,8 @@ mod tests {
             user: 0x1234,
             inflight: BASE + 4096,
             removed: BASE + 4096 + 8,
-            restore_flags: true,
+            at_entry: false,
+            ret_trampolines: None,
         }
     }
 
@@ -425,6 +516,7 @@ mod tests {
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Pop).count(), 30);
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Popfq).count(), 3);
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Cld).count(), 1);
         // The trampoline: the mov reads the same absolute address, then jumps back.
         let t = insns.iter().position(|i| i.ip() == enc.trampoline).unwrap();
         assert_eq!(insns[t].mnemonic(), Mnemonic::Mov);
@@ -491,7 +583,11 @@ mod tests {
             .collect();
         assert!(insns.iter().all(|i| !i.is_invalid()));
         let m: Vec<Mnemonic> = insns.iter().map(|i| i.mnemonic()).collect();
-        assert_eq!(&m[..3], &[Mnemonic::Lea, Mnemonic::Pushfq, Mnemonic::Push]);
+        // Flags are dead after a `ret` and DF is clear: a constant eflags, no pushfq, no cld.
+        assert_eq!(&m[..3], &[Mnemonic::Lea, Mnemonic::Push, Mnemonic::Push]);
+        assert_eq!(insns[1].immediate32(), ENTRY_EFLAGS as u32);
+        assert!(!m.contains(&Mnemonic::Pushfq) && !m.contains(&Mnemonic::Cld));
+        // Every xmm register (-fipa-ra callers may keep values in any of them).
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
         let call = m.iter().position(|&x| x == Mnemonic::Call).unwrap();
         // The slot number comes from above pt_regs; the result goes back there.
@@ -514,6 +610,124 @@ mod tests {
             !m.contains(&Mnemonic::Popfq),
             "flags are dead after a return"
         );
+    }
+
+    fn decode(code: &[u8]) -> (Vec<Instruction>, Vec<Mnemonic>) {
+        let insns: Vec<_> = Decoder::with_ip(64, code, BASE, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        assert!(insns.iter().all(|i| !i.is_invalid()));
+        let m = insns.iter().map(|i| i.mnemonic()).collect();
+        (insns, m)
+    }
+
+    #[test]
+    fn entry_stub_neither_reads_nor_restores_flags_and_keeps_every_xmm() {
+        // nop5; lea rax, [rdi+rsi]; ret
+        let bytes = [0x0f, 0x1f, 0x44, 0, 0, 0x48, 0x8d, 0x04, 0x37, 0xc3];
+        let p = analyze(TARGET, &bytes, JMP_REL32_LEN).unwrap();
+        let params = StubParams {
+            at_entry: true,
+            ..params()
+        };
+        let enc = encode(BASE, &params, &p).unwrap();
+        let (insns, m) = decode(&enc.code);
+        assert_eq!(
+            &m[..5],
+            &[
+                Mnemonic::Lea,
+                Mnemonic::Push,
+                Mnemonic::Inc,
+                Mnemonic::Cmp,
+                Mnemonic::Jne
+            ]
+        );
+        assert_eq!(insns[1].immediate32(), ENTRY_EFLAGS as u32);
+        assert!(!m.contains(&Mnemonic::Pushfq) && !m.contains(&Mnemonic::Cld));
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
+        // Only the redirect tail (the handler may send the thread anywhere) restores them.
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Popfq).count(), 1);
+        // The plain exit: uncount, drop the 152 bytes above (eflags included), trampoline.
+        let t = insns.iter().position(|i| i.ip() == enc.trampoline).unwrap();
+        assert_eq!(&m[t - 2..t], &[Mnemonic::Dec, Mnemonic::Lea]);
+        assert_eq!(
+            insns[t - 1].memory_displacement64(),
+            (FIRST_DROP + 8) as u64
+        );
+        // The bail-out too.
+        let bail = insns
+            .iter()
+            .position(|i| i.ip() == insns[4].near_branch_target())
+            .unwrap();
+        assert_eq!(
+            &m[bail..bail + 3],
+            &[Mnemonic::Dec, Mnemonic::Lea, Mnemonic::Jmp]
+        );
+        assert_eq!(insns[bail + 2].near_branch_target(), enc.trampoline);
+    }
+
+    #[test]
+    fn armed_return_enters_the_function_through_the_call_before_its_trampoline() {
+        let bytes = [0x0f, 0x1f, 0x44, 0, 0, 0x48, 0x8d, 0x04, 0x37, 0xc3];
+        let p = analyze(TARGET, &bytes, JMP_REL32_LEN).unwrap();
+        let first = 0x7000_0000_1006u64;
+        let params = StubParams {
+            at_entry: true,
+            ret_trampolines: Some((first, 16384)),
+            ..params()
+        };
+        let enc = encode(BASE, &params, &p).unwrap();
+        let (insns, m) = decode(&enc.code);
+        let call = m.iter().position(|&x| x == Mnemonic::Call).unwrap();
+        let after = &insns[call..];
+        // The range check of [S] (rsp + 296 = the return address) against T(0)..T(16384).
+        assert!(after.iter().any(|i| i.mnemonic() == Mnemonic::Mov
+            && i.memory_base() == Register::RSP
+            && i.memory_displacement64() == 296
+            && i.op0_register() == Register::RAX));
+        assert!(after.iter().any(|i| i.op0_register() == Register::RCX
+            && i.op0_kind() == OpKind::Register
+            && i.immediate64() == first));
+        assert!(after.iter().any(
+            |i| i.mnemonic() == Mnemonic::Cmp && i.immediate32() == 16384 * TRAMP_STRIDE as u32
+        ));
+        // C(k) = T(k) - 4 goes to [S - 8], the address of a jump to the trampoline to [S].
+        let lea_c = after
+            .iter()
+            .find(|i| i.mnemonic() == Mnemonic::Lea && i.memory_index() == Register::RCX)
+            .unwrap();
+        assert_eq!(
+            lea_c.memory_displacement64() as i64,
+            -(TRAMP_CALL_LEN as i64)
+        );
+        let lea_enter = after
+            .iter()
+            .find(|i| i.mnemonic() == Mnemonic::Lea && i.memory_base() == Register::RIP)
+            .unwrap();
+        let enter = insns
+            .iter()
+            .find(|i| i.ip() == lea_enter.ip_rel_memory_address())
+            .unwrap();
+        assert_eq!(
+            (enter.mnemonic(), enter.near_branch_target()),
+            (Mnemonic::Jmp, enc.trampoline)
+        );
+        // Just before it: uncount, rsp = S + 8, jmp [rsp - 16].
+        let e = insns.iter().position(|i| i.ip() == enter.ip()).unwrap();
+        assert_eq!(&m[e - 3..e], &[Mnemonic::Dec, Mnemonic::Lea, Mnemonic::Jmp]);
+        assert_eq!(
+            insns[e - 2].memory_displacement64(),
+            (FIRST_DROP + 16) as u64
+        );
+        assert_eq!(
+            (
+                insns[e - 1].memory_base(),
+                insns[e - 1].memory_displacement64() as i64
+            ),
+            (Register::RSP, -16)
+        );
+        // 15 pops on each exit and in the redirect tail.
+        assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Pop).count(), 45);
     }
 
     #[test]

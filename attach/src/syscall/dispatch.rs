@@ -15,9 +15,10 @@
 //!   Whatever lies between the two (often most shared libraries) runs untrapped too: those
 //!   objects rely on their site patches.
 //! - **Selectors.** One byte per thread in a static table ([`MAX_THREADS`] slots, never
-//!   freed, so the kernel can always read it). [`disable`] sets every byte to `ALLOW` (the
-//!   threads stay armed; an untraced call then costs the kernel one byte read); [`enable`] and
-//!   [`arm_threads`] set them to `BLOCK` again.
+//!   freed, so the kernel can always read it). [`disable`] sets every byte to `ALLOW` at once
+//!   and signals the armed threads to turn dispatch off (an armed thread's every system call
+//!   takes the kernel's slow path, ~40 ns here); [`enable`] and [`arm_threads`] arm them
+//!   again.
 //! - **Arming.** A thread can only arm itself: [`arm_threads`] sends each thread not armed
 //!   yet a real-time signal (`rt_tgsigqueueinfo`, the slot index as its value) whose handler
 //!   calls the `prctl`. New threads are armed at the next call (the agent's periodic sync).
@@ -68,9 +69,12 @@ const SI_QUEUE: c_int = -1;
 pub const MAX_THREADS: usize = 4096;
 
 const FREE: u8 = 0;
+/// The (dis)arm signal is on its way; its handler makes the thread what `ENABLED` says.
 const SENT: u8 = 1;
 const ARMED: u8 = 2;
 const FAILED: u8 = 3;
+/// Armed once, turned off since (no attachment left).
+const DISARMED: u8 = 4;
 
 struct Slot {
     tid: AtomicI32,
@@ -265,12 +269,14 @@ pub fn enable(range: (usize, usize)) -> Result<(), AttachError> {
     Ok(())
 }
 
-/// Lets every thread's system calls through untrapped (threads stay armed).
+/// Lets every thread's system calls through untrapped at once, then signals the armed
+/// threads to turn dispatch off (so their system calls leave the kernel's slow path too).
 pub fn disable() {
     ENABLED.store(false, Ordering::SeqCst);
     for s in &SLOTS {
         s.selector.store(ALLOW, Ordering::Release);
     }
+    let _ = sync_threads(&|_| true);
 }
 
 fn install(range: (usize, usize)) -> Result<(usize, usize), i32> {
@@ -369,9 +375,15 @@ pub fn stats() -> Stats {
 
 /// Arms every thread of the process that is not armed yet and for which `skip(tid)` is false
 /// (the caller's own threads), frees the slots of threads that exited, and sets the selectors
-/// of armed threads back to `BLOCK` (after a native call, see the module doc) while enabled.
-/// Returns how many threads were signalled. Call after [`enable`].
+/// of armed threads back to `BLOCK` (after a native call, see the module doc). Returns how
+/// many threads were signalled. Call after [`enable`].
 pub fn arm_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
+    sync_threads(skip)
+}
+
+/// Signals each thread whose state is not what `ENABLED` says: threads not known yet (unless
+/// `skip`), armed ones while disabled, disarmed ones while enabled.
+fn sync_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
     let sig = ARM_SIGNAL.load(Ordering::Acquire);
     if sig == 0 {
         return Ok(0);
@@ -385,7 +397,8 @@ pub fn arm_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
         .collect();
     let enabled = ENABLED.load(Ordering::SeqCst);
     let mut known: HashSet<i32> = HashSet::new();
-    for s in &SLOTS {
+    let mut resend: Vec<(usize, i32)> = Vec::new();
+    for (i, s) in SLOTS.iter().enumerate() {
         let tid = s.tid.load(Ordering::Acquire);
         if tid == 0 {
             continue;
@@ -397,8 +410,10 @@ pub fn arm_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
             continue;
         }
         known.insert(tid);
-        if enabled && s.state.load(Ordering::Acquire) == ARMED {
-            s.selector.store(BLOCK, Ordering::Release);
+        match (enabled, s.state.load(Ordering::Acquire)) {
+            (true, ARMED) => s.selector.store(BLOCK, Ordering::Release),
+            (true, DISARMED) | (false, ARMED) => resend.push((i, tid)),
+            _ => {}
         }
     }
     let (pid, uid) = (getpid(), {
@@ -406,20 +421,22 @@ pub fn arm_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
         unsafe { libc::getuid() }
     });
     let mut sent = 0;
-    for &tid in &live {
-        if known.contains(&tid) || skip(tid) {
-            continue;
-        }
-        let Some(i) = SLOTS
-            .iter()
-            .position(|s| s.tid.load(Ordering::Acquire) == 0)
-        else {
-            break;
-        };
+    let new = live
+        .iter()
+        .copied()
+        .filter(|&tid| enabled && !known.contains(&tid) && !skip(tid))
+        .filter_map(|tid| {
+            let i = SLOTS
+                .iter()
+                .position(|s| s.tid.load(Ordering::Acquire) == 0)?;
+            SLOTS[i].selector.store(ALLOW, Ordering::Release);
+            SLOTS[i].tid.store(tid, Ordering::Release);
+            Some((i, tid))
+        })
+        .collect::<Vec<_>>();
+    for (i, tid) in resend.into_iter().chain(new) {
         let s = &SLOTS[i];
         s.state.store(SENT, Ordering::Release);
-        s.selector.store(ALLOW, Ordering::Release);
-        s.tid.store(tid, Ordering::Release);
         // siginfo_t for rt_tgsigqueueinfo: signo, errno, code, pad, pid, uid, sigval.
         let mut si = [0u64; 16];
         si[0] = sig as u32 as u64;
@@ -434,6 +451,7 @@ pub fn arm_threads(skip: &dyn Fn(i32) -> bool) -> Result<usize, AttachError> {
             sent += 1;
         } else {
             s.state.store(FREE, Ordering::Release);
+            s.selector.store(ALLOW, Ordering::Release);
             s.tid.store(0, Ordering::Release);
         }
     }
@@ -463,25 +481,29 @@ extern "C" fn on_arm(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void)
         && let Some(s) = SLOTS.get(idx)
         && s.tid.load(Ordering::Acquire) == gettid()
     {
-        let sel = if ENABLED.load(Ordering::SeqCst) {
-            BLOCK
+        if ENABLED.load(Ordering::SeqCst) {
+            s.selector.store(BLOCK, Ordering::Release);
+            let rc = sys(
+                libc::SYS_prctl,
+                [
+                    PR_SET_SYSCALL_USER_DISPATCH,
+                    PR_SYS_DISPATCH_ON,
+                    LO.load(Ordering::Acquire) as u64,
+                    LEN.load(Ordering::Acquire) as u64,
+                    s.selector.as_ptr() as u64,
+                    0,
+                ],
+            );
+            s.state
+                .store(if rc == 0 { ARMED } else { FAILED }, Ordering::Release);
         } else {
-            ALLOW
-        };
-        s.selector.store(sel, Ordering::Release);
-        let rc = sys(
-            libc::SYS_prctl,
-            [
-                PR_SET_SYSCALL_USER_DISPATCH,
-                PR_SYS_DISPATCH_ON,
-                LO.load(Ordering::Acquire) as u64,
-                LEN.load(Ordering::Acquire) as u64,
-                s.selector.as_ptr() as u64,
-                0,
-            ],
-        );
-        s.state
-            .store(if rc == 0 { ARMED } else { FAILED }, Ordering::Release);
+            s.selector.store(ALLOW, Ordering::Release);
+            sys(
+                libc::SYS_prctl,
+                [PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_OFF, 0, 0, 0, 0],
+            );
+            s.state.store(DISARMED, Ordering::Release);
+        }
     }
     // SAFETY: as above.
     unsafe { *errno = saved };

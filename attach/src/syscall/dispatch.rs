@@ -500,7 +500,14 @@ extern "C" fn on_arm(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void)
             s.selector.store(ALLOW, Ordering::Release);
             sys(
                 libc::SYS_prctl,
-                [PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_OFF, 0, 0, 0, 0],
+                [
+                    PR_SET_SYSCALL_USER_DISPATCH,
+                    PR_SYS_DISPATCH_OFF,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
             );
             s.state.store(DISARMED, Ordering::Release);
         }

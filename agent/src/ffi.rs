@@ -12,8 +12,10 @@
 //!   (retired) until the slot is dropped or [`ProgSlot::quiesced`] is called, both only when
 //!   no hook handler can be using it; handlers read the current list with one load.
 //! - The handlers never unwind into the target: panics are caught; they keep the thread's
-//!   `errno`; a thread-local guard skips probes hit from inside a probe (a helper calling a
-//!   hooked function) and from the agent's own thread.
+//!   `errno`; probes hit from inside a probe (a helper calling a hooked function) and from
+//!   the agent's own thread are skipped: the runtime's per-thread run state is the guard
+//!   (`bpftime_runtime::probe_hit`, one thread-local access per hit), and at thread exit,
+//!   when that state is gone, a const thread-local flag is.
 //! - The `sigaction`/`signal` interposers answer for `SIGTRAP` only once bpftime-attach's trap
 //!   handler is installed (it then keeps the application's handler and passes it the traps
 //!   that are not probes); everything else goes to the next definition (libc's). The
@@ -23,20 +25,23 @@
 use crate::agent::{Agent, AgentConfig, SiteData};
 use bpftime_attach::x86_64::{intercept_sigaction, override_return};
 use bpftime_attach::{AttachError, FuncBounds, Hook, PatchMode, Probe, PtRegs, install_probe};
-use bpftime_runtime::LoadedProg;
 use bpftime_runtime::helpers::{FuncIpGuard, take_override};
+use bpftime_runtime::{HitRefused, LoadedProg, ThreadMem};
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicPtr, AtomicU16, AtomicUsize, Ordering};
 
 thread_local! {
-    static BUSY: Cell<bool> = const { Cell::new(false) };
+    /// The probe guard of a thread whose runtime state is gone (thread exit): const, without a
+    /// destructor, so it outlives that state. Otherwise the runtime's state is the guard
+    /// (`bpftime_runtime::probe_hit`).
+    static TEARDOWN_BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the calling thread as the agent's own: probes it hits are skipped.
 pub(crate) fn enter_agent_thread() {
-    BUSY.with(|b| b.set(true));
+    bpftime_runtime::exclude_thread(true);
 }
 
 /// Programs with their attach cookies, in attach order.
@@ -99,19 +104,26 @@ fn set_errno(v: c_int) {
     unsafe { *libc::__errno_location() = v };
 }
 
-/// Runs `list` on `regs`; the value of the last `bpf_override_return`, if any.
-fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> {
+/// Runs `list` on `regs` (on the thread's run state `t`, or on fresh memory without it); the
+/// value of the last `bpf_override_return`, if any.
+fn run_list(
+    mut t: Option<&mut ThreadMem>,
+    site: &SiteData,
+    list: &ProgList,
+    regs: &mut PtRegs,
+) -> Option<u64> {
     let mut may_override = false;
+    let ctx = (regs as *mut PtRegs).cast::<u8>();
+    let len = std::mem::size_of::<PtRegs>();
     for (p, cookie) in list {
         may_override |= p.may_override();
         // SAFETY: `regs` is the stub's (or signal frame's) live, writable pt_regs for the
         // duration of this call.
         let r = unsafe {
-            p.run_with_cookie(
-                (regs as *mut PtRegs).cast(),
-                std::mem::size_of::<PtRegs>(),
-                *cookie,
-            )
+            match t.as_deref_mut() {
+                Some(t) => p.run_in(t, ctx, len, *cookie),
+                None => p.run_with_cookie(ctx, len, *cookie),
+            }
         };
         if let Err(t) = r {
             site.traps
@@ -123,30 +135,40 @@ fn run_list(site: &SiteData, list: &ProgList, regs: &mut PtRegs) -> Option<u64> 
     if may_override { take_override() } else { None }
 }
 
-/// Runs `f` unless the thread is already in a probe; keeps errno; never unwinds.
-fn guarded(f: impl FnOnce()) {
-    // One thread-local access per hit: the run happens inside it.
-    let _ = BUSY.try_with(|b| {
-        if b.replace(true) {
-            return;
+/// Runs `f` with the thread's run state unless the thread is already in a probe (or is the
+/// agent's own); keeps errno; never unwinds. One thread-local access per hit.
+fn guarded(f: impl FnOnce(Option<&mut ThreadMem>)) {
+    // SAFETY: errno is thread-local; its location is valid for the thread's life.
+    let errno = unsafe { libc::__errno_location() };
+    // SAFETY: as above.
+    let saved = unsafe { *errno };
+    let mut f = Some(f);
+    let hit = bpftime_runtime::probe_hit(|t| {
+        if let Some(f) = f.take() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(Some(t))));
         }
-        // SAFETY: errno is thread-local; its location is valid for the thread's life.
-        let errno = unsafe { libc::__errno_location() };
-        // SAFETY: as above.
-        let saved = unsafe { *errno };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        // SAFETY: as above.
-        unsafe { *errno = saved };
-        b.set(false);
     });
+    if hit == Err(HitRefused::Gone)
+        && let Some(f) = f.take()
+    {
+        // Thread exit: the runtime's state is gone; runs get fresh memory.
+        let _ = TEARDOWN_BUSY.try_with(|b| {
+            if !b.replace(true) {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(None)));
+                b.set(false);
+            }
+        });
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
 }
 
 /// Entry handler (uprobes): `user` is the site's `SiteData`.
 extern "C" fn on_entry(regs: &mut PtRegs, user: *mut c_void) {
-    guarded(|| {
+    guarded(|t| {
         // SAFETY: `user` is the site's live `SiteData` (module invariants).
         let site = unsafe { &*(user as *const SiteData) };
-        if let Some(rc) = run_list(site, site.entry.get(), regs)
+        if let Some(rc) = run_list(t, site, site.entry.get(), regs)
             && site.can_override
         {
             // SAFETY: `can_override` is set only for a probe at a function's first
@@ -158,7 +180,7 @@ extern "C" fn on_entry(regs: &mut PtRegs, user: *mut c_void) {
 
 /// Return handler (uretprobes): `regs` is the state after the function returned.
 extern "C" fn on_return(regs: &mut PtRegs, user: *mut c_void) {
-    guarded(|| {
+    guarded(|t| {
         // SAFETY: `user` is the site's live `SiteData` (module invariants).
         let site = unsafe { &*(user as *const SiteData) };
         let list = site.ret.get();
@@ -166,7 +188,7 @@ extern "C" fn on_return(regs: &mut PtRegs, user: *mut c_void) {
             .iter()
             .any(|(p, _)| p.uses_func_ip())
             .then(|| FuncIpGuard::set(site.addr as u64));
-        if let Some(rc) = run_list(site, list, regs) {
+        if let Some(rc) = run_list(t, site, list, regs) {
             // bpf_override_return in a uretprobe replaces the return value.
             regs.rax = rc;
         }
@@ -420,13 +442,13 @@ extern "C" fn agent_constructor() {
         crate::log::init_from_env();
         // Attach what the store already holds before the program's main runs, so
         // `bpftime start` traces from the first call; then follow the store on a thread.
-        BUSY.with(|b| b.set(true));
+        bpftime_runtime::exclude_thread(true);
         let cfg = AgentConfig::from_env();
         let agent = Agent::new(&cfg).map(|mut a| {
             a.sync();
             a
         });
-        BUSY.with(|b| b.set(false));
+        bpftime_runtime::exclude_thread(false);
         match agent {
             Ok(agent) => {
                 tracing::info!(
@@ -437,7 +459,7 @@ extern "C" fn agent_constructor() {
                 let spawned = std::thread::Builder::new()
                     .name("bpftime-agent".into())
                     .spawn(move || {
-                        BUSY.with(|b| b.set(true));
+                        bpftime_runtime::exclude_thread(true);
                         crate::control::follow(agent, &cfg)
                     });
                 if let Err(e) = spawned {

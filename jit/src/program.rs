@@ -255,26 +255,151 @@ impl JitProgram {
         // this synchronous call; memory safety of the program's accesses is as stated in the
         // module invariants (checked: `check_access`; unchecked: trusted by the host's choice).
         let r0 = unsafe { (self.entry)(r1, r2, ctx_ptr) };
-        let pc = ctx.trap_pc as usize;
-        let kind = match ctx.trap_kind {
-            trap::NONE => return Ok(r0),
-            trap::OUT_OF_BOUNDS => TrapKind::OutOfBounds {
-                addr: ctx.trap_addr,
-                len: ctx.trap_len,
-                write: ctx.trap_write != 0,
-            },
-            trap::MISALIGNED => TrapKind::Misaligned {
-                addr: ctx.trap_addr,
-                len: ctx.trap_len,
-            },
-            trap::UNKNOWN_HELPER => TrapKind::UnknownHelper { id: ctx.trap_addr },
-            trap::HELPER_FAULT => TrapKind::HelperFault {
-                code: ctx.trap_addr as u32,
-            },
-            _ => TrapKind::BudgetExhausted,
-        };
-        Err(Trap { kind, pc })
+        outcome(&ctx, r0)
     }
+
+    /// [`JitProgram::run_in_on_cpu`] with the env and context of `cache`, which outlive the run
+    /// and are only updated where this run differs from the cache's last one (a thread's
+    /// runner keeps one cache; see [`JitRunCache`]).
+    #[inline]
+    pub fn run_cached(
+        &self,
+        cache: &mut JitRunCache,
+        gm: &mut GuestMemory,
+        r1: u64,
+        r2: u64,
+        host: *mut c_void,
+        cpu: u64,
+    ) -> Result<u64, Trap> {
+        gm.clear_grants();
+        let gm_ptr: *mut GuestMemory = gm;
+        let inner: *mut CacheInner = &mut *cache.inner;
+        // SAFETY: `inner` is the cache's box, exclusively borrowed through `cache` for this
+        // call; the references end before the native call, which gets raw pointers.
+        let (env, ctx) = unsafe { (&mut (*inner).env, &mut (*inner).ctx) };
+        env.reset_for_run(r1, host);
+        // SAFETY: `gm` is exclusively borrowed for this whole call; helpers use it only during
+        // the native call below (null for unchecked code, which gives helpers no memory).
+        unsafe {
+            env.set_guest_memory(if self.checked {
+                gm_ptr
+            } else {
+                std::ptr::null_mut()
+            })
+        };
+        if ctx.reserved[RESERVED_GM] != gm_ptr as u64 {
+            let frame_top = gm.frame_pointer(0);
+            ctx.frame_top = frame_top;
+            ctx.stack_lo = frame_top
+                - (bpftime_vm::memory::MAX_FRAMES * bpftime_vm::memory::FRAME_SIZE) as u64;
+            ctx.reserved[RESERVED_GM] = gm_ptr as u64;
+        }
+        ctx.trap_kind = trap::NONE;
+        ctx.tail_calls = 0;
+        ctx.reserved[0] = 0;
+        ctx.reserved[1] = 0;
+        ctx.reserved[2] = 0;
+        ctx.helpers = self.helper_table.as_ptr();
+        ctx.helpers_len = self.helper_table.len() as u64;
+        match gm.regions().first() {
+            Some(r) => {
+                ctx.fast_start = r.start;
+                ctx.fast_len = r.len;
+                ctx.fast_wlen = if r.writable { r.len } else { 0 };
+            }
+            None => {
+                ctx.fast_start = 0;
+                ctx.fast_len = 0;
+                ctx.fast_wlen = 0;
+            }
+        }
+        ctx.funcs = 0;
+        ctx.cur_fp = 0;
+        ctx.cpu = cpu;
+        // SAFETY: as in `run_inner`: generated code of this program, a context whose pointers
+        // (env, itself, the checker's memory, helper table) outlive this synchronous call.
+        let r0 = unsafe { (self.entry)(r1, r2, inner.cast::<u8>().add(CTX_OFF).cast()) };
+        // SAFETY: the run is over; nothing else borrows the cache.
+        outcome(unsafe { &(*inner).ctx }, r0)
+    }
+}
+
+/// A [`JitContext`] and its [`CallEnv`] kept across runs (one per thread in a runner):
+/// [`JitProgram::run_cached`] sets only the fields that change between runs. Boxed, so the
+/// pointers between them (context → env, context → itself, env → callback state) stay valid
+/// when the cache moves.
+#[derive(Debug)]
+pub struct JitRunCache {
+    inner: Box<CacheInner>,
+}
+
+#[repr(C)]
+#[derive(Debug)]
+struct CacheInner {
+    ctx: JitContext,
+    env: CallEnv,
+}
+
+/// Offset of the context in [`CacheInner`] (first, `repr(C)`).
+const CTX_OFF: usize = std::mem::offset_of!(CacheInner, ctx);
+
+impl Default for JitRunCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JitRunCache {
+    /// A fresh cache (its first run fills every field).
+    pub fn new() -> Self {
+        let mut inner = Box::new(CacheInner {
+            // (Placeholder frame: the first run sets the stack of its memory.)
+            ctx: JitContext::new(
+                (bpftime_vm::memory::MAX_FRAMES * bpftime_vm::memory::FRAME_SIZE) as u64,
+                std::ptr::null_mut(),
+            ),
+            env: CallEnv::new(0, std::ptr::null_mut()),
+        });
+        let p: *mut CacheInner = &mut *inner;
+        // SAFETY: `p` is the box just made; the pointers stored point into it and stay valid
+        // for the box's life (it is never moved out of).
+        unsafe {
+            (*p).ctx.env = &mut (*p).env;
+            (*p).ctx.mem = (&raw mut (*p).ctx).cast();
+            (*p).ctx.check = Some(check_access);
+            // No GuestMemory yet: the first run sets the memory-dependent fields.
+            (*p).ctx.reserved[RESERVED_GM] = 0;
+            // `jit_callback` is sound with this context as state (module invariants) while a
+            // run of `run_cached` is in progress, the only time helpers can call it.
+            (*p).env
+                .set_callback(Some(jit_callback), (&raw mut (*p).ctx).cast());
+        }
+        JitRunCache { inner }
+    }
+}
+
+/// The result of a run from its context: `Ok(r0)`, or the trap the code recorded.
+#[inline]
+fn outcome(ctx: &JitContext, r0: u64) -> Result<u64, Trap> {
+    let pc = ctx.trap_pc as usize;
+    let kind = match ctx.trap_kind {
+        trap::NONE => return Ok(r0),
+        trap::OUT_OF_BOUNDS => TrapKind::OutOfBounds {
+            addr: ctx.trap_addr,
+            len: ctx.trap_len,
+            write: ctx.trap_write != 0,
+        },
+        trap::MISALIGNED => TrapKind::Misaligned {
+            addr: ctx.trap_addr,
+            len: ctx.trap_len,
+        },
+        trap::UNKNOWN_HELPER => TrapKind::UnknownHelper { id: ctx.trap_addr },
+        trap::HELPER_FAULT => TrapKind::HelperFault {
+            code: ctx.trap_addr as u32,
+        },
+        _ => TrapKind::BudgetExhausted,
+    };
+    Err(Trap { kind, pc })
 }
 
 /// A `BPF_MAP_TYPE_PROG_ARRAY` as the x86_64 code sees it: slots of compiled programs selected

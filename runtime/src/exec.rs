@@ -2,7 +2,8 @@
 //!
 //! # Invariants
 //!
-//! - Each thread owns one `GuestMemory` (thread-local), reused across runs: before every run
+//! - Each thread owns one `GuestMemory` and one JIT run context (`ThreadMem`, thread-local),
+//!   reused across runs: before every run
 //!   its regions are made exactly the run's own (kept when the previous run left the same
 //!   ones, rebuilt otherwise) and the engines drop earlier grants, so no run sees another
 //!   run's regions.
@@ -27,9 +28,62 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 thread_local! {
-    static MEM: RefCell<GuestMemory> = RefCell::new(GuestMemory::new());
+    static MEM: RefCell<ThreadMem> = RefCell::new(ThreadMem::default());
     /// The runs of [`LoadedProg`]s in progress on this thread, innermost last.
     static RUNS: RefCell<Vec<RunState>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a thread keeps for its runs (one thread-local access per run, or per probe hit with
+/// [`probe_hit`]).
+#[derive(Debug, Default)]
+pub struct ThreadMem {
+    gm: GuestMemory,
+    /// The JIT's run context, reused by this thread's JIT runs.
+    #[cfg(target_arch = "x86_64")]
+    jit: bpftime_jit::program::JitRunCache,
+    /// [`exclude_thread`] was called: [`probe_hit`] refuses this thread.
+    excluded: bool,
+    /// What `gm`'s regions were last made for: (program serial, context address, context
+    /// length); serials are never reused, so a match means the same regions.
+    regions_for: (u64, u64, u64),
+}
+
+/// Why [`probe_hit`] did not run its closure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitRefused {
+    /// The thread is already running a program (a probe hit from a helper, or from a signal
+    /// handler that interrupted a run), or was excluded with [`exclude_thread`]: skip the
+    /// probe (the kernel does not trace its BPF programs' own work either).
+    Busy,
+    /// The thread's thread-locals are being torn down (a probe hit at thread exit): runs can
+    /// still go through [`LoadedProg::run_with_cookie`](crate::LoadedProg::run_with_cookie),
+    /// on fresh memory.
+    Gone,
+}
+
+/// Runs `f` with this thread's run state for one probe hit — the programs of a probe run with
+/// [`LoadedProg::run_in`](crate::LoadedProg::run_in), sharing one thread-local access — or
+/// says why not.
+#[inline]
+pub fn probe_hit<R>(f: impl FnOnce(&mut ThreadMem) -> R) -> Result<R, HitRefused> {
+    MEM.try_with(|m| {
+        let mut t = m.try_borrow_mut().map_err(|_| HitRefused::Busy)?;
+        if t.excluded {
+            return Err(HitRefused::Busy);
+        }
+        Ok(f(&mut t))
+    })
+    .unwrap_or(Err(HitRefused::Gone))
+}
+
+/// Makes [`probe_hit`] refuse (`excluded`) or accept again the calling thread (a runtime's own
+/// threads, or a thread while it sets probes up).
+pub fn exclude_thread(excluded: bool) {
+    let _ = MEM.try_with(|m| {
+        if let Ok(mut t) = m.try_borrow_mut() {
+            t.excluded = excluded;
+        }
+    });
 }
 
 /// One program run in progress (see the module invariants).
@@ -119,7 +173,7 @@ fn regions_match(gm: &GuestMemory, ctx: Option<MemRegion>, values: &[MemRegion])
 }
 
 /// Runs a program with `ctx` in r1 on this thread's guest memory: `engine` is the interpreter's
-/// or the JIT's `run_in(gm, r1, r2, host)` (same contract: both drop earlier helper grants).
+/// or the JIT's run (same contract: both drop earlier helper grants), given the thread state.
 ///
 /// The regions the previous run on this thread left are kept when they are exactly the ones
 /// this run adds (the same context and value areas: the common case of one probe hit after
@@ -129,44 +183,132 @@ fn regions_match(gm: &GuestMemory, ctx: Option<MemRegion>, values: &[MemRegion])
 /// # Safety
 /// `ctx` must be valid for reads and writes of `ctx_len` bytes during the call.
 #[inline]
-pub(crate) unsafe fn run_on_thread_memory<F>(
+unsafe fn run_on_thread<F>(
     engine: F,
     host: &ProgHost,
-    values: &[MemRegion],
+    values: (u64, &[MemRegion]),
     ctx: *mut u8,
     ctx_len: usize,
 ) -> Result<u64, Trap>
 where
-    F: FnOnce(&mut GuestMemory, u64, u64, *mut c_void) -> Result<u64, Trap>,
+    F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
 {
-    let ctx_region = (!ctx.is_null() && ctx_len > 0).then_some(MemRegion {
-        start: ctx as u64,
-        len: ctx_len as u64,
-        writable: true,
-    });
-    let host = host as *const ProgHost as *mut c_void;
     // After the thread's TLS destructors ran (a system call traced at thread or process exit)
     // the thread memory is gone, and a run nested in another on this thread (a signal
     // handler's probe) finds it borrowed: a fresh one then. (The engine is called in tail
     // position in every branch: its result is not copied around on the hot path.)
-    let Ok(cell) = MEM.try_with(|m| m as *const RefCell<GuestMemory>) else {
-        let mut gm = GuestMemory::new();
-        // SAFETY: as below.
-        unsafe { prepare(&mut gm, ctx_region, values) };
-        return engine(&mut gm, ctx as u64, 0, host);
+    let Ok(cell) = MEM.try_with(|m| m as *const RefCell<ThreadMem>) else {
+        // SAFETY: forwarded contract.
+        return unsafe {
+            run_with_thread(
+                &mut ThreadMem::default(),
+                engine,
+                host,
+                values,
+                ctx,
+                ctx_len,
+            )
+        };
     };
     // SAFETY: `cell` is this thread's `MEM`, which `try_with` found alive; it is destroyed only
     // by the thread's own TLS teardown, which cannot start while this call is on its stack.
     let cell = unsafe { &*cell };
-    let Ok(mut gm) = cell.try_borrow_mut() else {
-        let mut gm = GuestMemory::new();
-        // SAFETY: as below.
-        unsafe { prepare(&mut gm, ctx_region, values) };
-        return engine(&mut gm, ctx as u64, 0, host);
+    let Ok(mut t) = cell.try_borrow_mut() else {
+        // SAFETY: forwarded contract.
+        return unsafe {
+            run_with_thread(
+                &mut ThreadMem::default(),
+                engine,
+                host,
+                values,
+                ctx,
+                ctx_len,
+            )
+        };
     };
-    // SAFETY: `ctx` per this function's contract; `values` per the module invariants.
-    unsafe { prepare(&mut gm, ctx_region, values) };
-    engine(&mut gm, ctx as u64, 0, host)
+    // SAFETY: forwarded contract.
+    unsafe { run_with_thread(&mut t, engine, host, values, ctx, ctx_len) }
+}
+
+/// [`run_on_thread`] with the thread state already borrowed (a [`probe_hit`]).
+///
+/// # Safety
+/// As [`run_on_thread`].
+#[inline]
+pub(crate) unsafe fn run_with_thread<F>(
+    t: &mut ThreadMem,
+    engine: F,
+    host: &ProgHost,
+    (serial, values): (u64, &[MemRegion]),
+    ctx: *mut u8,
+    ctx_len: usize,
+) -> Result<u64, Trap>
+where
+    F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
+{
+    let key = (serial, ctx as u64, ctx_len as u64);
+    if t.regions_for != key {
+        let ctx_region = (!ctx.is_null() && ctx_len > 0).then_some(MemRegion {
+            start: ctx as u64,
+            len: ctx_len as u64,
+            writable: true,
+        });
+        // SAFETY: `ctx` per this function's contract; `values` per the module invariants.
+        unsafe { prepare(&mut t.gm, ctx_region, values) };
+        t.regions_for = key;
+    }
+    let host = host as *const ProgHost as *mut c_void;
+    engine(t, ctx as u64, 0, host)
+}
+
+/// [`run_on_thread`] for JIT code: the thread also keeps the code's run context
+/// ([`bpftime_jit::program::JitRunCache`]), so a run writes only what differs from the last.
+///
+/// # Safety
+/// As [`run_on_thread`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) unsafe fn run_jit_on_thread(
+    thread: Option<&mut ThreadMem>,
+    jit: &bpftime_jit::program::JitProgram,
+    host: &ProgHost,
+    values: (u64, &[MemRegion]),
+    ctx: *mut u8,
+    ctx_len: usize,
+    cpu: u64,
+) -> Result<u64, Trap> {
+    let run =
+        |t: &mut ThreadMem, r1, r2, host| jit.run_cached(&mut t.jit, &mut t.gm, r1, r2, host, cpu);
+    // SAFETY: forwarded contract.
+    unsafe {
+        match thread {
+            Some(t) => run_with_thread(t, run, host, values, ctx, ctx_len),
+            None => run_on_thread(run, host, values, ctx, ctx_len),
+        }
+    }
+}
+
+/// [`run_on_thread`] for the interpreter, on `thread` when a [`probe_hit`] borrowed it.
+///
+/// # Safety
+/// As [`run_on_thread`].
+#[inline]
+pub(crate) unsafe fn run_interpreter_on_thread(
+    thread: Option<&mut ThreadMem>,
+    interp: &bpftime_vm::interpreter::Interpreter<'_>,
+    host: &ProgHost,
+    values: (u64, &[MemRegion]),
+    ctx: *mut u8,
+    ctx_len: usize,
+) -> Result<u64, Trap> {
+    let run = |t: &mut ThreadMem, r1, r2, host| interp.run_in(&mut t.gm, r1, r2, host);
+    // SAFETY: forwarded contract.
+    unsafe {
+        match thread {
+            Some(t) => run_with_thread(t, run, host, values, ctx, ctx_len),
+            None => run_on_thread(run, host, values, ctx, ctx_len),
+        }
+    }
 }
 
 /// Makes `gm`'s regions exactly `ctx` (if any) then `values`, keeping them when they already

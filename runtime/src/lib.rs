@@ -18,5 +18,6 @@ pub mod object;
 pub mod prog;
 pub mod trace;
 
+pub use exec::{HitRefused, ThreadMem, exclude_thread, probe_hit};
 pub use object::RuntimeError;
 pub use prog::{Engine, LoadError, LoadedProg};

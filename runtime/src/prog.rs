@@ -53,6 +53,9 @@ pub struct LoadedProg {
     may_override: bool,
     /// The program may call `bpf_get_func_ip` (likewise).
     uses_func_ip: bool,
+    /// Unique among the programs of this process, renewed whenever `value_regions` changes
+    /// (runs on a thread keep its memory's regions while the serial and context match).
+    serial: u64,
     #[cfg(target_arch = "x86_64")]
     jit: Option<bpftime_jit::program::JitProgram>,
 }
@@ -248,6 +251,7 @@ impl LoadedProg {
             uses_cookie,
             may_override,
             uses_func_ip,
+            serial: next_serial(),
             #[cfg(target_arch = "x86_64")]
             jit: None,
         })
@@ -256,6 +260,7 @@ impl LoadedProg {
     /// Selects the engine: with [`Engine::Jit`] the program is compiled to native code now
     /// (x86_64; elsewhere the interpreter keeps running it).
     pub fn with_engine(mut self, engine: Engine) -> Result<Self, LoadError> {
+        self.serial = next_serial();
         #[cfg(target_arch = "x86_64")]
         {
             self.jit = match engine {
@@ -345,6 +350,35 @@ impl LoadedProg {
         ctx_len: usize,
         cookie: u64,
     ) -> Result<u64, Trap> {
+        // SAFETY: forwarded contract.
+        unsafe { self.run_on(None, ctx, ctx_len, cookie) }
+    }
+
+    /// [`LoadedProg::run_with_cookie`] inside a [`crate::exec::probe_hit`], on the state it
+    /// borrowed (the probe hot path: no thread-local lookup of its own).
+    ///
+    /// # Safety
+    /// As [`LoadedProg::run`].
+    #[inline]
+    pub unsafe fn run_in(
+        &self,
+        thread: &mut crate::exec::ThreadMem,
+        ctx: *mut u8,
+        ctx_len: usize,
+        cookie: u64,
+    ) -> Result<u64, Trap> {
+        // SAFETY: forwarded contract.
+        unsafe { self.run_on(Some(thread), ctx, ctx_len, cookie) }
+    }
+
+    #[inline]
+    unsafe fn run_on(
+        &self,
+        thread: Option<&mut crate::exec::ThreadMem>,
+        ctx: *mut u8,
+        ctx_len: usize,
+        cookie: u64,
+    ) -> Result<u64, Trap> {
         let _cookie = self
             .uses_cookie
             .then(|| crate::helpers::CookieGuard::set(cookie));
@@ -365,17 +399,38 @@ impl LoadedProg {
         #[cfg(target_arch = "x86_64")]
         if let Some(j) = &self.jit {
             let cpu = u64::from(cpu.cpu());
-            let run = |gm: &mut _, r1, r2, host| j.run_in_on_cpu(gm, r1, r2, host, cpu);
             // SAFETY: forwarded contract on `ctx`.
             return unsafe {
-                exec::run_on_thread_memory(run, &self.host, &self.value_regions, ctx, ctx_len)
+                exec::run_jit_on_thread(
+                    thread,
+                    j,
+                    &self.host,
+                    (self.serial, &self.value_regions),
+                    ctx,
+                    ctx_len,
+                    cpu,
+                )
             };
         }
         let interp = Interpreter::new(&self.prog, &self.helpers);
-        let run = |gm: &mut _, r1, r2, host| interp.run_in(gm, r1, r2, host);
         // SAFETY: forwarded contract on `ctx`.
-        unsafe { exec::run_on_thread_memory(run, &self.host, &self.value_regions, ctx, ctx_len) }
+        unsafe {
+            exec::run_interpreter_on_thread(
+                thread,
+                &interp,
+                &self.host,
+                (self.serial, &self.value_regions),
+                ctx,
+                ctx_len,
+            )
+        }
     }
+}
+
+/// A program serial never handed out before (see `LoadedProg::serial`).
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Tail-call targets loaded in this process: (store, program id, engine) → program.

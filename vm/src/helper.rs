@@ -227,6 +227,24 @@ impl CallEnv {
         }
     }
 
+    /// Makes an env that served an earlier run ready for another one with context `ctx` and
+    /// host data `host`, as [`CallEnv::new`] would, but keeping the engine's callback entry and
+    /// guest memory (for engines that keep one env per thread).
+    #[inline]
+    pub fn reset_for_run(&mut self, ctx: u64, host: *mut c_void) {
+        self.status = CallStatus::Continue as u32;
+        self.fault_code = 0;
+        self.exit_value = 0;
+        self.ctx = ctx;
+        self.host = host;
+        self.tail_entry = std::ptr::null();
+        self.tail_calls = 0;
+        self.callback_depth = 0;
+        if self.tail_target.is_some() {
+            self.tail_target = None;
+        }
+    }
+
     /// Calls the program's function `func` — a token `lddw rX, func f` loaded, as a helper
     /// such as `bpf_loop` gets it — with r1–r5 = `args`, in a fresh 512-byte frame below the
     /// calling function's, on the run's memory; returns its r0.

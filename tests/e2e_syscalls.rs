@@ -197,12 +197,14 @@ fn openat_error_injection_fails_the_chosen_path_with_enoent() {
     );
 }
 
-/// How `syscall-raw-victim` loads its library: before "ready", or after "go" (then it waits
-/// until bpftime patched it; the kernel run does not wait).
+/// How `syscall-raw-victim` loads its library: before "ready", after "go" (then it waits
+/// until bpftime patched it; the kernel run does not wait), or after "go", closed and loaded
+/// again (waiting each time).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dlopen {
     Early,
     Late,
+    Reload,
 }
 
 /// The raw victim's report lines: its numbers (getpid 39 from the executable's own
@@ -247,6 +249,8 @@ fn raw_run(build: &Path, tag: &str, when: Dlopen, kernel: bool) -> (Vec<String>,
         (Dlopen::Early, _) => "early",
         (Dlopen::Late, false) => "late",
         (Dlopen::Late, true) => "late-nowait",
+        (Dlopen::Reload, false) => "reload",
+        (Dlopen::Reload, true) => "reload-nowait",
     };
     let mut c = if kernel {
         Command::new(build.join("syscall-raw-victim"))
@@ -293,8 +297,11 @@ fn raw_case(tag: &str, when: Dlopen) {
     assert!(vout.contains(&format!("write_errs {N}")), "{vout:?}");
     // Its own SIGSYS handler still gets the SIGSYS that is not a dispatch trap.
     assert!(vout.iter().any(|l| l == "app_sigsys 1"), "{vout:?}");
-    if when == Dlopen::Late {
-        assert!(vout.iter().any(|l| l == "patched"), "{vout:?}");
+    let patched = vout.iter().filter(|l| *l == "patched").count();
+    match when {
+        Dlopen::Early => {}
+        Dlopen::Late => assert_eq!(patched, 1, "{vout:?}"),
+        Dlopen::Reload => assert_eq!(patched, 2, "{vout:?}"),
     }
     let ours = raw_results(&out);
     assert_eq!(ours, raw_expected(), "{out:#?}");
@@ -315,6 +322,11 @@ fn raw_syscall_instructions_in_the_executable_and_a_library_counted_like_the_ker
 #[test]
 fn a_library_dlopened_after_attach_is_patched_and_traced_like_the_kernel() {
     raw_case("sys-raw-late", Dlopen::Late);
+}
+
+#[test]
+fn a_library_closed_and_opened_again_is_patched_again_and_traced_like_the_kernel() {
+    raw_case("sys-raw-reload", Dlopen::Reload);
 }
 
 /// Mounts tracefs at /sys/kernel/tracing if it is not (root only; the kernel baseline and

@@ -7,7 +7,9 @@
  *
  * WHEN: "early" (dlopen LIB before "ready"), "late" (dlopen LIB after "go", then wait until
  * its code has changed — bpftime patched it — printing "patched" or, after 60 s,
- * "unpatched"), or "late-nowait" (dlopen after "go", no wait: the kernel baseline).
+ * "unpatched"), "reload" (as "late", then dlclose, dlopen again — often at the same
+ * address, with its original bytes — and wait again), or "late-nowait" / "reload-nowait"
+ * (the same without waiting: the kernel baseline).
  * Prints "ready <pid>", waits for a line on stdin, then N times: getpid (39) with the number
  * in the instruction stream, write(1000, "bpftime raw\n", 12) with the number in a register
  * (fails with EBADF), LIB's getuid (102), and getppid (110) from code written at run time
@@ -158,8 +160,17 @@ int main(int argc, char **argv)
 		fprintf(stderr, "dlsym: %s\n", dlerror());
 		return 2;
 	}
-	if (!strcmp(when, "late"))
+	if (!strcmp(when, "late") || !strcmp(when, "reload"))
 		wait_patched((const unsigned char *)lib_getuid);
+	if (!strncmp(when, "reload", 6)) {
+		dlclose(h);
+		h = load(argv[2]);
+		lib_getuid = (long (*)(void))dlsym(h, "rawlib_getuid");
+		if (!lib_getuid)
+			return 2;
+		if (!strcmp(when, "reload"))
+			wait_patched((const unsigned char *)lib_getuid);
+	}
 	for (long i = 0; i < n; i++) {
 		if (raw_getpid() != getpid())
 			return 3;

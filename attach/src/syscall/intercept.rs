@@ -567,18 +567,23 @@ impl Interceptor {
         self.unverified
     }
 
-    /// Whether the object is still mapped where its sites were found (false after a
-    /// `dlclose` unmapped it: [`Interceptor::forget`] it then).
-    /// `maps`: this process's mappings now.
+    /// Whether the object is still mapped where its sites were found, as we left it (false
+    /// after a `dlclose` unmapped it, or a `dlclose` and `dlopen` mapped it again, at the same
+    /// place, with its original bytes: [`Interceptor::forget`] it then). `maps`: this
+    /// process's mappings now.
     pub fn still_mapped(&self, maps: &[MapEntry]) -> bool {
         let at = |addr: usize| {
             maps.iter()
                 .any(|m| m.exec && m.contains(addr) && m.inode == self.inode)
         };
-        match self.sites.first() {
+        let here = match self.sites.first() {
             Some(s) => at(s.start) && at(s.start + s.len - 1),
             None => maps.iter().any(|m| m.exec && m.inode == self.inode),
-        }
+        };
+        // A patched site still holds our jump (only this thread patches).
+        here && self.sites.iter().find(|s| s.patched).is_none_or(|s| {
+            code_mem::read_code(maps, s.start, 1).is_ok_and(|b| b.first() == Some(&0xe9))
+        })
     }
 
     /// Drops the interceptor of an object that is no longer mapped without writing its old

@@ -297,6 +297,8 @@ fn raw_case(tag: &str, when: Dlopen) {
     assert!(vout.contains(&format!("write_errs {N}")), "{vout:?}");
     // Its own SIGSYS handler still gets the SIGSYS that is not a dispatch trap.
     assert!(vout.iter().any(|l| l == "app_sigsys 1"), "{vout:?}");
+    // A vfork from the executable's own (never patched) site ran natively.
+    assert!(vout.iter().any(|l| l == "vfork_status 3"), "{vout:?}");
     let patched = vout.iter().filter(|l| *l == "patched").count();
     match when {
         Dlopen::Early => {}

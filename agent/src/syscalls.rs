@@ -314,6 +314,8 @@ struct Sud {
     /// Unavailable or turned off: not tried again.
     off: bool,
     on: bool,
+    /// Last logged.
+    stats: dispatch::Stats,
 }
 
 impl Sud {
@@ -363,11 +365,27 @@ impl Sud {
             );
             self.on = true;
         }
-        dispatch::recheck_handler();
+        if dispatch::recheck_handler() {
+            tracing::info!(
+                "syscall user dispatch: SIGSYS handler replaced behind our back, put back"
+            );
+        }
         match dispatch::arm_threads(&is_agent_thread) {
             Ok(0) => {}
             Ok(n) => tracing::debug!("syscall user dispatch: arming {n} thread(s)"),
             Err(e) => tracing::warn!("syscall user dispatch: {e}"),
+        }
+        let st = dispatch::stats();
+        if st != self.stats {
+            tracing::debug!(
+                "syscall user dispatch: {} thread(s) armed, {} failed, {} trap(s), {} run \
+                 natively",
+                st.armed,
+                st.failed,
+                st.traps,
+                st.escapes
+            );
+            self.stats = st;
         }
     }
 

@@ -16,13 +16,16 @@
  * into an anonymous page far from every library (no file: only a catch-all such as Syscall
  * User Dispatch sees it); a second thread, started before "ready", makes the same getppid
  * calls N times. Then it installs its own SIGSYS handler and raises SIGSYS (what a seccomp
- * user sees). Prints "write_errs E" (calls that returned -EBADF), "app_sigsys K" (times its
- * handler ran), then "done".
+ * user sees), and makes one vfork from its own `syscall` instruction (a site never patched;
+ * under Syscall User Dispatch it must run natively). Prints "write_errs E" (calls that
+ * returned -EBADF), "app_sigsys K" (times its handler ran), "vfork_status S" (the child's
+ * exit status, 3), then "done".
  */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +57,19 @@ __asm__(".text\n"
 	"	ret\n"
 	".size raw_syscall3, . - raw_syscall3\n");
 long raw_syscall3(long nr, long a, long b, long c);
+
+/* long raw_vfork(void): the child shares this stack, so the return address stays in rdx. */
+__asm__(".text\n"
+	".globl raw_vfork\n"
+	".type raw_vfork, @function\n"
+	"raw_vfork:\n"
+	"	popq %rdx\n"
+	"	movl $58, %eax\n"
+	"	syscall\n"
+	"	pushq %rdx\n"
+	"	ret\n"
+	".size raw_vfork, . - raw_vfork\n");
+long raw_vfork(void);
 
 static void *load(const char *lib)
 {
@@ -185,8 +201,16 @@ int main(int argc, char **argv)
 		return 7;
 	signal(SIGSYS, on_sigsys);
 	raise(SIGSYS);
+	long child = raw_vfork();
+	int status = 0;
+
+	if (child == 0)
+		_exit(3);
+	if (child < 0 || waitpid((pid_t)child, &status, 0) != child)
+		return 8;
 	printf("write_errs %ld\n", errs);
 	printf("app_sigsys %d\n", (int)app_sigsys);
+	printf("vfork_status %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
 	printf("done\n");
 	fflush(stdout);
 	return 0;

@@ -41,7 +41,7 @@ use bpftime_maps::Store;
 use bpftime_runtime::helpers::take_override;
 use bpftime_runtime::host;
 use bpftime_runtime::object::{Attachment, PerfKind};
-use bpftime_runtime::{Engine, LoadedProg};
+use bpftime_runtime::{Engine, HitRefused, LoadedProg, ThreadMem};
 use bpftime_vm::helper::HelperRegistry;
 use parking_lot::RwLock;
 use std::cell::Cell;
@@ -50,9 +50,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// What the handlers keep per thread, behind one thread-local access per call.
+/// What the handlers keep per thread besides the runtime's run state (const, without a
+/// destructor: usable at thread exit too).
 struct ThreadState {
-    /// Set while this thread runs programs, and for good on the agent's own thread.
+    /// Set while this thread runs programs after its runtime state is gone (thread exit).
     guard: Cell<bool>,
     /// The thread id, and the process id it was read under (re-read after `fork`).
     pid: Cell<u32>,
@@ -80,9 +81,12 @@ thread_local! {
     };
 }
 
-/// Sets (`true`) or restores this thread's guard; returns the previous value.
-fn set_guard(on: bool) -> bool {
-    THREAD.with(|t| t.guard.replace(on))
+/// Whether the calling thread is one of the agent's (named `bpftime…`): those stay excluded
+/// from tracing for good.
+fn on_agent_thread() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("bpftime"))
 }
 
 type Progs = Vec<(Arc<LoadedProg>, u64)>;
@@ -164,10 +168,17 @@ fn header(id: u32, tid: u32) -> TraceEntry {
     }
 }
 
-fn run_all<T>(progs: &Progs, ctx: &mut T) {
+/// Runs `progs` on `ctx`, on the thread's run state `t` (or on fresh memory without it).
+fn run_all<T>(t: &mut Option<&mut ThreadMem>, progs: &Progs, ctx: &mut T) {
+    let (c, len) = ((ctx as *mut T).cast::<u8>(), size_of::<T>());
     for (p, cookie) in progs {
         // SAFETY: `ctx` is a live, writable value of `size_of::<T>()` bytes for the call.
-        let r = unsafe { p.run_with_cookie((ctx as *mut T).cast(), size_of::<T>(), *cookie) };
+        let r = unsafe {
+            match t.as_deref_mut() {
+                Some(t) => p.run_in(t, c, len, *cookie),
+                None => p.run_with_cookie(c, len, *cookie),
+            }
+        };
         if let Err(t) = r {
             TRAPS.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("program {} trapped: {t}", p.id());
@@ -194,24 +205,45 @@ fn regs_of(call: &SyscallCall, ax: u64) -> PtRegs {
     }
 }
 
-/// Runs `f` (given the thread id) with the guard set, unless it already is (re-entry or the
-/// agent's thread).
-fn guarded(f: impl FnOnce(u32)) {
-    THREAD.with(|t| {
-        if t.guard.replace(true) {
-            return;
+/// Runs `f` (given the thread id and its run state) unless the thread is already running
+/// programs — a system call made by a helper (of a probe of any kind) or by a signal handler
+/// that interrupted a run — or is excluded (the agent's own threads, a sync in progress:
+/// `bpftime_runtime::exclude_thread`); at thread exit (the runtime's state gone) on fresh
+/// memory, under our own guard. Keeps errno; never unwinds.
+fn guarded(f: impl FnOnce(u32, &mut Option<&mut ThreadMem>)) {
+    // SAFETY: errno is thread-local; its location is valid for the thread's life.
+    let errno = unsafe { libc::__errno_location() };
+    // SAFETY: as above.
+    let saved = unsafe { *errno };
+    let mut f = Some(f);
+    let hit = bpftime_runtime::probe_hit(|t| {
+        if let Some(f) = f.take() {
+            let tid = THREAD.with(ThreadState::tid);
+            let mut t = Some(t);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid, &mut t)));
         }
-        let tid = t.tid();
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid)));
-        t.guard.set(false);
     });
+    if hit == Err(HitRefused::Gone)
+        && let Some(f) = f.take()
+    {
+        let _ = THREAD.try_with(|st| {
+            if !st.guard.replace(true) {
+                let tid = st.tid();
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid, &mut None)));
+                st.guard.set(false);
+            }
+        });
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
 }
 
 extern "C" fn on_enter(call: &mut SyscallCall) {
     if !wanted(&ENTER_BITS, &ALL_ENTER, call.nr) {
         return;
     }
-    guarded(|tid| {
+    guarded(|tid, t| {
         let d = DISPATCH.read();
         let Some(d) = d.as_ref() else {
             return;
@@ -225,7 +257,7 @@ extern "C" fn on_enter(call: &mut SyscallCall) {
                 id: call.nr as i64,
                 args: call.args,
             };
-            run_all(&d.raw_enter, &mut ctx);
+            run_all(t, &d.raw_enter, &mut ctx);
         }
         if let Some((id, progs)) = at(&d.enter, call.nr) {
             let mut ctx = SysEnterCtx {
@@ -234,14 +266,14 @@ extern "C" fn on_enter(call: &mut SyscallCall) {
                 pad: 0,
                 args: call.args,
             };
-            run_all(progs, &mut ctx);
+            run_all(t, progs, &mut ctx);
         }
         if !d.rawtp_enter.is_empty() {
             let mut regs = regs_of(call, (-libc::ENOSYS) as i64 as u64);
             let mut ctx = RawTpCtx {
                 args: [&mut regs as *mut PtRegs as u64, call.nr],
             };
-            run_all(&d.rawtp_enter, &mut ctx);
+            run_all(t, &d.rawtp_enter, &mut ctx);
         }
         if d.enter_override
             && let Some(rc) = take_override()
@@ -256,7 +288,7 @@ extern "C" fn on_exit(call: &SyscallCall) {
     if !wanted(&EXIT_BITS, &ALL_EXIT, call.nr) {
         return;
     }
-    guarded(|tid| {
+    guarded(|tid, t| {
         let d = DISPATCH.read();
         let Some(d) = d.as_ref() else {
             return;
@@ -267,7 +299,7 @@ extern "C" fn on_exit(call: &SyscallCall) {
                 id: call.nr as i64,
                 ret: call.ret,
             };
-            run_all(&d.raw_exit, &mut ctx);
+            run_all(t, &d.raw_exit, &mut ctx);
         }
         if let Some((id, progs)) = at(&d.exit, call.nr) {
             let mut ctx = SysExitCtx {
@@ -276,14 +308,14 @@ extern "C" fn on_exit(call: &SyscallCall) {
                 pad: 0,
                 ret: call.ret,
             };
-            run_all(progs, &mut ctx);
+            run_all(t, progs, &mut ctx);
         }
         if !d.rawtp_exit.is_empty() {
             let mut regs = regs_of(call, call.ret as u64);
             let mut ctx = RawTpCtx {
                 args: [&mut regs as *mut PtRegs as u64, call.ret as u64],
             };
-            run_all(&d.rawtp_exit, &mut ctx);
+            run_all(t, &d.rawtp_exit, &mut ctx);
         }
         if d.exit_override {
             let _ = take_override();
@@ -452,13 +484,11 @@ impl SyscallTracing {
         helpers: &Arc<HelperRegistry>,
         engine: Engine,
     ) -> &[u32] {
-        let agent_thread = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("bpftime"));
-        let was = set_guard(true);
+        // Our own system calls (patching, scanning) are not traced.
+        bpftime_runtime::exclude_thread(true);
         self.sync_guarded(all, store, helpers, engine);
-        if !agent_thread {
-            set_guard(was);
+        if !on_agent_thread() {
+            bpftime_runtime::exclude_thread(false);
         }
         &self.attached
     }
@@ -703,7 +733,7 @@ impl SyscallTracing {
 
     /// Removes every program and restores libc (agent shutdown or detach; also on drop).
     pub fn clear(&mut self) {
-        let was = set_guard(true);
+        bpftime_runtime::exclude_thread(true);
         self.publish(Dispatch::default());
         self.want = None;
         self.sud.disable();
@@ -711,7 +741,9 @@ impl SyscallTracing {
         self.progs.clear();
         self.built.clear();
         self.attached.clear();
-        set_guard(was);
+        if !on_agent_thread() {
+            bpftime_runtime::exclude_thread(false);
+        }
     }
 }
 

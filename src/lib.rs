@@ -277,20 +277,29 @@ impl Proc {
 
     /// Waits for exit (killing the child after `timeout`), collects the rest of stdout, and
     /// returns all lines. Panics on a non-zero exit.
-    pub fn finish(mut self, timeout: Duration) -> Vec<String> {
+    pub fn finish(self, timeout: Duration) -> Vec<String> {
+        let what = self.what.clone();
+        let (st, lines) = self.finish_status(timeout);
+        assert!(
+            st.success(),
+            "{what} failed ({st}); output:\n{}",
+            lines.join("\n")
+        );
+        lines
+    }
+
+    /// [`Proc::finish`] for a child that may fail: its exit status and all its lines.
+    pub fn finish_status(
+        mut self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, Vec<String>) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait().expect("wait child") {
                 while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(l);
                 }
-                assert!(
-                    st.success(),
-                    "{} failed ({st}); output:\n{}",
-                    self.what,
-                    self.seen.join("\n")
-                );
-                return std::mem::take(&mut self.seen);
+                return (st, std::mem::take(&mut self.seen));
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();

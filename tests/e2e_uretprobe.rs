@@ -7,7 +7,8 @@
 
 mod probe_support;
 
-use probe_support::{Runtime, example, kernel_available, run};
+use probe_support::{Runtime, example, kernel_available, run, run_status};
+use std::os::unix::process::ExitStatusExt;
 
 /// Runs `mode` of `retvictim` with both probes on `func` on bpftime and the kernel; both must
 /// count what the victim expects.
@@ -82,6 +83,29 @@ fn a_trap_probe_works_in_a_thread_that_blocks_every_signal() {
         "short_fn",
     );
     assert_eq!(r.counts(), r.expected(), "{r:?}");
+}
+
+#[test]
+fn an_int3_of_the_application_still_kills_it_with_sigtrap() {
+    // The trap probe on short_fn installs our SIGTRAP handler; an int3 that is not a probe,
+    // with no handler of the application, must end the process by SIGTRAP as without us
+    // (the handler restores the default action with a raw rt_sigaction: the agent's
+    // `sigaction` interposer would keep our handler and the trap would come back for ever).
+    let Some(build) = example() else {
+        return;
+    };
+    let (st, r) = run_status(
+        Runtime::Bpftime,
+        &build,
+        "uretprobe-counter",
+        &[],
+        "retvictim",
+        &["-T", "-m", "short", "300"],
+        "short_fn",
+    );
+    assert_eq!(st.signal(), Some(libc::SIGTRAP), "{st}: {r:?}");
+    assert_eq!(r.counts(), r.expected(), "{r:?}");
+    assert!(!r.victim.iter().any(|l| l == "survived int3"), "{r:?}");
 }
 
 #[test]

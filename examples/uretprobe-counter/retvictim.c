@@ -14,6 +14,8 @@
  *   -a       print "addr <function> <hex address>" for the mode's functions
  *   -b       block every signal (pthread_sigmask) before the calls, as servers do in worker
  *            threads
+ *   -T       after the report, execute an int3 of its own (no handler installed): the
+ *            process must die of SIGTRAP, probes or not
  *   -m MODE  (default target)
  *     target    target_function(i): C, first instruction push %rbp; returns i & 0xff
  *     nop5      nop5_entry(i): first instruction a 5-byte nop; returns i + 1
@@ -157,20 +159,20 @@ static void *thread_main(void *arg)
 
 static void usage(const char *prog)
 {
-	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-a] [-b] [-m MODE] N\n", prog);
+	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-a] [-b] [-T] [-m MODE] N\n", prog);
 }
 
 int main(int argc, char **argv)
 {
 	const char *mode = "target", *wait_file = NULL;
-	int wait_stdin = 0, timed = 0, addrs = 0, block = 0, opt;
+	int wait_stdin = 0, timed = 0, addrs = 0, block = 0, own_trap = 0, opt;
 	unsigned long long entries = 0, returns = 0, ret_sum = 0;
 	long overridden = 0;
 	volatile long sink = 0;
 	struct timespec t0, t1, c0, c1;
 	char *end;
 
-	while ((opt = getopt(argc, argv, "wW:tabm:h")) != -1) {
+	while ((opt = getopt(argc, argv, "wW:tabTm:h")) != -1) {
 		switch (opt) {
 		case 'w':
 			wait_stdin = 1;
@@ -186,6 +188,9 @@ int main(int argc, char **argv)
 			break;
 		case 'b':
 			block = 1;
+			break;
+		case 'T':
+			own_trap = 1;
 			break;
 		case 'm':
 			mode = optarg;
@@ -319,5 +324,10 @@ int main(int argc, char **argv)
 	}
 	printf("expect entries %llu returns %llu ret_sum %llu\n", entries, returns, ret_sum);
 	printf("calls %ld\n", n_calls);
+	if (own_trap) {
+		fflush(stdout);
+		__asm__ volatile("int3");
+		printf("survived int3\n");
+	}
 	return 0;
 }

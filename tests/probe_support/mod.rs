@@ -86,6 +86,21 @@ pub fn run(
     victim_args: &[&str],
     func: &str,
 ) -> Run {
+    let (st, r) = run_status(rt, build, tool, tool_args, victim, victim_args, func);
+    assert!(st.success(), "{victim} ({rt:?}) failed ({st}): {r:?}");
+    r
+}
+
+/// [`run`] for a victim that may fail: its exit status too.
+pub fn run_status(
+    rt: Runtime,
+    build: &Path,
+    tool: &str,
+    tool_args: &[&str],
+    victim: &str,
+    victim_args: &[&str],
+    func: &str,
+) -> (std::process::ExitStatus, Run) {
     let store = TestStore::new(&format!("ret-{tool}"));
     let a = artifacts();
     let mut vc = match rt {
@@ -122,13 +137,14 @@ pub fn run(
         });
     }
     v.send_line("go");
-    let victim_lines = v.finish(T);
+    let (status, victim_lines) = v.finish_status(T);
     interrupt(l.pid());
-    Run {
+    let r = Run {
         victim: victim_lines,
         tool: l.finish(T),
         victim_pid: vpid,
-    }
+    };
+    (status, r)
 }
 
 /// Perf events the agent in `pid` reports attached, from `bpftime list`.

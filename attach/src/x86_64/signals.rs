@@ -395,11 +395,24 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     if app.handler == libc::SIG_DFL || app.handler == libc::SIG_IGN {
         // A trap cannot be ignored (the kernel kills on an ignored forced SIGTRAP): restore the
         // default action and re-raise; it terminates the process as if we had never been here.
-        // SAFETY: zeroed sigaction is SIG_DFL with an empty mask; sigaction and raise are
-        // async-signal-safe.
+        // The raw system call: libc's `sigaction` may be an interposer (the agent's) that
+        // keeps our handler in place, and the trap would then come back for ever.
+        let dfl = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: `dfl` is the kernel's 32-byte layout (SIG_DFL, empty 8-byte mask); no old
+        // action wanted; rt_sigaction and raise are async-signal-safe.
         unsafe {
-            let dfl: libc::sigaction = core::mem::zeroed();
-            libc::sigaction(sig, &dfl, core::ptr::null_mut());
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                core::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
             libc::raise(sig);
         }
         return;

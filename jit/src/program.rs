@@ -10,9 +10,11 @@
 //!   tail-call tables) all point to values that outlive the native call, which is synchronous.
 //! - Checked mode: generated code touches only the stack (inside `GuestMemory`'s own stack), the
 //!   fast region (the first region registered with the `GuestMemory`, which its `add_region`
-//!   contract keeps valid), the window `check_access` cached (which it accepted), and addresses
-//!   `check_access` accepts (`GuestMemory::check`, the interpreter's check) — so it is as
-//!   memory-safe as the interpreter.
+//!   contract keeps valid), the window `check_access` cached (which it accepted) or a cached
+//!   run started with (the second registered region, valid likewise), an inlined map's data
+//!   area (`crate::InlineMap`'s contract), and addresses `check_access` accepts
+//!   (`GuestMemory::check`, the interpreter's check) — so it is as memory-safe as the
+//!   interpreter.
 //! - Unchecked mode trusts the program's memory accesses (and helper arguments), the JIT's
 //!   documented stance when `JitOptions::checked` is false: the host that compiles a program
 //!   unchecked vouches for it (e.g. because it passed the interpreter, or a kernel-grade verifier).
@@ -296,9 +298,13 @@ impl JitProgram {
         }
         ctx.trap_kind = trap::NONE;
         ctx.tail_calls = 0;
-        ctx.reserved[0] = 0;
-        ctx.reserved[1] = 0;
-        ctx.reserved[2] = 0;
+        // The checker's window starts on the second region the host registered (a program's
+        // global data, typically), which is valid for the whole run: its accesses are then
+        // tested inline from the first one on.
+        let window = gm.regions().get(1).map_or([0; 3], |r| {
+            [r.start, r.len, if r.writable { r.len } else { 0 }]
+        });
+        ctx.reserved[..3].copy_from_slice(&window);
         ctx.helpers = self.helper_table.as_ptr();
         ctx.helpers_len = self.helper_table.len() as u64;
         match gm.regions().first() {

@@ -694,43 +694,48 @@ fn values_a_caller_keeps_in_caller_saved_registers_survive_entry_and_return_hand
 
 #[test]
 fn a_tail_call_between_two_return_probed_functions_returns_through_both() {
+    for (outer_mode, inner_mode) in [
+        (PatchMode::Jump, PatchMode::Jump),
+        (PatchMode::Trap, PatchMode::Trap),
+        (PatchMode::Jump, PatchMode::Trap),
+    ] {
+        tail_call_through_both(outer_mode, inner_mode);
+    }
+}
+
+fn tail_call_through_both(outer_mode: PatchMode, inner_mode: PatchMode) {
+    let modes = format!("{outer_mode:?}/{inner_mode:?}");
     let (outer, inner) = (Rec::default(), Rec::default());
-    let ho = probe(
-        addr(p_tail as *const ()),
-        &outer,
-        true,
-        true,
-        PatchMode::Jump,
-    );
+    let ho = probe(addr(p_tail as *const ()), &outer, true, true, outer_mode);
     let hi = probe(
         addr(p_tail_callee as *const ()),
         &inner,
         true,
         true,
-        PatchMode::Jump,
+        inner_mode,
     );
     let mut want = 0;
     for x in 0..100u64 {
-        assert_eq!(p_tail(black_box(x)), x + 1);
+        assert_eq!(p_tail(black_box(x)), x + 1, "{modes}");
         want += x + 1;
     }
     for (rec, name) in [(&outer, "outer"), (&inner, "inner")] {
-        assert_eq!(rec.entries.load(Ordering::SeqCst), 100, "{name}");
-        assert_eq!(rec.returns.load(Ordering::SeqCst), 100, "{name}");
-        assert_eq!(rec.ret_sum.load(Ordering::SeqCst), want, "{name}");
+        assert_eq!(rec.entries.load(Ordering::SeqCst), 100, "{name} {modes}");
+        assert_eq!(rec.returns.load(Ordering::SeqCst), 100, "{name} {modes}");
+        assert_eq!(rec.ret_sum.load(Ordering::SeqCst), want, "{name} {modes}");
     }
     // The inner function returns through the outer one's trampoline; both handlers see the
-    // real return address, in this function, and the same rsp.
-    let me =
-        a_tail_call_between_two_return_probed_functions_returns_through_both as *const () as u64;
+    // real return address, in the caller, and the same rsp.
+    let me = tail_call_through_both as *const () as u64;
     let rip = outer.ret_rip.load(Ordering::SeqCst);
-    assert!(rip > me && rip < me + 0x2000, "{rip:#x} vs {me:#x}");
-    assert_eq!(inner.ret_rip.load(Ordering::SeqCst), rip);
+    assert!(rip > me && rip < me + 0x2000, "{rip:#x} vs {me:#x} {modes}");
+    assert_eq!(inner.ret_rip.load(Ordering::SeqCst), rip, "{modes}");
     assert_eq!(
         inner.ret_rsp.load(Ordering::SeqCst),
-        outer.ret_rsp.load(Ordering::SeqCst)
+        outer.ret_rsp.load(Ordering::SeqCst),
+        "{modes}"
     );
-    assert_eq!(pending_returns(), 0);
+    assert_eq!(pending_returns(), 0, "{modes}");
     hi.remove().unwrap();
     ho.remove().unwrap();
 }

@@ -420,10 +420,24 @@ mod x86 {
         ) -> Self {
             let mut unchecked_helpers = HelperRegistry::new();
             unchecked_helpers.register(1, "map_lookup", lookup_helper_unchecked);
-            let jit = JitProgram::new(prog, &unchecked_helpers, &JitOptions { checked: false, ..Default::default() })
-                .expect("compiles");
-            let jit_checked =
-                JitProgram::new(prog, helpers, &JitOptions { checked: true, ..Default::default() }).expect("compiles");
+            let jit = JitProgram::new(
+                prog,
+                &unchecked_helpers,
+                &JitOptions {
+                    checked: false,
+                    ..Default::default()
+                },
+            )
+            .expect("compiles");
+            let jit_checked = JitProgram::new(
+                prog,
+                helpers,
+                &JitOptions {
+                    checked: true,
+                    ..Default::default()
+                },
+            )
+            .expect("compiles");
             let mut rbpf = rbpf::EbpfVmMbuff::new(Some(bytes))
                 .unwrap_or_else(|e| panic!("rbpf rejects {}: {e}", p.name));
             rbpf.register_helper(1, lookup_rbpf).expect("helper");
@@ -527,7 +541,10 @@ mod x86 {
     }
 
     fn compile_us(prog: &Verified, helpers: &HelperRegistry, checked: bool, map: bool) -> f64 {
-        let opts = JitOptions { checked, ..Default::default() };
+        let opts = JitOptions {
+            checked,
+            ..Default::default()
+        };
         time(|| {
             if map {
                 JitProgram::new(prog, helpers, &opts)

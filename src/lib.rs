@@ -289,10 +289,7 @@ impl Proc {
     }
 
     /// [`Proc::finish`] for a child that may fail: its exit status and all its lines.
-    pub fn finish_status(
-        mut self,
-        timeout: Duration,
-    ) -> (std::process::ExitStatus, Vec<String>) {
+    pub fn finish_status(mut self, timeout: Duration) -> (std::process::ExitStatus, Vec<String>) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait().expect("wait child") {

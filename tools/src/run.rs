@@ -158,9 +158,16 @@ pub fn execute(
         Engine::Interpreter(budget) => Interpreter::new(&prog, helpers)
             .with_budget(budget)
             .run(mem),
-        Engine::Jit => JitProgram::new(&prog, helpers, &JitOptions { checked: true, ..Default::default() })
-            .context("the JIT cannot compile this program (try --no-jit)")?
-            .run(mem),
+        Engine::Jit => JitProgram::new(
+            &prog,
+            helpers,
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
+        )
+        .context("the JIT cannot compile this program (try --no-jit)")?
+        .run(mem),
     };
     Ok(match result {
         Ok(r0) => Outcome::Returned(r0),

@@ -195,6 +195,9 @@ struct Emitter<'a> {
     /// Checked mode: per slot, the registers that point into the stack on every path to it
     /// (bit r), so that their accesses test the stack range inline first.
     stack_ptrs: Vec<u16>,
+    /// Checked mode: per slot, r0–r9's known offsets from r10 (`frame_offsets`): accesses
+    /// through them that stay inside the frame need no check, like r10's own.
+    frame_offs: Vec<[i32; 10]>,
     /// Whether eBPF r3 (rdx) is read anywhere in the program (explicitly or as a call
     /// argument): if not, `div`/`mul` may clobber rdx without saving it.
     r3_read: bool,
@@ -249,6 +252,121 @@ fn r1_constants(prog: &Program, label_of: &[u32]) -> Vec<Option<u64>> {
         };
     }
     out
+}
+
+/// [`frame_offsets`]: not reached yet / not a known offset.
+const OFF_TOP: i32 = i32::MAX;
+const OFF_UNKNOWN: i32 = i32::MIN;
+
+/// For each slot, the offset from r10 that each of r0–r9 holds on every path to it, when it is
+/// the same known constant (`mov rX, r10` then `add`/`sub` of immediates, copies), else
+/// [`OFF_UNKNOWN`] (or [`OFF_TOP`] for unreachable slots). Each function starts with none
+/// known (r10 is its own frame's); calls clobber r0–r5; r6–r9 survive bpf-to-bpf calls.
+fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
+    let ops = prog.ops();
+    let n = ops.len();
+    let mut state = vec![[OFF_TOP; 10]; n];
+    let mut work: Vec<usize> = prog.functions().to_vec();
+    for &f in prog.functions() {
+        state[f] = [OFF_UNKNOWN; 10];
+    }
+    // Offsets stay far inside i32 (a frame is 512 bytes); anything larger is unknown.
+    let known = |v: i64| {
+        if (-(1 << 20)..=(1 << 20)).contains(&v) {
+            v as i32
+        } else {
+            OFF_UNKNOWN
+        }
+    };
+    while let Some(pc) = work.pop() {
+        let Some(op) = ops[pc] else { continue };
+        let mut m = state[pc];
+        let set = |m: &mut [i32; 10], r: u8, v: i32| {
+            if let Some(x) = m.get_mut(usize::from(r)) {
+                *x = v;
+            }
+        };
+        match op {
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst,
+                src: Src::Reg(s),
+            } => {
+                let v = if s == bpftime_vm::isa::FRAME_REG {
+                    0
+                } else {
+                    m.get(usize::from(s)).copied().unwrap_or(OFF_UNKNOWN)
+                };
+                set(&mut m, dst, v);
+            }
+            Op::Alu {
+                width: Width::W64,
+                op: op @ (AluOp::Add | AluOp::Sub),
+                dst,
+                src: Src::Imm(i),
+            } => {
+                let cur = m.get(usize::from(dst)).copied().unwrap_or(OFF_UNKNOWN);
+                let v = if cur == OFF_UNKNOWN || cur == OFF_TOP {
+                    OFF_UNKNOWN
+                } else if op == AluOp::Add {
+                    known(i64::from(cur) + i64::from(i))
+                } else {
+                    known(i64::from(cur) - i64::from(i))
+                };
+                set(&mut m, dst, v);
+            }
+            Op::Alu { dst, .. }
+            | Op::Neg { dst, .. }
+            | Op::MovSx { dst, .. }
+            | Op::Endian { dst, .. }
+            | Op::LdImm64 { dst, .. }
+            | Op::Load { dst, .. } => set(&mut m, dst, OFF_UNKNOWN),
+            Op::Atomic { op, fetch, src, .. } => {
+                if op == AtomicOp::CmpXchg {
+                    set(&mut m, 0, OFF_UNKNOWN);
+                }
+                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
+                    set(&mut m, src, OFF_UNKNOWN);
+                }
+            }
+            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
+                for r in 0..=5 {
+                    set(&mut m, r, OFF_UNKNOWN);
+                }
+            }
+            _ => {}
+        }
+        let mut succ = |t: usize, work: &mut Vec<usize>| {
+            let Some(cur) = state.get(t).copied() else {
+                return;
+            };
+            let mut joined = cur;
+            for (j, &v) in joined.iter_mut().zip(m.iter()) {
+                *j = if *j == OFF_TOP || *j == v {
+                    v
+                } else {
+                    OFF_UNKNOWN
+                };
+            }
+            if joined != cur {
+                state[t] = joined;
+                work.push(t);
+            }
+        };
+        let next = pc + op.slots();
+        match op {
+            Op::Exit => {}
+            Op::Ja { off } => succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work),
+            Op::Jmp { off, .. } => {
+                succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work);
+                succ(next, &mut work);
+            }
+            _ if next < n => succ(next, &mut work),
+            _ => {}
+        }
+    }
+    state
 }
 
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
@@ -656,6 +774,11 @@ pub fn compile(
         tails,
         stack_ptrs: if opts.checked {
             stack_pointers(prog)
+        } else {
+            Vec::new()
+        },
+        frame_offs: if opts.checked {
+            frame_offsets(prog)
         } else {
             Vec::new()
         },
@@ -1805,6 +1928,20 @@ impl Emitter<'_> {
         let b = native(reg);
         if !self.checked || reg == bpftime_vm::isa::FRAME_REG {
             return (b, i32::from(off));
+        }
+        // A register known to hold r10 + k: the access is inside the frame when
+        // [k + off, k + off + len) is, which is what the loader proves for r10's own.
+        if let Some(&k) = self
+            .frame_offs
+            .get(pc)
+            .and_then(|o| o.get(usize::from(reg)))
+            && k != OFF_UNKNOWN
+            && k != OFF_TOP
+        {
+            let at = i64::from(k) + i64::from(off);
+            if at >= -(FRAME_SIZE as i64) && at + i64::from(len) <= 0 {
+                return (b, i32::from(off));
+            }
         }
         self.uses_check = true;
         let entry = self.ops.new_dynamic_label();

@@ -102,9 +102,16 @@ fn run(opts: &Options) -> Result<u64> {
     let helpers = conformance_helpers();
     let prog = verify(&insns, &helpers).context("program rejected")?;
     let result = if opts.jit {
-        JitProgram::new(&prog, &helpers, &JitOptions { checked: true, ..Default::default() })
-            .context("JIT compilation failed")?
-            .run(&mut memory)
+        JitProgram::new(
+            &prog,
+            &helpers,
+            &JitOptions {
+                checked: true,
+                ..Default::default()
+            },
+        )
+        .context("JIT compilation failed")?
+        .run(&mut memory)
     } else {
         Interpreter::new(&prog, &helpers)
             .with_budget(Some(BUDGET))

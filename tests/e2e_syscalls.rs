@@ -159,6 +159,38 @@ fn openat_and_raw_syscalls_counted_as_unprivileged_user_like_the_kernel() {
 }
 
 #[test]
+fn a_victim_started_after_raw_syscalls_attached_runs_and_is_counted() {
+    // Every system call is traced from the agent's first moments: the first allocation of a
+    // thread's run state (the agent's own thread: a new malloc arena, so an mmap) makes
+    // traced system calls itself, which must be skipped, not recursed into.
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let a = artifacts();
+    let store = TestStore::new("sys-first");
+    let mut c = unprivileged(&a.bpftime);
+    c.args(["load", "--store", &store.name, "--"])
+        .arg(build.join("syscall-trace"));
+    let mut l = Proc::spawn(c, "bpftime load syscall-trace");
+    l.wait_line(T, |x| x == "attached");
+    let mut c = unprivileged(&a.bpftime);
+    c.args(["start", "--store", &store.name, "--"])
+        .arg(build.join("syscall-victim"))
+        .args(["-b", "20000"]);
+    let out = Proc::spawn(c, "bpftime start syscall-victim -b").finish(T);
+    assert!(out.iter().any(|x| x.starts_with("ns_per_call ")), "{out:?}");
+    l.send_line("report");
+    let report = l.finish(T);
+    // getpid (39) at least 20,000 times.
+    let getpid: u64 = report
+        .iter()
+        .find_map(|x| x.strip_prefix("nr 39 calls "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(getpid >= 20_000, "{report:?}");
+}
+
+#[test]
 fn raw_tracepoint_sys_enter_counts_like_the_kernel() {
     let Some(build) = build_example("syscall-trace") else {
         return;

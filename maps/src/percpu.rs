@@ -210,6 +210,34 @@ mod tests {
     }
 
     #[test]
+    fn current_cpu_is_the_cpu_the_thread_runs_on() {
+        // Pinned to each CPU in turn (no migration), the rseq read and sched_getcpu agree.
+        std::thread::spawn(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            for cpu in 0..n {
+                // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity on the
+                // calling thread with a valid set.
+                let pinned = unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) == 0
+                };
+                if !pinned {
+                    continue;
+                }
+                for _ in 0..100 {
+                    // SAFETY: no preconditions.
+                    let libc_cpu = unsafe { libc::sched_getcpu() };
+                    assert_eq!(crate::shm::current_cpu() as i32, libc_cpu);
+                    assert_eq!(libc_cpu as usize, cpu);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn current_cpu_has_a_slot() {
         let n = nr_possible_cpus();
         assert!(n >= 1);

@@ -18,6 +18,9 @@
 //!   its accessors bound-check against twice its length.
 //! - The socket, `poll` and `kill` wrappers at the end (wake-ups, see [`crate::wake`]) touch no
 //!   memory of ours besides local buffers.
+//! - [`current_cpu`] reads the calling thread's rseq area (`cpu_id`), which glibc registered
+//!   with the kernel at `thread pointer + __rseq_offset` (glibc's public ABI, `sys/rseq.h`)
+//!   when `__rseq_size` says so; otherwise it asks `sched_getcpu`.
 
 use parking_lot::Mutex;
 use std::ffi::CString;
@@ -361,6 +364,52 @@ pub fn current_cpu() -> u32 {
     if pinned != u32::MAX {
         return pinned;
     }
+    cpu_now()
+}
+
+/// Offset of glibc's per-thread rseq area from the thread pointer, when glibc registered one
+/// with the kernel (`__rseq_size` covers `cpu_id`); resolved once.
+#[cfg(target_arch = "x86_64")]
+fn rseq_offset() -> Option<isize> {
+    static OFF: std::sync::OnceLock<Option<isize>> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| {
+        // SAFETY: dlsym with a NUL-terminated name has no other preconditions.
+        let (size, off) = unsafe {
+            (
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32,
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize,
+            )
+        };
+        if size.is_null() || off.is_null() {
+            return None;
+        }
+        // SAFETY: glibc's exported constants (`unsigned int __rseq_size`, `ptrdiff_t
+        // __rseq_offset`), set before any user code runs and never written again.
+        let (size, off) = unsafe { (size.read(), off.read()) };
+        // `struct rseq`: u32 cpu_id_start, then u32 cpu_id.
+        (size >= 8).then_some(off)
+    })
+}
+
+/// The CPU the calling thread runs on now (its rseq `cpu_id`, else `sched_getcpu`).
+#[inline]
+fn cpu_now() -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(off) = rseq_offset() {
+        let tp: usize;
+        // SAFETY: on x86_64 glibc, `fs:0` holds the thread pointer (the TCB's self pointer).
+        unsafe {
+            core::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
+        let at = (tp as isize).wrapping_add(off).wrapping_add(4) as *const u32;
+        // SAFETY: glibc keeps every thread's rseq area at `tp + __rseq_offset` for the
+        // thread's life (module invariants); the kernel updates `cpu_id`, hence the volatile
+        // read. Negative values mean "not registered": ask libc then.
+        let cpu = unsafe { at.read_volatile() };
+        if (cpu as i32) >= 0 {
+            return cpu;
+        }
+    }
     // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
     let c = unsafe { libc::sched_getcpu() };
     c.max(0) as u32
@@ -383,8 +432,7 @@ pub fn pin_cpu() -> CpuPin {
     let p = unsafe { &*cell };
     let prev = p.get();
     let cpu = if prev == u32::MAX {
-        // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
-        let c = unsafe { libc::sched_getcpu() }.max(0) as u32;
+        let c = cpu_now();
         p.set(c);
         c
     } else {

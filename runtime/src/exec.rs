@@ -2,7 +2,10 @@
 //!
 //! # Invariants
 //!
-//! - Each thread owns one `GuestMemory` and one JIT run context (`ThreadMem`, thread-local),
+//! - Each thread owns one `GuestMemory` and one JIT run context (`ThreadMem`, boxed on first
+//!   use and reached through a const thread-local `Slot` that never allocates: a probe or a
+//!   traced system call fired by that first allocation finds it being made and is skipped;
+//!   freed by the thread's `Owner` at thread exit, after which runs get fresh memory),
 //!   reused across runs: before every run
 //!   its regions are made exactly the run's own (kept when the previous run left the same
 //!   ones, rebuilt otherwise) and the engines drop earlier grants, so no run sees another
@@ -23,14 +26,88 @@ use crate::prog::{Engine, LoadedProg};
 use bpftime_vm::helper::MemRegion;
 use bpftime_vm::interpreter::Trap;
 use bpftime_vm::memory::GuestMemory;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::sync::Arc;
 
 thread_local! {
-    static MEM: RefCell<ThreadMem> = RefCell::new(ThreadMem::default());
+    /// This thread's run state: const and without a destructor, so that reaching it never
+    /// allocates or registers anything (a probe on `malloc`, or a traced system call, may
+    /// fire while it is being set up: it then finds `INIT` and is skipped).
+    static SLOT: Slot = const {
+        Slot {
+            state: Cell::new(NONE),
+            mem: Cell::new(std::ptr::null()),
+        }
+    };
+    /// Frees the run state at thread exit (set once the state exists).
+    static OWNER: RefCell<Option<Owner>> = const { RefCell::new(None) };
     /// The runs of [`LoadedProg`]s in progress on this thread, innermost last.
     static RUNS: RefCell<Vec<RunState>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`Slot::state`]: no run state yet / being made / `mem` valid / freed (thread exit).
+const NONE: u8 = 0;
+const INIT: u8 = 1;
+const READY: u8 = 2;
+const GONE: u8 = 3;
+
+struct Slot {
+    state: Cell<u8>,
+    /// The boxed run state while `state == READY`.
+    mem: Cell<*const RefCell<ThreadMem>>,
+}
+
+/// Owns the boxed run state of its thread; dropped with the thread's thread-locals.
+struct Owner(*mut RefCell<ThreadMem>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = SLOT.try_with(|s| {
+            s.state.set(GONE);
+            s.mem.set(std::ptr::null());
+        });
+        // SAFETY: `self.0` came from `Box::into_raw` in `make_thread_mem` and is no longer
+        // published (above); no borrow of it is live: thread-local destructors run one after
+        // another, outside any probe hit of this thread.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
+}
+
+/// This thread's run state, made on first use; `Busy` while it is being made (a probe fired
+/// by the allocation), `Gone` after the thread's thread-locals were torn down.
+///
+/// The reference is valid until the calling thread exits; callers use it only within their
+/// own call (a `RefCell`, it cannot reach another thread).
+#[inline]
+fn thread_mem() -> Result<&'static RefCell<ThreadMem>, HitRefused> {
+    SLOT.try_with(|s| match s.state.get() {
+        // SAFETY: `mem` is the live box while the state is READY (see `Owner`).
+        READY => Ok(unsafe { &*s.mem.get() }),
+        NONE => make_thread_mem(s),
+        INIT => Err(HitRefused::Busy),
+        _ => Err(HitRefused::Gone),
+    })
+    .unwrap_or(Err(HitRefused::Gone))
+}
+
+#[cold]
+fn make_thread_mem(s: &Slot) -> Result<&'static RefCell<ThreadMem>, HitRefused> {
+    s.state.set(INIT);
+    let p = Box::into_raw(Box::new(RefCell::new(ThreadMem::default())));
+    if OWNER
+        .try_with(|o| *o.borrow_mut() = Some(Owner(p)))
+        .is_err()
+    {
+        // SAFETY: `p` was just made and published nowhere.
+        drop(unsafe { Box::from_raw(p) });
+        s.state.set(GONE);
+        return Err(HitRefused::Gone);
+    }
+    s.mem.set(p);
+    s.state.set(READY);
+    // SAFETY: owned by this thread's `OWNER` until it exits.
+    Ok(unsafe { &*p })
 }
 
 /// What a thread keeps for its runs (one thread-local access per run, or per probe hit with
@@ -66,24 +143,21 @@ pub enum HitRefused {
 /// says why not.
 #[inline]
 pub fn probe_hit<R>(f: impl FnOnce(&mut ThreadMem) -> R) -> Result<R, HitRefused> {
-    MEM.try_with(|m| {
-        let mut t = m.try_borrow_mut().map_err(|_| HitRefused::Busy)?;
-        if t.excluded {
-            return Err(HitRefused::Busy);
-        }
-        Ok(f(&mut t))
-    })
-    .unwrap_or(Err(HitRefused::Gone))
+    let mut t = thread_mem()?
+        .try_borrow_mut()
+        .map_err(|_| HitRefused::Busy)?;
+    if t.excluded {
+        return Err(HitRefused::Busy);
+    }
+    Ok(f(&mut t))
 }
 
 /// Makes [`probe_hit`] refuse (`excluded`) or accept again the calling thread (a runtime's own
 /// threads, or a thread while it sets probes up).
 pub fn exclude_thread(excluded: bool) {
-    let _ = MEM.try_with(|m| {
-        if let Ok(mut t) = m.try_borrow_mut() {
-            t.excluded = excluded;
-        }
-    });
+    if let Ok(Ok(mut t)) = thread_mem().map(RefCell::try_borrow_mut) {
+        t.excluded = excluded;
+    }
 }
 
 /// One program run in progress (see the module invariants).
@@ -197,7 +271,7 @@ where
     // the thread memory is gone, and a run nested in another on this thread (a signal
     // handler's probe) finds it borrowed: a fresh one then. (The engine is called in tail
     // position in every branch: its result is not copied around on the hot path.)
-    let Ok(cell) = MEM.try_with(|m| m as *const RefCell<ThreadMem>) else {
+    let Ok(cell) = thread_mem() else {
         // SAFETY: forwarded contract.
         return unsafe {
             run_with_thread(
@@ -210,9 +284,6 @@ where
             )
         };
     };
-    // SAFETY: `cell` is this thread's `MEM`, which `try_with` found alive; it is destroyed only
-    // by the thread's own TLS teardown, which cannot start while this call is on its stack.
-    let cell = unsafe { &*cell };
     let Ok(mut t) = cell.try_borrow_mut() else {
         // SAFETY: forwarded contract.
         return unsafe {

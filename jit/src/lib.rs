@@ -127,6 +127,9 @@ pub struct CompiledCode {
     pub entry: usize,
     /// Code offset of each eBPF slot (`u32::MAX` for the second slot of `lddw`).
     pub insn_offsets: Vec<u32>,
+    /// `bpf_map_lookup_elem` / `bpf_map_update_elem` calls compiled as plain helper calls
+    /// (not inlined, [`InlineMap`]); 0 when every one was inlined (with its fallback).
+    pub map_helper_calls: usize,
 }
 
 /// Why a program could not be compiled.

@@ -391,9 +391,10 @@ fn rseq_offset() -> Option<isize> {
     })
 }
 
-/// The CPU the calling thread runs on now (its rseq `cpu_id`, else `sched_getcpu`).
+/// The CPU the calling thread runs on now (its rseq `cpu_id`, else `sched_getcpu`), pinned or
+/// not (for runs that need no pin: nothing in them asks [`current_cpu`]).
 #[inline]
-fn cpu_now() -> u32 {
+pub fn cpu_now() -> u32 {
     #[cfg(target_arch = "x86_64")]
     if let Some(off) = rseq_offset() {
         let tp: usize;

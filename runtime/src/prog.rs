@@ -53,6 +53,10 @@ pub struct LoadedProg {
     may_override: bool,
     /// The program may call `bpf_get_func_ip` (likewise).
     uses_func_ip: bool,
+    /// The JIT inlined every map lookup and update, and the program calls no helper that
+    /// asks which CPU it runs on (directly or possibly): runs read the CPU for the inlined
+    /// per-CPU accesses without pinning it (`bpftime_maps::shm::pin_cpu`, a thread-local).
+    pin_free: bool,
     /// Unique among the programs of this process, renewed whenever `value_regions` changes
     /// (runs on a thread keep its memory's regions while the serial and context match).
     serial: u64,
@@ -252,6 +256,7 @@ impl LoadedProg {
             may_override,
             uses_func_ip,
             serial: next_serial(),
+            pin_free: false,
             #[cfg(target_arch = "x86_64")]
             jit: None,
         })
@@ -261,6 +266,7 @@ impl LoadedProg {
     /// (x86_64; elsewhere the interpreter keeps running it).
     pub fn with_engine(mut self, engine: Engine) -> Result<Self, LoadError> {
         self.serial = next_serial();
+        self.pin_free = false;
         #[cfg(target_arch = "x86_64")]
         {
             self.jit = match engine {
@@ -278,11 +284,10 @@ impl LoadedProg {
                         checked,
                         inline_maps: inline.into_iter().map(|(m, _)| m).collect(),
                     };
-                    Some(bpftime_jit::program::JitProgram::new(
-                        &self.prog,
-                        &self.helpers,
-                        &opts,
-                    )?)
+                    let j =
+                        bpftime_jit::program::JitProgram::new(&self.prog, &self.helpers, &opts)?;
+                    self.pin_free = j.compiled().map_helper_calls == 0 && self.calls_cpu_free();
+                    Some(j)
                 }
             };
         }
@@ -310,6 +315,32 @@ impl LoadedProg {
     /// Name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether every helper the program calls leaves the CPU alone (map lookups and updates
+    /// are checked apart: inlined, they use the run's CPU), with no tail call or `callx` that
+    /// could reach another.
+    fn calls_cpu_free(&self) -> bool {
+        use crate::helpers as h;
+        const CPU_FREE: [u32; 11] = [
+            1,
+            2,
+            5,
+            h::GET_CURRENT_PID_TGID,
+            h::GET_CURRENT_UID_GID,
+            h::GET_CURRENT_COMM,
+            h::OVERRIDE_RETURN,
+            h::KTIME_GET_BOOT_NS,
+            h::KTIME_GET_COARSE_NS,
+            h::GET_FUNC_IP,
+            h::GET_ATTACH_COOKIE,
+        ];
+        !self.tail_calls
+            && self.prog.ops().iter().flatten().all(|op| match *op {
+                Op::Call { id } => CPU_FREE.contains(&id),
+                Op::Callx { .. } => false,
+                _ => true,
+            })
     }
 
     /// Whether a run may call `bpf_override_return` (whose value
@@ -384,7 +415,7 @@ impl LoadedProg {
             .then(|| crate::helpers::CookieGuard::set(cookie));
         // One CPU for the whole run, as in the kernel (no migration mid-program): a per-CPU
         // lookup and the update that follows address the same slot.
-        let cpu = bpftime_maps::shm::pin_cpu();
+        let pin = (!self.pin_free).then(bpftime_maps::shm::pin_cpu);
         // Ring buffer records the program leaves uncommitted are discarded when it ends (by
         // the last program of the run, after tail calls, then by this one). A program that
         // neither tail-calls nor can reserve records needs neither guard (the probe hot path).
@@ -398,7 +429,10 @@ impl LoadedProg {
         });
         #[cfg(target_arch = "x86_64")]
         if let Some(j) = &self.jit {
-            let cpu = u64::from(cpu.cpu());
+            let cpu = u64::from(
+                pin.as_ref()
+                    .map_or_else(bpftime_maps::shm::cpu_now, |p| p.cpu()),
+            );
             // SAFETY: forwarded contract on `ctx`.
             return unsafe {
                 exec::run_jit_on_thread(

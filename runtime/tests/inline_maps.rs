@@ -95,8 +95,22 @@ fn contents(m: &Map) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Keeps the calling thread on the CPU it runs on now: per-CPU values of the engines' runs
+/// then land in the same slot.
+fn stay_on_this_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; a zeroed cpu_set_t is empty; CPU_SET and
+    // sched_setaffinity on the calling thread with a valid set.
+    unsafe {
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+    }
+}
+
 #[test]
 fn inlined_lookups_and_updates_match_the_interpreter() {
+    stay_on_this_cpu();
     let engines = [
         Engine::Interpreter,
         Engine::Jit { checked: true },

@@ -329,11 +329,19 @@ impl<'a> Emitter<'a> {
             code[at..at + 4].copy_from_slice(&movz.to_le_bytes());
             code[at + 4..at + 8].copy_from_slice(&movk.to_le_bytes());
         }
+        // No inlined map calls on this backend.
+        let map_helper_calls = self
+            .prog
+            .ops()
+            .iter()
+            .filter(|op| matches!(op, Some(bpftime_vm::isa::Op::Call { id: 1 | 2 })))
+            .count();
         Ok(CompiledCode {
             arch: Arch::Aarch64,
             code,
             entry: ENTRY,
             insn_offsets,
+            map_helper_calls,
         })
     }
 

@@ -212,6 +212,8 @@ struct Emitter<'a> {
     tails: Vec<(usize, (usize, usize))>,
     /// Maps whose lookups and updates may be inlined ([`crate::InlineMap`]).
     inline: &'a [InlineMap],
+    /// Lookups and updates left as plain helper calls.
+    map_helper_calls: usize,
     /// Per slot: the constant r1 holds there when an `lddw` into r1 earlier in the same basic
     /// block set it (only computed when there are maps to inline).
     r1_const: Vec<Option<u64>>,
@@ -783,6 +785,7 @@ pub fn compile(
             Vec::new()
         },
         inline: &opts.inline_maps,
+        map_helper_calls: 0,
         r1_const: Vec::new(),
     };
     if !opts.inline_maps.is_empty() {
@@ -872,6 +875,7 @@ pub fn compile(
         code,
         entry,
         insn_offsets: e.offsets,
+        map_helper_calls: e.map_helper_calls,
     })
 }
 
@@ -1300,6 +1304,9 @@ impl Emitter<'_> {
                 Some(h) => {
                     // An inlined map lookup / update falls back to the call below.
                     let inlined = self.inline_map_call(pc, id);
+                    if inlined.is_none() && (id == 1 || id == 2) {
+                        self.map_helper_calls += 1;
+                    }
                     let addr = h.func as usize as i64;
                     if h.calls_back {
                         asm!(self.ops; mov [r12 + CUR_FP], rbp);

@@ -269,36 +269,18 @@ where
 {
     // After the thread's TLS destructors ran (a system call traced at thread or process exit)
     // the thread memory is gone, and a run nested in another on this thread (a signal
-    // handler's probe) finds it borrowed: a fresh one then. (The engine is called in tail
-    // position in every branch: its result is not copied around on the hot path.)
-    let Ok(cell) = thread_mem() else {
-        // SAFETY: forwarded contract.
-        return unsafe {
-            run_with_thread(
-                &mut ThreadMem::default(),
-                engine,
-                host,
-                values,
-                ctx,
-                ctx_len,
-            )
-        };
-    };
-    let Ok(mut t) = cell.try_borrow_mut() else {
-        // SAFETY: forwarded contract.
-        return unsafe {
-            run_with_thread(
-                &mut ThreadMem::default(),
-                engine,
-                host,
-                values,
-                ctx,
-                ctx_len,
-            )
-        };
+    // handler's probe) finds it borrowed: a fresh one then.
+    let mut borrowed = thread_mem().ok().and_then(|c| c.try_borrow_mut().ok());
+    let mut fresh;
+    let t = match borrowed.as_deref_mut() {
+        Some(t) => t,
+        None => {
+            fresh = ThreadMem::default();
+            &mut fresh
+        }
     };
     // SAFETY: forwarded contract.
-    unsafe { run_with_thread(&mut t, engine, host, values, ctx, ctx_len) }
+    unsafe { run_with_thread(t, engine, host, values, ctx, ctx_len) }
 }
 
 /// [`run_on_thread`] with the thread state already borrowed (a [`probe_hit`]).
@@ -332,6 +314,31 @@ where
     engine(t, ctx as u64, 0, host)
 }
 
+/// [`run_with_thread`] on `thread` when a [`probe_hit`] borrowed it, else [`run_on_thread`].
+///
+/// # Safety
+/// As [`run_on_thread`].
+#[inline]
+unsafe fn run_on<F>(
+    thread: Option<&mut ThreadMem>,
+    engine: F,
+    host: &ProgHost,
+    values: (u64, &[MemRegion]),
+    ctx: *mut u8,
+    ctx_len: usize,
+) -> Result<u64, Trap>
+where
+    F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
+{
+    // SAFETY: forwarded contract.
+    unsafe {
+        match thread {
+            Some(t) => run_with_thread(t, engine, host, values, ctx, ctx_len),
+            None => run_on_thread(engine, host, values, ctx, ctx_len),
+        }
+    }
+}
+
 /// [`run_on_thread`] for JIT code: the thread also keeps the code's run context
 /// ([`bpftime_jit::program::JitRunCache`]), so a run writes only what differs from the last.
 ///
@@ -351,12 +358,7 @@ pub(crate) unsafe fn run_jit_on_thread(
     let run =
         |t: &mut ThreadMem, r1, r2, host| jit.run_cached(&mut t.jit, &mut t.gm, r1, r2, host, cpu);
     // SAFETY: forwarded contract.
-    unsafe {
-        match thread {
-            Some(t) => run_with_thread(t, run, host, values, ctx, ctx_len),
-            None => run_on_thread(run, host, values, ctx, ctx_len),
-        }
-    }
+    unsafe { run_on(thread, run, host, values, ctx, ctx_len) }
 }
 
 /// [`run_on_thread`] for the interpreter, on `thread` when a [`probe_hit`] borrowed it.
@@ -374,12 +376,7 @@ pub(crate) unsafe fn run_interpreter_on_thread(
 ) -> Result<u64, Trap> {
     let run = |t: &mut ThreadMem, r1, r2, host| interp.run_in(&mut t.gm, r1, r2, host);
     // SAFETY: forwarded contract.
-    unsafe {
-        match thread {
-            Some(t) => run_with_thread(t, run, host, values, ctx, ctx_len),
-            None => run_on_thread(run, host, values, ctx, ctx_len),
-        }
-    }
+    unsafe { run_on(thread, run, host, values, ctx, ctx_len) }
 }
 
 /// Makes `gm`'s regions exactly `ctx` (if any) then `values`, keeping them when they already

@@ -3,36 +3,19 @@
 //! contents afterwards, for value sizes around every copy width and every flag, checked and
 //! unchecked.
 
-use bpftime_maps::{Map, MapDef, Store};
+use bpftime_maps::{Map, MapDef};
 use bpftime_runtime::helpers::registry;
 use bpftime_runtime::object::{ProgRecord, create_prog};
 use bpftime_runtime::{Engine, LoadedProg};
 use bpftime_vm::asm::assemble;
 use std::sync::Arc;
 
-struct T {
-    store: Arc<Store>,
-    path: std::path::PathBuf,
-}
+mod support;
 
-impl Drop for T {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
+use support::T;
 
 fn temp_store() -> T {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "bpftime-rt-inline-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&path);
-    T {
-        store: Arc::new(Store::open(&path).unwrap()),
-        path,
-    }
+    support::temp_store("inline")
 }
 
 /// Updates element `ctx[0]` (u32) with the bytes at `ctx + 16` and flags `ctx[8]`, stores the

@@ -2,36 +2,19 @@
 //! queue/stack/bloom push–pop–peek, per-CPU lookups, stack ids and stacks.
 
 use bpftime_maps::map::BPF_ANY;
-use bpftime_maps::{Map, MapDef, Store};
+use bpftime_maps::{Map, MapDef};
 use bpftime_runtime::LoadedProg;
 use bpftime_runtime::helpers::registry;
 use bpftime_runtime::object::{ProgRecord, create_prog};
 use bpftime_vm::asm::assemble;
 use std::sync::Arc;
 
-struct T {
-    store: Arc<Store>,
-    path: std::path::PathBuf,
-}
+mod support;
 
-impl Drop for T {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
+use support::T;
 
 fn temp_store() -> T {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "bpftime-rt-helpers-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&path);
-    T {
-        store: Arc::new(Store::open(&path).unwrap()),
-        path,
-    }
+    support::temp_store("helpers")
 }
 
 fn def(map_type: u32, key: u32, value: u32, max: u32) -> MapDef {

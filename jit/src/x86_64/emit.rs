@@ -256,6 +256,20 @@ fn r1_constants(prog: &Program, label_of: &[u32]) -> Vec<Option<u64>> {
     out
 }
 
+/// The slots control can reach from `op` at `pc` (of `n`): the jump target and the next slot
+/// (past the end, or out of range for a dead jump, they are dropped by the caller's lookup).
+fn successors(pc: usize, op: &Op, n: usize) -> impl Iterator<Item = usize> {
+    let next = pc + op.slots();
+    let target = |off: i64| (pc as i64 + 1 + off) as usize;
+    let (a, b) = match *op {
+        Op::Exit => (None, None),
+        Op::Ja { off } => (Some(target(i64::from(off))), None),
+        Op::Jmp { off, .. } => (Some(target(i64::from(off))), Some(next)),
+        _ => (Some(next).filter(|&t| t < n), None),
+    };
+    a.into_iter().chain(b)
+}
+
 /// [`frame_offsets`]: not reached yet / not a known offset.
 const OFF_TOP: i32 = i32::MAX;
 const OFF_UNKNOWN: i32 = i32::MIN;
@@ -356,16 +370,8 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
                 work.push(t);
             }
         };
-        let next = pc + op.slots();
-        match op {
-            Op::Exit => {}
-            Op::Ja { off } => succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work),
-            Op::Jmp { off, .. } => {
-                succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work);
-                succ(next, &mut work);
-            }
-            _ if next < n => succ(next, &mut work),
-            _ => {}
+        for t in successors(pc, &op, n) {
+            succ(t, &mut work);
         }
     }
     state
@@ -423,22 +429,17 @@ fn stack_pointers(prog: &Program) -> Vec<u16> {
             _ => m,
         } | R10;
         let mut succ = |t: usize, work: &mut Vec<usize>| {
-            let joined = state[t] & out;
-            if joined != state[t] {
+            let Some(cur) = state.get(t).copied() else {
+                return;
+            };
+            let joined = cur & out;
+            if joined != cur {
                 state[t] = joined;
                 work.push(t);
             }
         };
-        let next = pc + op.slots();
-        match op {
-            Op::Exit => {}
-            Op::Ja { off } => succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work),
-            Op::Jmp { off, .. } => {
-                succ((pc as i64 + 1 + i64::from(off)) as usize, &mut work);
-                succ(next, &mut work);
-            }
-            _ if next < n => succ(next, &mut work),
-            _ => {}
+        for t in successors(pc, &op, n) {
+            succ(t, &mut work);
         }
     }
     state

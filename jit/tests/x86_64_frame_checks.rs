@@ -122,3 +122,43 @@ fn merged_paths_and_clobbers_forget_the_offset() {
     );
     assert_eq!(r, Ok(5));
 }
+
+#[test]
+fn atomics_through_in_frame_pointers_hit_the_frame_and_check_alignment() {
+    // The block access first leaves its address in the checker's scratch register; the
+    // atomic through r2 (= r10 - 8) must still address the stack slot.
+    let r = same(
+        "ldxdw %r3, [%r1+0]
+         mov %r2, %r10
+         add %r2, -8
+         stdw [%r2+0], 40
+         mov %r4, 2
+         lock add [%r2+0], %r4
+         mov %r0, 0
+         add %r0, %r3
+         ldxdw %r5, [%r10-8]
+         add %r0, %r5
+         exit",
+    );
+    assert_eq!(r, Ok(42));
+    // Fetching forms and a misaligned 8-byte atomic (r10 - 12): both engines trap.
+    let r = same(
+        "mov %r2, %r10
+         add %r2, -16
+         stdw [%r2+0], 7
+         mov %r0, 5
+         lock fetch add [%r2+0], %r0
+         ldxdw %r3, [%r2+0]
+         add %r0, %r3
+         exit",
+    );
+    assert_eq!(r, Ok(7 + 12));
+    let r = same(
+        "mov %r2, %r10
+         add %r2, -12
+         mov %r4, 1
+         lock add [%r2+0], %r4
+         exit",
+    );
+    assert!(r.as_ref().is_err_and(|e| e.contains("Misaligned")), "{r:?}");
+}

@@ -1937,19 +1937,8 @@ impl Emitter<'_> {
         if !self.checked || reg == bpftime_vm::isa::FRAME_REG {
             return (b, i32::from(off));
         }
-        // A register known to hold r10 + k: the access is inside the frame when
-        // [k + off, k + off + len) is, which is what the loader proves for r10's own.
-        if let Some(&k) = self
-            .frame_offs
-            .get(pc)
-            .and_then(|o| o.get(usize::from(reg)))
-            && k != OFF_UNKNOWN
-            && k != OFF_TOP
-        {
-            let at = i64::from(k) + i64::from(off);
-            if at >= -(FRAME_SIZE as i64) && at + i64::from(len) <= 0 {
-                return (b, i32::from(off));
-            }
+        if self.in_frame(pc, reg, off, len).is_some() {
+            return (b, i32::from(off));
         }
         self.uses_check = true;
         let entry = self.ops.new_dynamic_label();
@@ -1971,6 +1960,17 @@ impl Emitter<'_> {
             stack_first,
         });
         (x::R11, 0)
+    }
+
+    /// When `reg` is known to hold r10 + k at `pc` and `[k + off, k + off + len)` lies inside
+    /// the frame (what the loader proves for r10's own accesses), `k + off`.
+    fn in_frame(&self, pc: usize, reg: u8, off: i16, len: u8) -> Option<i64> {
+        let k = *self.frame_offs.get(pc)?.get(usize::from(reg))?;
+        if k == OFF_UNKNOWN || k == OFF_TOP {
+            return None;
+        }
+        let at = i64::from(k) + i64::from(off);
+        (at >= -(FRAME_SIZE as i64) && at + i64::from(len) <= 0).then_some(at)
     }
 
     /// Jumps to `fail` unless `[r11, r11 + len)` is inside the stack.
@@ -2010,10 +2010,16 @@ impl Emitter<'_> {
     ) {
         let len: u8 = if w64 { 8 } else { 4 };
         if self.checked {
-            if base == bpftime_vm::isa::FRAME_REG {
-                // r10 is 8-aligned, so alignment is decided by the offset.
-                asm!(self.ops; lea r11, [rbp + i32::from(off)]);
-                if i32::from(off) % i32::from(len) != 0 {
+            // r10 is 8-aligned, so for r10 and registers known to hold r10 + k the offset
+            // decides alignment (and the frame holds the access).
+            let in_frame = if base == bpftime_vm::isa::FRAME_REG {
+                Some(i64::from(off))
+            } else {
+                self.in_frame(pc, base, off, len)
+            };
+            if let Some(at) = in_frame {
+                asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
+                if at % i64::from(len) != 0 {
                     let entry = self.ops.new_dynamic_label();
                     self.stubs.push(Stub::Misaligned {
                         entry,

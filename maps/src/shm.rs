@@ -370,25 +370,40 @@ pub fn current_cpu() -> u32 {
 /// Offset of glibc's per-thread rseq area from the thread pointer, when glibc registered one
 /// with the kernel (`__rseq_size` covers `cpu_id`); resolved once.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 fn rseq_offset() -> Option<isize> {
-    static OFF: std::sync::OnceLock<Option<isize>> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| {
-        // SAFETY: dlsym with a NUL-terminated name has no other preconditions.
-        let (size, off) = unsafe {
-            (
-                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32,
-                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize,
-            )
-        };
-        if size.is_null() || off.is_null() {
-            return None;
-        }
-        // SAFETY: glibc's exported constants (`unsigned int __rseq_size`, `ptrdiff_t
-        // __rseq_offset`), set before any user code runs and never written again.
-        let (size, off) = unsafe { (size.read(), off.read()) };
-        // `struct rseq`: u32 cpu_id_start, then u32 cpu_id.
-        (size >= 8).then_some(off)
-    })
+    // One relaxed load on the hot path (`UNKNOWN` until resolved, `NONE` without rseq).
+    const UNKNOWN: isize = isize::MIN;
+    const NONE: isize = isize::MIN + 1;
+    static OFF: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(UNKNOWN);
+    match OFF.load(Ordering::Relaxed) {
+        UNKNOWN => {}
+        NONE => return None,
+        off => return Some(off),
+    }
+    let found = resolve_rseq_offset();
+    OFF.store(found.unwrap_or(NONE), Ordering::Relaxed);
+    found
+}
+
+#[cfg(target_arch = "x86_64")]
+#[cold]
+fn resolve_rseq_offset() -> Option<isize> {
+    // SAFETY: dlsym with a NUL-terminated name has no other preconditions.
+    let (size, off) = unsafe {
+        (
+            libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32,
+            libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize,
+        )
+    };
+    if size.is_null() || off.is_null() {
+        return None;
+    }
+    // SAFETY: glibc's exported constants (`unsigned int __rseq_size`, `ptrdiff_t
+    // __rseq_offset`), set before any user code runs and never written again.
+    let (size, off) = unsafe { (size.read(), off.read()) };
+    // `struct rseq`: u32 cpu_id_start, then u32 cpu_id.
+    (size >= 8).then_some(off)
 }
 
 /// The CPU the calling thread runs on now (its rseq `cpu_id`, else `sched_getcpu`), pinned or

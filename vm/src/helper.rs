@@ -116,33 +116,63 @@ impl MemRegion {
 }
 
 /// Regions granted at run time (map values returned by helpers), checked by the interpreter.
+///
+/// A program looking many keys up in one run (a loop) gets many grants: duplicates are found
+/// through a set once there are more than a few, and searches start from the newest grant
+/// (the value a helper just returned is what the program touches next).
 #[derive(Debug, Default)]
 pub struct Grants {
     regions: Vec<MemRegion>,
+    /// `regions` as a set, kept while there are more than [`GRANTS_SCANNED`] of them.
+    index: std::collections::HashSet<(u64, u64, bool)>,
 }
 
+/// Grants deduplicated by a scan; more go through [`Grants::index`].
+const GRANTS_SCANNED: usize = 16;
+
 impl Grants {
-    /// Adds a region; adjacent duplicates are not re-added.
+    /// Adds a region unless it is already granted.
     pub fn grant(&mut self, r: MemRegion) {
-        if self.regions.last() != Some(&r) && !self.regions.contains(&r) {
+        let key = (r.start, r.len, r.writable);
+        if self.regions.len() < GRANTS_SCANNED {
+            if !self.regions.contains(&r) {
+                self.regions.push(r);
+            }
+            return;
+        }
+        if self.index.is_empty() {
+            self.index = self
+                .regions
+                .iter()
+                .map(|g| (g.start, g.len, g.writable))
+                .collect();
+        }
+        if self.index.insert(key) {
             self.regions.push(r);
         }
     }
     /// Whether any granted region holds the access.
     #[inline]
     pub fn allows(&self, addr: u64, len: u64, write: bool) -> bool {
-        self.regions.iter().any(|r| r.contains(addr, len, write))
+        self.regions
+            .iter()
+            .rev()
+            .any(|r| r.contains(addr, len, write))
     }
     /// The granted region that holds the access, if any.
     pub fn find(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
         self.regions
             .iter()
+            .rev()
             .find(|r| r.contains(addr, len, write))
             .copied()
     }
     /// Forgets every grant.
     pub fn clear(&mut self) {
         self.regions.clear();
+        if !self.index.is_empty() {
+            self.index.clear();
+        }
     }
     /// Number of grants.
     pub fn len(&self) -> usize {
@@ -154,7 +184,11 @@ impl Grants {
     }
     /// Drops every grant after the first `len`.
     pub fn truncate(&mut self, len: usize) {
-        self.regions.truncate(len);
+        if len < self.regions.len() {
+            self.regions.truncate(len);
+            // Rebuilt on the next grant past the scanned ones.
+            self.index.clear();
+        }
     }
 }
 
@@ -607,4 +641,50 @@ pub extern "C" fn bpf_loop(
         }
     }
     nr_loops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, len: u64, writable: bool) -> MemRegion {
+        MemRegion {
+            start,
+            len,
+            writable,
+        }
+    }
+
+    #[test]
+    fn grants_stay_unique_past_the_scanned_ones_and_after_truncation() {
+        let mut g = Grants::default();
+        // 100 distinct values, each granted three times in a loop-like order.
+        for _ in 0..3 {
+            for i in 0..100 {
+                g.grant(r(0x1000 + 64 * i, 8, i % 2 == 0));
+            }
+        }
+        assert_eq!(g.len(), 100);
+        assert!(g.allows(0x1000 + 64 * 99, 8, false));
+        assert!(g.allows(0x1000 + 64 * 98, 8, true));
+        assert!(!g.allows(0x1000 + 64 * 99, 8, true), "read-only grant");
+        assert!(!g.allows(0x1000 + 64 * 99 + 4, 8, false), "past its end");
+        assert_eq!(
+            g.find(0x1000 + 64 * 50 + 2, 4, true),
+            Some(r(0x1000 + 64 * 50, 8, true))
+        );
+        // A callback's grants revoked: they can be granted again, the others are not doubled.
+        g.truncate(20);
+        assert_eq!(g.len(), 20);
+        assert!(!g.allows(0x1000 + 64 * 50, 8, false));
+        for i in 0..100 {
+            g.grant(r(0x1000 + 64 * i, 8, i % 2 == 0));
+        }
+        assert_eq!(g.len(), 100);
+        g.clear();
+        assert!(g.is_empty());
+        g.grant(r(1, 1, false));
+        g.grant(r(1, 1, false));
+        assert_eq!(g.len(), 1);
+    }
 }

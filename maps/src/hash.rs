@@ -627,7 +627,10 @@ pub(crate) fn update_swap(
                 h.seg().write(h.key_off(new)?, key).ok_or_else(corrupt)?;
                 h.write_value(new, val, true)?;
                 h.hash_field(new)?.store(hv, Ordering::Relaxed);
-                h.ref_bit(new)?.store(u32::from(h.v.lru), Ordering::Relaxed);
+                // Born unreferenced, as the kernel's LRU nodes (`ref` = 0 until a lookup): a
+                // sweep over freshly inserted elements then stops at the first one instead of
+                // clearing every bit and lapping the table onto a key in use.
+                h.ref_bit(new)?.store(0, Ordering::Relaxed);
                 h.state(new)?.store(LIVE, Ordering::Release);
                 Ok(())
             };

@@ -246,50 +246,23 @@ fn regions_match(gm: &GuestMemory, ctx: Option<MemRegion>, values: &[MemRegion])
     }
 }
 
-/// Runs a program with `ctx` in r1 on this thread's guest memory: `engine` is the interpreter's
-/// or the JIT's run (same contract: both drop earlier helper grants), given the thread state.
+/// Runs a program with `ctx` in r1 on this thread's run state — `thread` when a [`probe_hit`]
+/// borrowed it, else borrowed here — : `engine` is the interpreter's or the JIT's run (same
+/// contract: both drop earlier helper grants), given the thread state. After the thread's
+/// thread-locals were torn down (a system call traced at thread or process exit), or when a
+/// run nested in another on this thread (a signal handler's probe) finds the state borrowed,
+/// the run gets a fresh one.
 ///
-/// The regions the previous run on this thread left are kept when they are exactly the ones
-/// this run adds (the same context and value areas: the common case of one probe hit after
-/// another), which spares rebuilding them; otherwise they are replaced. Either way the run
-/// sees exactly its own regions.
+/// The regions the previous run on this thread left are kept while the program (by serial)
+/// and the context are the same (the common case of one probe hit after another), which
+/// spares rebuilding them; otherwise they are replaced. Either way the run sees exactly its
+/// own regions.
 ///
 /// # Safety
 /// `ctx` must be valid for reads and writes of `ctx_len` bytes during the call.
 #[inline]
 unsafe fn run_on_thread<F>(
-    engine: F,
-    host: &ProgHost,
-    values: (u64, &[MemRegion]),
-    ctx: *mut u8,
-    ctx_len: usize,
-) -> Result<u64, Trap>
-where
-    F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
-{
-    // After the thread's TLS destructors ran (a system call traced at thread or process exit)
-    // the thread memory is gone, and a run nested in another on this thread (a signal
-    // handler's probe) finds it borrowed: a fresh one then.
-    let mut borrowed = thread_mem().ok().and_then(|c| c.try_borrow_mut().ok());
-    let mut fresh;
-    let t = match borrowed.as_deref_mut() {
-        Some(t) => t,
-        None => {
-            fresh = ThreadMem::default();
-            &mut fresh
-        }
-    };
-    // SAFETY: forwarded contract.
-    unsafe { run_with_thread(t, engine, host, values, ctx, ctx_len) }
-}
-
-/// [`run_on_thread`] with the thread state already borrowed (a [`probe_hit`]).
-///
-/// # Safety
-/// As [`run_on_thread`].
-#[inline]
-pub(crate) unsafe fn run_with_thread<F>(
-    t: &mut ThreadMem,
+    thread: Option<&mut ThreadMem>,
     engine: F,
     host: &ProgHost,
     (serial, values): (u64, &[MemRegion]),
@@ -299,6 +272,21 @@ pub(crate) unsafe fn run_with_thread<F>(
 where
     F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
 {
+    let mut borrowed;
+    let mut fresh;
+    let t = match thread {
+        Some(t) => t,
+        None => {
+            borrowed = thread_mem().ok().and_then(|c| c.try_borrow_mut().ok());
+            match borrowed.as_deref_mut() {
+                Some(t) => t,
+                None => {
+                    fresh = ThreadMem::default();
+                    &mut fresh
+                }
+            }
+        }
+    };
     let key = (serial, ctx as u64, ctx_len as u64);
     if t.regions_for != key {
         let ctx_region = (!ctx.is_null() && ctx_len > 0).then_some(MemRegion {
@@ -312,31 +300,6 @@ where
     }
     let host = host as *const ProgHost as *mut c_void;
     engine(t, ctx as u64, 0, host)
-}
-
-/// [`run_with_thread`] on `thread` when a [`probe_hit`] borrowed it, else [`run_on_thread`].
-///
-/// # Safety
-/// As [`run_on_thread`].
-#[inline]
-unsafe fn run_on<F>(
-    thread: Option<&mut ThreadMem>,
-    engine: F,
-    host: &ProgHost,
-    values: (u64, &[MemRegion]),
-    ctx: *mut u8,
-    ctx_len: usize,
-) -> Result<u64, Trap>
-where
-    F: FnOnce(&mut ThreadMem, u64, u64, *mut c_void) -> Result<u64, Trap>,
-{
-    // SAFETY: forwarded contract.
-    unsafe {
-        match thread {
-            Some(t) => run_with_thread(t, engine, host, values, ctx, ctx_len),
-            None => run_on_thread(engine, host, values, ctx, ctx_len),
-        }
-    }
 }
 
 /// [`run_on_thread`] for JIT code: the thread also keeps the code's run context
@@ -358,7 +321,7 @@ pub(crate) unsafe fn run_jit_on_thread(
     let run =
         |t: &mut ThreadMem, r1, r2, host| jit.run_cached(&mut t.jit, &mut t.gm, r1, r2, host, cpu);
     // SAFETY: forwarded contract.
-    unsafe { run_on(thread, run, host, values, ctx, ctx_len) }
+    unsafe { run_on_thread(thread, run, host, values, ctx, ctx_len) }
 }
 
 /// [`run_on_thread`] for the interpreter, on `thread` when a [`probe_hit`] borrowed it.
@@ -376,7 +339,7 @@ pub(crate) unsafe fn run_interpreter_on_thread(
 ) -> Result<u64, Trap> {
     let run = |t: &mut ThreadMem, r1, r2, host| interp.run_in(&mut t.gm, r1, r2, host);
     // SAFETY: forwarded contract.
-    unsafe { run_on(thread, run, host, values, ctx, ctx_len) }
+    unsafe { run_on_thread(thread, run, host, values, ctx, ctx_len) }
 }
 
 /// Makes `gm`'s regions exactly `ctx` (if any) then `values`, keeping them when they already

@@ -41,10 +41,9 @@ pub(crate) struct ArrayLayout {
     map: usize,
     max_entries: u32,
     stride: u64,
-    /// Per CPU id (per-CPU arrays; `None`: the map's generic path) or one base (arrays).
-    bases: Vec<Option<u64>>,
-    /// `bases` with 0 for `None`: the table inlined per-CPU lookups read (JIT).
-    flat: Vec<u64>,
+    /// Element 0 per CPU id (per-CPU arrays; 0: none, the map's generic path) or one base
+    /// (arrays). Also the table inlined per-CPU lookups read (JIT).
+    bases: Vec<u64>,
     percpu: bool,
     value_size: u32,
     /// Programs may write the values (no `BPF_F_RDONLY_PROG`).
@@ -85,8 +84,7 @@ impl ArrayLayout {
                 map: m as *const Map as usize,
                 max_entries,
                 stride: stride_at(None)?,
-                bases: vec![Some(base)],
-                flat: vec![base],
+                bases: vec![base],
                 percpu,
                 value_size,
                 writable,
@@ -112,8 +110,8 @@ impl ArrayLayout {
             if *stride.get_or_insert(st) != st {
                 return None;
             }
-            bases.resize(cpu as usize + 1, None);
-            bases[cpu as usize] = Some(b);
+            bases.resize(cpu as usize + 1, 0);
+            bases[cpu as usize] = b;
             if let Some(seen) = slots.get_mut(slot as usize)
                 && !*seen
             {
@@ -125,7 +123,6 @@ impl ArrayLayout {
             map: m as *const Map as usize,
             max_entries,
             stride: stride?,
-            flat: bases.iter().map(|b| b.unwrap_or(0)).collect(),
             bases,
             percpu,
             value_size,
@@ -136,7 +133,7 @@ impl ArrayLayout {
     /// The JIT's description of this map and the data area its inlined code may touch (every
     /// element of every CPU id's slot), or `None` when there is nothing to inline.
     fn inline_map(&self) -> Option<(bpftime_jit::InlineMap, MemRegion)> {
-        let present: Vec<u64> = self.flat.iter().copied().filter(|&b| b != 0).collect();
+        let present: Vec<u64> = self.bases.iter().copied().filter(|&b| b != 0).collect();
         let lo = *present.iter().min()?;
         let hi = *present.iter().max()?;
         let span = u64::from(self.max_entries.checked_sub(1)?)
@@ -149,8 +146,8 @@ impl ArrayLayout {
         };
         let layout = if self.percpu {
             bpftime_jit::InlineLayout::PerCpu {
-                bases: self.flat.as_ptr() as u64,
-                len: self.flat.len() as u64,
+                bases: self.bases.as_ptr() as u64,
+                len: self.bases.len() as u64,
             }
         } else {
             bpftime_jit::InlineLayout::Array { base: lo }
@@ -158,7 +155,7 @@ impl ArrayLayout {
         // SAFETY: the bases and stride are the map's own answers for element addresses
         // (`Map::lookup_ptr` / `lookup_percpu_ptr`, fixed for the life of the handle: the
         // data lives in the store mapping), and the area spans exactly those elements; the
-        // handle and this layout (with `flat`, which is never modified after construction)
+        // handle and this layout (with `bases`, which is never modified after construction)
         // live in the `LoadedProg` that owns the compiled code (module invariants), and its
         // helpers 1 and 2 answer for the same handle.
         let m = unsafe {
@@ -183,7 +180,7 @@ impl ArrayLayout {
             return None;
         }
         let i = if self.percpu { current_cpu() } else { 0 };
-        let base = (*self.bases.get(i as usize)?)?;
+        let base = *self.bases.get(i as usize).filter(|&&b| b != 0)?;
         Some((base + u64::from(key) * self.stride) as *mut u8)
     }
 }

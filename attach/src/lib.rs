@@ -64,5 +64,7 @@ pub use resolve::{
 };
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub use x86_64::{
-    FuncBounds, Hook, HookHandler, HookKind, PatchMode, Probe, install, install_probe,
+    FuncBounds, Hook, HookHandler, HookKind, NATIVE_NOT_RUN, NATIVE_RAN, NATIVE_TRAPPED,
+    NativeEntry, NativeOutcome, PatchMode, Probe, install, install_probe,
+    set_native_excluded_thread,
 };

@@ -2,10 +2,10 @@
 //!
 //! # Invariants
 //!
-//! - A [`CodeBlock`] is two pages: a code page and a data page (the in-flight counter and the
-//!   removed flag). The code
-//!   page is read-write until [`CodeBlock::seal`] makes it read-execute; it is never writable
-//!   and executable at once. The data page is never executable.
+//! - A [`CodeBlock`] is two pages: a code page and a data page (the in-flight counter, the
+//!   removed flag, the native entry word and the native trap counter, 8 bytes each in that
+//!   order). The code page is read-write until [`CodeBlock::seal`] makes it read-execute; it is
+//!   never writable and executable at once. The data page is never executable.
 //! - A sealed block is never unmapped: a thread may be running its last instructions (or be
 //!   preempted in them) at any later time. Only blocks that were never sealed are freed.
 //! - [`read_code`] reads only inside a mapping that `/proc/self/maps` listed as readable, and
@@ -61,6 +61,36 @@ impl CodeBlock {
         // is 8-aligned and only read (by the stub) or written here.
         let flag = unsafe { AtomicU64::from_ptr(self.removed_addr() as *mut u64) };
         flag.store(1, Ordering::SeqCst);
+    }
+
+    /// Address of the native entry word (after the removed flag): the address of a
+    /// [`NativeEntry`](super::hook::NativeEntry) the stub calls instead of the handler, 0 for
+    /// none. Read by the stub with a plain load (x86 loads are acquire).
+    pub(crate) fn native_addr(&self) -> usize {
+        self.base + PAGE + 16
+    }
+
+    /// Address of the native trap counter (after the native word): incremented by the stub
+    /// (`lock inc`) each time a native entry returns `NATIVE_TRAPPED`.
+    pub(crate) fn native_traps_addr(&self) -> usize {
+        self.base + PAGE + 24
+    }
+
+    /// Stores `entry` (0 = none) in the native entry word, with release ordering: a thread
+    /// that reads the new address also sees every write made before the store.
+    pub(crate) fn set_native(&self, entry: u64) {
+        // SAFETY: the data page stays mapped read-write for the life of the process; the word
+        // is 8-aligned and only read (by the stub) or written here.
+        let word = unsafe { AtomicU64::from_ptr(self.native_addr() as *mut u64) };
+        word.store(entry, Ordering::Release);
+    }
+
+    /// Current value of the native trap counter.
+    pub(crate) fn native_traps(&self) -> u64 {
+        // SAFETY: as for `inflight`: mapped read-write for good, 8-aligned, and otherwise only
+        // changed by the stub's locked increments.
+        let counter = unsafe { AtomicU64::from_ptr(self.native_traps_addr() as *mut u64) };
+        counter.load(Ordering::Relaxed)
     }
 
     /// Copies `code` to the code page. Fails if it does not fit.

@@ -14,10 +14,18 @@
 //!   a thread that entered the stub counts itself in flight, then reads the flag and, if set,
 //!   goes back to the original code; the remover waits for the in-flight count to drain. After
 //!   that no thread runs the handler for this hook (no stop of the world is needed).
-//! - The only `unsafe` here is the contract of [`install`]; the work is done by the safe
-//!   wrappers of `code_mem`, `patch` and `signals`.
+//! - Native fast path (jump hooks without a return handler): the stub calls the entry in the
+//!   hook's native word, if any, instead of the handler, except on the thread whose pointer is
+//!   in the excluded-thread word. The word is set with a release store ([`Hook::set_native`]);
+//!   the call happens between the in-flight increment and decrement, so removal's drain covers
+//!   threads inside a native entry exactly as threads inside the handler. A hook with a return
+//!   handler has no native slot: its entry handler must run to arm the return.
+//! - The `unsafe` here is the contract of [`install`] and of [`Hook::set_native`], and the
+//!   one-instruction read of the thread pointer (`thread_pointer`); the work is done by the
+//!   safe wrappers of `code_mem`, `patch` and `signals`.
 
 use core::ffi::c_void;
+use core::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::code_mem::{self, CodeBlock};
@@ -25,7 +33,7 @@ use super::patch::{self, INT3};
 use super::prologue::{self, JMP_ABS_LEN, JMP_REL32_LEN, SCAN_LEN};
 use super::retprobe::{self, ProbeCtx};
 use super::signals::{self, Fixup};
-use super::stub::{self, StubParams};
+use super::stub::{self, NativeSlot, StubParams};
 use super::trap;
 use crate::procmaps::{MapEntry, read_self_maps};
 use crate::{AttachError, PtRegs};
@@ -35,6 +43,64 @@ use crate::{AttachError, PtRegs};
 /// effect when the hooked code continues. A panic aborts the process (it cannot unwind through
 /// the stub).
 pub type HookHandler = extern "C" fn(regs: &mut PtRegs, user: *mut c_void);
+
+/// What a [`NativeEntry`] returns (System V: two INTEGER words, in rax:rdx).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NativeOutcome {
+    /// The program's return value.
+    pub r0: u64,
+    /// [`NATIVE_RAN`], [`NATIVE_NOT_RUN`] or [`NATIVE_TRAPPED`] (any other value is treated as
+    /// [`NATIVE_NOT_RUN`]).
+    pub status: u64,
+}
+
+/// The program ran: the stub skips the handler.
+pub const NATIVE_RAN: u64 = 0;
+/// Nothing ran (a precondition failed): the stub calls the handler as usual.
+pub const NATIVE_NOT_RUN: u64 = 1;
+/// The program ran and trapped: the stub skips the handler and counts it
+/// ([`Hook::native_traps`]).
+pub const NATIVE_TRAPPED: u64 = 2;
+
+/// A native fast path of a jump hook ([`Hook::set_native`]): called by the hook's stub with
+/// `regs` = the live, writable `pt_regs` the stub restores the registers from (changes to the
+/// general-purpose registers, `eflags` and `rip`/`rsp` take effect as a handler's do) and
+/// `len` = 168.
+///
+/// Contract: System V for the general-purpose registers (it may clobber rax, rcx, rdx, rsi,
+/// rdi, r8–r11 and rflags; it keeps rbx, rbp, r12–r15 and rsp), it never touches xmm/ymm/zmm,
+/// x87 or MXCSR state (the stub saves none of them on this path), it leaves DF clear, it uses at
+/// most 8 KiB of stack below rsp; rsp is 16-aligned at the call and DF is clear.
+pub type NativeEntry = unsafe extern "sysv64" fn(regs: *mut PtRegs, len: u64) -> NativeOutcome;
+
+/// The thread pointer of the one thread that never takes the native path (0 = none).
+static NATIVE_EXCLUDED: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the calling thread take the handler path of every hook even where a native entry is
+/// set (`on`), or clears that (`off`: every thread takes the native path). One thread at a
+/// time: a call with `on` replaces the previous thread. Meant for the agent's own thread,
+/// whose calls into hooked code must not run programs natively.
+pub fn set_native_excluded_thread(on: bool) {
+    let tp = if on { thread_pointer() } else { 0 };
+    NATIVE_EXCLUDED.store(tp, Ordering::SeqCst);
+}
+
+/// The calling thread's thread pointer, as the stub reads it (`fs:[0]`).
+fn thread_pointer() -> u64 {
+    let tp: u64;
+    // SAFETY: the x86_64 TLS ABI (variant II, which glibc and musl follow) makes fs:[0] hold
+    // the thread pointer itself, for every thread of a process with a C runtime; the load
+    // reads only that word, writes no memory and leaves the flags alone.
+    unsafe {
+        core::arch::asm!(
+            "mov {}, qword ptr fs:[0]",
+            out(reg) tp,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    tp
+}
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Range {
@@ -136,6 +202,8 @@ struct JumpState {
     len: usize,
     patch_len: usize,
     trampoline: usize,
+    /// The stub has the native fast path (no return handler).
+    native: bool,
     block: CodeBlock,
 }
 
@@ -300,6 +368,11 @@ fn install_jump(
         } else {
             None
         },
+        native: (!with_return).then(|| NativeSlot {
+            entry: block.native_addr() as u64,
+            traps: block.native_traps_addr() as u64,
+            excluded: NATIVE_EXCLUDED.as_ptr() as u64,
+        }),
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func
@@ -378,6 +451,7 @@ fn install_jump(
         len,
         patch_len: prologue.patch_len,
         trampoline: enc.trampoline as usize,
+        native: !with_return,
         block,
     };
     if let Err(e) = restored {
@@ -583,6 +657,41 @@ impl Hook {
             Some(Patch::Jump(j)) => j.patch_len,
             Some(Patch::Trap { .. }) => 1,
             None => 0,
+        }
+    }
+
+    /// Sets (`Some`) or clears (`None`) the hook's native fast path: from the store on (a
+    /// release store), a thread that hits the hook, other than the excluded one
+    /// ([`set_native_excluded_thread`]), calls `entry` with the registers instead of the
+    /// handler, and calls the handler only if `entry` returns [`NATIVE_NOT_RUN`] (or an unknown
+    /// status). Returns whether the hook has a native slot: `false` (and nothing changes) for a
+    /// trap hook and for a hook with a return handler, whose entry handler must run.
+    ///
+    /// # Safety
+    ///
+    /// - `entry` must follow the [`NativeEntry`] contract and be sound to call on any thread
+    ///   that executes the hooked address, at that point.
+    /// - `entry` (its code and everything it uses) must stay valid until the hook is removed
+    ///   ([`Hook::remove`] returns or the hook is dropped), even after this hook was given
+    ///   another value: a thread that read the old value may still be calling it. The hook
+    ///   offers no way to tell when that thread has left, short of removal; keeping every entry
+    ///   ever set alive until then is enough.
+    pub unsafe fn set_native(&self, entry: Option<NativeEntry>) -> bool {
+        match self.state.as_ref().map(|s| &s.patch) {
+            Some(Patch::Jump(j)) if j.native => {
+                j.block.set_native(entry.map_or(0, |e| e as usize as u64));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// How many times a native entry of this hook returned [`NATIVE_TRAPPED`] (0 for a hook
+    /// without a native slot).
+    pub fn native_traps(&self) -> u64 {
+        match self.state.as_ref().map(|s| &s.patch) {
+            Some(Patch::Jump(j)) if j.native => j.block.native_traps(),
+            _ => 0,
         }
     }
 

@@ -27,8 +27,9 @@ mod stub;
 mod trap;
 
 pub use hook::{
-    FuncBounds, Hook, HookHandler, HookKind, PatchMode, Probe, install, install_probe,
-    override_return,
+    FuncBounds, Hook, HookHandler, HookKind, NATIVE_NOT_RUN, NATIVE_RAN, NATIVE_TRAPPED,
+    NativeEntry, NativeOutcome, PatchMode, Probe, install, install_probe, override_return,
+    set_native_excluded_thread,
 };
 pub use signals::{intercept_sigaction, is_own_handler, recheck_trap_handler};
 

@@ -349,3 +349,36 @@ const _: () = {
 
 /// The generated function's type.
 pub type JitEntry = unsafe extern "C" fn(r1: u64, r2: u64, ctx: *mut JitContext) -> u64;
+
+/// What a native entry returns: r0 and a status ([`NATIVE_RAN`], [`NATIVE_NOT_RUN`],
+/// [`NATIVE_TRAPPED`]), in rax:rdx (System V returns this two-word struct in registers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NativeOutcome {
+    /// The program's r0 (0 when it trapped or did not run).
+    pub r0: u64,
+    /// What happened.
+    pub status: u64,
+}
+
+/// The program ran to its exit.
+pub const NATIVE_RAN: u64 = 0;
+/// Nothing ran: a precondition of the native entry failed (the thread's CPU id is unknown or
+/// has no slot in an inlined per-CPU array); run the program through the host instead.
+pub const NATIVE_NOT_RUN: u64 = 1;
+/// The program trapped (an access outside its context, stack and regions, or a misaligned
+/// atomic); its effects up to the trap stay, as in a hosted run.
+pub const NATIVE_TRAPPED: u64 = 2;
+
+/// A program's native entry ([`crate::CompiledCode::native_entry`], x86_64): runs the
+/// program with r1 = `ctx` and r2 = `len` (as [`crate::JitProgram::run`] does), the context region `[ctx, ctx + len)` writable (as in a
+/// hosted run), a 512-byte stack and a [`JitContext`] on the native stack (under 1 KiB of it
+/// in all), the regions of [`crate::NativeOptions`], and the CPU id read from the thread's
+/// rseq area.
+///
+/// It keeps the System V callee-saved registers, clobbers only rax, rcx, rdx, rsi, rdi,
+/// r8–r11 and the arithmetic flags, never touches xmm/ymm, x87 or MXCSR state, never changes
+/// DF (which must be clear, as at any call), and calls nothing outside its own code: callers
+/// such as a hook stub need not save vector registers around it, and it never re-enters the
+/// host (no allocation, locks or thread-locals).
+pub type NativeEntry = unsafe extern "sysv64" fn(ctx: *mut u8, len: u64) -> NativeOutcome;

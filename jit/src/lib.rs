@@ -38,6 +38,30 @@ pub struct JitOptions {
     /// x86_64 backend may inline (see [`InlineMap`]); other maps, and every call the inlined
     /// code cannot answer, go to the registered helper.
     pub inline_maps: Vec<InlineMap>,
+    /// Also generate a native entry ([`CompiledCode::native_entry`], x86_64 only) when the
+    /// program can run without the host: see [`NativeOptions`].
+    pub native: Option<NativeOptions>,
+}
+
+/// What a native entry needs to know: the memory a checked program may access besides its
+/// context and stack, and where the running thread's CPU id is.
+///
+/// A native entry (`abi::NativeEntry`) runs the program with a context and stack it makes
+/// on the native stack, without the host's run state: it exists only for programs whose
+/// every helper call is an inlined array or per-CPU array lookup or update
+/// ([`InlineMap`]) that provably never falls back to the helper, without tail calls,
+/// `callx`, callbacks or bpf-to-bpf calls. Generated code never touches SSE/x87 state, so a
+/// caller (a probe's hook stub) need not save those registers around it.
+#[derive(Clone, Debug, Default)]
+pub struct NativeOptions {
+    /// Offset from the thread pointer (`fs` base) of the calling thread's rseq `cpu_id` (a
+    /// `u32`, glibc's `__rseq_offset + 4`), for per-CPU arrays; `None`: programs using
+    /// per-CPU arrays get no native entry.
+    pub cpu_id_tp_offset: Option<i32>,
+    /// Checked mode: the regions (start, length, writable) the program may access besides its
+    /// context and stack, e.g. its global data and its inlined maps' data areas. Accesses
+    /// elsewhere trap.
+    pub regions: Vec<(u64, u64, bool)>,
 }
 
 /// Where the elements of an array (`BPF_MAP_TYPE_ARRAY`) or per-CPU array live, so that
@@ -63,6 +87,9 @@ pub struct InlineMap {
     area_start: u64,
     area_len: u64,
     writable: bool,
+    /// Per-CPU arrays: how many CPU ids from 0 up have a base (a native entry runs only on
+    /// those; see [`NativeOptions`]).
+    cpu_slots: u64,
 }
 
 /// An [`InlineMap`]'s element bases.
@@ -89,7 +116,8 @@ impl InlineMap {
     /// For as long as code compiled with this description may run: every element address the
     /// layout gives for keys below `max_entries` (`base + key × stride`, each non-zero
     /// `bases[i]` likewise) is valid for reads (and writes when `writable`) of `value_size`
-    /// bytes, the `bases` table is readable, and `[area_start, area_start + area_len)` (which
+    /// bytes, the `bases` table is readable (from this call on) and its non-zero entries never
+    /// change, and `[area_start, area_start + area_len)` (which
     /// contains all those elements) is valid memory for the program's accesses — reads, and
     /// writes when `writable`. The helper registered as id 1 / 2 answers for the same map.
     #[allow(clippy::too_many_arguments)]
@@ -103,7 +131,15 @@ impl InlineMap {
         area_len: u64,
         writable: bool,
     ) -> Self {
+        let cpu_slots = match layout {
+            InlineLayout::Array { .. } => u64::MAX,
+            InlineLayout::PerCpu { bases, len } => (0..len)
+                // SAFETY: the caller guarantees `len` readable u64s at `bases`.
+                .find(|&i| unsafe { (bases as *const u64).add(i as usize).read() } == 0)
+                .unwrap_or(len),
+        };
         InlineMap {
+            cpu_slots,
             handle,
             max_entries,
             value_size,
@@ -130,6 +166,11 @@ pub struct CompiledCode {
     /// `bpf_map_lookup_elem` / `bpf_map_update_elem` calls compiled as plain helper calls
     /// (not inlined, [`InlineMap`]); 0 when every one was inlined (with its fallback).
     pub map_helper_calls: usize,
+    /// Offset of the native entry (`abi::NativeEntry`) when [`JitOptions::native`] asked for
+    /// one and the program can have one.
+    pub native_entry: Option<usize>,
+    /// Why there is no native entry (when one was asked for).
+    pub native_refused: Option<String>,
 }
 
 /// Why a program could not be compiled.

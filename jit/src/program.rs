@@ -25,8 +25,15 @@
 //!   addresses that table gives — the callback entry routine and function entries of the same
 //!   code — with a frame it checked lies inside the stack (`cur_fp`, set by the code, and the
 //!   callee's frame count from the loader).
+//! - The native entry ([`JitProgram::native_entry`]) lies in the same mapping. Checked code run
+//!   through it touches only its context, the stack and context it makes on the native stack,
+//!   and the regions of `JitOptions::native` (tested by its own checker), which whoever calls
+//!   it vouches for (`NativeEntry` is an unsafe function type).
 
-use crate::abi::{CallbackEntry, CallbackFrame, JitContext, JitEntry, TailCallTable, trap};
+use crate::abi::{
+    CallbackEntry, CallbackFrame, JitContext, JitEntry, NativeEntry, NativeOutcome, TailCallTable,
+    trap,
+};
 use crate::exec_mem::ExecMem;
 use crate::{CompiledCode, JitError, JitOptions};
 use bpftime_vm::helper::{
@@ -43,6 +50,7 @@ use std::marker::PhantomData;
 pub struct JitProgram {
     mem: ExecMem,
     entry: JitEntry,
+    native: Option<NativeEntry>,
     helper_table: Vec<Option<HelperFn>>,
     checked: bool,
     compiled: CompiledCode,
@@ -109,6 +117,22 @@ impl JitProgram {
         // `self` (module invariants).
         let entry =
             unsafe { std::mem::transmute::<*const u8, JitEntry>(mem.as_ptr().add(compiled.entry)) };
+        let native = match compiled.native_entry {
+            Some(off) if off < mem.len() => {
+                // SAFETY: as for `entry`: inside the mapping, where the backend put a function
+                // of type `NativeEntry`.
+                Some(unsafe {
+                    std::mem::transmute::<*const u8, NativeEntry>(mem.as_ptr().add(off))
+                })
+            }
+            Some(off) => {
+                return Err(JitError::Codegen(format!(
+                    "native entry {off} outside code of {} bytes",
+                    mem.len()
+                )));
+            }
+            None => None,
+        };
         let len = helpers.ids().last().map_or(0, |id| id as usize + 1);
         let mut helper_table = vec![None; len];
         for id in helpers.ids() {
@@ -117,10 +141,29 @@ impl JitProgram {
         Ok(JitProgram {
             mem,
             entry,
+            native,
             helper_table,
             checked: opts.checked,
             compiled,
         })
+    }
+
+    /// The native entry, when `JitOptions::native` asked for one and the program qualifies
+    /// (see [`crate::NativeOptions`]; why not: [`CompiledCode::native_refused`]). Valid while
+    /// `self` lives.
+    pub fn native_entry(&self) -> Option<NativeEntry> {
+        self.native
+    }
+
+    /// Runs the program through its native entry on `[ctx, ctx + len)`; `None` without one.
+    ///
+    /// # Safety
+    /// `[ctx, ctx + len)` is valid for reads and writes during the call, and the regions given
+    /// in `JitOptions::native` are valid for the program's accesses (writes where marked
+    /// writable), as are the inlined maps' (their [`crate::InlineMap`] contract).
+    pub unsafe fn run_native(&self, ctx: *mut u8, len: u64) -> Option<NativeOutcome> {
+        // SAFETY: forwarded contract; the entry is this program's code (module invariants).
+        self.native.map(|f| unsafe { f(ctx, len) })
     }
 
     /// Whether memory accesses are checked.

@@ -2,7 +2,8 @@
 //! on the x86_64 JIT, unchecked and checked. A missing directory fails the test.
 #![cfg(target_arch = "x86_64")]
 
-use bpftime_jit::{JitOptions, JitProgram};
+use bpftime_jit::abi::{NATIVE_RAN, NATIVE_TRAPPED};
+use bpftime_jit::{JitOptions, JitProgram, NativeOptions};
 use bpftime_vm::helper::conformance_helpers;
 use bpftime_vm::isa::insns_from_bytes;
 use bpftime_vm::verifier::verify;
@@ -12,8 +13,10 @@ fn run_all(checked: bool) {
     let helpers = conformance_helpers();
     let opts = JitOptions {
         checked,
+        native: Some(NativeOptions::default()),
         ..Default::default()
     };
+    let mut native = 0;
     let mut failures = Vec::new();
     for v in &vectors {
         let name = &v.name;
@@ -34,6 +37,29 @@ fn run_all(checked: bool) {
                 continue;
             }
         };
+        // The native entry (programs without helper calls), on its own copy of the memory:
+        // the same r0 or the same trap (every vector that traps is an error vector).
+        let mut copy = v.mem.clone();
+        let ptr = if copy.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            copy.as_mut_ptr()
+        };
+        // SAFETY: `copy` outlives the run; no regions besides it.
+        if let Some(out) = unsafe { jit.run_native(ptr, copy.len() as u64) } {
+            native += 1;
+            let hosted = jit.run(&mut v.mem.clone());
+            let same = match (&hosted, out.status) {
+                (Ok(r0), NATIVE_RAN) => *r0 == out.r0,
+                (Err(_), NATIVE_TRAPPED) => out.r0 == 0,
+                _ => false,
+            };
+            if !same {
+                failures.push(format!(
+                    "{name}: native entry gave {out:?}, hosted {hosted:?}"
+                ));
+            }
+        }
         match jit.run(&mut mem) {
             Ok(r0) if r0 == expected => {}
             Ok(r0) => failures.push(format!(
@@ -54,8 +80,10 @@ fn run_all(checked: bool) {
         vectors.len(),
         failures.join("\n")
     );
+    // Every vector without helper calls has a native entry.
+    assert!(native > 200, "only {native} vectors got a native entry");
     println!(
-        "conformance: {}/{} passed on the x86_64 JIT (checked: {checked})",
+        "conformance: {}/{} passed on the x86_64 JIT (checked: {checked}), {native} natively too",
         vectors.len(),
         vectors.len()
     );

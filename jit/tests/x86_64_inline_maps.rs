@@ -126,6 +126,7 @@ fn jit(src: &str, checked: bool, inline: InlineMap) -> JitProgram {
     let opts = JitOptions {
         checked,
         inline_maps: vec![inline],
+        ..Default::default()
     };
     JitProgram::new(&prog, &h, &opts).expect("compiles")
 }
@@ -228,9 +229,13 @@ fn update_copies_every_value_width_and_leaves_the_rest_to_the_helper() {
                     .iter()
                     .all(|&x| x == 0)
             );
-            // BPF_NOEXIST, BPF_F_LOCK, unknown flags, a key past the end: the helper.
-            for (key, flags) in [(0, 1), (0, 4), (0, 6), (0, 1 << 40), (4, 0), (u32::MAX, 2)] {
+            // BPF_NOEXIST, BPF_F_LOCK, unknown flags: the helper.
+            for (key, flags) in [(0, 1), (0, 4), (0, 6), (0, 1 << 40), (4, 1)] {
                 assert_eq!(run(&p, &mut block(key, flags), 0), Ok(SLOW_UPDATE));
+            }
+            // Valid flags and a key past the end: the kernel's -E2BIG, inline.
+            for (key, flags) in [(4, 0), (u32::MAX, 2)] {
+                assert_eq!(run(&p, &mut block(key, flags), 0), Ok(-7i64 as u64));
             }
         }
     }
@@ -325,4 +330,235 @@ fn checked_accesses_through_the_pointer_stay_inside_the_data_area() {
         matches!(ro, Err(TrapKind::OutOfBounds { write: true, .. })),
         "{ro:?}"
     );
+}
+
+/// The calling thread's rseq `cpu_id` offset from the thread pointer (glibc's ABI).
+fn rseq_cpu_id_offset() -> Option<i32> {
+    // SAFETY: dlsym with NUL-terminated names; glibc's exported constants are read-only.
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize;
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32;
+        if off.is_null() || size.is_null() || size.read() < 8 {
+            return None;
+        }
+        i32::try_from(off.read() + 4).ok()
+    }
+}
+
+fn native_jit(src: &str, checked: bool, inline: InlineMap) -> JitProgram {
+    let h = helpers();
+    let prog = verify(&assemble(src).expect("assembles"), &h).expect("verifies");
+    let opts = JitOptions {
+        checked,
+        inline_maps: vec![inline],
+        native: Some(bpftime_jit::NativeOptions {
+            cpu_id_tp_offset: rseq_cpu_id_offset(),
+            regions: Vec::new(),
+        }),
+    };
+    JitProgram::new(&prog, &h, &opts).expect("compiles")
+}
+
+/// count(): lookup, then update with `value + 1` (BPF_ANY), as `uretprobe-counter` does.
+fn count_prog() -> String {
+    format!(
+        "mov %r6, %r1
+         stw [%r10-4], 0
+         mov %r2, %r10
+         add %r2, -4
+         lddw %r1, {HANDLE:#x}
+         call 1
+         mov %r1, 1
+         jeq %r0, 0, add
+         ldxdw %r1, [%r0]
+         add %r1, 1
+         add:
+         stxdw [%r10-16], %r1
+         mov %r2, %r10
+         add %r2, -4
+         mov %r3, %r10
+         add %r3, -16
+         mov %r4, 0
+         lddw %r1, {HANDLE:#x}
+         call 2
+         exit"
+    )
+}
+
+#[test]
+fn native_count_on_a_percpu_array_writes_the_running_cpus_slot() {
+    if rseq_cpu_id_offset().is_none() {
+        eprintln!("skipped: glibc registered no rseq area (per-CPU native entries need it)");
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) + 64;
+    let f = Fake::new(1, 8, cpus);
+    let bases = f.bases.clone();
+    for checked in [false, true] {
+        let p = native_jit(&count_prog(), checked, f.percpu(&bases, true));
+        assert_eq!(p.compiled().native_refused, None);
+        let mut ctx = [0u8; 168];
+        for _ in 0..1000 {
+            // SAFETY: `ctx` and the fake map outlive the run.
+            let out = unsafe { p.run_native(ctx.as_mut_ptr(), 168) }.expect("native entry");
+            assert_eq!((out.r0, out.status), (0, bpftime_jit::abi::NATIVE_RAN));
+        }
+    }
+    let total: u64 = (0..cpus)
+        .map(|c| u64::from_ne_bytes(f.bytes(f.elem(c, 0), 8).try_into().unwrap()))
+        .sum();
+    assert_eq!(total, 2000);
+}
+
+#[test]
+fn native_entry_does_not_run_on_a_cpu_without_a_slot() {
+    if rseq_cpu_id_offset().is_none() {
+        eprintln!("skipped: glibc registered no rseq area (per-CPU native entries need it)");
+        return;
+    }
+    let f = Fake::new(1, 8, 2);
+    // No CPU has a slot: nothing may run natively, and nothing is written.
+    let bases = vec![0, f.bases[1]];
+    let p = native_jit(&count_prog(), true, f.percpu(&bases, true));
+    let mut ctx = [0u8; 168];
+    // SAFETY: as above.
+    let out = unsafe { p.run_native(ctx.as_mut_ptr(), 168) }.expect("native entry");
+    assert_eq!(out.status, bpftime_jit::abi::NATIVE_NOT_RUN);
+    assert!(
+        f.bytes(f.base(), f.area_len() as usize)
+            .iter()
+            .all(|&b| b == 0)
+    );
+}
+
+#[test]
+fn native_entries_need_updates_whose_flags_cannot_reach_the_helper() {
+    let f = Fake::new(4, 8, 1);
+    // Flags from memory: BPF_NOEXIST would need the helper.
+    let p = native_jit(&update_prog(), true, f.array());
+    assert!(p.native_entry().is_none());
+    assert!(
+        p.compiled()
+            .native_refused
+            .as_deref()
+            .is_some_and(|w| w.contains("may need the helper")),
+        "{:?}",
+        p.compiled().native_refused
+    );
+    // A constant BPF_EXIST (2) cannot; a key past the end answers -E2BIG natively.
+    let src = update_prog().replace("ldxdw %r4, [%r1+8]", "mov %r4, 2");
+    let p = native_jit(&src, true, f.array());
+    for (key, want) in [(1u32, 0u64), (9, -7i64 as u64)] {
+        let mut b = block(key, 0);
+        // SAFETY: `b` and the fake map outlive the run.
+        let out = unsafe { p.run_native(b.as_mut_ptr(), 128) }.expect("native entry");
+        assert_eq!((out.r0, out.status), (want, bpftime_jit::abi::NATIVE_RAN));
+    }
+    assert_eq!(f.bytes(f.elem(0, 1), 8), block(0, 0)[16..24].to_vec());
+    // A map that is not inlined (another handle): the helper, so no native entry.
+    let other = lookup_prog().replace(&format!("{HANDLE:#x}"), "0x1234");
+    let p = native_jit(&other, true, f.array());
+    assert!(p.native_entry().is_none());
+}
+
+#[test]
+fn native_entries_check_accesses_against_their_regions() {
+    let f = Fake::new(4, 8, 1);
+    let data = f.base();
+    let h = helpers();
+    // *(u64 *)(data + off) += 1; r0 = the new value.
+    let src = |off: i16| {
+        format!(
+            "lddw %r1, {data:#x}
+             ldxdw %r0, [%r1+{off}]
+             add %r0, 1
+             stxdw [%r1+{off}], %r0
+             exit"
+        )
+    };
+    let compile = |src: &str, regions: Vec<(u64, u64, bool)>| {
+        let prog = verify(&assemble(src).expect("assembles"), &h).expect("verifies");
+        let opts = JitOptions {
+            checked: true,
+            native: Some(bpftime_jit::NativeOptions {
+                cpu_id_tp_offset: None,
+                regions,
+            }),
+            ..Default::default()
+        };
+        JitProgram::new(&prog, &h, &opts).expect("compiles")
+    };
+    let other = [0u64; 4];
+    let other_region = (other.as_ptr() as u64, 32, true);
+    let mut ctx = [0u8; 16];
+    let run = |p: &JitProgram, ctx: &mut [u8; 16]| {
+        // SAFETY: `ctx`, the fake map and `other` outlive the runs.
+        let out = unsafe { p.run_native(ctx.as_mut_ptr(), 16) }.expect("native entry");
+        (out.r0, out.status)
+    };
+    use bpftime_jit::abi::{NATIVE_RAN, NATIVE_TRAPPED};
+    // Found in the second region (the checker walks the table) and in the first (the window).
+    let area = (data, f.area_len(), true);
+    for (i, regions) in [vec![area], vec![other_region, area]]
+        .into_iter()
+        .enumerate()
+    {
+        let p = compile(&src(8), regions);
+        assert_eq!(run(&p, &mut ctx), (2 * i as u64 + 1, NATIVE_RAN));
+        assert_eq!(run(&p, &mut ctx), (2 * i as u64 + 2, NATIVE_RAN));
+    }
+    // Past the end of every region, in no region at all, a store to a read-only one.
+    let p = compile(&src(f.area_len() as i16), vec![other_region, area]);
+    assert_eq!(run(&p, &mut ctx), (0, NATIVE_TRAPPED));
+    let p = compile(&src(0), Vec::new());
+    assert_eq!(run(&p, &mut ctx), (0, NATIVE_TRAPPED));
+    let p = compile(&src(0), vec![other_region, (data, f.area_len(), false)]);
+    assert_eq!(run(&p, &mut ctx), (0, NATIVE_TRAPPED));
+    // The trapped runs wrote nothing.
+    assert_eq!(f.bytes(data, 16), [[0u8; 8], 4u64.to_ne_bytes()].concat());
+    // A helper that is not an inlined map call: no native entry, and why.
+    let p = compile("call 1\nexit", Vec::new());
+    assert!(p.native_entry().is_none());
+    assert_eq!(
+        p.compiled().native_refused.as_deref(),
+        Some("pc 0: helper 1")
+    );
+}
+
+#[test]
+fn native_code_never_touches_vector_or_x87_state() {
+    use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory};
+    let f = Fake::new(2, 8, 2);
+    let bases = f.bases.clone();
+    let mut info = InstructionInfoFactory::new();
+    for checked in [false, true] {
+        // Regions empty: the code holds no data table, so all of it decodes as instructions.
+        let h = helpers();
+        let prog = verify(&assemble(&count_prog()).unwrap(), &h).unwrap();
+        let opts = JitOptions {
+            checked,
+            inline_maps: vec![f.percpu(&bases, true)],
+            native: Some(bpftime_jit::NativeOptions {
+                cpu_id_tp_offset: Some(0x100),
+                regions: Vec::new(),
+            }),
+        };
+        let p = JitProgram::new(&prog, &h, &opts).unwrap();
+        assert!(p.native_entry().is_some());
+        let code = &p.compiled().code;
+        let mut d = Decoder::new(64, code, DecoderOptions::NONE);
+        let mut n = 0;
+        for insn in &mut d {
+            n += 1;
+            assert!(!insn.is_invalid(), "undecodable code in {code:02x?}");
+            for r in info.info(&insn).used_registers() {
+                let r = r.register();
+                assert!(
+                    !(r.is_xmm() || r.is_ymm() || r.is_zmm() || r.is_st() || r.is_mm()),
+                    "{insn} uses {r:?}"
+                );
+            }
+        }
+        assert!(n > 50);
+    }
 }

@@ -406,6 +406,14 @@ fn resolve_rseq_offset() -> Option<isize> {
     (size >= 8).then_some(off)
 }
 
+/// Where every thread's rseq `cpu_id` (a `u32`; negative until the kernel registered the
+/// area) lies relative to its thread pointer (`fs` base), when glibc registered rseq areas:
+/// what generated code reads to learn its CPU without a call.
+#[cfg(target_arch = "x86_64")]
+pub fn rseq_cpu_id_offset() -> Option<i32> {
+    rseq_offset().and_then(|off| i32::try_from(off.checked_add(4)?).ok())
+}
+
 /// The CPU the calling thread runs on now (its rseq `cpu_id`, else `sched_getcpu`), pinned or
 /// not (for runs that need no pin: nothing in them asks [`current_cpu`]).
 #[inline]

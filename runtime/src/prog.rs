@@ -280,9 +280,20 @@ impl LoadedProg {
                             self.value_regions.push(*area);
                         }
                     }
+                    // A native entry too when the program needs no helper (probe stubs
+                    // call it directly): its regions are the ones hosted runs grant.
+                    let native = bpftime_jit::NativeOptions {
+                        cpu_id_tp_offset: bpftime_maps::shm::rseq_cpu_id_offset(),
+                        regions: self
+                            .value_regions
+                            .iter()
+                            .map(|r| (r.start, r.len, r.writable))
+                            .collect(),
+                    };
                     let opts = bpftime_jit::JitOptions {
                         checked,
                         inline_maps: inline.into_iter().map(|(m, _)| m).collect(),
+                        native: Some(native),
                     };
                     let j =
                         bpftime_jit::program::JitProgram::new(&self.prog, &self.helpers, &opts)?;
@@ -294,6 +305,22 @@ impl LoadedProg {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = engine;
         Ok(self)
+    }
+
+    /// The JIT's native entry (`bpftime_jit::abi::NativeEntry`) when the program has one: it
+    /// calls no helper, so a probe may run it directly on its context, without this
+    /// process's run state (see `bpftime_jit::NativeOptions`). It gives the same results as
+    /// [`LoadedProg::run_in`] (the CPU is read as for a program that needs no pin). Valid
+    /// while `self` lives.
+    #[cfg(target_arch = "x86_64")]
+    pub fn native_entry(&self) -> Option<bpftime_jit::abi::NativeEntry> {
+        self.jit.as_ref()?.native_entry()
+    }
+
+    /// Why the program has no native entry (`None` when it has one or is interpreted).
+    #[cfg(target_arch = "x86_64")]
+    pub fn native_refused(&self) -> Option<&str> {
+        self.jit.as_ref()?.compiled().native_refused.as_deref()
     }
 
     /// The engine running this program.

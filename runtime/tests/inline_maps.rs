@@ -158,3 +158,74 @@ fn inlined_lookups_and_updates_match_the_interpreter() {
         }
     }
 }
+
+/// The same program with constant flags has a native entry (no helper call can be reached),
+/// which gives the interpreter's results and map contents on real maps.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn native_entries_match_the_interpreter() {
+    stay_on_this_cpu();
+    for map_type in [2u32, 6] {
+        for value_size in [1u32, 8, 12, 64] {
+            for flags in [0u64, 2] {
+                let src = program(3, value_size)
+                    .replace("ldxdw %r4, [%r6+8]", &format!("mov %r4, {flags}"));
+                let mut outcomes = Vec::new();
+                for engine in [
+                    Engine::Interpreter,
+                    Engine::Jit { checked: true },
+                    Engine::Jit { checked: false },
+                ] {
+                    let t = temp_store();
+                    let def = MapDef {
+                        map_type,
+                        key_size: 4,
+                        value_size,
+                        max_entries: 3,
+                        flags: 0,
+                    };
+                    let m = Map::create(&t.store, def, "arr").unwrap();
+                    let p = load(
+                        &t,
+                        &src.replace("map_fd 3", &format!("map_fd {}", m.id())),
+                        engine,
+                    );
+                    let native = p.native_entry();
+                    assert_eq!(
+                        native.is_some(),
+                        engine != Engine::Interpreter,
+                        "{engine:?}: {:?}",
+                        p.native_refused()
+                    );
+                    let mut seen = Vec::new();
+                    for key in [0u32, 2, 3, u32::MAX] {
+                        let mut ctx = [0u8; 168];
+                        ctx[..4].copy_from_slice(&key.to_ne_bytes());
+                        for (i, b) in ctx[16..].iter_mut().enumerate() {
+                            *b = (i as u8).wrapping_mul(13).wrapping_add(key as u8);
+                        }
+                        let r = match native {
+                            Some(f) => {
+                                // SAFETY: `ctx` is a live, writable buffer of 168 bytes; the
+                                // program's regions live in `t`'s store, open for the test.
+                                let out = unsafe { f(ctx.as_mut_ptr(), 168) };
+                                assert_eq!(out.status, bpftime_jit::abi::NATIVE_RAN);
+                                out.r0
+                            }
+                            // SAFETY: as above.
+                            None => unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) }.unwrap(),
+                        };
+                        seen.push((key, r, i64::from_ne_bytes(ctx[..8].try_into().unwrap())));
+                    }
+                    outcomes.push((engine, seen, contents(&m)));
+                }
+                let (_, want, want_data) = &outcomes[0];
+                for (engine, got, data) in &outcomes[1..] {
+                    let what = format!("type {map_type}, value size {value_size}, flags {flags}");
+                    assert_eq!(got, want, "{engine:?} native vs interpreter: {what}");
+                    assert_eq!(data, want_data, "{engine:?} map contents: {what}");
+                }
+            }
+        }
+    }
+}

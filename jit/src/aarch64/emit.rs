@@ -203,6 +203,8 @@ pub(crate) struct Emitter<'a> {
     helpers: &'a HelperRegistry,
     helper_addr: HelperAddr<'a>,
     checked: bool,
+    /// A native entry was asked for (none on this backend).
+    native: bool,
     far: bool,
     /// Label of each slot.
     labels: Vec<DynamicLabel>,
@@ -249,6 +251,7 @@ impl<'a> Emitter<'a> {
             helpers,
             helper_addr,
             checked: opts.checked,
+            native: opts.native.is_some(),
             far: prog.len() > FAR_BRANCH_SLOTS,
             labels,
             func_entries,
@@ -342,6 +345,10 @@ impl<'a> Emitter<'a> {
             entry: ENTRY,
             insn_offsets,
             map_helper_calls,
+            native_entry: None,
+            native_refused: self
+                .native
+                .then(|| "native entries are generated for x86_64 only".to_string()),
         })
     }
 

@@ -54,8 +54,8 @@
 )]
 
 use super::regs::{native, x};
-use crate::abi::{JitContext, MAX_TAIL_CALLS, TailCallTable, trap};
-use crate::{Arch, CompiledCode, InlineMap, JitError, JitOptions};
+use crate::abi::{JitContext, MAX_TAIL_CALLS, NATIVE_NOT_RUN, TailCallTable, trap};
+use crate::{Arch, CompiledCode, InlineMap, JitError, JitOptions, NativeOptions};
 use bpftime_vm::helper::{CallEnv, CallStatus, HelperRegistry};
 use bpftime_vm::isa::{AluOp, AtomicOp, Endian, JmpCond, LdImmKind, Op, Size, Src, Width};
 use bpftime_vm::memory::{FRAME_SIZE, MAX_FRAMES};
@@ -127,6 +127,8 @@ const TT_LEN: i32 = offset_of!(TailCallTable, len) as i32;
 const TT_SLOTS: i32 = offset_of!(TailCallTable, slots) as i32;
 const TT_SIZE: i32 = std::mem::size_of::<TailCallTable>() as i32;
 
+/// `E2BIG`, an array update's error for a key out of range.
+const E2BIG: i64 = 7;
 /// Bytes of eBPF stack (all frames).
 const STACK_BYTES: i32 = (FRAME_SIZE * MAX_FRAMES) as i32;
 /// `bpf_tail_call`.
@@ -217,11 +219,24 @@ struct Emitter<'a> {
     /// Per slot: the constant r1 holds there when an `lddw` into r1 earlier in the same basic
     /// block set it (only computed when there are maps to inline).
     r1_const: Vec<Option<u64>>,
+    /// The same for r4 (an update's flags).
+    r4_const: Vec<Option<u64>>,
+    /// The entry (after the tail entry), for the native entry's call.
+    entry_label: DynamicLabel,
+    /// A native entry was asked for ([`JitOptions::native`]).
+    native: Option<&'a NativeOptions>,
+    /// The first reason the program cannot have a native entry.
+    native_refused: Option<String>,
+    /// Inlined per-CPU accesses read `ctx.cpu`: the native entry reads the CPU id and checks
+    /// it is below `cpu_limit` (every inlined per-CPU array has a slot for it).
+    uses_cpu: bool,
+    cpu_limit: u64,
 }
 
-/// For each slot, the value of r1 when an `lddw r1, imm64` earlier in the same straight-line
-/// run of instructions (no jump target, call or write of r1 in between) set it.
-fn r1_constants(prog: &Program, label_of: &[u32]) -> Vec<Option<u64>> {
+/// For each slot, the value of register `r` when an `lddw r, imm64` or a `mov r, imm` earlier
+/// in the same straight-line run of instructions (no jump target, call or other write of `r`
+/// in between) set it.
+fn reg_constants(prog: &Program, label_of: &[u32], r: u8) -> Vec<Option<u64>> {
     let ops = prog.ops();
     let mut out = vec![None; ops.len()];
     let mut cur = None;
@@ -233,19 +248,37 @@ fn r1_constants(prog: &Program, label_of: &[u32]) -> Vec<Option<u64>> {
         out[pc] = cur;
         cur = match *op {
             Op::LdImm64 {
-                dst: 1,
+                dst,
                 kind: LdImmKind::Imm64,
                 lo,
                 hi,
-            } => Some(u64::from(lo as u32) | (u64::from(hi as u32) << 32)),
-            Op::Alu { dst: 1, .. }
-            | Op::Neg { dst: 1, .. }
-            | Op::MovSx { dst: 1, .. }
-            | Op::Endian { dst: 1, .. }
-            | Op::LdImm64 { dst: 1, .. }
-            | Op::Load { dst: 1, .. }
-            | Op::Atomic { src: 1, .. }
-            | Op::Call { .. }
+            } if dst == r => Some(u64::from(lo as u32) | (u64::from(hi as u32) << 32)),
+            Op::Alu {
+                width,
+                op: AluOp::Mov,
+                dst,
+                src: Src::Imm(v),
+            } if dst == r => Some(if width == Width::W64 {
+                v as i64 as u64
+            } else {
+                u64::from(v as u32)
+            }),
+            Op::Alu { dst, .. }
+            | Op::Neg { dst, .. }
+            | Op::MovSx { dst, .. }
+            | Op::Endian { dst, .. }
+            | Op::LdImm64 { dst, .. }
+            | Op::Load { dst, .. }
+                if dst == r =>
+            {
+                None
+            }
+            Op::Atomic { src, .. } if src == r => None,
+            Op::Atomic {
+                op: AtomicOp::CmpXchg,
+                ..
+            } if r == 0 => None,
+            Op::Call { .. }
             | Op::CallLocal { .. }
             | Op::Callx { .. }
             | Op::Ja { .. }
@@ -748,6 +781,7 @@ pub fn compile(
         .map(|_| ops.new_dynamic_label())
         .collect();
     let (func_table, callback_entry) = (ops.new_dynamic_label(), ops.new_dynamic_label());
+    let entry_label = ops.new_dynamic_label();
     let mut e = Emitter {
         unwind: ops.new_dynamic_label(),
         trap_exit: ops.new_dynamic_label(),
@@ -788,9 +822,19 @@ pub fn compile(
         inline: &opts.inline_maps,
         map_helper_calls: 0,
         r1_const: Vec::new(),
+        r4_const: Vec::new(),
+        entry_label,
+        native: opts.native.as_ref(),
+        native_refused: None,
+        uses_cpu: false,
+        cpu_limit: u64::MAX,
     };
     if !opts.inline_maps.is_empty() {
-        e.r1_const = r1_constants(prog, &e.label_of);
+        e.r1_const = reg_constants(prog, &e.label_of, 1);
+        e.r4_const = reg_constants(prog, &e.label_of, 4);
+    }
+    if !e.callbacks.is_empty() {
+        e.refuse_native("callbacks");
     }
     // Loops: prefix sums of estimated code sizes give a loop's size in O(1). A short loop is
     // placed so that it does not cross a 64-byte boundary (one fetch/op-cache window), others
@@ -847,6 +891,7 @@ pub fn compile(
         e.insn(pc, op, pc < main_end, prog)?;
     }
     e.finish();
+    let native_entry = e.native_entry();
     e.emit_func_table();
     // Jump tables: 32-bit offsets from the table to each case's code, filled in below.
     let tables: Vec<(usize, Vec<usize>)> = tables
@@ -877,10 +922,144 @@ pub fn compile(
         entry,
         insn_offsets: e.offsets,
         map_helper_calls: e.map_helper_calls,
+        native_entry,
+        native_refused: e.native.and(e.native_refused.take()),
     })
 }
 
 impl Emitter<'_> {
+    /// The native entry ([`crate::abi::NativeEntry`]) when one was asked for and the program
+    /// qualifies (see [`NativeOptions`]); its offset. Emitted after the shared routines.
+    ///
+    /// Native stack below the return address: 8 bytes of padding, the [`JitContext`]
+    /// (`NATIVE_CTX` bytes) and under it the eBPF stack (all frames, as in a hosted run, so the
+    /// body's stack tests are the same): `frame_top` = the context's address.
+    fn native_entry(&mut self) -> Option<usize> {
+        let opts = self.native?;
+        if self.uses_cpu && opts.cpu_id_tp_offset.is_none() {
+            self.refuse_native("per-CPU arrays without the thread's rseq CPU id");
+        }
+        if self.native_refused.is_some() {
+            return None;
+        }
+        const NATIVE_CTX: i32 = (std::mem::size_of::<JitContext>() as i32 + 15) & !15;
+        const AREA: i32 = STACK_BYTES + NATIVE_CTX + 8;
+        const C: i32 = STACK_BYTES;
+        let (not_run, ran) = (self.ops.new_dynamic_label(), self.ops.new_dynamic_label());
+        let checker = self.ops.new_dynamic_label();
+        let entry = self.entry_label;
+        self.align_with_nops(16);
+        let at = self.ops.offset().0;
+        asm!(self.ops; sub rsp, AREA);
+        match opts.cpu_id_tp_offset.filter(|_| self.uses_cpu) {
+            Some(off) => {
+                // mov eax, fs:[off] (the rseq cpu_id; negative when not registered).
+                self.ops.extend([0x64, 0x8b, 0x04, 0x25]);
+                self.ops.extend(off.to_le_bytes());
+                let limit = i32::try_from(self.cpu_limit).unwrap_or(i32::MAX);
+                asm!(self.ops
+                    ; cmp eax, limit
+                    ; jae =>not_run
+                    ; mov [rsp + C + CPU], rax
+                );
+            }
+            None => asm!(self.ops; mov QWORD [rsp + C + CPU], -1),
+        }
+        asm!(self.ops
+            ; lea rax, [rsp + C]
+            ; mov [rsp + C + FRAME_TOP], rax
+            ; mov [rsp + C + STACK_LO], rsp
+            ; mov [rsp + C + FAST_START], rdi
+            ; mov [rsp + C + FAST_LEN], rsi
+            ; mov [rsp + C + FAST_WLEN], rsi
+            ; mov DWORD [rsp + C + TRAP_KIND], trap::NONE as i32
+            ; xor eax, eax
+            ; mov [rsp + C + ENV], rax
+            ; mov [rsp + C + MEM], rax
+            ; mov [rsp + C + TAIL_CALLS], rax
+            ; mov [rsp + C + CUR_FP], rax
+            ; mov [rsp + C + HELPERS_LEN], rax
+            ; mov [rsp + C + TAIL_TABLES_LEN], rax
+        );
+        // The checker's window starts on the first region (global data, typically).
+        match opts.regions.first() {
+            Some(&(start, len, writable)) => {
+                self.mov_imm64(x::RAX, start);
+                asm!(self.ops; mov [rsp + C + CACHE_START], rax);
+                self.mov_imm64(x::RAX, len);
+                asm!(self.ops; mov [rsp + C + CACHE_LEN], rax);
+                if !writable {
+                    asm!(self.ops; xor eax, eax);
+                }
+                asm!(self.ops; mov [rsp + C + CACHE_WLEN], rax);
+            }
+            None => asm!(self.ops
+                ; mov [rsp + C + CACHE_START], rax
+                ; mov [rsp + C + CACHE_LEN], rax
+                ; mov [rsp + C + CACHE_WLEN], rax
+            ),
+        }
+        asm!(self.ops
+            ; lea rax, [=>checker]
+            ; mov [rsp + C + CHECK], rax
+            ; lea rdx, [rsp + C]
+            ; call =>entry
+            ; xor edx, edx
+            ; cmp DWORD [rsp + C + TRAP_KIND], trap::NONE as i32
+            ; je =>ran
+            ; mov edx, crate::abi::NATIVE_TRAPPED as i32
+            ; =>ran
+            ; add rsp, AREA
+            ; ret
+            ; =>not_run
+            ; xor eax, eax
+            ; mov edx, NATIVE_NOT_RUN as i32
+            ; add rsp, AREA
+            ; ret
+        );
+        // The checker (`abi::CheckFn`: rsi = address, edx = length, ecx = 1 for a store; al =
+        // accessible), over the regions' table: (start, len, writable len) each. Clobbers only
+        // what a C function may (the check routine saved the rest).
+        let table = self.ops.new_dynamic_label();
+        let (next, miss) = (self.ops.new_dynamic_label(), self.ops.new_dynamic_label());
+        let n = opts.regions.len() as i32;
+        asm!(self.ops
+            ; =>checker
+            ; lea r8, [=>table]
+            ; mov r9d, n
+            ; test r9d, r9d
+            ; jz =>miss
+            ; =>next
+            ; mov rax, rsi
+            ; sub rax, [r8]
+            ; mov r10, [r8 + 8]
+            ; test ecx, ecx
+            ; cmovnz r10, [r8 + 16]
+            ; sub r10, rdx
+            ; jb >skip
+            ; cmp rax, r10
+            ; ja >skip
+            ; mov eax, 1
+            ; ret
+            ; skip:
+            ; add r8, 24
+            ; dec r9d
+            ; jnz =>next
+            ; =>miss
+            ; xor eax, eax
+            ; ret
+        );
+        self.align_with_nops(8);
+        asm!(self.ops; =>table);
+        for &(start, len, writable) in &opts.regions {
+            self.ops.extend(start.to_le_bytes());
+            self.ops.extend(len.to_le_bytes());
+            self.ops
+                .extend((if writable { len } else { 0 }).to_le_bytes());
+        }
+        Some(at)
+    }
+
     /// Tail entry, entry and register initialisation; returns the entry's offset.
     fn prologue(&mut self) -> usize {
         let init = self.ops.new_dynamic_label();
@@ -891,7 +1070,9 @@ impl Emitter<'_> {
             ; jmp =>init
         );
         let entry = self.ops.offset().0;
+        let entry_label = self.entry_label;
         asm!(self.ops
+            ; =>entry_label
             ; push rbp
             ; push rbx
             ; push r12
@@ -1294,6 +1475,7 @@ impl Emitter<'_> {
                 self.jcc(cond, self.label(t), short);
             }
             Op::Call { id } if id == TAIL_CALL_ID => {
+                self.refuse_native("tail calls");
                 self.uses_tail = true;
                 let l = self.tail_routine;
                 asm!(self.ops; call =>l);
@@ -1308,6 +1490,14 @@ impl Emitter<'_> {
                     if inlined.is_none() && (id == 1 || id == 2) {
                         self.map_helper_calls += 1;
                     }
+                    match inlined {
+                        Some((_, false)) => {}
+                        Some((_, true)) => {
+                            self.refuse_native(&format!("pc {pc}: map call may need the helper"))
+                        }
+                        None => self.refuse_native(&format!("pc {pc}: helper {id}")),
+                    }
+                    let inlined = inlined.map(|(done, _)| done);
                     let addr = h.func as usize as i64;
                     if h.calls_back {
                         asm!(self.ops; mov [r12 + CUR_FP], rbp);
@@ -1354,6 +1544,7 @@ impl Emitter<'_> {
                 }
             }
             Op::Callx { reg } => {
+                self.refuse_native("callx");
                 let entry = self.ops.new_dynamic_label();
                 self.stubs.push(Stub::UnknownHelper {
                     entry,
@@ -1397,7 +1588,11 @@ impl Emitter<'_> {
     /// at `pc` when r1 holds an [`InlineMap`]'s handle there (see [`crate::InlineMap`]): it
     /// jumps to the returned label when it answered, and falls through to the helper call the
     /// caller emits next (with r1–r5 intact) when it cannot. Uses only rax, r10 and r11.
-    fn inline_map_call(&mut self, pc: usize, id: u32) -> Option<DynamicLabel> {
+    ///
+    /// Also returns whether the helper may be needed in a native run (whose preconditions
+    /// give every inlined per-CPU array a slot for the CPU): only an update whose flags are
+    /// not a known 0 or 2 may.
+    fn inline_map_call(&mut self, pc: usize, id: u32) -> Option<(DynamicLabel, bool)> {
         if id != 1 && id != 2 {
             return None;
         }
@@ -1409,7 +1604,9 @@ impl Emitter<'_> {
         }
         let done = self.ops.new_dynamic_label();
         let slow = self.ops.new_dynamic_label();
-        if update {
+        let flags = self.r4_const.get(pc).copied().flatten();
+        let may_fall_back = update && !matches!(flags, Some(0 | 2));
+        if may_fall_back {
             // Flags other than BPF_ANY (0) and BPF_EXIST (2): the helper's errors.
             asm!(self.ops
                 ; test rcx, -3
@@ -1419,11 +1616,7 @@ impl Emitter<'_> {
         // The key (r2 points at it).
         let (b, disp) = self.mem_operand(pc, 2, 0, 4, false);
         at!(self.ops, b, disp; [mov eax, DWORD] []);
-        let absent = if update {
-            slow
-        } else {
-            self.ops.new_dynamic_label()
-        };
+        let absent = self.ops.new_dynamic_label();
         if m.max_entries <= i32::MAX as u32 {
             asm!(self.ops; cmp eax, m.max_entries as i32);
         } else {
@@ -1446,6 +1639,8 @@ impl Emitter<'_> {
                 self.mov_imm64(x::R10, base);
             }
             crate::InlineLayout::PerCpu { bases, len } => {
+                self.uses_cpu = true;
+                self.cpu_limit = self.cpu_limit.min(m.cpu_slots);
                 self.mov_imm64(x::R11, len);
                 asm!(self.ops
                     ; mov r10, [r12 + CPU]
@@ -1495,6 +1690,10 @@ impl Emitter<'_> {
             asm!(self.ops
                 ; xor eax, eax
                 ; jmp =>done
+                // A key out of range: the kernel's -E2BIG (its flags were checked first).
+                ; =>absent
+                ; mov rax, -(E2BIG as i32)
+                ; jmp =>done
             );
         } else {
             if self.checked {
@@ -1516,7 +1715,14 @@ impl Emitter<'_> {
             );
         }
         asm!(self.ops; =>slow);
-        Some(done)
+        Some((done, may_fall_back))
+    }
+
+    /// Notes why the program gets no native entry (the first reason is kept).
+    fn refuse_native(&mut self, why: &str) {
+        if self.native.is_some() && self.native_refused.is_none() {
+            self.native_refused = Some(why.to_string());
+        }
     }
 
     /// The label of jump target `t` (every valid target got one in `compile`).

@@ -7,7 +7,7 @@
 
 mod probe_support;
 
-use probe_support::{Runtime, example, kernel_available, run, run_status};
+use probe_support::{Runtime, example, kernel_available, run, run_status, run_status_env};
 use std::os::unix::process::ExitStatusExt;
 
 /// Runs `mode` of `retvictim` with both probes on `func` on bpftime and the kernel; both must
@@ -60,6 +60,66 @@ fn push_rbp_entry_counts_and_return_values_match_the_kernel() {
 fn nop5_and_lea_entries_match_the_kernel() {
     same_as_kernel("nop5", "nop5_entry", "2000", &[]);
     same_as_kernel("lea", "lea_entry", "500", &[]);
+}
+
+#[test]
+fn an_entry_only_count_runs_in_the_hook_stub_and_matches_the_kernel() {
+    // count_entry alone: a per-CPU array lookup and update, both inlined by the JIT, so the
+    // hook's stub runs the program itself (its native entry; no agent code per hit). With
+    // BPFTIME_NATIVE=0 every hit goes through the agent's handler: the same counts.
+    let Some(build) = example() else {
+        return;
+    };
+    let args = ["-m", "nop5", "3000"];
+    let mut counts = Vec::new();
+    for native in ["1", "0"] {
+        let log = std::env::temp_dir().join(format!(
+            "bpftime-native-{}-{native}.log",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log);
+        let log_s = log.to_str().expect("utf-8 temp path");
+        let env = [
+            ("BPFTIME_NATIVE", native),
+            ("BPFTIME_LOG", "info"),
+            ("BPFTIME_LOG_FILE", log_s),
+        ];
+        let (st, ours) = run_status_env(
+            Runtime::Bpftime,
+            &build,
+            "uretprobe-counter",
+            &["-e"],
+            "retvictim",
+            &args,
+            "nop5_entry",
+            &env,
+        );
+        assert!(st.success(), "{st}: {ours:?}");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(
+            text.contains("runs natively"),
+            native == "1",
+            "BPFTIME_NATIVE={native}, agent log:\n{text}"
+        );
+        let c = ours.counts();
+        assert_eq!([c[0], c[1]], [ours.expected()[0], 0], "{ours:?}");
+        counts.push(c);
+    }
+    assert_eq!(counts[0], counts[1]);
+    if !kernel_available() {
+        return;
+    }
+    let kernel = run(
+        Runtime::Kernel,
+        &build,
+        "uretprobe-counter",
+        &["-e"],
+        "retvictim",
+        &args,
+        "nop5_entry",
+    );
+    assert_eq!(kernel.counts(), counts[0], "{kernel:?}");
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub rescan: Duration,
     /// Engine for programs (`BPFTIME_NO_JIT`, `BPFTIME_JIT_UNCHECKED`; default checked JIT).
     pub engine: Engine,
+    /// Hook stubs may run a site's program through its JIT native entry (`BPFTIME_NATIVE=0`
+    /// turns this off: every hit then goes through the agent's handler).
+    pub native: bool,
 }
 
 impl AgentConfig {
@@ -35,6 +38,7 @@ impl AgentConfig {
             store: std::env::var("BPFTIME_STORE").unwrap_or_else(|_| "default".into()),
             rescan: Duration::from_millis(200),
             engine: Engine::from_env(),
+            native: std::env::var_os("BPFTIME_NATIVE").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -99,6 +103,7 @@ pub struct Agent {
     record: Option<u32>,
     reported: Vec<u32>,
     engine: Engine,
+    native: bool,
     syscalls: crate::syscalls::SyscallTracing,
     /// Function ranges (file offsets) per binary, for telling entries from mid-function offsets.
     functions: HashMap<String, Arc<Vec<(u64, u64)>>>,
@@ -130,6 +135,7 @@ impl Agent {
             record,
             reported: Vec::new(),
             engine: cfg.engine,
+            native: cfg.native,
             syscalls: Default::default(),
             functions: HashMap::new(),
         })
@@ -313,6 +319,7 @@ impl Agent {
                     }
                 }
                 set_semaphores(&mut site.semaphores, &w.semaphores);
+                site.set_native(self.native);
                 self.sites.insert(addr, site);
                 continue;
             }
@@ -343,6 +350,7 @@ impl Agent {
                         semaphores: Vec::new(),
                     };
                     set_semaphores(&mut site.semaphores, &w.semaphores);
+                    site.set_native(self.native);
                     self.sites.insert(addr, site);
                 }
                 Err(e) => self.warn_once(0, format!("cannot hook {addr:#x}: {e}")),
@@ -400,6 +408,35 @@ impl Drop for Agent {
 }
 
 /// Removes a site's hook and gives its semaphores back.
+impl Site {
+    /// Lets the hook's stub run the site's program itself when it is the only one, at an
+    /// entry-only probe, and has a native entry (see `bpftime_jit::NativeOptions`): no agent
+    /// code then runs on a hit. Otherwise (or with `enabled` false) every hit goes through
+    /// the handler.
+    fn set_native(&self, enabled: bool) {
+        let Some(hook) = &self.hook else { return };
+        let list = self.data.entry.get();
+        let native = match list.as_slice() {
+            [(p, _)] if enabled && self.data.ret.get().is_empty() => {
+                if let Some(why) = p.native_refused() {
+                    tracing::debug!("program {} runs through the handler: {why}", p.id());
+                }
+                Some(&**p).filter(|p| p.native_entry().is_some())
+            }
+            _ => None,
+        };
+        if ffi::set_native(hook, native)
+            && let Some(p) = native
+        {
+            tracing::info!(
+                "{:#x}: program {} runs natively in the hook",
+                self.data.addr,
+                p.id()
+            );
+        }
+    }
+}
+
 fn remove_site(addr: usize, mut site: Site) {
     if let Some(h) = site.hook.take()
         && let Err(e) = h.remove()

@@ -11,6 +11,10 @@
 //! - A [`ProgSlot`]'s list is replaced only by the agent thread, and a replaced list is kept
 //!   (retired) until the slot is dropped or [`ProgSlot::quiesced`] is called, both only when
 //!   no hook handler can be using it; handlers read the current list with one load.
+//! - A hook's native entry (`set_native`) is the JIT code of the only program of its site's
+//!   current entry list; replaced lists are retired, not freed, until the hook is removed, so
+//!   every entry ever set outlives the stubs that may still call it. The agent's own thread
+//!   is excluded from native runs (it takes the handler, which skips it).
 //! - The handlers never unwind into the target: panics are caught; they keep the thread's
 //!   `errno`; probes hit from inside a probe (a helper calling a hooked function) and from
 //!   the agent's own thread are skipped: the runtime's per-thread run state is the guard
@@ -39,9 +43,33 @@ thread_local! {
     static TEARDOWN_BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks the calling thread as the agent's own: probes it hits are skipped.
+/// Marks the calling thread as the agent's own: probes it hits are skipped (by the handler;
+/// hook stubs send this thread to the handler instead of running programs natively).
 pub(crate) fn enter_agent_thread() {
     bpftime_runtime::exclude_thread(true);
+    bpftime_attach::set_native_excluded_thread(true);
+}
+
+/// Makes `hook`'s stub run `prog` through its native entry on every hit (no agent code
+/// runs then), or (`None`) call the handler again. False when the hook cannot run entries
+/// natively (a trap, or a hook with a return handler).
+///
+/// `prog` must be the only program of the site's current entry list (which keeps it alive:
+/// replaced lists are retired until the hook is removed, module invariants).
+pub(crate) fn set_native(hook: &Hook, prog: Option<&LoadedProg>) -> bool {
+    let entry = prog.and_then(LoadedProg::native_entry).map(|f| {
+        // SAFETY: the JIT's native entry and the hook's have the same ABI: System V, the
+        // same clobbers (caller-saved GPRs and flags only, no vector or x87 state, DF kept
+        // clear), under 8 KiB of stack, and a `#[repr(C)]` pair of u64 returned in rax:rdx
+        // with the same status values; the context argument is the stub's `pt_regs`, which
+        // the entry treats as `len` writable bytes, as the handler path's runs do.
+        unsafe { std::mem::transmute::<_, bpftime_attach::NativeEntry>(f) }
+    });
+    // SAFETY: the entry is `prog`'s JIT code, alive while `prog` is: `prog` is in the site's
+    // current list, and a replaced list is kept until the hook is removed (module
+    // invariants), so every entry ever set outlives the hook's uses of it; the program's
+    // memory (its maps' data areas) lives in the store mapping its handles keep open.
+    unsafe { hook.set_native(entry) }
 }
 
 /// Programs with their attach cookies, in attach order.
@@ -443,11 +471,13 @@ extern "C" fn agent_constructor() {
         // Attach what the store already holds before the program's main runs, so
         // `bpftime start` traces from the first call; then follow the store on a thread.
         bpftime_runtime::exclude_thread(true);
+        bpftime_attach::set_native_excluded_thread(true);
         let cfg = AgentConfig::from_env();
         let agent = Agent::new(&cfg).map(|mut a| {
             a.sync();
             a
         });
+        bpftime_attach::set_native_excluded_thread(false);
         bpftime_runtime::exclude_thread(false);
         match agent {
             Ok(agent) => {
@@ -459,7 +489,7 @@ extern "C" fn agent_constructor() {
                 let spawned = std::thread::Builder::new()
                     .name("bpftime-agent".into())
                     .spawn(move || {
-                        bpftime_runtime::exclude_thread(true);
+                        enter_agent_thread();
                         crate::control::follow(agent, &cfg)
                     });
                 if let Err(e) = spawned {

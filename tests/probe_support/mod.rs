@@ -101,6 +101,21 @@ pub fn run_status(
     victim_args: &[&str],
     func: &str,
 ) -> (std::process::ExitStatus, Run) {
+    run_status_env(rt, build, tool, tool_args, victim, victim_args, func, &[])
+}
+
+/// [`run_status`] with extra environment variables for the victim.
+#[allow(clippy::too_many_arguments)]
+pub fn run_status_env(
+    rt: Runtime,
+    build: &Path,
+    tool: &str,
+    tool_args: &[&str],
+    victim: &str,
+    victim_args: &[&str],
+    func: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, Run) {
     let store = TestStore::new(&format!("ret-{tool}"));
     let a = artifacts();
     let mut vc = match rt {
@@ -112,7 +127,7 @@ pub fn run_status(
         }
         Runtime::Kernel => Command::new(build.join(victim)),
     };
-    vc.arg("-w").args(victim_args);
+    vc.arg("-w").args(victim_args).envs(env.iter().copied());
     let mut v = Proc::spawn(vc, &format!("{victim} ({rt:?})"));
     v.wait_line(T, |l| l.starts_with("pid "));
     let vpid = v.pid();

@@ -974,13 +974,9 @@ impl Emitter<'_> {
             ; mov [rsp + C + FAST_WLEN], rsi
             ; mov DWORD [rsp + C + TRAP_KIND], trap::NONE as i32
             ; xor eax, eax
-            ; mov [rsp + C + ENV], rax
-            ; mov [rsp + C + MEM], rax
-            ; mov [rsp + C + TAIL_CALLS], rax
-            ; mov [rsp + C + CUR_FP], rax
-            ; mov [rsp + C + HELPERS_LEN], rax
-            ; mov [rsp + C + TAIL_TABLES_LEN], rax
         );
+        // (The helper, tail-call and callback fields stay unset: code with a native entry
+        // never reaches the instructions that read them.)
         // The checker's window starts on the first region (global data, typically).
         match opts.regions.first() {
             Some(&(start, len, writable)) => {

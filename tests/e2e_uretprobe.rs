@@ -123,6 +123,68 @@ fn an_entry_only_count_runs_in_the_hook_stub_and_matches_the_kernel() {
 }
 
 #[test]
+fn return_only_counts_run_natively_through_recursion_and_longjmp_like_the_kernel() {
+    // count_return alone: the entry stub arms the return itself (no handler) and the return
+    // stub runs the program's native entry; recursion nests 21 pending returns per thread,
+    // longjmp abandons some (their slots are reclaimed later, by the handler path).
+    let Some(build) = example() else {
+        return;
+    };
+    for (mode, func, n) in [
+        ("nop5", "nop5_entry", "3000"),
+        ("rec", "rec_fn", "500"),
+        ("longjmp", "jmp_fn", "2000"),
+    ] {
+        let log = std::env::temp_dir().join(format!(
+            "bpftime-native-ret-{}-{mode}.log",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log);
+        let env = [
+            ("BPFTIME_LOG", "info"),
+            ("BPFTIME_LOG_FILE", log.to_str().expect("utf-8 temp path")),
+        ];
+        let args = ["-m", mode, n];
+        let (st, ours) = run_status_env(
+            Runtime::Bpftime,
+            &build,
+            "uretprobe-counter",
+            &["-r"],
+            "retvictim",
+            &args,
+            func,
+            &env,
+        );
+        assert!(st.success(), "{mode}: {st}: {ours:?}");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert!(
+            text.contains("runs natively in the return stub"),
+            "{mode}: agent log:\n{text}"
+        );
+        let (c, want) = (ours.counts(), ours.expected());
+        assert_eq!(
+            [c[0], c[1], c[2]],
+            [0, want[1], want[2]],
+            "{mode}: {ours:?}"
+        );
+        if !kernel_available() {
+            continue;
+        }
+        let kernel = run(
+            Runtime::Kernel,
+            &build,
+            "uretprobe-counter",
+            &["-r"],
+            "retvictim",
+            &args,
+            func,
+        );
+        assert_eq!(kernel.counts(), c, "{mode}: {kernel:?}");
+    }
+}
+
+#[test]
 fn a_function_shorter_than_the_jump_is_traced_through_a_trap() {
     same_as_kernel("short", "short_fn", "1000", &[]);
 }

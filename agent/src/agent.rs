@@ -415,24 +415,35 @@ impl Site {
     /// the handler.
     fn set_native(&self, enabled: bool) {
         let Some(hook) = &self.hook else { return };
-        let list = self.data.entry.get();
-        let native = match list.as_slice() {
-            [(p, _)] if enabled && self.data.ret.get().is_empty() => {
-                if let Some(why) = p.native_refused() {
-                    tracing::debug!("program {} runs through the handler: {why}", p.id());
+        let (entry, ret) = (self.data.entry.get(), self.data.ret.get());
+        // The one program of an entry-only probe, or of a return-only one.
+        fn only<'a>(list: &'a ProgList, other: &ProgList, enabled: bool) -> Option<&'a LoadedProg> {
+            match list.as_slice() {
+                [(p, _)] if enabled && other.is_empty() => {
+                    if let Some(why) = p.native_refused() {
+                        tracing::debug!("program {} runs through the handler: {why}", p.id());
+                    }
+                    Some(&**p).filter(|p| p.native_entry().is_some())
                 }
-                Some(&**p).filter(|p| p.native_entry().is_some())
+                _ => None,
             }
-            _ => None,
-        };
-        if ffi::set_native(hook, native)
-            && let Some(p) = native
-        {
-            tracing::info!(
-                "{:#x}: program {} runs natively in the hook",
-                self.data.addr,
-                p.id()
-            );
+        }
+        let (on_entry, on_return) = (only(entry, ret, enabled), only(ret, entry, enabled));
+        for (native, set, what) in [
+            (on_entry, ffi::set_native(hook, on_entry), "hook"),
+            (
+                on_return,
+                ffi::set_native_return(hook, on_return),
+                "return stub",
+            ),
+        ] {
+            if let (true, Some(p)) = (set, native) {
+                tracing::info!(
+                    "{:#x}: program {} runs natively in the {what}",
+                    self.data.addr,
+                    p.id()
+                );
+            }
         }
     }
 }

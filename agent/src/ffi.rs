@@ -57,19 +57,31 @@ pub(crate) fn enter_agent_thread() {
 /// `prog` must be the only program of the site's current entry list (which keeps it alive:
 /// replaced lists are retired until the hook is removed, module invariants).
 pub(crate) fn set_native(hook: &Hook, prog: Option<&LoadedProg>) -> bool {
-    let entry = prog.and_then(LoadedProg::native_entry).map(|f| {
+    let entry = native_entry(prog);
+    // SAFETY: the entry is `prog`'s JIT code, alive while `prog` is: `prog` is in the site's
+    // current list, and a replaced list is kept until the hook is removed (module
+    // invariants), so every entry ever set outlives the hook's uses of it; the program's
+    // memory (its maps' data areas) lives in the store mapping its handles keep open.
+    unsafe { hook.set_native(entry) }
+}
+
+/// [`set_native`] for the hook's return probe: its return stub runs `prog` on the registers
+/// after the return. `prog` must be the only program of the site's current return list.
+pub(crate) fn set_native_return(hook: &Hook, prog: Option<&LoadedProg>) -> bool {
+    let entry = native_entry(prog);
+    // SAFETY: as in `set_native`, for the return list.
+    unsafe { hook.set_native_return(entry) }
+}
+
+fn native_entry(prog: Option<&LoadedProg>) -> Option<bpftime_attach::NativeEntry> {
+    prog.and_then(LoadedProg::native_entry).map(|f| {
         // SAFETY: the JIT's native entry and the hook's have the same ABI: System V, the
         // same clobbers (caller-saved GPRs and flags only, no vector or x87 state, DF kept
         // clear), under 8 KiB of stack, and a `#[repr(C)]` pair of u64 returned in rax:rdx
         // with the same status values; the context argument is the stub's `pt_regs`, which
         // the entry treats as `len` writable bytes, as the handler path's runs do.
         unsafe { std::mem::transmute::<_, bpftime_attach::NativeEntry>(f) }
-    });
-    // SAFETY: the entry is `prog`'s JIT code, alive while `prog` is: `prog` is in the site's
-    // current list, and a replaced list is kept until the hook is removed (module
-    // invariants), so every entry ever set outlives the hook's uses of it; the program's
-    // memory (its maps' data areas) lives in the store mapping its handles keep open.
-    unsafe { hook.set_native(entry) }
+    })
 }
 
 /// Programs with their attach cookies, in attach order.

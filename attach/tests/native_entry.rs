@@ -14,6 +14,7 @@ use core::ffi::c_void;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bpftime_attach::x86_64::{missed_returns, pending_returns};
 use bpftime_attach::{
     FuncBounds, Hook, HookKind, NATIVE_NOT_RUN, NATIVE_RAN, NATIVE_TRAPPED, NativeEntry, PatchMode,
     Probe, PtRegs, install_probe, set_native_excluded_thread,
@@ -89,6 +90,49 @@ core::arch::global_asm!(
     "lea rax, [rdi + rsi]",
     "ret",
     ".size n_noslot, .-n_noslot",
+    // a + b, return-probed
+    ".p2align 4",
+    ".globl n_ret",
+    ".type n_ret,@function",
+    "n_ret:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_ret, .-n_ret",
+    ".p2align 4",
+    ".globl n_ret_not_run",
+    ".type n_ret_not_run,@function",
+    "n_ret_not_run:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_ret_not_run, .-n_ret_not_run",
+    ".p2align 4",
+    ".globl n_ret_cycles",
+    ".type n_ret_cycles,@function",
+    "n_ret_cycles:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_ret_cycles, .-n_ret_cycles",
+    // n, by n + 1 nested calls
+    ".p2align 4",
+    ".globl n_ret_rec",
+    ".type n_ret_rec,@function",
+    "n_ret_rec:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "test rdi, rdi",
+    "jz 2f",
+    "push rbx",
+    "dec rdi",
+    "call n_ret_rec",
+    "inc rax",
+    "pop rbx",
+    "ret",
+    "2:",
+    "xor eax, eax",
+    "ret",
+    ".size n_ret_rec, .-n_ret_rec",
     // a + b behind push rbp (a native entry overrides the return value)
     ".p2align 4",
     ".globl n_override",
@@ -209,6 +253,10 @@ unsafe extern "C" {
     safe fn n_conc(a: u64, b: u64) -> u64;
     safe fn n_noslot(a: u64, b: u64) -> u64;
     safe fn n_override(a: u64, b: u64) -> u64;
+    safe fn n_ret(a: u64, b: u64) -> u64;
+    safe fn n_ret_not_run(a: u64, b: u64) -> u64;
+    safe fn n_ret_cycles(a: u64, b: u64) -> u64;
+    safe fn n_ret_rec(n: u64) -> u64;
     safe fn n_sum6(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64;
     safe fn n_fsum8(a: f64, b: f64, c: f64, d: f64, e: f64, f: f64, g: f64, h: f64) -> f64;
     safe fn n_ipa_leaf(x: u64) -> u64;
@@ -706,4 +754,138 @@ fn four_threads_count_exactly_and_removal_waits_for_entries_in_flight() {
     assert_eq!(rec.hits.load(Ordering::SeqCst), 0);
     assert_eq!(seen.bad.load(Ordering::SeqCst), 0);
     assert_eq!(n_conc(1, 2), 3);
+}
+
+/// A return probe only (no entry handler): the stub arms returns itself.
+fn ret_probe(target: usize, rec: &Record) -> Hook {
+    let p = Probe {
+        entry: None,
+        ret: Some(counting),
+        user: core::ptr::from_ref(rec).cast_mut().cast(),
+        func: FuncBounds::Entry,
+        mode: PatchMode::Jump,
+    };
+    // SAFETY: a function entry above that nothing else modifies; `counting` only touches
+    // `rec`, which the tests keep alive until the hook is removed.
+    let h = unsafe { install_probe(target, &p) }.expect("install_probe");
+    assert_eq!(h.kind(), HookKind::Jump);
+    h
+}
+
+fn set_ret(h: &Hook, entry: Option<NativeEntry>) -> bool {
+    // SAFETY: the entries of this file follow the contract and are never unmapped.
+    unsafe { h.set_native_return(entry) }
+}
+
+#[test]
+fn a_return_only_probe_runs_its_native_entry_at_every_return() {
+    let target = addr(n_ret as *const ());
+    let rec = Record::default();
+    let h = ret_probe(target, &rec);
+    let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
+    assert!(set_ret(&h, Some(entry)));
+    assert!(
+        !set(&h, Some(entry)),
+        "no entry slot: the return must be armed"
+    );
+    let missed = missed_returns();
+    for i in 0..1000 {
+        assert_eq!(n_ret(black_box(i), 5), i + 5);
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 1000);
+    assert_eq!(seen.bad.load(Ordering::SeqCst), 0, "rsi, alignment or DF");
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 0, "the handler never ran");
+    // The registers after the return: rdi as the function left it, rip = the return address
+    // in the caller (not the trampoline, not the function).
+    assert_eq!(seen.rdi.load(Ordering::SeqCst), 999);
+    let rip = seen.rip.load(Ordering::SeqCst);
+    assert!(rip != 0 && rip != target as u64, "{rip:#x}");
+    assert_eq!(pending_returns(), 0, "every slot was given back");
+    assert_eq!(missed_returns(), missed);
+    // Cleared: the handler again.
+    assert!(set_ret(&h, None));
+    for i in 0..10 {
+        assert_eq!(n_ret(black_box(i), 5), i + 5);
+    }
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 10);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 1000);
+    h.remove().unwrap();
+    assert_eq!(n_ret(1, 2), 3);
+    assert_eq!(pending_returns(), 0);
+}
+
+#[test]
+fn a_return_entry_that_did_not_run_leaves_the_return_to_the_handler() {
+    let target = addr(n_ret_not_run as *const ());
+    let rec = Record::default();
+    let h = ret_probe(target, &rec);
+    let (entry, seen) = native(NATIVE_NOT_RUN, Action::Nothing);
+    assert!(set_ret(&h, Some(entry)));
+    for i in 0..100 {
+        assert_eq!(n_ret_not_run(black_box(i), 1), i + 1);
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 100);
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 100);
+    assert_eq!(rec.rdi.load(Ordering::SeqCst), 99);
+    assert_eq!(pending_returns(), 0);
+    h.remove().unwrap();
+}
+
+#[test]
+fn recursion_on_four_threads_returns_every_frame_through_native_entries() {
+    let target = addr(n_ret_rec as *const ());
+    let rec = Record::default();
+    let h = ret_probe(target, &rec);
+    let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
+    assert!(set_ret(&h, Some(entry)));
+    const ROUNDS: u64 = 500;
+    const DEPTH: u64 = 20;
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..ROUNDS {
+                    assert_eq!(n_ret_rec(black_box(DEPTH)), DEPTH);
+                }
+                assert_eq!(pending_returns(), 0);
+            });
+        }
+    });
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 4 * ROUNDS * (DEPTH + 1));
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 0);
+    h.remove().unwrap();
+}
+
+#[test]
+fn return_probes_come_and_go_while_four_threads_call() {
+    let target = addr(n_ret_cycles as *const ());
+    let rec = Record::default();
+    let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // A return armed before a removal still comes back here.
+                    assert_eq!(n_ret_cycles(black_box(i), 1), i + 1);
+                    i += 1;
+                }
+            });
+        }
+        for _ in 0..200 {
+            let h = ret_probe(target, &rec);
+            assert!(set_ret(&h, Some(entry)));
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            h.remove().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let calls = seen.calls.load(Ordering::SeqCst);
+    assert!(calls > 0, "the entry ran while attached");
+    assert_eq!(n_ret_cycles(1, 2), 3);
+    assert_eq!(
+        seen.calls.load(Ordering::SeqCst),
+        calls,
+        "never after removal"
+    );
 }

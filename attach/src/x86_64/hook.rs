@@ -77,29 +77,22 @@ pub type NativeEntry = unsafe extern "sysv64" fn(regs: *mut PtRegs, len: u64) ->
 /// The thread pointer of the one thread that never takes the native path (0 = none).
 static NATIVE_EXCLUDED: AtomicU64 = AtomicU64::new(0);
 
+/// Address of the excluded-thread word, for generated code.
+pub(crate) fn excluded_thread_word() -> u64 {
+    NATIVE_EXCLUDED.as_ptr() as u64
+}
+
 /// Makes the calling thread take the handler path of every hook even where a native entry is
 /// set (`on`), or clears that (`off`: every thread takes the native path). One thread at a
 /// time: a call with `on` replaces the previous thread. Meant for the agent's own thread,
 /// whose calls into hooked code must not run programs natively.
 pub fn set_native_excluded_thread(on: bool) {
-    let tp = if on { thread_pointer() } else { 0 };
+    let tp = if on {
+        super::threads::thread_pointer()
+    } else {
+        0
+    };
     NATIVE_EXCLUDED.store(tp, Ordering::SeqCst);
-}
-
-/// The calling thread's thread pointer, as the stub reads it (`fs:[0]`).
-fn thread_pointer() -> u64 {
-    let tp: u64;
-    // SAFETY: the x86_64 TLS ABI (variant II, which glibc and musl follow) makes fs:[0] hold
-    // the thread pointer itself, for every thread of a process with a C runtime; the load
-    // reads only that word, writes no memory and leaves the flags alone.
-    unsafe {
-        core::arch::asm!(
-            "mov {}, qword ptr fs:[0]",
-            out(reg) tp,
-            options(nostack, readonly, preserves_flags),
-        );
-    }
-    tp
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -298,7 +291,11 @@ pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, Attach
             )
         }
     };
-    let ret = ret_site.is_some();
+    // With a return probe: its site and generation when there is no entry handler (the stub
+    // then arms the return itself when it can).
+    let ret = ctx
+        .as_ref()
+        .map(|c| c.entry.is_none().then_some((c.site, c.generation)));
     let installed = read_self_maps().and_then(|maps| {
         let reg = &mut *reg;
         match probe.mode {
@@ -348,8 +345,9 @@ fn install_jump(
     handler: HookHandler,
     user: *mut c_void,
     func: FuncBounds,
-    with_return: bool,
+    ret: Option<Option<(u32, u32)>>,
 ) -> Result<Patch, AttachError> {
+    let (with_return, arm) = (ret.is_some(), ret.flatten());
     let code = code_mem::read_code(maps, target, SCAN_LEN + 2 * JMP_ABS_LEN)?;
     let (block, len) = match code_mem::alloc_near(target, maps)? {
         Some(block) => (block, JMP_REL32_LEN),
@@ -373,6 +371,8 @@ fn install_jump(
             traps: block.native_traps_addr() as u64,
             excluded: NATIVE_EXCLUDED.as_ptr() as u64,
         }),
+        fast_arm: arm
+            .and_then(|(site, generation)| retprobe::layout().map(|l| (site, generation, l))),
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func
@@ -683,6 +683,30 @@ impl Hook {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Sets (`Some`) or clears (`None`) the native fast path of the hook's return probe: from
+    /// the store on, a return through the hook's return trampoline on a thread other than the
+    /// excluded one calls `entry` with the registers after the return (rip = the return
+    /// address) instead of the return handler, and calls the handler only if `entry` returns
+    /// [`NATIVE_NOT_RUN`] (or if the return was a tail call between probed functions, which
+    /// the handler path resolves). Returns whether the hook has a return probe (`false`: nothing
+    /// changes). Jump and trap hooks alike: returns go through the same trampolines. A
+    /// trapped run ([`NATIVE_TRAPPED`]) is not counted.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Hook::set_native`], at the return address of the probed function.
+    pub unsafe fn set_native_return(&self, entry: Option<NativeEntry>) -> bool {
+        match self.state.as_ref().and_then(|s| s.ret_site) {
+            Some(site) => {
+                // SAFETY: forwarded contract; the site stays registered until removal, which
+                // clears the entry and waits for the returns running it.
+                unsafe { retprobe::set_site_native(site, entry.map_or(0, |e| e as usize)) };
+                true
+            }
+            None => false,
         }
     }
 

@@ -9,6 +9,7 @@
 //!   application's handler) and the stop-the-world step (unsafe).
 //! - `trap`: trap-based probes, int3 + out-of-line execution (unsafe).
 //! - `retprobe`: return trampolines, per-thread pending returns, their unwind info (unsafe).
+//! - `threads`: per-thread records generated code finds from `fs:[0]` (unsafe).
 //! - `hook`: [`install_probe`] and [`Hook`], the order of the steps.
 
 #[allow(unsafe_code)]
@@ -23,6 +24,8 @@ mod retprobe;
 #[allow(unsafe_code)]
 pub(crate) mod signals;
 mod stub;
+#[allow(unsafe_code)]
+pub(crate) mod threads;
 #[allow(unsafe_code)]
 mod trap;
 

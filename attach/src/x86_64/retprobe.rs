@@ -49,11 +49,11 @@
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, compiler_fence};
-use std::cell::Cell;
 use std::sync::OnceLock;
 
 use super::hook::HookHandler;
 use super::stub;
+use super::threads::{self, ThreadRec};
 use crate::{AttachError, PtRegs};
 
 /// Slots per chunk: the pending returns one thread can have (the kernel's limit is 64 too).
@@ -95,11 +95,15 @@ struct Slot {
 const _: () = assert!(size_of::<Slot>() == 32);
 
 /// A registered return handler.
+#[repr(C)]
 struct RetSite {
     handler: AtomicUsize,
     user: AtomicUsize,
-    generation: AtomicU32,
+    /// A native entry the common return stub calls instead of the handler (0: none; see
+    /// [`set_site_native`]).
+    native: AtomicUsize,
     inflight: AtomicU64,
+    generation: AtomicU32,
     used: AtomicBool,
 }
 
@@ -107,11 +111,47 @@ static SITES: [RetSite; MAX_SITES] = [const {
     RetSite {
         handler: AtomicUsize::new(0),
         user: AtomicUsize::new(0),
-        generation: AtomicU32::new(0),
+        native: AtomicUsize::new(0),
         inflight: AtomicU64::new(0),
+        generation: AtomicU32::new(0),
         used: AtomicBool::new(false),
     }
 }; MAX_SITES];
+
+/// What the generated fast paths need to know about slots and sites.
+fn fast_layout(code: usize, data: usize) -> stub::RetLayout {
+    stub::RetLayout {
+        slots: data as u64,
+        first: trampoline(code, 0) as u64,
+        count: SLOTS as u64,
+        slot_orig: core::mem::offset_of!(Slot, orig_ret) as i32,
+        slot_sp: core::mem::offset_of!(Slot, sp) as i32,
+        slot_site: core::mem::offset_of!(Slot, site) as i32,
+        slot_generation: core::mem::offset_of!(Slot, generation) as i32,
+        sites: SITES.as_ptr() as u64,
+        site_count: MAX_SITES as u64,
+        site_size: size_of::<RetSite>() as i32,
+        site_native: core::mem::offset_of!(RetSite, native) as i32,
+        site_inflight: core::mem::offset_of!(RetSite, inflight) as i32,
+        site_generation: core::mem::offset_of!(RetSite, generation) as i32,
+        excluded: super::hook::excluded_thread_word(),
+    }
+}
+
+/// The layout for stubs, once [`init`] succeeded.
+pub(crate) fn layout() -> Option<stub::RetLayout> {
+    let (code, data) = (CODE.load(Ordering::Acquire), DATA.load(Ordering::Acquire));
+    (code != 0 && data != 0).then(|| fast_layout(code, data))
+}
+
+/// Makes the common return stub call `entry` (a `NativeEntry`'s address; 0: the handler
+/// again) for site `i`'s returns, while the site is registered.
+///
+/// # Safety
+/// `entry` follows the `NativeEntry` contract and stays valid until the site is unregistered.
+pub(crate) unsafe fn set_site_native(i: u32, entry: usize) {
+    SITES[i as usize].native.store(entry, Ordering::Release);
+}
 
 /// The pool, once made.
 static CODE: AtomicUsize = AtomicUsize::new(0);
@@ -126,23 +166,8 @@ static KEY: AtomicU32 = AtomicU32::new(u32::MAX);
 /// Returns not probed because the thread had 64 pending or no chunk was free.
 static MISSED: AtomicU64 = AtomicU64::new(0);
 
-/// A thread's shadow stack. One thread-local for both fields: in a `cdylib` (the agent) every
-/// thread-local costs a `__tls_get_addr` call per function that touches it.
-struct Shadow {
-    /// This thread's chunk + 1 (0: none yet).
-    chunk: Cell<u32>,
-    /// Which slots of the chunk hold pending returns.
-    used: Cell<u64>,
-}
-
-thread_local! {
-    static SHADOW: Shadow = const {
-        Shadow {
-            chunk: Cell::new(0),
-            used: Cell::new(0),
-        }
-    };
-}
+// A thread's shadow stack (its chunk and the mask of its pending slots) is in its
+// `threads::ThreadRec`, which generated code finds without a thread-local access.
 
 /// Return probes skipped since the process started (a thread had 64 pending returns, or 256
 /// threads had pending returns at once).
@@ -192,8 +217,12 @@ pub(crate) fn init() -> Result<(), AttachError> {
             return Err(errno());
         }
         let (code, data) = (code as usize, data as usize);
-        let stub = stub::encode_return_stub(code as u64, dispatch as *const () as u64)
-            .map_err(|_| libc::EINVAL)?;
+        let stub = stub::encode_return_stub(
+            code as u64,
+            dispatch as *const () as u64,
+            &fast_layout(code, data),
+        )
+        .map_err(|_| libc::EINVAL)?;
         if stub.len() > STUB_AREA {
             return Err(libc::E2BIG);
         }
@@ -344,25 +373,25 @@ extern "C" fn release_chunk(value: *mut c_void) {
     if c == 0 || c > CHUNKS {
         return;
     }
-    // (`try_with`: this may run after the thread's thread-locals are gone.)
-    let _ = SHADOW.try_with(|t| {
-        if t.chunk.get() as usize == c {
-            t.chunk.set(0);
-            t.used.set(0);
-        }
-    });
+    // (The thread's record may be retired already: then nothing refers to the chunk.)
+    if let Some(t) = threads::current()
+        && t.chunk.load(Ordering::Relaxed) as usize == c
+    {
+        t.chunk.store(0, Ordering::Relaxed);
+        t.mask.store(0, Ordering::Relaxed);
+    }
     push_free_chunk(c - 1);
 }
 
 /// This thread's chunk, taking one if it has none.
-fn my_chunk(t: &Shadow) -> Option<usize> {
-    let c = t.chunk.get();
+fn my_chunk(t: &ThreadRec) -> Option<usize> {
+    let c = t.chunk.load(Ordering::Relaxed);
     if c != 0 {
         return Some(c as usize - 1);
     }
     let c = pop_free_chunk()?;
-    t.used.set(0);
-    t.chunk.set(c as u32 + 1);
+    t.mask.store(0, Ordering::Relaxed);
+    t.chunk.store(c as u64 + 1, Ordering::Relaxed);
     let key = KEY.load(Ordering::Acquire);
     if key != u32::MAX {
         // SAFETY: `key` came from pthread_key_create; the value is a small integer, never
@@ -403,6 +432,7 @@ pub(crate) fn register_site(
         })?;
     site.handler.store(handler as usize, Ordering::Relaxed);
     site.user.store(user as usize, Ordering::Relaxed);
+    site.native.store(0, Ordering::Relaxed);
     let mut generation = site.generation.load(Ordering::Relaxed).wrapping_add(1);
     if generation == 0 {
         generation = 1;
@@ -416,6 +446,7 @@ pub(crate) fn register_site(
 /// Callers hold the hook registry lock.
 pub(crate) fn unregister_site(i: u32) {
     let site = &SITES[i as usize];
+    site.native.store(0, Ordering::SeqCst);
     site.generation.fetch_add(1, Ordering::SeqCst);
     while site.inflight.load(Ordering::SeqCst) != 0 {
         std::thread::yield_now();
@@ -448,13 +479,15 @@ pub(crate) extern "C" fn entry_with_return(regs: &mut PtRegs, ctx: *mut c_void) 
 /// Takes a slot for the return whose address is at `sp` and points `[sp]` at its trampoline.
 fn arm(sp: u64, site: u32, generation: u32) {
     let code = CODE.load(Ordering::Acquire);
-    if code == 0 || SHADOW.try_with(|t| arm_on(t, code, sp, site, generation)) != Ok(true) {
+    if code == 0
+        || !threads::current_or_insert().is_some_and(|t| arm_on(t, code, sp, site, generation))
+    {
         MISSED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// [`arm`] on this thread's shadow stack `t`; false if no slot was free.
-fn arm_on(t: &Shadow, code: usize, sp: u64, site: u32, generation: u32) -> bool {
+fn arm_on(t: &ThreadRec, code: usize, sp: u64, site: u32, generation: u32) -> bool {
     let Some(chunk) = my_chunk(t) else {
         return false;
     };
@@ -468,8 +501,8 @@ fn arm_on(t: &Shadow, code: usize, sp: u64, site: u32, generation: u32) -> bool 
     } else {
         sp
     };
-    let used = prune(chunk, t.used.get(), limit);
-    t.used.set(used);
+    let used = prune(chunk, t.mask.load(Ordering::Relaxed), limit);
+    t.mask.store(used, Ordering::Relaxed);
     if used == u64::MAX {
         return false;
     }
@@ -478,7 +511,8 @@ fn arm_on(t: &Shadow, code: usize, sp: u64, site: u32, generation: u32) -> bool 
     let s = slot(k);
     s.sp.store(u64::MAX, Ordering::Relaxed);
     compiler_fence(Ordering::SeqCst);
-    t.used.set(t.used.get() | 1 << j);
+    t.mask
+        .store(t.mask.load(Ordering::Relaxed) | 1 << j, Ordering::Relaxed);
     compiler_fence(Ordering::SeqCst);
     s.orig_ret.store(ret, Ordering::Relaxed);
     s.site.store(site, Ordering::Relaxed);
@@ -493,10 +527,10 @@ fn arm_on(t: &Shadow, code: usize, sp: u64, site: u32, generation: u32) -> bool 
 
 /// Whether `ret`, the return address at `sp`, is the trampoline of a pending return of this
 /// thread made at the same `sp` (the function was entered by a tail call from a probed one).
-fn chained(t: &Shadow, code: usize, chunk: usize, sp: u64, ret: u64) -> bool {
+fn chained(t: &ThreadRec, code: usize, chunk: usize, sp: u64, ret: u64) -> bool {
     slot_of(code, ret).is_some_and(|k| {
         k / SLOTS_PER_CHUNK == chunk
-            && t.used.get() & (1 << (k % SLOTS_PER_CHUNK)) != 0
+            && t.mask.load(Ordering::Relaxed) & (1 << (k % SLOTS_PER_CHUNK)) != 0
             && slot(k).sp.load(Ordering::Relaxed) == sp
     })
 }
@@ -523,14 +557,15 @@ extern "C" fn dispatch(regs: &mut PtRegs, k: u64) -> u64 {
         s.generation.load(Ordering::Relaxed),
     );
     let (chunk, j) = (k / SLOTS_PER_CHUNK, k % SLOTS_PER_CHUNK);
-    let _ = SHADOW.try_with(|t| {
-        if t.chunk.get() as usize == chunk + 1 {
-            // This slot is done, and so is every frame below the one returning now.
-            let here = regs.rsp.wrapping_sub(8);
-            let used = t.used.get() & !(1 << j);
-            t.used.set(prune(chunk, used, here.wrapping_sub(1)));
-        }
-    });
+    if let Some(t) = threads::current()
+        && t.chunk.load(Ordering::Relaxed) as usize == chunk + 1
+    {
+        // This slot is done, and so is every frame below the one returning now.
+        let here = regs.rsp.wrapping_sub(8);
+        let used = t.mask.load(Ordering::Relaxed) & !(1 << j);
+        t.mask
+            .store(prune(chunk, used, here.wrapping_sub(1)), Ordering::Relaxed);
+    }
     // After a chained tail call `orig` is the outer probe's trampoline: the handler sees the
     // real return address, as the kernel reports it.
     regs.rip = orig;
@@ -558,7 +593,7 @@ extern "C" fn dispatch(regs: &mut PtRegs, k: u64) -> u64 {
 
 /// Number of returns this thread has pending (for tests).
 pub(crate) fn pending() -> u32 {
-    SHADOW.with(|t| t.used.get().count_ones())
+    threads::current().map_or(0, |t| t.mask.load(Ordering::Relaxed).count_ones())
 }
 
 #[cfg(test)]

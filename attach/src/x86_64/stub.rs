@@ -46,16 +46,17 @@
 //! per hit, entry included: no xmm saving, no Rust handler.
 
 use iced_x86::code_asm::{
-    AsmRegister64, AsmRegisterXmm, CodeAssembler, CodeLabel, al, esi, ptr, qword_ptr, r8, r9, r10,
-    r11, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp, xmm0, xmm1, xmm2, xmm3, xmm4,
-    xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15, xmmword_ptr,
+    AsmRegister64, AsmRegisterXmm, CodeAssembler, CodeLabel, al, dword_ptr, eax, esi, ptr,
+    qword_ptr, r8, r9, r10, r11, r12, r12d, r13, r14, r15, r15d, rax, rbp, rbx, rcx, rdi, rdx, rsi,
+    rsp, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+    xmm14, xmm15, xmmword_ptr,
 };
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, IcedError, Instruction, InstructionBlock,
     MemoryOperand, OpKind, Register,
 };
 
-use super::hook::NATIVE_TRAPPED;
+use super::hook::{NATIVE_NOT_RUN, NATIVE_TRAPPED};
 use super::prologue::Prologue;
 use super::retprobe::{TRAMP_CALL_LEN, TRAMP_STRIDE};
 use crate::AttachError;
@@ -96,6 +97,35 @@ pub(crate) struct StubParams {
     /// [`NativeSlot`]). `None` with a return handler, whose entry handler must run to arm the
     /// return.
     pub native: Option<NativeSlot>,
+    /// For a hook whose only handler is the return one: its return site and generation and
+    /// the slots' layout, so that the stub arms the return itself (see [`fast_arm`]) and
+    /// calls the handler (`entry_with_return`) only when that cannot be done inline.
+    pub fast_arm: Option<(u32, u32, RetLayout)>,
+}
+
+/// Where the return probes' slots and sites are, for the fast paths the stubs generate
+/// (`retprobe`'s layout; field offsets in bytes).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetLayout {
+    /// Slot 0 (32 bytes each).
+    pub slots: u64,
+    /// `T(0)`.
+    pub first: u64,
+    /// Slots (and trampolines).
+    pub count: u64,
+    pub slot_orig: i32,
+    pub slot_sp: i32,
+    pub slot_site: i32,
+    pub slot_generation: i32,
+    /// Site 0.
+    pub sites: u64,
+    pub site_count: u64,
+    pub site_size: i32,
+    pub site_native: i32,
+    pub site_inflight: i32,
+    pub site_generation: i32,
+    /// The excluded-thread word (see `hook::set_native_excluded_thread`).
+    pub excluded: u64,
 }
 
 /// The words of a hook's native fast path.
@@ -364,6 +394,110 @@ fn call_native(
     Ok(after)
 }
 
+/// At a function's entry with r9 = `S` (where the return address is): arms the return as
+/// `retprobe::arm` does, for a thread whose record (`threads`) has a slot chunk with a free
+/// slot, when the return address is not a trampoline already (a tail call between probed
+/// functions), and continues with rax = `T(k)`; otherwise jumps to `slow` (the handler,
+/// `entry_with_return`, which also takes a chunk, prunes the slots of frames that are gone and
+/// handles the tail call). The stores are in the order `arm_on` makes them (the slot's `sp`
+/// reserved first, then the mask bit, the slot, its `sp`, the return address), so a signal
+/// handler probing on this thread in between sees what it would see there. Clobbers rax, rcx,
+/// rdx, rdi, r8, r10, r11 and the flags.
+fn fast_arm(
+    a: &mut CodeAssembler,
+    site: u32,
+    generation: u32,
+    l: &RetLayout,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    use super::threads::{REC_CHUNK, REC_MASK, emit_lookup};
+    emit_lookup(a, rcx, rax, rdx, slow)?;
+    a.mov(rdx, qword_ptr(rcx + REC_CHUNK))?;
+    a.test(rdx, rdx)?;
+    a.jz(slow)?;
+    a.mov(r8, qword_ptr(r9))?;
+    a.mov(rax, r8)?;
+    a.mov(rdi, l.first)?;
+    a.sub(rax, rdi)?;
+    a.cmp(rax, (l.count * TRAMP_STRIDE as u64) as i32)?;
+    a.jb(slow)?;
+    a.mov(r10, qword_ptr(rcx + REC_MASK))?;
+    a.mov(r11, r10)?;
+    a.not(r11)?;
+    a.test(r11, r11)?;
+    a.jz(slow)?;
+    a.bsf(r11, r11)?; // j: the lowest free slot of the chunk
+    a.dec(rdx)?;
+    a.shl(rdx, 6)?;
+    a.add(rdx, r11)?; // k = chunk * 64 + j
+    a.mov(rax, rdx)?;
+    a.shl(rax, 5)?;
+    a.mov(rdi, l.slots)?;
+    a.add(rax, rdi)?; // &slot[k]
+    a.mov(qword_ptr(rax + l.slot_sp), -1)?;
+    a.bts(r10, r11)?;
+    a.mov(qword_ptr(rcx + REC_MASK), r10)?;
+    a.mov(qword_ptr(rax + l.slot_orig), r8)?;
+    a.mov(dword_ptr(rax + l.slot_site), site)?;
+    a.mov(dword_ptr(rax + l.slot_generation), generation)?;
+    a.mov(qword_ptr(rax + l.slot_sp), r9)?;
+    a.shl(rdx, 4)?;
+    a.mov(rax, l.first)?;
+    a.add(rax, rdx)?;
+    a.mov(qword_ptr(r9), rax)?; // [S] = T(k)
+    Ok(())
+}
+
+/// The return-only probe's way in: at the function's entry, before any `pt_regs` is built,
+/// arms the return ([`fast_arm`]) with only the registers it uses saved, and enters the
+/// function through `C(k)` as [`enter_through_return_call`] does. No in-flight count: no
+/// handler runs here and nothing this path reads is freed on removal (a return armed with a
+/// site's old generation runs no handler). On a removed hook or when the return cannot be
+/// armed inline, restores those registers and falls through to the full stub.
+fn fast_arm_entry(
+    a: &mut CodeAssembler,
+    p: &StubParams,
+    site: u32,
+    generation: u32,
+    l: &RetLayout,
+) -> Result<(), IcedError> {
+    const SCRATCH: [AsmRegister64; 8] = [rax, rcx, rdx, rdi, r8, r9, r10, r11];
+    let mut full = a.create_label();
+    let mut enter = a.create_label();
+    a.lea(rsp, ptr(rsp - FIRST_DROP))?;
+    for r in SCRATCH {
+        a.push(r)?;
+    }
+    a.add_instruction(Instruction::with2(
+        Code::Cmp_rm8_imm8,
+        MemoryOperand::with_base_displ(Register::RIP, p.removed as i64),
+        0u32,
+    )?)?;
+    a.jne(full)?;
+    let s = FIRST_DROP + 8 * SCRATCH.len() as i32; // S, from rsp
+    a.lea(r9, ptr(rsp + s))?;
+    fast_arm(a, site, generation, l, full)?;
+    // [S - 8] = C(k), [S] = `enter`; C(k) = `call [rsp - 8]` run with rsp = S + 8 calls
+    // `enter` and leaves [S] = T(k).
+    a.lea(rcx, ptr(rax - TRAMP_CALL_LEN as i32))?;
+    a.mov(qword_ptr(r9 - 8), rcx)?;
+    a.lea(rcx, ptr(enter))?;
+    a.mov(qword_ptr(r9), rcx)?;
+    for r in SCRATCH.iter().rev() {
+        a.pop(*r)?;
+    }
+    a.lea(rsp, ptr(rsp + FIRST_DROP + 8))?; // rsp = S + 8
+    a.jmp(qword_ptr(rsp - 16))?;
+    a.set_label(&mut enter)?;
+    a.add_instruction(Instruction::with_branch(Code::Jmp_rel32_64, p.hook_addr)?)?;
+    a.set_label(&mut full)?;
+    for r in SCRATCH.iter().rev() {
+        a.pop(*r)?;
+    }
+    a.lea(rsp, ptr(rsp + FIRST_DROP))?;
+    Ok(())
+}
+
 /// At a function's entry with rsp = `&pt_regs` after the handler: if the return address
 /// `[S]` is a return trampoline `T(k)` (the entry handler armed the return), restores every
 /// register and enters the function by jumping to `C(k)` = `call [rsp - 8]` with rsp = `S + 8`
@@ -414,6 +548,9 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     let mut a = CodeAssembler::new(64)?;
     let mut redirect = a.create_label();
     let mut bail = a.create_label();
+    if let Some((site, generation, l)) = p.fast_arm.filter(|_| p.at_entry) {
+        fast_arm_entry(&mut a, p, site, generation, &l)?;
+    }
     a.lea(rsp, ptr(rsp - FIRST_DROP))?;
     if p.at_entry {
         a.push(ENTRY_EFLAGS)?;
@@ -502,12 +639,109 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     Ok((all, redirect))
 }
 
+/// In the common return stub with rsp = `&pt_regs` and the slot number `k` at `[rsp + 168]`:
+/// when slot `k`'s site has a native entry, its generation is the slot's, the return address
+/// is not another trampoline (tail calls take `dispatch`) and the thread is not the excluded
+/// one, runs the entry as `dispatch` runs the handler — site in flight, `pt_regs.rip` = the
+/// return address — clears the slot's bit in the thread's mask and jumps to the returned label
+/// with rax = the return address. Otherwise (or when the entry did not run) falls through to
+/// the `dispatch` call. Clobbers every GPR but rsp (restored from `pt_regs` after) and the
+/// flags.
+fn return_native(a: &mut CodeAssembler, l: &RetLayout) -> Result<CodeLabel, IcedError> {
+    use super::threads::{REC_CHUNK, REC_MASK, emit_lookup};
+    let mut slow = a.create_label();
+    let mut undo = a.create_label();
+    let mut cleared = a.create_label();
+    let after = a.create_label();
+    a.mov(r13, qword_ptr(rsp + PT_REGS))?; // k
+    a.cmp(r13, l.count as i32)?;
+    a.jae(slow)?;
+    a.mov(rax, r13)?;
+    a.shl(rax, 5)?;
+    a.mov(rdi, l.slots)?;
+    a.add(rax, rdi)?; // &slot[k]
+    a.mov(r14, qword_ptr(rax + l.slot_orig))?;
+    a.mov(rcx, r14)?;
+    a.mov(rdi, l.first)?;
+    a.sub(rcx, rdi)?;
+    a.cmp(rcx, (l.count * TRAMP_STRIDE as u64) as i32)?;
+    a.jb(slow)?;
+    a.mov(r12d, dword_ptr(rax + l.slot_site))?;
+    a.cmp(r12, l.site_count as i32)?;
+    a.jae(slow)?;
+    a.mov(r15d, dword_ptr(rax + l.slot_generation))?;
+    a.imul_3(r12, r12, l.site_size)?;
+    a.mov(rdi, l.sites)?;
+    a.add(r12, rdi)?; // &SITES[site]
+    a.cmp(qword_ptr(r12 + l.site_native), 0)?;
+    a.je(slow)?;
+    // fs:[0] is the thread pointer itself (x86_64 TLS ABI, variant II).
+    a.mov(rcx, qword_ptr(0u64).fs())?;
+    a.mov(rdi, l.excluded)?;
+    a.cmp(rcx, qword_ptr(rdi))?;
+    a.je(slow)?;
+    // In flight first, then the generation (as `dispatch`; `unregister_site` bumps the
+    // generation, then waits for the count).
+    let mut inc = Instruction::with1(
+        Code::Inc_rm64,
+        MemoryOperand::with_base_displ(Register::R12, i64::from(l.site_inflight)),
+    )?;
+    inc.set_has_lock_prefix(true);
+    a.add_instruction(inc)?;
+    a.cmp(dword_ptr(r12 + l.site_generation), r15d)?;
+    a.jne(undo)?;
+    a.mov(rax, qword_ptr(r12 + l.site_native))?;
+    a.test(rax, rax)?;
+    a.jz(undo)?;
+    a.mov(qword_ptr(rsp + 128), r14)?; // rip = the return address
+    a.mov(rbx, rsp)?;
+    a.and(rsp, -16)?;
+    a.mov(rdi, rbx)?;
+    a.mov(esi, PT_REGS)?;
+    a.call(rax)?;
+    a.mov(rsp, rbx)?;
+    a.cmp(rdx, NATIVE_NOT_RUN as i32)?;
+    a.je(undo)?;
+    let mut dec = Instruction::with1(
+        Code::Dec_rm64,
+        MemoryOperand::with_base_displ(Register::R12, i64::from(l.site_inflight)),
+    )?;
+    dec.set_has_lock_prefix(true);
+    a.add_instruction(dec)?;
+    // The slot is free again (the thread armed it: it owns the chunk).
+    emit_lookup(a, rcx, rax, rdx, cleared)?;
+    a.mov(rax, r13)?;
+    a.shr(rax, 6)?;
+    a.inc(rax)?;
+    a.cmp(qword_ptr(rcx + REC_CHUNK), rax)?;
+    a.jne(cleared)?;
+    a.mov(rax, r13)?;
+    a.and(eax, 63)?;
+    a.mov(rdx, qword_ptr(rcx + REC_MASK))?;
+    a.btr(rdx, rax)?;
+    a.mov(qword_ptr(rcx + REC_MASK), rdx)?;
+    a.set_label(&mut cleared)?;
+    a.mov(rax, r14)?;
+    a.jmp(after)?;
+    a.set_label(&mut undo)?;
+    a.add_instruction(dec)?;
+    a.set_label(&mut slow)?;
+    Ok(after)
+}
+
 /// The common return stub of uretprobes, at `base`. Entered from a return trampoline that
 /// pushed its slot number, so rsp = `S` (where the probed function's return address was) and
 /// `[S]` = slot. Builds `pt_regs` (rsp = `S + 8`, the caller's rsp after the return), calls
 /// `dispatch(&mut pt_regs, slot) -> original return address`, writes that address to `[S]`,
 /// restores every register (with the handler's changes) and returns through it.
-pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, AttachError> {
+///
+/// When the slot's site has a native entry (`RetSite::native`), the stub calls it instead,
+/// without saving any xmm register: see [`return_native`].
+pub(crate) fn encode_return_stub(
+    base: u64,
+    dispatch: u64,
+    l: &RetLayout,
+) -> Result<Vec<u8>, AttachError> {
     let err = iced(base);
     let build = || -> Result<Vec<Instruction>, IcedError> {
         let mut a = CodeAssembler::new(64)?;
@@ -524,9 +758,11 @@ pub(crate) fn encode_return_stub(base: u64, dispatch: u64) -> Result<Vec<u8>, At
         a.lea(rax, ptr(rsp + (PT_REGS + 8)))?;
         a.mov(qword_ptr(rsp + 152), rax)?;
         a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
+        let mut after = return_native(&mut a, l)?;
         call_with_xmm_saved(&mut a, dispatch, false, |a| {
             a.mov(rsi, qword_ptr(rbx + PT_REGS))
         })?;
+        a.set_label(&mut after)?;
         a.mov(qword_ptr(rsp + PT_REGS), rax)?;
         for r in SAVED.iter().rev() {
             a.pop(*r)?;
@@ -560,6 +796,7 @@ mod tests {
             at_entry: false,
             ret_trampolines: None,
             native: None,
+            fast_arm: None,
         }
     }
 
@@ -667,7 +904,7 @@ mod tests {
 
     #[test]
     fn return_stub_writes_the_original_address_and_returns_through_it() {
-        let code = encode_return_stub(BASE, 0x7777_0000_0010).unwrap();
+        let code = encode_return_stub(BASE, 0x7777_0000_0010, &layout()).unwrap();
         let insns: Vec<_> = Decoder::with_ip(64, &code, BASE, DecoderOptions::NONE)
             .into_iter()
             .collect();
@@ -679,7 +916,15 @@ mod tests {
         assert!(!m.contains(&Mnemonic::Pushfq) && !m.contains(&Mnemonic::Cld));
         // Every xmm register (-fipa-ra callers may keep values in any of them).
         assert_eq!(m.iter().filter(|&&x| x == Mnemonic::Movaps).count(), 32);
-        let call = m.iter().position(|&x| x == Mnemonic::Call).unwrap();
+        // The dispatch call (after the native path's): the first call after the xmm saves.
+        let saves = m.iter().position(|&x| x == Mnemonic::Movaps).unwrap();
+        let call = saves
+            + m[saves..]
+                .iter()
+                .position(|&x| x == Mnemonic::Call)
+                .unwrap();
+        // The native path saves no xmm register.
+        assert!(m[..saves].contains(&Mnemonic::Call));
         // The slot number comes from above pt_regs; the result goes back there.
         let load = insns[..call]
             .iter()
@@ -700,6 +945,25 @@ mod tests {
             !m.contains(&Mnemonic::Popfq),
             "flags are dead after a return"
         );
+    }
+
+    fn layout() -> RetLayout {
+        RetLayout {
+            slots: 0x7000_0000_0000,
+            first: BASE + 4096 + 6,
+            count: 16384,
+            slot_orig: 0,
+            slot_sp: 8,
+            slot_site: 16,
+            slot_generation: 20,
+            sites: 0x7100_0000_0000,
+            site_count: 4096,
+            site_size: 48,
+            site_native: 16,
+            site_inflight: 24,
+            site_generation: 32,
+            excluded: 0x7200_0000_0000,
+        }
     }
 
     fn decode(code: &[u8]) -> (Vec<Instruction>, Vec<Mnemonic>) {

@@ -328,4 +328,18 @@ fn cxx_exceptions_unwind_through_a_probed_frame() {
     );
     assert_eq!(ours.victim_value("caught").as_deref(), Some("500"));
     assert_eq!(ours.counts(), ours.expected(), "{ours:?}");
+    // Return-only: the stub arms each return itself and the return stub runs the program
+    // natively; the 500 frames thrown through leave slots the handler path reclaims later.
+    let ours = run(
+        Runtime::Bpftime,
+        &build,
+        "uretprobe-counter",
+        &["-r"],
+        "exvictim",
+        &["1000"],
+        "thrower",
+    );
+    assert_eq!(ours.victim_value("caught").as_deref(), Some("500"));
+    let (c, want) = (ours.counts(), ours.expected());
+    assert_eq!([c[0], c[1], c[2]], [0, want[1], want[2]], "{ours:?}");
 }

@@ -421,6 +421,7 @@ static FORK_REC: Rec = Rec {
 extern "C" fn forker(x: u64) -> u64 {
     // SAFETY: the child only returns through this frame and calls _exit.
     let pid = unsafe { libc::fork() };
+    FORK_PID.store(pid, Ordering::SeqCst);
     if pid < 0 {
         u64::MAX
     } else {
@@ -449,9 +450,80 @@ fn a_child_forked_inside_a_probed_frame_returns_through_it_too() {
     assert_eq!(r, 100);
     assert_eq!(FORK_REC.returns.load(Ordering::SeqCst), 1);
     let mut status = 0;
-    // SAFETY: waiting for any child, with a valid status pointer.
-    let pid = unsafe { libc::wait(&mut status) };
-    assert!(pid > 0);
+    let child = FORK_PID.load(Ordering::SeqCst);
+    // SAFETY: waiting for our child, with a valid status pointer.
+    let pid = unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(pid, child);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status:#x}"
+    );
+    h.remove().unwrap();
+}
+
+static FORK2_REC: Rec = Rec {
+    entries: AtomicU64::new(0),
+    returns: AtomicU64::new(0),
+    ret_sum: AtomicU64::new(0),
+    ret_rip: AtomicU64::new(0),
+    ret_rsp: AtomicU64::new(0),
+    entry_rsp: AtomicU64::new(0),
+};
+
+#[inline(never)]
+extern "C" fn forker2(x: u64, fork: u64) -> u64 {
+    if fork == 0 {
+        return black_box(x);
+    }
+    // SAFETY: the child only returns through this frame and calls _exit.
+    let pid = unsafe { libc::fork() };
+    FORK2_PID.store(pid, Ordering::SeqCst);
+    if pid < 0 {
+        u64::MAX
+    } else {
+        black_box(x) + u64::from(pid == 0)
+    }
+}
+
+/// The child `forker` made.
+static FORK_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The child `forker2` made (waited for by pid: other tests fork too).
+static FORK2_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[test]
+fn a_child_forked_inside_a_frame_armed_by_the_stub_returns_through_it_too() {
+    // A return-only probe: after the thread's first return (armed by the handler, which
+    // gives the thread its record and slots), the stub arms returns itself; the child
+    // inherits the record (same thread pointer) and the armed slot.
+    let h = probe(
+        addr(forker2 as *const ()),
+        &FORK2_REC,
+        false,
+        true,
+        PatchMode::Jump,
+    );
+    for i in 0..3 {
+        assert_eq!(forker2(black_box(i), 0), i);
+    }
+    let r = forker2(black_box(100), 1);
+    if r == 101 {
+        let ok = FORK2_REC.returns.load(Ordering::SeqCst) == 4
+            && FORK2_REC.ret_sum.load(Ordering::SeqCst) == 3 + 101
+            && pending_returns() == 0
+            && forker2(7, 0) == 7
+            && FORK2_REC.returns.load(Ordering::SeqCst) == 5;
+        // SAFETY: leave the child at once, without running the test harness's exit code.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    assert_eq!(r, 100);
+    assert_eq!(FORK2_REC.returns.load(Ordering::SeqCst), 4);
+    assert_eq!(pending_returns(), 0);
+    let mut status = 0;
+    let child = FORK2_PID.load(Ordering::SeqCst);
+    // SAFETY: waiting for our child, with a valid status pointer.
+    let pid = unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(pid, child);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{status:#x}"

@@ -185,6 +185,9 @@ fn guarded(f: impl FnOnce(Option<&mut ThreadMem>)) {
     let mut f = Some(f);
     let hit = bpftime_runtime::probe_hit(|t| {
         if let Some(f) = f.take() {
+            // Hooks and system call sites with native entries send this thread to their
+            // handlers (which skip it) while it runs programs here.
+            let _busy = bpftime_attach::x86_64::NativeBusy::enter();
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(Some(t))));
         }
     });

@@ -218,6 +218,8 @@ fn guarded(f: impl FnOnce(u32, &mut Option<&mut ThreadMem>)) {
     let mut f = Some(f);
     let hit = bpftime_runtime::probe_hit(|t| {
         if let Some(f) = f.take() {
+            // Native paths of hooks and sites skip this thread while it runs programs here.
+            let _busy = bpftime_attach::x86_64::NativeBusy::enter();
             let tid = THREAD.with(ThreadState::tid);
             let mut t = Some(t);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid, &mut t)));

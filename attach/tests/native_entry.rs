@@ -133,6 +133,22 @@ core::arch::global_asm!(
     "xor eax, eax",
     "ret",
     ".size n_ret_rec, .-n_ret_rec",
+    ".p2align 4",
+    ".globl n_busy",
+    ".type n_busy,@function",
+    "n_busy:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_busy, .-n_busy",
+    ".p2align 4",
+    ".globl n_ret_busy",
+    ".type n_ret_busy,@function",
+    "n_ret_busy:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_ret_busy, .-n_ret_busy",
     // a + b behind push rbp (a native entry overrides the return value)
     ".p2align 4",
     ".globl n_override",
@@ -257,6 +273,8 @@ unsafe extern "C" {
     safe fn n_ret_not_run(a: u64, b: u64) -> u64;
     safe fn n_ret_cycles(a: u64, b: u64) -> u64;
     safe fn n_ret_rec(n: u64) -> u64;
+    safe fn n_busy(a: u64, b: u64) -> u64;
+    safe fn n_ret_busy(a: u64, b: u64) -> u64;
     safe fn n_sum6(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64;
     safe fn n_fsum8(a: f64, b: f64, c: f64, d: f64, e: f64, f: f64, g: f64, h: f64) -> f64;
     safe fn n_ipa_leaf(x: u64) -> u64;
@@ -888,4 +906,42 @@ fn return_probes_come_and_go_while_four_threads_call() {
         calls,
         "never after removal"
     );
+}
+
+#[test]
+fn a_busy_thread_takes_the_handlers_of_entries_and_returns() {
+    // What a thread running programs on the host's side (a helper calling hooked code) gets.
+    use bpftime_attach::x86_64::NativeBusy;
+    let rec = Record::default();
+    let h = hook(addr(n_busy as *const ()), &rec);
+    let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
+    assert!(set(&h, Some(entry)));
+    let ret_rec = Record::default();
+    let r = ret_probe(addr(n_ret_busy as *const ()), &ret_rec);
+    let (ret_entry, ret_seen) = native(NATIVE_RAN, Action::Nothing);
+    assert!(set_ret(&r, Some(ret_entry)));
+    for _ in 0..3 {
+        assert_eq!(n_busy(1, 2), 3);
+        assert_eq!(n_ret_busy(1, 2), 3);
+    }
+    {
+        let _outer = NativeBusy::enter();
+        {
+            let _inner = NativeBusy::enter();
+            assert_eq!(n_busy(1, 2), 3);
+            assert_eq!(n_ret_busy(1, 2), 3);
+        }
+        assert_eq!(n_busy(1, 2), 3);
+        assert_eq!(n_ret_busy(1, 2), 3);
+    }
+    assert_eq!(n_busy(1, 2), 3);
+    assert_eq!(n_ret_busy(1, 2), 3);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(ret_seen.calls.load(Ordering::SeqCst), 4);
+    // The first return of the thread was armed by the handler path but ran natively.
+    assert_eq!(ret_rec.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(pending_returns(), 0);
+    h.remove().unwrap();
+    r.remove().unwrap();
 }

@@ -171,6 +171,10 @@ pub struct CompiledCode {
     pub native_entry: Option<usize>,
     /// Why there is no native entry (when one was asked for).
     pub native_refused: Option<String>,
+    /// With a native entry: which of the first 64 bytes of its context the program may read
+    /// (bit i for byte i; every bit when it may read further or cannot be told), so that a
+    /// caller may leave the others unset. Every bit without a native entry.
+    pub ctx_reads: u64,
 }
 
 /// Why a program could not be compiled.

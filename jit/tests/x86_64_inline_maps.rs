@@ -562,3 +562,43 @@ fn native_code_never_touches_vector_or_x87_state() {
         assert!(n > 50);
     }
 }
+
+#[test]
+fn native_entries_report_which_context_bytes_the_program_may_read() {
+    let h = helpers();
+    let reads = |src: &str| {
+        let prog = verify(&assemble(src).expect("assembles"), &h).expect("verifies");
+        let opts = JitOptions {
+            checked: true,
+            native: Some(bpftime_jit::NativeOptions::default()),
+            ..Default::default()
+        };
+        let p = JitProgram::new(&prog, &h, &opts).expect("compiles");
+        assert!(p.native_entry().is_some(), "{src}");
+        p.compiled().ctx_reads
+    };
+    let bytes = |r: std::ops::Range<u32>| r.fold(0u64, |m, b| m | 1 << b);
+    assert_eq!(reads("mov %r0, 0\nexit"), 0);
+    assert_eq!(reads("ldxdw %r0, [%r1+16]\nexit"), bytes(16..24));
+    // Copies and constant moves are followed.
+    assert_eq!(
+        reads("mov %r6, %r1\nadd %r6, 8\nldxw %r0, [%r6+4]\nldxb %r2, [%r1]\nexit"),
+        bytes(12..16) | bytes(0..1)
+    );
+    // Both paths' offsets count where they agree; a join of a context pointer with another
+    // value, a variable offset, a read past 64 bytes, or the pointer stored: everything.
+    assert_eq!(
+        reads("mov %r2, %r1\njeq %r1, 0, l\nldxw %r0, [%r2+8]\nl:\nldxw %r0, [%r2+8]\nexit"),
+        bytes(8..12)
+    );
+    assert_eq!(
+        reads("mov %r2, %r1\njeq %r1, 0, l\nmov %r2, %r10\nadd %r2, -8\nl:\nldxw %r0, [%r2]\nexit"),
+        u64::MAX
+    );
+    assert_eq!(
+        reads("ldxdw %r2, [%r1]\nadd %r1, %r2\nldxb %r0, [%r1]\nexit"),
+        u64::MAX
+    );
+    assert_eq!(reads("ldxb %r0, [%r1+64]\nexit"), u64::MAX);
+    assert_eq!(reads("stxdw [%r10-8], %r1\nmov %r0, 0\nexit"), u64::MAX);
+}

@@ -317,6 +317,15 @@ impl LoadedProg {
         self.jit.as_ref()?.native_entry()
     }
 
+    /// Which of the first 64 context bytes the native entry's program may read (bit i for
+    /// byte i; every bit without a native entry or when that cannot be told).
+    #[cfg(target_arch = "x86_64")]
+    pub fn native_ctx_reads(&self) -> u64 {
+        self.jit
+            .as_ref()
+            .map_or(u64::MAX, |j| j.compiled().ctx_reads)
+    }
+
     /// Why the program has no native entry (`None` when it has one or is interpreted).
     #[cfg(target_arch = "x86_64")]
     pub fn native_refused(&self) -> Option<&str> {

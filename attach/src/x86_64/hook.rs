@@ -25,7 +25,7 @@
 //!   safe wrappers of `code_mem`, `patch` and `signals`.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
 use super::code_mem::{self, CodeBlock};
@@ -74,25 +74,17 @@ pub const NATIVE_TRAPPED: u64 = 2;
 /// most 8 KiB of stack below rsp; rsp is 16-aligned at the call and DF is clear.
 pub type NativeEntry = unsafe extern "sysv64" fn(regs: *mut PtRegs, len: u64) -> NativeOutcome;
 
-/// The thread pointer of the one thread that never takes the native path (0 = none).
-static NATIVE_EXCLUDED: AtomicU64 = AtomicU64::new(0);
-
-/// Address of the excluded-thread word, for generated code.
-pub(crate) fn excluded_thread_word() -> u64 {
-    NATIVE_EXCLUDED.as_ptr() as u64
-}
-
-/// Makes the calling thread take the handler path of every hook even where a native entry is
-/// set (`on`), or clears that (`off`: every thread takes the native path). One thread at a
-/// time: a call with `on` replaces the previous thread. Meant for the agent's own thread,
-/// whose calls into hooked code must not run programs natively.
+/// Makes the calling thread take the handler path of every hook and system call site even
+/// where a native entry is set, for good (`on`; the agent's own threads, whose calls into
+/// hooked code must not run programs natively), or undoes one such call (`off`).
 pub fn set_native_excluded_thread(on: bool) {
-    let tp = if on {
-        super::threads::thread_pointer()
-    } else {
-        0
-    };
-    NATIVE_EXCLUDED.store(tp, Ordering::SeqCst);
+    use super::threads::NativeBusy;
+    if on {
+        NativeBusy::enter().forever();
+    } else if let Some(r) = super::threads::current() {
+        let b = r.busy.load(Ordering::Relaxed);
+        r.busy.store(b.saturating_sub(1), Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -369,7 +361,6 @@ fn install_jump(
         native: (!with_return).then(|| NativeSlot {
             entry: block.native_addr() as u64,
             traps: block.native_traps_addr() as u64,
-            excluded: NATIVE_EXCLUDED.as_ptr() as u64,
         }),
         fast_arm: arm
             .and_then(|(site, generation)| retprobe::layout().map(|l| (site, generation, l))),

@@ -134,7 +134,6 @@ fn fast_layout(code: usize, data: usize) -> stub::RetLayout {
         site_native: core::mem::offset_of!(RetSite, native) as i32,
         site_inflight: core::mem::offset_of!(RetSite, inflight) as i32,
         site_generation: core::mem::offset_of!(RetSite, generation) as i32,
-        excluded: super::hook::excluded_thread_word(),
     }
 }
 

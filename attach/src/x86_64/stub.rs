@@ -46,7 +46,7 @@
 //! per hit, entry included: no xmm saving, no Rust handler.
 
 use iced_x86::code_asm::{
-    AsmRegister64, AsmRegisterXmm, CodeAssembler, CodeLabel, al, dword_ptr, eax, esi, ptr,
+    AsmRegister64, AsmRegisterXmm, CodeAssembler, CodeLabel, al, dword_ptr, eax, ebp, esi, ptr,
     qword_ptr, r8, r9, r10, r11, r12, r12d, r13, r14, r15, r15d, rax, rbp, rbx, rcx, rdi, rdx, rsi,
     rsp, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
     xmm14, xmm15, xmmword_ptr,
@@ -124,8 +124,6 @@ pub(crate) struct RetLayout {
     pub site_native: i32,
     pub site_inflight: i32,
     pub site_generation: i32,
-    /// The excluded-thread word (see `hook::set_native_excluded_thread`).
-    pub excluded: u64,
 }
 
 /// The words of a hook's native fast path.
@@ -136,9 +134,6 @@ pub(crate) struct NativeSlot {
     pub entry: u64,
     /// Address of the hook's native trap counter (8 bytes, writable, within ±2 GiB).
     pub traps: u64,
-    /// Address of the process-global excluded-thread word (anywhere): the thread pointer of
-    /// the one thread that never takes the native path.
-    pub excluded: u64,
 }
 
 /// Stub and trampoline, encoded for one base address.
@@ -370,11 +365,9 @@ fn call_native(
     )?)?;
     a.test(rax, rax)?;
     a.jz(handler)?;
-    // fs:[0] is the thread pointer itself (x86_64 TLS ABI, variant II).
-    a.mov(rcx, qword_ptr(0u64).fs())?;
-    a.mov(rdx, n.excluded)?;
-    a.cmp(rcx, qword_ptr(rdx))?;
-    a.je(handler)?;
+    // A busy thread (running programs on the host's side, or the agent's) takes the handler,
+    // which skips the hit.
+    super::threads::emit_busy_check(a, rcx, rdx, rsi, handler)?;
     a.mov(rbx, rsp)?;
     a.and(rsp, -16)?;
     if !p.at_entry {
@@ -648,7 +641,7 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
 /// the `dispatch` call. Clobbers every GPR but rsp (restored from `pt_regs` after) and the
 /// flags.
 fn return_native(a: &mut CodeAssembler, l: &RetLayout) -> Result<CodeLabel, IcedError> {
-    use super::threads::{REC_CHUNK, REC_MASK, emit_lookup};
+    use super::threads::{REC_BUSY, REC_CHUNK, REC_MASK, emit_lookup};
     let mut slow = a.create_label();
     let mut undo = a.create_label();
     let mut cleared = a.create_label();
@@ -675,11 +668,17 @@ fn return_native(a: &mut CodeAssembler, l: &RetLayout) -> Result<CodeLabel, Iced
     a.add(r12, rdi)?; // &SITES[site]
     a.cmp(qword_ptr(r12 + l.site_native), 0)?;
     a.je(slow)?;
-    // fs:[0] is the thread pointer itself (x86_64 TLS ABI, variant II).
-    a.mov(rcx, qword_ptr(0u64).fs())?;
-    a.mov(rdi, l.excluded)?;
-    a.cmp(rcx, qword_ptr(rdi))?;
-    a.je(slow)?;
+    // The thread's record (rbp, 0 without one: no slot of its to free then), and a busy
+    // thread takes `dispatch`, whose handler skips the hit.
+    let mut no_rec = a.create_label();
+    let mut have = a.create_label();
+    emit_lookup(a, rbp, rcx, rdx, no_rec)?;
+    a.cmp(qword_ptr(rbp + REC_BUSY), 0)?;
+    a.jne(slow)?;
+    a.jmp(have)?;
+    a.set_label(&mut no_rec)?;
+    a.xor(ebp, ebp)?;
+    a.set_label(&mut have)?;
     // In flight first, then the generation (as `dispatch`; `unregister_site` bumps the
     // generation, then waits for the count).
     let mut inc = Instruction::with1(
@@ -709,17 +708,18 @@ fn return_native(a: &mut CodeAssembler, l: &RetLayout) -> Result<CodeLabel, Iced
     dec.set_has_lock_prefix(true);
     a.add_instruction(dec)?;
     // The slot is free again (the thread armed it: it owns the chunk).
-    emit_lookup(a, rcx, rax, rdx, cleared)?;
+    a.test(rbp, rbp)?;
+    a.jz(cleared)?;
     a.mov(rax, r13)?;
     a.shr(rax, 6)?;
     a.inc(rax)?;
-    a.cmp(qword_ptr(rcx + REC_CHUNK), rax)?;
+    a.cmp(qword_ptr(rbp + REC_CHUNK), rax)?;
     a.jne(cleared)?;
     a.mov(rax, r13)?;
     a.and(eax, 63)?;
-    a.mov(rdx, qword_ptr(rcx + REC_MASK))?;
+    a.mov(rdx, qword_ptr(rbp + REC_MASK))?;
     a.btr(rdx, rax)?;
-    a.mov(qword_ptr(rcx + REC_MASK), rdx)?;
+    a.mov(qword_ptr(rbp + REC_MASK), rdx)?;
     a.set_label(&mut cleared)?;
     a.mov(rax, r14)?;
     a.jmp(after)?;
@@ -962,7 +962,6 @@ mod tests {
             site_native: 16,
             site_inflight: 24,
             site_generation: 32,
-            excluded: 0x7200_0000_0000,
         }
     }
 
@@ -1088,14 +1087,12 @@ mod tests {
     fn native_path_calls_the_entry_without_saving_xmm_and_rejoins_after_the_handler() {
         let bytes = [0x0f, 0x1f, 0x44, 0, 0, 0x48, 0x8d, 0x04, 0x37, 0xc3];
         let p = analyze(TARGET, &bytes, JMP_REL32_LEN).unwrap();
-        let excluded = 0x7777_1234_5678u64;
         for at_entry in [true, false] {
             let params = StubParams {
                 at_entry,
                 native: Some(NativeSlot {
                     entry: BASE + 4096 + 16,
                     traps: BASE + 4096 + 24,
-                    excluded,
                 }),
                 ..params()
             };
@@ -1111,7 +1108,8 @@ mod tests {
             assert_eq!(insns[load - 1].memory_displacement64(), 160);
             assert_eq!(insns[load].op0_register(), Register::RAX);
             assert_eq!(&m[load + 1..load + 3], &[Mnemonic::Test, Mnemonic::Je]);
-            // The thread pointer against the excluded word.
+            // The thread pointer (fs:[0]) finds the thread's record: a busy thread takes the
+            // handler.
             let tp = &insns[load + 3];
             assert_eq!(
                 (
@@ -1121,10 +1119,17 @@ mod tests {
                 ),
                 (Register::FS, Register::None, 0)
             );
-            assert_eq!(insns[load + 4].immediate64(), excluded);
-            assert_eq!(&m[load + 5..load + 7], &[Mnemonic::Cmp, Mnemonic::Je]);
             let handler = insns[load + 2].near_branch_target();
-            assert_eq!(insns[load + 6].near_branch_target(), handler);
+            let busy = insns[load..]
+                .iter()
+                .position(|i| {
+                    i.mnemonic() == Mnemonic::Cmp
+                        && i.memory_displacement64() == super::super::threads::REC_BUSY as u64
+                })
+                .unwrap()
+                + load;
+            assert_eq!(m[busy + 1], Mnemonic::Jne);
+            assert_eq!(insns[busy + 1].near_branch_target(), handler);
             // The call: no xmm register saved, DF cleared only at a mid-function site.
             let calls: Vec<usize> = (0..m.len()).filter(|&i| m[i] == Mnemonic::Call).collect();
             assert_eq!(calls.len(), 2, "native entry, then the handler");

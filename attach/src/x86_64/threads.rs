@@ -47,12 +47,17 @@ pub(crate) struct ThreadRec {
     pub chunk: AtomicU64,
     /// Return probes: which slots of the chunk hold pending returns.
     pub mask: AtomicU64,
+    /// Non-zero while the thread must not run programs natively: it is running programs on
+    /// the host's side (a helper's calls into hooked code or system calls are not traced, as
+    /// the handlers skip them), or it is excluded for good (the agent's own thread).
+    pub busy: AtomicU64,
 }
 
 /// Offsets of the fields, for generated code.
 pub(crate) const REC_SIZE: i32 = size_of::<ThreadRec>() as i32;
 pub(crate) const REC_CHUNK: i32 = core::mem::offset_of!(ThreadRec, chunk) as i32;
 pub(crate) const REC_MASK: i32 = core::mem::offset_of!(ThreadRec, mask) as i32;
+pub(crate) const REC_BUSY: i32 = core::mem::offset_of!(ThreadRec, busy) as i32;
 const _: () = assert!(REC_SIZE == 32);
 
 static RECS: [ThreadRec; TABLE + PROBES - 1] = [const {
@@ -60,6 +65,7 @@ static RECS: [ThreadRec; TABLE + PROBES - 1] = [const {
         tp: AtomicU64::new(EMPTY),
         chunk: AtomicU64::new(0),
         mask: AtomicU64::new(0),
+        busy: AtomicU64::new(0),
     }
 }; TABLE + PROBES - 1];
 
@@ -113,12 +119,51 @@ pub(crate) fn current_or_insert() -> Option<&'static ThreadRec> {
         {
             r.chunk.store(0, Ordering::Relaxed);
             r.mask.store(0, Ordering::Relaxed);
+            r.busy.store(0, Ordering::Relaxed);
             r.tp.store(tp, Ordering::Release);
             arm_destructor();
             return Some(r);
         }
     }
     None
+}
+
+/// Marks the calling thread busy (see [`ThreadRec::busy`]) until the guard drops: the native
+/// paths of hooks and system call sites send it to their handlers meanwhile. Nests.
+#[derive(Debug)]
+#[must_use = "the thread is busy only while the guard lives"]
+pub struct NativeBusy(Option<&'static ThreadRec>);
+
+impl NativeBusy {
+    /// Marks the calling thread busy (a no-op when no record can be had for it: the native
+    /// paths then cannot find it either, and take the handlers).
+    pub fn enter() -> Self {
+        let r = current_or_insert();
+        if let Some(r) = r {
+            // Owner-only field: a plain read-modify-write (a signal handler nests inside).
+            r.busy
+                .store(r.busy.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            core::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
+        NativeBusy(r)
+    }
+
+    /// Keeps the calling thread busy for good (the agent's own threads).
+    pub fn forever(self) {
+        core::mem::forget(self);
+    }
+}
+
+impl Drop for NativeBusy {
+    fn drop(&mut self) {
+        if let Some(r) = self.0 {
+            core::sync::atomic::compiler_fence(Ordering::SeqCst);
+            r.busy.store(
+                r.busy.load(Ordering::Relaxed).saturating_sub(1),
+                Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 /// `pthread_key_t` whose destructor retires the exiting thread's records (u32::MAX: none).
@@ -195,6 +240,23 @@ pub(crate) fn emit_lookup(
     a.jne(next)?;
     a.jmp(miss)?;
     a.set_label(&mut found)?;
+    Ok(())
+}
+
+/// Emits: jump to `busy` if the calling thread's record says it is busy; fall through when it
+/// is not or has no record. Clobbers `rec`, `tp`, `n` and the flags.
+pub(crate) fn emit_busy_check(
+    a: &mut CodeAssembler,
+    rec: AsmRegister64,
+    tp: AsmRegister64,
+    n: AsmRegister64,
+    busy: CodeLabel,
+) -> Result<(), IcedError> {
+    let mut free = a.create_label();
+    emit_lookup(a, rec, tp, n, free)?;
+    a.cmp(qword_ptr(rec + REC_BUSY), 0)?;
+    a.jne(busy)?;
+    a.set_label(&mut free)?;
     Ok(())
 }
 

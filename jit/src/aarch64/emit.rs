@@ -349,6 +349,7 @@ impl<'a> Emitter<'a> {
             native_refused: self
                 .native
                 .then(|| "native entries are generated for x86_64 only".to_string()),
+            ctx_reads: u64::MAX,
         })
     }
 

@@ -410,6 +410,166 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
     state
 }
 
+/// Which of the first 64 bytes of the context (r1 at the main function's entry) the program
+/// may read: bit i for byte i; every bit when it may read past them or the analysis loses
+/// track (a context pointer stored to memory, passed to a call, or moved by a non-constant
+/// amount and then dereferenced). A forward analysis of each register's offset from the
+/// context, as [`frame_offsets`] does for r10.
+pub(crate) fn ctx_reads(prog: &Program) -> u64 {
+    const TOP: i32 = i32::MAX; // not reached
+    const NONE: i32 = i32::MIN; // not a context pointer
+    const ANY: i32 = i32::MIN + 1; // a context pointer at an unknown offset
+    let ops = prog.ops();
+    let n = ops.len();
+    let mut state = vec![[TOP; 10]; n];
+    let mut work: Vec<usize> = prog.functions().to_vec();
+    for &f in prog.functions() {
+        state[f] = [NONE; 10];
+    }
+    if let Some(s) = state.first_mut() {
+        s[1] = 0;
+    }
+    let mut mask = 0u64;
+    let is_ctx = |v: i32| v != NONE && v != TOP;
+    let read = |mask: &mut u64, base: i32, off: i16, len: usize| {
+        let start = i64::from(base) + i64::from(off);
+        if base == ANY || start < 0 || start + len as i64 > 64 {
+            *mask = u64::MAX;
+        } else {
+            for b in start..start + len as i64 {
+                *mask |= 1 << b;
+            }
+        }
+    };
+    while let Some(pc) = work.pop() {
+        let Some(op) = ops[pc] else { continue };
+        let mut m = state[pc];
+        let get = |m: &[i32; 10], r: u8| m.get(usize::from(r)).copied().unwrap_or(NONE);
+        let set = |m: &mut [i32; 10], r: u8, v: i32| {
+            if let Some(x) = m.get_mut(usize::from(r)) {
+                *x = v;
+            }
+        };
+        match op {
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst,
+                src: Src::Reg(s),
+            } => {
+                let v = get(&m, s);
+                set(&mut m, dst, v);
+            }
+            Op::Alu {
+                width: Width::W64,
+                op: op @ (AluOp::Add | AluOp::Sub),
+                dst,
+                src: Src::Imm(i),
+            } => {
+                let cur = get(&m, dst);
+                let v = if cur == NONE || cur == ANY {
+                    cur
+                } else {
+                    let d = if op == AluOp::Add {
+                        i64::from(cur) + i64::from(i)
+                    } else {
+                        i64::from(cur) - i64::from(i)
+                    };
+                    if (-(1 << 20)..=(1 << 20)).contains(&d) {
+                        d as i32
+                    } else {
+                        ANY
+                    }
+                };
+                set(&mut m, dst, v);
+            }
+            Op::Alu { dst, src, .. } => {
+                let derived =
+                    is_ctx(get(&m, dst)) || matches!(src, Src::Reg(s) if is_ctx(get(&m, s)));
+                set(&mut m, dst, if derived { ANY } else { NONE });
+            }
+            Op::Neg { dst, .. } | Op::MovSx { dst, .. } | Op::Endian { dst, .. } => {
+                let v = if is_ctx(get(&m, dst)) { ANY } else { NONE };
+                set(&mut m, dst, v);
+            }
+            Op::LdImm64 { dst, .. } => set(&mut m, dst, NONE),
+            Op::Load {
+                size,
+                dst,
+                src,
+                off,
+                ..
+            } => {
+                let b = get(&m, src);
+                if is_ctx(b) {
+                    read(&mut mask, b, off, size.bytes());
+                }
+                set(&mut m, dst, NONE);
+            }
+            Op::Store {
+                src: Src::Reg(s), ..
+            } if is_ctx(get(&m, s)) => mask = u64::MAX,
+            Op::Store { .. } => {}
+            Op::Atomic {
+                size,
+                op,
+                fetch,
+                dst,
+                src,
+                off,
+            } => {
+                if is_ctx(get(&m, src)) {
+                    mask = u64::MAX;
+                }
+                let b = get(&m, dst);
+                if is_ctx(b) {
+                    read(&mut mask, b, off, size.bytes());
+                }
+                if op == AtomicOp::CmpXchg {
+                    set(&mut m, 0, NONE);
+                }
+                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
+                    set(&mut m, src, NONE);
+                }
+            }
+            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
+                if (1..=5).any(|r| is_ctx(get(&m, r))) {
+                    mask = u64::MAX;
+                }
+                for r in 0..=5 {
+                    set(&mut m, r, NONE);
+                }
+            }
+            _ => {}
+        }
+        if mask == u64::MAX {
+            return mask;
+        }
+        for t in successors(pc, &op, n) {
+            let Some(cur) = state.get(t).copied() else {
+                continue;
+            };
+            let mut joined = cur;
+            for (j, &v) in joined.iter_mut().zip(m.iter()) {
+                *j = if *j == TOP || *j == v {
+                    v
+                } else if v == TOP {
+                    *j
+                } else if *j == NONE && v == NONE {
+                    NONE
+                } else {
+                    ANY
+                };
+            }
+            if joined != cur {
+                state[t] = joined;
+                work.push(t);
+            }
+        }
+    }
+    mask
+}
+
 /// For each slot, the registers (bit r) that hold a pointer derived from r10 on every path to
 /// it: r10 itself, copies of such pointers and their sums with anything. Only a hint for the
 /// order of checked-mode tests (both tests are always made), so precision is not critical.
@@ -924,6 +1084,11 @@ pub fn compile(
         map_helper_calls: e.map_helper_calls,
         native_entry,
         native_refused: e.native.and(e.native_refused.take()),
+        ctx_reads: if native_entry.is_some() {
+            ctx_reads(prog)
+        } else {
+            u64::MAX
+        },
     })
 }
 

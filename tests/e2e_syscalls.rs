@@ -136,6 +136,60 @@ fn on_kernel(build: &Path, tool_args: &[&str]) -> Vec<String> {
     l.finish(T)
 }
 
+#[test]
+fn a_counter_runs_natively_in_the_gate_and_counts_every_call() {
+    // syscall-trace -g: an atomic .bss counter on sys_enter_getpid, no helper and no context
+    // read, so the gate runs it itself (no handler, no vector registers saved). Every
+    // getpid() of the victim counts once, with and without the native path and the
+    // dispatch catch-all; the agent's own getpid() calls never (its threads are busy).
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let a = artifacts();
+    const CALLS: u64 = 20_000;
+    for (native, dispatch) in [("1", "0"), ("1", "1"), ("0", "0")] {
+        let store = TestStore::new("sysfast");
+        let mut c = unprivileged(&a.bpftime);
+        c.args(["load", "--store", &store.name, "--"])
+            .arg(build.join("syscall-trace"))
+            .arg("-g");
+        let mut l = Proc::spawn(c, "bpftime load syscall-trace -g");
+        l.wait_line(T, |x| x == "attached");
+        let log = std::env::temp_dir().join(format!(
+            "bpftime-sysfast-{}-{native}{dispatch}.log",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log);
+        let mut c = unprivileged(&a.bpftime);
+        c.args(["start", "--store", &store.name, "--"])
+            .arg(build.join("syscall-victim"))
+            .args(["-b", &CALLS.to_string()])
+            .env("BPFTIME_NATIVE", native)
+            .env("BPFTIME_SYSCALL_DISPATCH", dispatch)
+            .env("BPFTIME_LOG", "info")
+            .env("BPFTIME_LOG_FILE", &log);
+        Proc::spawn(c, "bpftime start syscall-victim -b").finish(T);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(
+            text.contains("run natively in the gate"),
+            native == "1",
+            "BPFTIME_NATIVE={native}, agent log:\n{text}"
+        );
+        l.send_line("report");
+        let out = l.finish(T);
+        let calls = out
+            .iter()
+            .find_map(|x| x.strip_prefix("getpid_calls "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert_eq!(
+            calls,
+            Some(CALLS),
+            "BPFTIME_NATIVE={native} BPFTIME_SYSCALL_DISPATCH={dispatch}: {out:?}"
+        );
+    }
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v

@@ -31,6 +31,13 @@ pub struct AgentConfig {
     pub native: bool,
 }
 
+/// Whether programs may run natively in hook stubs and the system call gate
+/// (`BPFTIME_NATIVE=0` turns that off: every hit then goes through the agent's handlers).
+pub(crate) fn native_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("BPFTIME_NATIVE").is_none_or(|v| v != "0"))
+}
+
 impl AgentConfig {
     /// From `BPFTIME_STORE`.
     pub fn from_env() -> Self {
@@ -38,7 +45,7 @@ impl AgentConfig {
             store: std::env::var("BPFTIME_STORE").unwrap_or_else(|_| "default".into()),
             rescan: Duration::from_millis(200),
             engine: Engine::from_env(),
-            native: std::env::var_os("BPFTIME_NATIVE").is_none_or(|v| v != "0"),
+            native: native_enabled(),
         }
     }
 }

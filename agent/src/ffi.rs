@@ -46,8 +46,9 @@ thread_local! {
 /// Marks the calling thread as the agent's own: probes it hits are skipped (by the handler;
 /// hook stubs send this thread to the handler instead of running programs natively).
 pub(crate) fn enter_agent_thread() {
-    bpftime_runtime::exclude_thread(true);
+    // Native paths first: `exclude_thread` itself may make system calls.
     bpftime_attach::set_native_excluded_thread(true);
+    bpftime_runtime::exclude_thread(true);
 }
 
 /// Makes `hook`'s stub run `prog` through its native entry on every hit (no agent code
@@ -485,15 +486,13 @@ extern "C" fn agent_constructor() {
         crate::log::init_from_env();
         // Attach what the store already holds before the program's main runs, so
         // `bpftime start` traces from the first call; then follow the store on a thread.
-        bpftime_runtime::exclude_thread(true);
         bpftime_attach::set_native_excluded_thread(true);
+        bpftime_runtime::exclude_thread(true);
         let cfg = AgentConfig::from_env();
         let agent = Agent::new(&cfg).map(|mut a| {
             a.sync();
             a
         });
-        bpftime_attach::set_native_excluded_thread(false);
-        bpftime_runtime::exclude_thread(false);
         match agent {
             Ok(agent) => {
                 tracing::info!(
@@ -510,8 +509,16 @@ extern "C" fn agent_constructor() {
                 if let Err(e) = spawned {
                     tracing::error!("bpftime agent: cannot start its thread: {e}");
                 }
+                // Only now: our own calls (the log's getpid, the thread's creation) are not
+                // traced.
+                bpftime_attach::set_native_excluded_thread(false);
+                bpftime_runtime::exclude_thread(false);
             }
-            Err(e) => tracing::error!("bpftime agent disabled: {e}"),
+            Err(e) => {
+                tracing::error!("bpftime agent disabled: {e}");
+                bpftime_attach::set_native_excluded_thread(false);
+                bpftime_runtime::exclude_thread(false);
+            }
         }
     });
 }

@@ -31,7 +31,7 @@ use bpftime_attach::PtRegs;
 use bpftime_attach::procmaps::read_self_maps;
 use bpftime_attach::syscall::dispatch;
 use bpftime_attach::syscall::intercept::{
-    ExitHandler, Interceptor, SyscallCall, patchable_objects, set_handlers,
+    ExitHandler, FastProgs, Interceptor, SyscallCall, patchable_objects, set_fast, set_handlers,
 };
 use bpftime_attach::syscall::table::{
     NR_MAX, RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID, RAW_TP_FLAG, RawSysEnterCtx, RawSysExitCtx,
@@ -79,14 +79,6 @@ thread_local! {
             tid: Cell::new(0),
         }
     };
-}
-
-/// Whether the calling thread is one of the agent's (named `bpftime…`): those stay excluded
-/// from tracing for good.
-fn on_agent_thread() -> bool {
-    std::thread::current()
-        .name()
-        .is_some_and(|n| n.starts_with("bpftime"))
 }
 
 type Progs = Vec<(Arc<LoadedProg>, u64)>;
@@ -325,6 +317,54 @@ extern "C" fn on_exit(call: &SyscallCall) {
     });
 }
 
+/// What the gate's fast path runs per number (`intercept::set_fast`), as last set.
+static FAST_SET: parking_lot::Mutex<Vec<Option<FastProgs>>> = parking_lot::Mutex::new(Vec::new());
+
+/// The programs the gate may run itself, per number: where a number's enter and exit lists
+/// hold at most one program each, every one with a native entry (no helper: no override,
+/// nothing that may reach our own code) that does not read `common_pid` (the fast path does
+/// not look up the thread id), and no raw tracepoint program needs to see every call.
+fn fast_progs(d: &Dispatch, raw: bool) -> Vec<Option<FastProgs>> {
+    /// Bytes 4..8 of `struct trace_entry`: `common_pid`.
+    const PID_BYTES: u64 = 0xf0;
+    let one = |list: &(u16, Progs)| -> Option<Option<(u64, u64)>> {
+        match list.1.as_slice() {
+            [] => Some(None),
+            [(p, _)] if p.native_ctx_reads() & PID_BYTES == 0 => p
+                .native_entry()
+                .map(|f| Some((f as usize as u64, u64::from(list.0)))),
+            [(p, _)] => {
+                tracing::debug!(
+                    "program {} runs through the handlers: {}",
+                    p.id(),
+                    p.native_refused().unwrap_or("it may read common_pid")
+                );
+                None
+            }
+            _ => None,
+        }
+    };
+    (0..NR_MAX)
+        .map(|nr| {
+            if raw || !crate::agent::native_enabled() {
+                return None;
+            }
+            let (enter, exit) = (one(&d.enter[nr])?, one(&d.exit[nr])?);
+            if enter.is_none() && exit.is_none() {
+                return None;
+            }
+            let (enter, enter_id) = enter.unwrap_or((0, 0));
+            let (exit, exit_id) = exit.unwrap_or((0, 0));
+            Some(FastProgs {
+                enter,
+                enter_id,
+                exit,
+                exit_id,
+            })
+        })
+        .collect()
+}
+
 /// Which sites to patch: every one (`raw_syscalls`, raw tracepoints), or those whose static
 /// number is in the list or unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -486,12 +526,11 @@ impl SyscallTracing {
         helpers: &Arc<HelperRegistry>,
         engine: Engine,
     ) -> &[u32] {
-        // Our own system calls (patching, scanning) are not traced.
-        bpftime_runtime::exclude_thread(true);
+        // Our own system calls (patching, scanning) are not traced; a caller that excluded
+        // the thread already (the agent's constructor) keeps it excluded.
+        let was = bpftime_runtime::exclude_thread(true);
         self.sync_guarded(all, store, helpers, engine);
-        if !on_agent_thread() {
-            bpftime_runtime::exclude_thread(false);
-        }
+        bpftime_runtime::exclude_thread(was);
         &self.attached
     }
 
@@ -697,8 +736,29 @@ impl SyscallTracing {
         let all_enter = !(d.raw_enter.is_empty() && d.rawtp_enter.is_empty());
         let all_exit = !(d.raw_exit.is_empty() && d.rawtp_exit.is_empty());
         let empty = d.is_empty();
-        // Programs go in before the bits that lead handlers to them.
-        *DISPATCH.write() = (!empty).then_some(d);
+        let fast = fast_progs(&d, all_enter || all_exit);
+        // Programs go in before the bits that lead handlers to them; the previous ones stay
+        // alive until the gate's fast path has let go of them too.
+        let old = std::mem::replace(&mut *DISPATCH.write(), (!empty).then_some(d));
+        {
+            let mut cur = FAST_SET.lock();
+            cur.resize(NR_MAX, None);
+            for (nr, (want, have)) in fast.iter().zip(cur.iter_mut()).enumerate() {
+                if want != have {
+                    // SAFETY: the entries are JIT code of programs the new dispatch table
+                    // holds, which stays published until the next `publish` has replaced
+                    // them here (`set_fast` drains the gates using the old ones before
+                    // returning); they are native entries whose programs cannot override the
+                    // call and do not read `common_pid` (`fast_progs`).
+                    let set = unsafe { set_fast(nr as u32, *want) };
+                    if set && want.is_some() {
+                        tracing::info!("system call {nr}: its programs run natively in the gate");
+                    }
+                    *have = *want;
+                }
+            }
+        }
+        drop(old);
         for i in 0..WORDS {
             ENTER_BITS[i].store(enter[i], Ordering::Release);
             EXIT_BITS[i].store(exit[i], Ordering::Release);
@@ -735,7 +795,7 @@ impl SyscallTracing {
 
     /// Removes every program and restores libc (agent shutdown or detach; also on drop).
     pub fn clear(&mut self) {
-        bpftime_runtime::exclude_thread(true);
+        let was = bpftime_runtime::exclude_thread(true);
         self.publish(Dispatch::default());
         self.want = None;
         self.sud.disable();
@@ -743,9 +803,7 @@ impl SyscallTracing {
         self.progs.clear();
         self.built.clear();
         self.attached.clear();
-        if !on_agent_thread() {
-            bpftime_runtime::exclude_thread(false);
-        }
+        bpftime_runtime::exclude_thread(was);
     }
 }
 

@@ -579,6 +579,9 @@ fn native_entries_report_which_context_bytes_the_program_may_read() {
     };
     let bytes = |r: std::ops::Range<u32>| r.fold(0u64, |m, b| m | 1 << b);
     assert_eq!(reads("mov %r0, 0\nexit"), 0);
+    // r1 overwritten first (the syscall benchmark's program: r1 = 1, then an atomic add).
+    assert_eq!(reads("mov %r1, 1\nldxdw %r0, [%r10-8]\nexit"), 0);
+    assert_eq!(reads("mov32 %r2, %r1\nldxb %r0, [%r2]\nexit"), u64::MAX);
     assert_eq!(reads("ldxdw %r0, [%r1+16]\nexit"), bytes(16..24));
     // Copies and constant moves are followed.
     assert_eq!(

@@ -153,10 +153,12 @@ pub fn probe_hit<R>(f: impl FnOnce(&mut ThreadMem) -> R) -> Result<R, HitRefused
 }
 
 /// Makes [`probe_hit`] refuse (`excluded`) or accept again the calling thread (a runtime's own
-/// threads, or a thread while it sets probes up).
-pub fn exclude_thread(excluded: bool) {
-    if let Ok(Ok(mut t)) = thread_mem().map(RefCell::try_borrow_mut) {
-        t.excluded = excluded;
+/// threads, or a thread while it sets probes up); returns whether it was excluded, so that a
+/// nested exclusion can restore the outer one.
+pub fn exclude_thread(excluded: bool) -> bool {
+    match thread_mem().map(RefCell::try_borrow_mut) {
+        Ok(Ok(mut t)) => std::mem::replace(&mut t.excluded, excluded),
+        _ => false,
     }
 }
 

@@ -42,7 +42,7 @@
 //! - The gate's hot path takes no lock and allocates nothing; the handlers it calls are plain
 //!   `extern "C"` functions set once with [`set_handlers`].
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::{Path, PathBuf};
 
 use iced_x86::{
@@ -51,6 +51,7 @@ use iced_x86::{
 };
 
 use super::sites::{self, NEVER_PATCHED, Site};
+use super::table::NR_MAX;
 use crate::AttachError;
 use crate::procmaps::{MapEntry, read_self_maps};
 use crate::x86_64::code_mem::{self, CodeBlock, PAGE};
@@ -87,6 +88,78 @@ pub(super) static EXIT: AtomicUsize = AtomicUsize::new(0);
 pub fn set_handlers(enter: Option<EnterHandler>, exit: Option<ExitHandler>) {
     ENTER.store(enter.map_or(0, |f| f as usize), Ordering::Release);
     EXIT.store(exit.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+/// Programs the gate runs itself for one system call number: native entries
+/// (`crate::NativeEntry`, called on the tracepoint's context: `sys_enter` 64 bytes, `sys_exit`
+/// 24) with their tracepoint ids. See [`set_fast`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FastProgs {
+    /// `syscalls:sys_enter_<name>` program's native entry (0: none).
+    pub enter: u64,
+    /// Its tracepoint id (the context's `common_type`).
+    pub enter_id: u64,
+    /// `syscalls:sys_exit_<name>` program's native entry (0: none).
+    pub exit: u64,
+    /// Its tracepoint id.
+    pub exit_id: u64,
+}
+
+const FAST_ENTER: i32 = core::mem::offset_of!(FastProgs, enter) as i32;
+const FAST_ENTER_ID: i32 = core::mem::offset_of!(FastProgs, enter_id) as i32;
+const FAST_EXIT: i32 = core::mem::offset_of!(FastProgs, exit) as i32;
+const FAST_EXIT_ID: i32 = core::mem::offset_of!(FastProgs, exit_id) as i32;
+
+/// One number's fast programs (a `Box<FastProgs>` pointer, 0: none) and the gates using them.
+#[repr(C, align(16))]
+struct FastNr {
+    progs: AtomicUsize,
+    inflight: AtomicU64,
+}
+
+static FAST: [FastNr; NR_MAX] = [const {
+    FastNr {
+        progs: AtomicUsize::new(0),
+        inflight: AtomicU64::new(0),
+    }
+}; NR_MAX];
+
+/// Makes the gate run `progs` itself for system call `nr` (from patched sites; `None`: the
+/// handlers again), instead of calling the handlers: on a thread that is not busy
+/// (`crate::x86_64::NativeBusy`), it builds the `sys_enter` context (with `common_pid` 0),
+/// calls the enter entry, makes the call, builds the `sys_exit` context and calls the exit
+/// entry, saving no vector register. Returns once no gate runs the previous programs any more.
+/// False (and nothing changes) for a number out of range or one that must run on the
+/// caller's own stack (`clone`, `fork`, `vfork`, `rt_sigreturn`, …).
+///
+/// # Safety
+/// The entries must follow the `NativeEntry` contract, read no context byte they are not
+/// given (the contexts' `common_pid` is 0: callers check the programs do not read it), and
+/// stay valid until a later call for `nr` returned; their programs must not be meant to skip
+/// the call or change its result (no `bpf_override_return`: the gate ignores what they
+/// return).
+pub unsafe fn set_fast(nr: u32, progs: Option<FastProgs>) -> bool {
+    let Some(f) = FAST.get(nr as usize) else {
+        return false;
+    };
+    if native_only(u64::from(nr)) {
+        return false;
+    }
+    let new = progs
+        .filter(|p| p.enter != 0 || p.exit != 0)
+        .map_or(0, |p| Box::into_raw(Box::new(p)) as usize);
+    let old = f.progs.swap(new, Ordering::SeqCst);
+    while f.inflight.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+    if old != 0 {
+        // SAFETY: `old` came from `Box::into_raw` above and is no longer published; gates
+        // count themselves in flight before reading the pointer and keep the count until they
+        // are done with it, and the count drained.
+        drop(unsafe { Box::from_raw(old as *mut FastProgs) });
+    }
+    true
 }
 
 /// What a stub passes to the gate in r11.
@@ -126,6 +199,165 @@ core::arch::global_asm!(
     ".hidden bpftime_syscall_gate",
     ".type bpftime_syscall_gate, @function",
     "bpftime_syscall_gate:",
+    // Fast path: a number with programs the gate runs itself (`set_fast`).
+    "cmp rax, {nr_max}",
+    "jae 90f",
+    "mov rcx, rax",
+    "shl rcx, 4",
+    "push r11",
+    "lea r11, [rip + {fast}]",
+    "add rcx, r11",
+    "cmp qword ptr [rcx], 0",
+    "jne 10f",
+    "pop r11",
+    "jmp 90f",
+    "10:",
+    // [rsp] = r11 (the site descriptor), rcx = &FAST[nr]. Keep every register the call and
+    // the caller need (the entries keep rbx, rbp, r12 as the ABI has it; we use them).
+    "push rax",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "lahf",
+    "seto al",
+    "push rax",
+    // Frame (rbx): flags, r12, rbp, rbx, r10, r9, r8, rdi, rsi, rdx, rax (nr), r11, return.
+    "mov rbx, rsp",
+    "mov rbp, rcx",
+    "mov r12, [rbx + 80]",
+    "cld",
+    // A busy thread (running programs on the handlers' side, or the agent's) goes to them.
+    "mov rax, qword ptr fs:[0]",
+    "mov rcx, {mul}",
+    "imul rcx, rax",
+    "shr rcx, {shift}",
+    "shl rcx, 5",
+    "lea rdx, [rip + {recs}]",
+    "add rcx, rdx",
+    "mov edx, {probes}",
+    "11:",
+    "cmp [rcx], rax",
+    "je 12f",
+    "add rcx, 32",
+    "dec edx",
+    "jnz 11b",
+    "jmp 13f",
+    "12:",
+    "cmp qword ptr [rcx + {busy}], 0",
+    "jne 80f",
+    "13:",
+    // Enter: in flight, then the programs (a remover swaps the pointer, then drains).
+    "lock inc qword ptr [rbp + 8]",
+    "mov rcx, [rbp]",
+    "test rcx, rcx",
+    "jz 14f",
+    "mov rdx, [rcx + {enter}]",
+    "test rdx, rdx",
+    "jz 14f",
+    "and rsp, -16",
+    "sub rsp, 64",
+    "movzx eax, word ptr [rcx + {enter_id}]",
+    "mov [rsp], rax",
+    "mov [rsp + 8], r12",
+    "mov rax, [rbx + 56]",
+    "mov [rsp + 16], rax",
+    "mov rax, [rbx + 64]",
+    "mov [rsp + 24], rax",
+    "mov rax, [rbx + 72]",
+    "mov [rsp + 32], rax",
+    "mov rax, [rbx + 32]",
+    "mov [rsp + 40], rax",
+    "mov rax, [rbx + 48]",
+    "mov [rsp + 48], rax",
+    "mov rax, [rbx + 40]",
+    "mov [rsp + 56], rax",
+    "mov rdi, rsp",
+    "mov esi, 64",
+    "call rdx",
+    "mov rsp, rbx",
+    "14:",
+    "lock dec qword ptr [rbp + 8]",
+    // The call, with the caller's arguments.
+    "mov rax, r12",
+    "mov rdi, [rbx + 56]",
+    "mov rsi, [rbx + 64]",
+    "mov rdx, [rbx + 72]",
+    "mov r10, [rbx + 32]",
+    "mov r8, [rbx + 48]",
+    "mov r9, [rbx + 40]",
+    "syscall",
+    "mov [rbx + 80], rax",
+    // Exit.
+    "lock inc qword ptr [rbp + 8]",
+    "mov rcx, [rbp]",
+    "test rcx, rcx",
+    "jz 15f",
+    "mov rdx, [rcx + {exit}]",
+    "test rdx, rdx",
+    "jz 15f",
+    "and rsp, -16",
+    "sub rsp, 32",
+    "movzx eax, word ptr [rcx + {exit_id}]",
+    "mov [rsp], rax",
+    "mov [rsp + 8], r12",
+    "mov rax, [rbx + 80]",
+    "mov [rsp + 16], rax",
+    "mov rdi, rsp",
+    "mov esi, 24",
+    "call rdx",
+    "mov rsp, rbx",
+    "15:",
+    "lock dec qword ptr [rbp + 8]",
+    // Back as the slow path returns: rax = the result, rcx = what `syscall` leaves there
+    // (the address after the site's instruction), r11 = the flags as `syscall` saves them.
+    "mov rcx, [rbx + 88]",
+    "mov rcx, [rcx]",
+    "mov r11, [rbx]",
+    "mov rax, r11",
+    "shr rax, 8",
+    "and eax, 0xd5",
+    "and r11d, 1",
+    "shl r11d, 11",
+    "or r11, rax",
+    "or r11, 0x202",
+    "pop rax",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "add al, 0x7f",
+    "sahf",
+    "pop rax",
+    "lea rsp, [rsp + 8]",
+    "ret",
+    // A busy thread: everything back as it came, then the slow path.
+    "80:",
+    "pop rax",
+    "add al, 0x7f",
+    "sahf",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "pop rax",
+    "pop r11",
+    "90:",
     "push rax",
     "push rcx",
     "push rdx",
@@ -195,6 +427,17 @@ core::arch::global_asm!(
     "ret",
     ".size bpftime_syscall_gate, . - bpftime_syscall_gate",
     main = sym gate_main,
+    nr_max = const NR_MAX,
+    fast = sym FAST,
+    mul = const crate::x86_64::threads::MUL,
+    shift = const crate::x86_64::threads::SHIFT,
+    recs = sym crate::x86_64::threads::RECS,
+    probes = const crate::x86_64::threads::PROBES,
+    busy = const crate::x86_64::threads::REC_BUSY,
+    enter = const FAST_ENTER,
+    enter_id = const FAST_ENTER_ID,
+    exit = const FAST_EXIT,
+    exit_id = const FAST_EXIT_ID,
 );
 
 unsafe extern "C" {

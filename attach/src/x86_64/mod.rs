@@ -35,7 +35,7 @@ pub use hook::{
     set_native_excluded_thread,
 };
 pub use signals::{intercept_sigaction, is_own_handler, recheck_trap_handler};
-pub use threads::NativeBusy;
+pub use threads::{NativeBusy, thread_is_busy};
 
 /// Return probes skipped since the process started: a thread already had 64 returns pending
 /// (the kernel's `MAX_URETPROBE_DEPTH` too), or 256 threads had returns pending at once.

@@ -60,7 +60,7 @@ pub(crate) const REC_MASK: i32 = core::mem::offset_of!(ThreadRec, mask) as i32;
 pub(crate) const REC_BUSY: i32 = core::mem::offset_of!(ThreadRec, busy) as i32;
 const _: () = assert!(REC_SIZE == 32);
 
-static RECS: [ThreadRec; TABLE + PROBES - 1] = [const {
+pub(crate) static RECS: [ThreadRec; TABLE + PROBES - 1] = [const {
     ThreadRec {
         tp: AtomicU64::new(EMPTY),
         chunk: AtomicU64::new(0),
@@ -70,8 +70,8 @@ static RECS: [ThreadRec; TABLE + PROBES - 1] = [const {
 }; TABLE + PROBES - 1];
 
 /// The multiplier of the hash (Fibonacci hashing; the top 12 bits index the table).
-const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
-const SHIFT: u32 = 64 - TABLE.trailing_zeros();
+pub(crate) const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const SHIFT: u32 = 64 - TABLE.trailing_zeros();
 
 fn first(tp: u64) -> usize {
     (tp.wrapping_mul(MUL) >> SHIFT) as usize
@@ -164,6 +164,11 @@ impl Drop for NativeBusy {
             );
         }
     }
+}
+
+/// Whether the native paths consider the calling thread busy (see [`NativeBusy`]).
+pub fn thread_is_busy() -> bool {
+    current().is_some_and(|r| r.busy.load(Ordering::Relaxed) != 0)
 }
 
 /// `pthread_key_t` whose destructor retires the exiting thread's records (u32::MAX: none).

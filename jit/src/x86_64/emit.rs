@@ -452,12 +452,17 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
         };
         match op {
             Op::Alu {
-                width: Width::W64,
+                width,
                 op: AluOp::Mov,
                 dst,
-                src: Src::Reg(s),
+                src,
             } => {
-                let v = get(&m, s);
+                let v = match src {
+                    Src::Imm(_) => NONE,
+                    Src::Reg(s) if width == Width::W64 => get(&m, s),
+                    Src::Reg(s) if is_ctx(get(&m, s)) => ANY,
+                    Src::Reg(_) => NONE,
+                };
                 set(&mut m, dst, v);
             }
             Op::Alu {

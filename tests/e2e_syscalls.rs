@@ -147,7 +147,7 @@ fn a_counter_runs_natively_in_the_gate_and_counts_every_call() {
     };
     let a = artifacts();
     const CALLS: u64 = 20_000;
-    for (native, dispatch) in [("1", "0"), ("1", "1"), ("0", "0")] {
+    for (native, dispatch) in [("1", ""), ("1", "0"), ("1", "1"), ("0", "0")] {
         let store = TestStore::new("sysfast");
         let mut c = unprivileged(&a.bpftime);
         c.args(["load", "--store", &store.name, "--"])
@@ -165,12 +165,22 @@ fn a_counter_runs_natively_in_the_gate_and_counts_every_call() {
             .arg(build.join("syscall-victim"))
             .args(["-b", &CALLS.to_string()])
             .env("BPFTIME_NATIVE", native)
-            .env("BPFTIME_SYSCALL_DISPATCH", dispatch)
             .env("BPFTIME_LOG", "info")
             .env("BPFTIME_LOG_FILE", &log);
+        if dispatch.is_empty() {
+            c.env_remove("BPFTIME_SYSCALL_DISPATCH");
+        } else {
+            c.env("BPFTIME_SYSCALL_DISPATCH", dispatch);
+        }
         Proc::spawn(c, "bpftime start syscall-victim -b").finish(T);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
+        // By default the catch-all stays off here: every getpid site is patched.
+        assert_eq!(
+            text.contains("syscall user dispatch: on"),
+            dispatch == "1",
+            "BPFTIME_SYSCALL_DISPATCH={dispatch:?}, agent log:\n{text}"
+        );
         assert_eq!(
             text.contains("run natively in the gate"),
             native == "1",
@@ -188,6 +198,31 @@ fn a_counter_runs_natively_in_the_gate_and_counts_every_call() {
             "BPFTIME_NATIVE={native} BPFTIME_SYSCALL_DISPATCH={dispatch}: {out:?}"
         );
     }
+}
+
+#[test]
+fn the_catch_all_is_on_only_when_a_wanted_call_can_escape_the_patches() {
+    // getpid counted in the raw victim, which also runs code from an anonymous page: that
+    // page is executable memory no patch covers, so the dispatch catch-all goes on by itself
+    // (the plain victim of the test above needs none: every getpid site is patched).
+    let Some(build) = build_example("syscall-trace") else {
+        return;
+    };
+    let log = std::env::temp_dir().join(format!("bpftime-auto-sud-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_s = log.to_str().expect("utf-8 temp path").to_string();
+    let env = [
+        ("BPFTIME_LOG", "info"),
+        ("BPFTIME_LOG_FILE", log_s.as_str()),
+    ];
+    let (out, vout) = raw_run_with(&build, "autosud", Dlopen::Early, false, &["-g"], &env);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("syscall user dispatch: on"), "{text}");
+    assert!(vout.iter().any(|l| l == "app_sigsys 1"), "{vout:?}");
+    // As the raw_syscalls count of number 39 (+ 1: raise(SIGSYS) calls getpid).
+    let calls = out.iter().find_map(|x| x.strip_prefix("getpid_calls "));
+    assert_eq!(calls, Some((2 * N + 1).to_string().as_str()), "{out:?}");
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -329,6 +364,18 @@ fn raw_expected() -> Vec<String> {
 /// `syscall-raw-victim` and `syscall-trace -w`, under bpftime as the unprivileged user
 /// (`kernel` false) or natively as root; returns (tool report, victim output).
 fn raw_run(build: &Path, tag: &str, when: Dlopen, kernel: bool) -> (Vec<String>, Vec<String>) {
+    raw_run_with(build, tag, when, kernel, &["-w"], &[])
+}
+
+/// [`raw_run`] with other tool arguments and extra environment for the victim.
+fn raw_run_with(
+    build: &Path,
+    tag: &str,
+    when: Dlopen,
+    kernel: bool,
+    tool_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<String>, Vec<String>) {
     let a = artifacts();
     let store = TestStore::new(tag);
     let when_arg = match (when, kernel) {
@@ -348,7 +395,8 @@ fn raw_run(build: &Path, tag: &str, when: Dlopen, kernel: bool) -> (Vec<String>,
     };
     c.arg(N.to_string())
         .arg(build.join("librawsys.so"))
-        .arg(when_arg);
+        .arg(when_arg)
+        .envs(env.iter().copied());
     let mut v = Proc::spawn(c, "syscall-raw-victim");
     let ready = v.wait_line(T, |l| l.starts_with("ready "));
     let vpid: u32 = ready[6..].parse().expect("victim pid");
@@ -360,12 +408,13 @@ fn raw_run(build: &Path, tag: &str, when: Dlopen, kernel: bool) -> (Vec<String>,
             .arg(build.join("syscall-trace"));
         c
     };
-    c.args(["-p", &vpid.to_string(), "-w"]);
-    let mut l = Proc::spawn(c, "syscall-trace -w");
+    c.args(["-p", &vpid.to_string()]).args(tool_args);
+    let mut l = Proc::spawn(c, "syscall-trace");
     l.wait_line(T, |x| x == "attached");
     if !kernel {
+        let want = if tool_args == ["-w"] { 3 } else { 1 };
         poll(T, "the agent to attach the tracepoints", || {
-            attached_events(&store, vpid).filter(|&n| n >= 3)
+            attached_events(&store, vpid).filter(|&n| n >= want)
         });
     }
     v.send_line("go");

@@ -379,8 +379,9 @@ impl Want {
     }
 }
 
-/// The Syscall User Dispatch catch-all (`bpftime_attach::syscall::dispatch`): on while
-/// attachments exist, unless the kernel lacks it or `BPFTIME_SYSCALL_DISPATCH=0`.
+/// The Syscall User Dispatch catch-all (`bpftime_attach::syscall::dispatch`): on while some
+/// wanted system call could escape the patches (`SyscallTracing::update_catch_all`), unless
+/// the kernel lacks it.
 #[derive(Debug, Default)]
 struct Sud {
     /// The allowed range (libc and the agent), once found.
@@ -388,6 +389,8 @@ struct Sud {
     /// Unavailable or turned off: not tried again.
     off: bool,
     on: bool,
+    /// "Not needed" was logged.
+    told_unneeded: bool,
     /// Last logged.
     stats: dispatch::Stats,
 }
@@ -401,11 +404,6 @@ impl Sud {
         let range = match self.range {
             Some(r) => r,
             None => {
-                if std::env::var("BPFTIME_SYSCALL_DISPATCH").is_ok_and(|v| v == "0") {
-                    tracing::info!("syscall user dispatch: off (BPFTIME_SYSCALL_DISPATCH=0)");
-                    self.off = true;
-                    return;
-                }
                 if !dispatch::supported() {
                     tracing::info!(
                         "syscall user dispatch: not supported by this kernel; only patched \
@@ -494,6 +492,9 @@ pub struct SyscallTracing {
     objects: Vec<Interceptor>,
     /// Objects scanned (or that could not be), by path: not scanned again while mapped.
     tried: HashSet<PathBuf>,
+    /// Objects scanned successfully (with patchable sites or not), with the static numbers
+    /// of the `syscall` instructions they have that no patch covers (`None`: not known).
+    scanned: HashMap<PathBuf, Vec<Option<u32>>>,
     /// The sites wanted now; `None` with no attachment.
     want: Option<Want>,
     /// The Syscall User Dispatch catch-all.
@@ -553,7 +554,7 @@ impl SyscallTracing {
             if self.want.is_some() {
                 // Objects mapped (or unmapped) since (`dlopen`, `dlclose`), threads started.
                 let new = self.rescan_objects();
-                self.sud.enable();
+                self.update_catch_all();
                 self.apply(new);
             }
             return;
@@ -617,7 +618,7 @@ impl SyscallTracing {
         } else {
             self.want = Some(Want { all_calls, nrs });
             self.rescan_objects();
-            self.sud.enable();
+            self.update_catch_all();
             let n = self.apply(0);
             tracing::info!(
                 "syscall tracepoints: {} attachment(s), {n} site(s) patched in {} object(s)",
@@ -676,12 +677,14 @@ impl SyscallTracing {
                 ic.path().display()
             );
             self.tried.remove(ic.path());
+            self.scanned.remove(ic.path());
             ic.forget();
         }
         let first_new = self.objects.len();
         let mapped = patchable_objects(&maps);
         // A path unmapped without ever being scanned successfully may be mapped again.
         self.tried.retain(|p| mapped.contains(p));
+        self.scanned.retain(|p, _| mapped.contains(p));
         for path in mapped {
             if !self.tried.insert(path.clone()) {
                 continue;
@@ -694,6 +697,7 @@ impl SyscallTracing {
                 }
             };
             let (n, skipped) = ic.counts();
+            self.scanned.insert(path.clone(), ic.skipped_nrs().to_vec());
             tracing::info!(
                 "{}: {n} syscall sites can be patched, {skipped} left alone ({} outside \
                  function symbols)",
@@ -706,6 +710,78 @@ impl SyscallTracing {
             self.objects.push(ic);
         }
         first_new
+    }
+
+    /// Turns the catch-all on where it is needed (or asked for with
+    /// `BPFTIME_SYSCALL_DISPATCH=1`), off elsewhere (or always with `=0`).
+    fn update_catch_all(&mut self) {
+        let (needed, why) = match std::env::var("BPFTIME_SYSCALL_DISPATCH").as_deref() {
+            Ok("0") => (false, "BPFTIME_SYSCALL_DISPATCH=0"),
+            Ok(_) => (true, ""),
+            Err(_) => (
+                self.catch_all_needed(),
+                "every wanted system call is made from a patched site",
+            ),
+        };
+        if needed {
+            self.sud.enable();
+            self.sud.told_unneeded = false;
+            return;
+        }
+        if self.sud.on || !self.sud.told_unneeded {
+            tracing::info!("syscall user dispatch: off ({why})");
+            self.sud.told_unneeded = true;
+        }
+        self.sud.disable();
+    }
+
+    /// Whether a wanted system call could come from a `syscall` instruction outside libc and
+    /// the agent (where Syscall User Dispatch traps) that no patch covers: the vDSO's
+    /// fallbacks (`clock_gettime`, `gettimeofday`, `time`, `clock_getres`, `getcpu`), sites
+    /// left alone in other objects, and executable memory nothing scanned — code the
+    /// application generated (not ours: hook stubs and JIT code are known by address) or an
+    /// object that could not be scanned. With `raw_syscalls` every number is wanted.
+    fn catch_all_needed(&self) -> bool {
+        /// The system calls x86_64 vDSO functions fall back to.
+        const VDSO_NRS: [u32; 5] = [96, 201, 228, 229, 309];
+        let Some(want) = &self.want else {
+            return false;
+        };
+        if want.all_calls || VDSO_NRS.iter().any(|&n| want.accepts(Some(n))) {
+            return true;
+        }
+        let Ok(maps) = read_self_maps() else {
+            return true;
+        };
+        let allowed = dispatch::allowed_range(&maps);
+        let traps = |start: usize| allowed.is_none_or(|(lo, hi)| start < lo || start >= hi);
+        let own: Vec<(usize, usize)> = bpftime_attach::x86_64::own_code_ranges()
+            .into_iter()
+            .chain(bpftime_runtime::jit_code_ranges())
+            .collect();
+        // Every byte of the mapping in our ranges (adjacent ones may have merged into it).
+        let ours = |m: &bpftime_attach::procmaps::MapEntry| {
+            let mut at = m.start;
+            while at < m.end {
+                match own
+                    .iter()
+                    .find(|&&(a, len)| a <= at && at < a.saturating_add(len))
+                {
+                    Some(&(a, len)) => at = a.saturating_add(len),
+                    None => return false,
+                }
+            }
+            true
+        };
+        maps.iter().filter(|m| m.exec && traps(m.start)).any(|m| {
+            if m.path == "[vdso]" || m.path == "[vsyscall]" || (m.path.is_empty() && ours(m)) {
+                return false;
+            }
+            match self.scanned.get(std::path::Path::new(&m.path)) {
+                Some(left_alone) => left_alone.iter().any(|&nr| want.accepts(nr)),
+                None => true,
+            }
+        })
     }
 
     /// Restores every patched site.

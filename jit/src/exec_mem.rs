@@ -160,6 +160,7 @@ impl ExecMem {
                     return Err(io::Error::last_os_error());
                 }
                 let base = p as usize;
+                own_add(base, chunk);
                 if let Ok(mut pool) = POOL.lock() {
                     pool.ready.extend((1..POOL_CHUNK).map(|i| base + i * page));
                 }
@@ -210,6 +211,7 @@ impl ExecMem {
         let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
             return Err(io::Error::other("mmap returned null"));
         };
+        own_add(p as usize, len);
         // From here on `mem` owns the mapping and unmaps it on every exit path.
         let mem = ExecMem {
             ptr,
@@ -267,8 +269,47 @@ impl Drop for ExecMem {
         // SAFETY: `ptr`/`map_len` describe memory this value owns (its mapping, or a pool page
         // the full pool does not take back); it is unmapped only here.
         let r = unsafe { libc::munmap(p, self.map_len) };
+        own_remove(p as usize, self.map_len);
         debug_assert_eq!(r, 0, "munmap failed: {}", io::Error::last_os_error());
     }
+}
+
+/// Address ranges (start, length) of the mappings that hold generated code (pool chunks and
+/// own mappings), so that a host can tell its code from code its application generates.
+static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+fn own_add(addr: usize, len: usize) {
+    if let Ok(mut own) = OWN.lock() {
+        own.push((addr, len));
+    }
+}
+
+/// Forgets `[addr, addr + len)` (unmapped), splitting the range that held it.
+fn own_remove(addr: usize, len: usize) {
+    if let Ok(mut own) = OWN.lock() {
+        let end = addr + len;
+        let mut kept = Vec::with_capacity(own.len() + 1);
+        for &(s, l) in own.iter() {
+            let e = s + l;
+            if e <= addr || end <= s {
+                kept.push((s, l));
+                continue;
+            }
+            if s < addr {
+                kept.push((s, addr - s));
+            }
+            if end < e {
+                kept.push((end, e - end));
+            }
+        }
+        *own = kept;
+    }
+}
+
+/// The address ranges (start, length) of every mapping that holds (or held, for pool pages
+/// waiting for reuse) code of this process's [`ExecMem`]s.
+pub fn code_ranges() -> Vec<(usize, usize)> {
+    OWN.lock().map(|o| o.clone()).unwrap_or_default()
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -283,6 +324,22 @@ fn flush_icache(start: *mut u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_ranges_cover_live_code_and_forget_unmapped_mappings() {
+        let inside = |a: usize| code_ranges().iter().any(|&(s, l)| s <= a && a < s + l);
+        let small = ExecMem::new(&[0xc3]).unwrap();
+        assert!(inside(small.as_ptr() as usize));
+        // Larger than a page: its own mapping, unmapped (and forgotten) on drop.
+        let big = ExecMem::new(&vec![0xc3u8; 3 * page_size()]).unwrap();
+        let at = big.as_ptr() as usize;
+        assert!(inside(at) && inside(at + 2 * page_size()));
+        assert!(code_ranges().contains(&(at, 3 * page_size())));
+        drop(big);
+        // (Other tests may map the same addresses again: the exact range is what must go.)
+        assert!(!code_ranges().contains(&(at, 3 * page_size())));
+        assert!(inside(small.as_ptr() as usize));
+    }
 
     fn protection_of(addr: usize) -> String {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("procfs");

@@ -21,3 +21,9 @@ pub mod trace;
 pub use exec::{HitRefused, ThreadMem, exclude_thread, probe_hit};
 pub use object::RuntimeError;
 pub use prog::{Engine, LoadError, LoadedProg};
+
+/// The address ranges (start, length) holding JIT-compiled program code in this process (see
+/// `bpftime_jit::exec_mem::code_ranges`); empty where programs are interpreted.
+pub fn jit_code_ranges() -> Vec<(usize, usize)> {
+    bpftime_jit::exec_mem::code_ranges()
+}

@@ -538,6 +538,8 @@ pub struct Interceptor {
     inode: u64,
     sites: Vec<Prepared>,
     skipped: usize,
+    /// The static number of each skipped site, where known.
+    skipped_nrs: Vec<Option<u32>>,
     /// Of `skipped`: windows outside every function symbol (not patched in objects other
     /// than glibc's, which may keep data in their text).
     unverified: usize,
@@ -755,6 +757,7 @@ impl Interceptor {
             inode,
             sites: Vec::new(),
             skipped: scan.skipped.len(),
+            skipped_nrs: scan.skipped_nrs.clone(),
             unverified: 0,
             _blocks: Vec::new(),
         };
@@ -768,6 +771,7 @@ impl Interceptor {
                 });
                 if !inside {
                     out.skipped += 1;
+                    out.skipped_nrs.push(site.nr);
                     out.unverified += 1;
                     continue;
                 }
@@ -785,13 +789,22 @@ impl Interceptor {
             let start = (site.start as i64 + b) as usize;
             match prepare_one(&maps, site, start, &mut block, &mut out._blocks) {
                 Ok(p) => out.sites.push(p),
-                Err(_) => out.skipped += 1,
+                Err(_) => {
+                    out.skipped += 1;
+                    out.skipped_nrs.push(site.nr);
+                }
             }
         }
         if let Some((blk, code, _)) = block.take() {
             seal_block(blk, &code, &mut out._blocks)?;
         }
         Ok(out)
+    }
+
+    /// The static numbers of the `syscall` instructions left alone (`None`: not known
+    /// before run time), one per skipped site.
+    pub fn skipped_nrs(&self) -> &[Option<u32>] {
+        &self.skipped_nrs
     }
 
     /// The library.

@@ -70,6 +70,8 @@ pub struct Scan {
     pub sites: Vec<Site>,
     /// Addresses of `syscall` instructions with no usable window (or never patched).
     pub skipped: Vec<u64>,
+    /// The static number of each of `skipped`, where known.
+    pub skipped_nrs: Vec<Option<u32>>,
     /// `PT_LOAD` segments: (virtual address, file offset, size in the file).
     pub segments: Vec<(u64, u64, u64)>,
 }
@@ -157,7 +159,10 @@ pub fn scan_code(sections: &[(u64, &[u8])]) -> Scan {
             Some(site) if site.nr.is_none_or(|n| !NEVER_PATCHED.contains(&n)) => {
                 scan.sites.push(site)
             }
-            _ => scan.skipped.push(at),
+            other => {
+                scan.skipped.push(at);
+                scan.skipped_nrs.push(other.and_then(|s| s.nr));
+            }
         }
     }
     scan

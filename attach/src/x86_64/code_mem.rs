@@ -139,7 +139,28 @@ impl CodeBlock {
         // SAFETY: the block was never made executable, so no thread can be running in it and no
         // reference into it exists; we unmap exactly the mapping we created.
         unsafe { libc::munmap(self.base as *mut libc::c_void, BLOCK) };
+        OWN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&(a, _)| a != self.base);
     }
+}
+
+/// The blocks (and other code mappings) of this process's hooks, by start and length: never
+/// unmapped once sealed, removed when freed unsealed.
+static OWN: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `[addr, addr + len)` as bpftime's own code ([`own_code_ranges`]).
+pub(crate) fn own_add(addr: usize, len: usize) {
+    OWN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((addr, len));
+}
+
+/// The address ranges (start, length) holding the hook engine's own code: stubs,
+/// trampolines, out-of-line copies, return trampolines (so that a host can tell its code from
+/// code the application generates, e.g. for system call tracing's catch-all).
+pub fn own_code_ranges() -> Vec<(usize, usize)> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Maps a block within rel32 reach of `target`, trying the free gaps of `maps` nearest to it.
@@ -169,6 +190,7 @@ pub(crate) fn alloc_near(
             CodeBlock { base: p as usize }.free_unsealed();
             continue;
         }
+        own_add(cand, BLOCK);
         return Ok(Some(CodeBlock { base: cand }));
     }
     Ok(None)
@@ -190,6 +212,7 @@ pub(crate) fn alloc_anywhere() -> Result<CodeBlock, AttachError> {
     if p == libc::MAP_FAILED {
         return Err(AttachError::last_os("mmap(stub)"));
     }
+    own_add(p as usize, BLOCK);
     Ok(CodeBlock { base: p as usize })
 }
 

@@ -29,6 +29,7 @@ pub(crate) mod threads;
 #[allow(unsafe_code)]
 mod trap;
 
+pub use code_mem::own_code_ranges;
 pub use hook::{
     FuncBounds, Hook, HookHandler, HookKind, NATIVE_NOT_RUN, NATIVE_RAN, NATIVE_TRAPPED,
     NativeEntry, NativeOutcome, PatchMode, Probe, install, install_probe, override_return,

@@ -216,6 +216,7 @@ pub(crate) fn init() -> Result<(), AttachError> {
             return Err(errno());
         }
         let (code, data) = (code as usize, data as usize);
+        super::code_mem::own_add(code, CODE_LEN);
         let stub = stub::encode_return_stub(
             code as u64,
             dispatch as *const () as u64,

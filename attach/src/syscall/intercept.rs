@@ -149,6 +149,9 @@ pub unsafe fn set_fast(nr: u32, progs: Option<FastProgs>) -> bool {
     let new = progs
         .filter(|p| p.enter != 0 || p.exit != 0)
         .map_or(0, |p| Box::into_raw(Box::new(p)) as usize);
+    if new != 0 {
+        crate::x86_64::threads::native_used();
+    }
     let old = f.progs.swap(new, Ordering::SeqCst);
     while f.inflight.load(Ordering::SeqCst) != 0 {
         std::thread::yield_now();

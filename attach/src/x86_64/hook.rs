@@ -80,7 +80,7 @@ pub type NativeEntry = unsafe extern "sysv64" fn(regs: *mut PtRegs, len: u64) ->
 pub fn set_native_excluded_thread(on: bool) {
     use super::threads::NativeBusy;
     if on {
-        NativeBusy::enter().forever();
+        NativeBusy::enter_always().forever();
     } else if let Some(r) = super::threads::current() {
         let b = r.busy.load(Ordering::Relaxed);
         r.busy.store(b.saturating_sub(1), Ordering::Relaxed);
@@ -670,6 +670,9 @@ impl Hook {
     pub unsafe fn set_native(&self, entry: Option<NativeEntry>) -> bool {
         match self.state.as_ref().map(|s| &s.patch) {
             Some(Patch::Jump(j)) if j.native => {
+                if entry.is_some() {
+                    super::threads::native_used();
+                }
                 j.block.set_native(entry.map_or(0, |e| e as usize as u64));
                 true
             }
@@ -692,6 +695,9 @@ impl Hook {
     pub unsafe fn set_native_return(&self, entry: Option<NativeEntry>) -> bool {
         match self.state.as_ref().and_then(|s| s.ret_site) {
             Some(site) => {
+                if entry.is_some() {
+                    super::threads::native_used();
+                }
                 // SAFETY: forwarded contract; the site stays registered until removal, which
                 // clears the entry and waits for the returns running it.
                 unsafe { retprobe::set_site_native(site, entry.map_or(0, |e| e as usize)) };

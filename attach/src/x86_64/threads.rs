@@ -24,7 +24,7 @@
 //! - Records are never freed: the table is a `static`.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{AsmRegister64, CodeAssembler, CodeLabel, qword_ptr};
@@ -134,10 +134,23 @@ pub(crate) fn current_or_insert() -> Option<&'static ThreadRec> {
 #[must_use = "the thread is busy only while the guard lives"]
 pub struct NativeBusy(Option<&'static ThreadRec>);
 
+/// Whether a native entry was ever set in this process (hooks, returns, system call
+/// numbers): until then no native path can run, and [`NativeBusy::enter`] does nothing.
+static NATIVE_USED: AtomicBool = AtomicBool::new(false);
+
+/// Notes that a native entry is being set (before it is published).
+pub(crate) fn native_used() {
+    NATIVE_USED.store(true, Ordering::SeqCst);
+}
+
 impl NativeBusy {
     /// Marks the calling thread busy (a no-op when no record can be had for it: the native
-    /// paths then cannot find it either, and take the handlers).
+    /// paths then cannot find it either, and take the handlers; and while no native entry was
+    /// ever set in the process, nothing could look).
     pub fn enter() -> Self {
+        if !NATIVE_USED.load(Ordering::Relaxed) {
+            return NativeBusy(None);
+        }
         let r = current_or_insert();
         if let Some(r) = r {
             // Owner-only field: a plain read-modify-write (a signal handler nests inside).
@@ -151,6 +164,18 @@ impl NativeBusy {
     /// Keeps the calling thread busy for good (the agent's own threads).
     pub fn forever(self) {
         core::mem::forget(self);
+    }
+
+    /// [`NativeBusy::enter`] even before any native entry was set (for threads that must be
+    /// busy whenever one appears: the agent's own).
+    pub fn enter_always() -> Self {
+        let r = current_or_insert();
+        if let Some(r) = r {
+            r.busy
+                .store(r.busy.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            core::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
+        NativeBusy(r)
     }
 }
 

@@ -201,6 +201,51 @@ impl Drop for TestStore {
     }
 }
 
+/// A log file for the agent in a victim (`BPFTIME_LOG=info` into `BPFTIME_LOG_FILE`, in the
+/// temporary directory, which the unprivileged uid can write), removed on drop.
+#[derive(Debug)]
+pub struct AgentLog {
+    path: PathBuf,
+}
+
+impl AgentLog {
+    /// A fresh log for `tag`.
+    pub fn new(tag: &str) -> AgentLog {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "bpftime-log-{tag}-{}-{nanos}.log",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        AgentLog { path }
+    }
+
+    /// The environment that sends the agent's log here.
+    pub fn env(&self) -> [(&str, &str); 2] {
+        [
+            ("BPFTIME_LOG", "info"),
+            (
+                "BPFTIME_LOG_FILE",
+                self.path.to_str().expect("a UTF-8 temporary path"),
+            ),
+        ]
+    }
+
+    /// What the agent wrote so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A running child whose stdout is read line by line on a thread.
 #[derive(Debug)]
 pub struct Proc {

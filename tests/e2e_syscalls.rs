@@ -9,7 +9,9 @@
 
 use bpftime_attach::syscall::Tracepoint;
 use bpftime_attach::syscall::table::events;
-use bpftime_suite::{Proc, TestStore, artifacts, build_example, is_root, poll, skip, unprivileged};
+use bpftime_suite::{
+    AgentLog, Proc, TestStore, artifacts, build_example, is_root, poll, skip, unprivileged,
+};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -155,26 +157,20 @@ fn a_counter_runs_natively_in_the_gate_and_counts_every_call() {
             .arg("-g");
         let mut l = Proc::spawn(c, "bpftime load syscall-trace -g");
         l.wait_line(T, |x| x == "attached");
-        let log = std::env::temp_dir().join(format!(
-            "bpftime-sysfast-{}-{native}{dispatch}.log",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&log);
+        let log = AgentLog::new("sysfast");
         let mut c = unprivileged(&a.bpftime);
         c.args(["start", "--store", &store.name, "--"])
             .arg(build.join("syscall-victim"))
             .args(["-b", &CALLS.to_string()])
             .env("BPFTIME_NATIVE", native)
-            .env("BPFTIME_LOG", "info")
-            .env("BPFTIME_LOG_FILE", &log);
+            .envs(log.env());
         if dispatch.is_empty() {
             c.env_remove("BPFTIME_SYSCALL_DISPATCH");
         } else {
             c.env("BPFTIME_SYSCALL_DISPATCH", dispatch);
         }
         Proc::spawn(c, "bpftime start syscall-victim -b").finish(T);
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
+        let text = log.text();
         // By default the catch-all stays off here: every getpid site is patched.
         assert_eq!(
             text.contains("syscall user dispatch: on"),
@@ -208,16 +204,9 @@ fn the_catch_all_is_on_only_when_a_wanted_call_can_escape_the_patches() {
     let Some(build) = build_example("syscall-trace") else {
         return;
     };
-    let log = std::env::temp_dir().join(format!("bpftime-auto-sud-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let log_s = log.to_str().expect("utf-8 temp path").to_string();
-    let env = [
-        ("BPFTIME_LOG", "info"),
-        ("BPFTIME_LOG_FILE", log_s.as_str()),
-    ];
-    let (out, vout) = raw_run_with(&build, "autosud", Dlopen::Early, false, &["-g"], &env);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
+    let log = AgentLog::new("autosud");
+    let (out, vout) = raw_run_with(&build, "autosud", Dlopen::Early, false, &["-g"], &log.env());
+    let text = log.text();
     assert!(text.contains("syscall user dispatch: on"), "{text}");
     assert!(vout.iter().any(|l| l == "app_sigsys 1"), "{vout:?}");
     // As the raw_syscalls count of number 39 (+ 1: raise(SIGSYS) calls getpid).

@@ -7,6 +7,7 @@
 
 mod probe_support;
 
+use bpftime_suite::AgentLog;
 use probe_support::{Runtime, example, kernel_available, run, run_status, run_status_env};
 use std::os::unix::process::ExitStatusExt;
 
@@ -73,17 +74,9 @@ fn an_entry_only_count_runs_in_the_hook_stub_and_matches_the_kernel() {
     let args = ["-m", "nop5", "3000"];
     let mut counts = Vec::new();
     for native in ["1", "0"] {
-        let log = std::env::temp_dir().join(format!(
-            "bpftime-native-{}-{native}.log",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&log);
-        let log_s = log.to_str().expect("utf-8 temp path");
-        let env = [
-            ("BPFTIME_NATIVE", native),
-            ("BPFTIME_LOG", "info"),
-            ("BPFTIME_LOG_FILE", log_s),
-        ];
+        let log = AgentLog::new("native");
+        let [a, b] = log.env();
+        let env = [("BPFTIME_NATIVE", native), a, b];
         let (st, ours) = run_status_env(
             Runtime::Bpftime,
             &build,
@@ -95,8 +88,7 @@ fn an_entry_only_count_runs_in_the_hook_stub_and_matches_the_kernel() {
             &env,
         );
         assert!(st.success(), "{st}: {ours:?}");
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
+        let text = log.text();
         assert_eq!(
             text.contains("runs natively"),
             native == "1",
@@ -135,15 +127,8 @@ fn return_only_counts_run_natively_through_recursion_and_longjmp_like_the_kernel
         ("rec", "rec_fn", "500"),
         ("longjmp", "jmp_fn", "2000"),
     ] {
-        let log = std::env::temp_dir().join(format!(
-            "bpftime-native-ret-{}-{mode}.log",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&log);
-        let env = [
-            ("BPFTIME_LOG", "info"),
-            ("BPFTIME_LOG_FILE", log.to_str().expect("utf-8 temp path")),
-        ];
+        let log = AgentLog::new("native-ret");
+        let env = log.env();
         let args = ["-m", mode, n];
         let (st, ours) = run_status_env(
             Runtime::Bpftime,
@@ -156,8 +141,7 @@ fn return_only_counts_run_natively_through_recursion_and_longjmp_like_the_kernel
             &env,
         );
         assert!(st.success(), "{mode}: {st}: {ours:?}");
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
+        let text = log.text();
         assert!(
             text.contains("runs natively in the return stub"),
             "{mode}: agent log:\n{text}"

@@ -161,6 +161,31 @@ struct Rec {
     entry_rsp: AtomicU64,
 }
 
+impl Rec {
+    /// All counts zero (for statics).
+    const ZERO: Rec = Rec {
+        entries: AtomicU64::new(0),
+        returns: AtomicU64::new(0),
+        ret_sum: AtomicU64::new(0),
+        ret_rip: AtomicU64::new(0),
+        ret_rsp: AtomicU64::new(0),
+        entry_rsp: AtomicU64::new(0),
+    };
+}
+
+/// Waits for the child a fork test recorded in `pid` and checks it exited with 0.
+fn child_exited_ok(pid: &std::sync::atomic::AtomicI32) {
+    let child = pid.load(Ordering::SeqCst);
+    let mut status = 0;
+    // SAFETY: waiting for our own child, with a valid status pointer.
+    let got = unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(got, child);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status:#x}"
+    );
+}
+
 extern "C" fn on_entry(regs: &mut PtRegs, user: *mut c_void) {
     // SAFETY: every test passes a `&Rec` that outlives its hook.
     let r = unsafe { &*user.cast::<Rec>() };
@@ -366,14 +391,7 @@ fn unwinding_through_a_probed_frame_reaches_the_caller() {
     h.remove().unwrap();
 }
 
-static SIG_REC: Rec = Rec {
-    entries: AtomicU64::new(0),
-    returns: AtomicU64::new(0),
-    ret_sum: AtomicU64::new(0),
-    ret_rip: AtomicU64::new(0),
-    ret_rsp: AtomicU64::new(0),
-    entry_rsp: AtomicU64::new(0),
-};
+static SIG_REC: Rec = Rec::ZERO;
 
 #[inline(never)]
 extern "C" fn sig_victim(x: u64) -> u64 {
@@ -408,14 +426,7 @@ fn a_signal_handler_on_the_same_thread_nests_its_own_returns() {
     h.remove().unwrap();
 }
 
-static FORK_REC: Rec = Rec {
-    entries: AtomicU64::new(0),
-    returns: AtomicU64::new(0),
-    ret_sum: AtomicU64::new(0),
-    ret_rip: AtomicU64::new(0),
-    ret_rsp: AtomicU64::new(0),
-    entry_rsp: AtomicU64::new(0),
-};
+static FORK_REC: Rec = Rec::ZERO;
 
 #[inline(never)]
 extern "C" fn forker(x: u64) -> u64 {
@@ -449,26 +460,11 @@ fn a_child_forked_inside_a_probed_frame_returns_through_it_too() {
     }
     assert_eq!(r, 100);
     assert_eq!(FORK_REC.returns.load(Ordering::SeqCst), 1);
-    let mut status = 0;
-    let child = FORK_PID.load(Ordering::SeqCst);
-    // SAFETY: waiting for our child, with a valid status pointer.
-    let pid = unsafe { libc::waitpid(child, &mut status, 0) };
-    assert_eq!(pid, child);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{status:#x}"
-    );
+    child_exited_ok(&FORK_PID);
     h.remove().unwrap();
 }
 
-static FORK2_REC: Rec = Rec {
-    entries: AtomicU64::new(0),
-    returns: AtomicU64::new(0),
-    ret_sum: AtomicU64::new(0),
-    ret_rip: AtomicU64::new(0),
-    ret_rsp: AtomicU64::new(0),
-    entry_rsp: AtomicU64::new(0),
-};
+static FORK2_REC: Rec = Rec::ZERO;
 
 #[inline(never)]
 extern "C" fn forker2(x: u64, fork: u64) -> u64 {
@@ -519,15 +515,7 @@ fn a_child_forked_inside_a_frame_armed_by_the_stub_returns_through_it_too() {
     assert_eq!(r, 100);
     assert_eq!(FORK2_REC.returns.load(Ordering::SeqCst), 4);
     assert_eq!(pending_returns(), 0);
-    let mut status = 0;
-    let child = FORK2_PID.load(Ordering::SeqCst);
-    // SAFETY: waiting for our child, with a valid status pointer.
-    let pid = unsafe { libc::waitpid(child, &mut status, 0) };
-    assert_eq!(pid, child);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{status:#x}"
-    );
+    child_exited_ok(&FORK2_PID);
     h.remove().unwrap();
 }
 

@@ -163,14 +163,16 @@ struct Rec {
 
 impl Rec {
     /// All counts zero (for statics).
-    const ZERO: Rec = Rec {
-        entries: AtomicU64::new(0),
-        returns: AtomicU64::new(0),
-        ret_sum: AtomicU64::new(0),
-        ret_rip: AtomicU64::new(0),
-        ret_rsp: AtomicU64::new(0),
-        entry_rsp: AtomicU64::new(0),
-    };
+    const fn zero() -> Rec {
+        Rec {
+            entries: AtomicU64::new(0),
+            returns: AtomicU64::new(0),
+            ret_sum: AtomicU64::new(0),
+            ret_rip: AtomicU64::new(0),
+            ret_rsp: AtomicU64::new(0),
+            entry_rsp: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Waits for the child a fork test recorded in `pid` and checks it exited with 0.
@@ -391,7 +393,7 @@ fn unwinding_through_a_probed_frame_reaches_the_caller() {
     h.remove().unwrap();
 }
 
-static SIG_REC: Rec = Rec::ZERO;
+static SIG_REC: Rec = Rec::zero();
 
 #[inline(never)]
 extern "C" fn sig_victim(x: u64) -> u64 {
@@ -426,7 +428,7 @@ fn a_signal_handler_on_the_same_thread_nests_its_own_returns() {
     h.remove().unwrap();
 }
 
-static FORK_REC: Rec = Rec::ZERO;
+static FORK_REC: Rec = Rec::zero();
 
 #[inline(never)]
 extern "C" fn forker(x: u64) -> u64 {
@@ -464,7 +466,7 @@ fn a_child_forked_inside_a_probed_frame_returns_through_it_too() {
     h.remove().unwrap();
 }
 
-static FORK2_REC: Rec = Rec::ZERO;
+static FORK2_REC: Rec = Rec::zero();
 
 #[inline(never)]
 extern "C" fn forker2(x: u64, fork: u64) -> u64 {

@@ -169,6 +169,54 @@ fn return_only_counts_run_natively_through_recursion_and_longjmp_like_the_kernel
 }
 
 #[test]
+fn native_programs_come_and_go_while_8_threads_call() {
+    // Loaders attach entry-only, return-only and both count() programs in turn and exit while
+    // 8 threads call the probed function non-stop: the hook stubs and return stubs switch
+    // between native entries and the handlers, hooks are removed with threads inside them,
+    // and the JIT code of a detached program must outlive every stub still calling it.
+    let Some(build) = example() else {
+        return;
+    };
+    let a = bpftime_suite::artifacts();
+    let store = bpftime_suite::TestStore::new("native-churn");
+    let mut vc = bpftime_suite::unprivileged(&a.bpftime);
+    vc.args(["start", "--store", &store.name, "--"])
+        .arg(build.join("retvictim"))
+        .args(["-w", "-m", "threads", "40000000"]);
+    let mut v = bpftime_suite::Proc::spawn(vc, "retvictim -m threads");
+    let vpid = v.wait_line(probe_support::T, |l| l.starts_with("pid "))[4..]
+        .parse::<u32>()
+        .expect("victim pid");
+    v.send_line("go");
+    for round in 0..12 {
+        let mode: &[&str] = match round % 3 {
+            0 => &["-e"],
+            1 => &["-r"],
+            _ => &[],
+        };
+        let mut lc = bpftime_suite::unprivileged(&a.bpftime);
+        lc.args(["load", "--store", &store.name, "--"])
+            .arg(build.join("uretprobe-counter"))
+            .args(mode)
+            .args(["-p", &vpid.to_string()])
+            .arg(build.join("retvictim"))
+            .arg("target_function");
+        let mut l = bpftime_suite::Proc::spawn(lc, "uretprobe-counter");
+        l.wait_line(probe_support::T, |s| s == "attached");
+        bpftime_suite::poll(probe_support::T, "the agent to attach", || {
+            probe_support::attached_events(&store, vpid).filter(|e| !e.is_empty())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        probe_support::interrupt(l.pid());
+        let out = l.finish(probe_support::T);
+        assert!(out.iter().any(|x| x.starts_with("entries ")), "{out:?}");
+    }
+    let (st, lines) = v.finish_status(std::time::Duration::from_secs(120));
+    assert!(st.success(), "victim: {st}: {lines:?}");
+    assert!(lines.iter().any(|x| x.starts_with("calls ")), "{lines:?}");
+}
+
+#[test]
 fn a_function_shorter_than_the_jump_is_traced_through_a_trap() {
     same_as_kernel("short", "short_fn", "1000", &[]);
 }

@@ -59,7 +59,8 @@ fn value(lines: &[String], key: &str) -> Option<String> {
     })
 }
 
-fn interrupt(pid: u32) {
+/// Sends SIGINT to `pid` (a loader: it detaches and prints its counts).
+pub fn interrupt(pid: u32) {
     let _ = Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status();

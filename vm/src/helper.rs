@@ -12,6 +12,7 @@
 //! and write the program's memory only through [`CallEnv::read_guest`]/[`CallEnv::write_guest`],
 //! which check the interpreter's regions (and trust the pointer under the JIT).
 
+use std::hash::BuildHasherDefault;
 use crate::memory::GuestMemory;
 use crate::verifier::Program;
 use std::ffi::c_void;
@@ -123,8 +124,35 @@ impl MemRegion {
 #[derive(Debug, Default)]
 pub struct Grants {
     regions: Vec<MemRegion>,
-    /// `regions` as a set, kept while there are more than [`GRANTS_SCANNED`] of them.
-    index: std::collections::HashSet<(u64, u64, bool)>,
+    /// `regions` as a set, kept while there are more than [`GRANTS_SCANNED`] of them (its
+    /// table is kept across runs).
+    index: std::collections::HashSet<(u64, u64, bool), BuildHasherDefault<GrantHasher>>,
+}
+
+/// A multiply-rotate hash for grant keys (addresses and lengths the host chose, not input an
+/// attacker controls): the default SipHash cost more than the rest of a map lookup's grant.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GrantHasher(u64);
+
+impl std::hash::Hasher for GrantHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Grants deduplicated by a scan; more go through [`Grants::index`].
@@ -141,11 +169,8 @@ impl Grants {
             return;
         }
         if self.index.is_empty() {
-            self.index = self
-                .regions
-                .iter()
-                .map(|g| (g.start, g.len, g.writable))
-                .collect();
+            self.index
+                .extend(self.regions.iter().map(|g| (g.start, g.len, g.writable)));
         }
         if self.index.insert(key) {
             self.regions.push(r);

@@ -416,17 +416,18 @@ impl Drop for Agent {
 
 /// Removes a site's hook and gives its semaphores back.
 impl Site {
-    /// Lets the hook's stub run the site's program itself when it is the only one, at an
-    /// entry-only probe, and has a native entry (see `bpftime_jit::NativeOptions`): no agent
-    /// code then runs on a hit. Otherwise (or with `enabled` false) every hit goes through
-    /// the handler.
+    /// Lets the hook's stub run the site's entry program itself, and its return stub the
+    /// return program, when it is the only one of its kind and has a native entry (see
+    /// `bpftime_jit::NativeOptions`): no agent code then runs on a hit. Otherwise (or with
+    /// `enabled` false) hits go through the handlers.
     fn set_native(&self, enabled: bool) {
         let Some(hook) = &self.hook else { return };
         let (entry, ret) = (self.data.entry.get(), self.data.ret.get());
-        // The one program of an entry-only probe, or of a return-only one.
-        fn only<'a>(list: &'a ProgList, other: &ProgList, enabled: bool) -> Option<&'a LoadedProg> {
+        // The one entry program and the one return program (a hook runs either natively, the
+        // other through its handler if need be).
+        fn only(list: &ProgList, enabled: bool) -> Option<&LoadedProg> {
             match list.as_slice() {
-                [(p, _)] if enabled && other.is_empty() => {
+                [(p, _)] if enabled => {
                     if let Some(why) = p.native_refused() {
                         tracing::debug!("program {} runs through the handler: {why}", p.id());
                     }
@@ -435,7 +436,7 @@ impl Site {
                 _ => None,
             }
         }
-        let (on_entry, on_return) = (only(entry, ret, enabled), only(ret, entry, enabled));
+        let (on_entry, on_return) = (only(entry, enabled), only(ret, enabled));
         for (native, set, what) in [
             (on_entry, ffi::set_native(hook, on_entry), "hook"),
             (

@@ -137,6 +137,14 @@ core::arch::global_asm!(
     "ret",
     ".size n_ret_rec, .-n_ret_rec",
     ".p2align 4",
+    ".globl n_both",
+    ".type n_both,@function",
+    "n_both:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_both, .-n_both",
+    ".p2align 4",
     ".globl n_busy",
     ".type n_busy,@function",
     "n_busy:",
@@ -277,6 +285,7 @@ unsafe extern "C" {
     safe fn n_ret_cycles(a: u64, b: u64) -> u64;
     safe fn n_ret_rec(n: u64) -> u64;
     safe fn n_busy(a: u64, b: u64) -> u64;
+    safe fn n_both(a: u64, b: u64) -> u64;
     safe fn n_ret_busy(a: u64, b: u64) -> u64;
     safe fn n_sum6(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64;
     safe fn n_fsum8(a: f64, b: f64, c: f64, d: f64, e: f64, f: f64, g: f64, h: f64) -> f64;
@@ -673,7 +682,7 @@ fn a_mid_function_native_probe_keeps_the_flags_and_clears_df_for_the_entry() {
 }
 
 #[test]
-fn trap_hooks_and_hooks_with_a_return_handler_have_no_native_slot() {
+fn trap_hooks_have_no_native_slot() {
     let target = addr(n_noslot as *const ());
     let rec = Record::default();
     let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
@@ -683,6 +692,14 @@ fn trap_hooks_and_hooks_with_a_return_handler_have_no_native_slot() {
     assert_eq!(n_noslot(1, 2), 3);
     assert_eq!(h.native_traps(), 0);
     h.remove().unwrap();
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn with_a_return_handler_the_entry_runs_natively_and_the_stub_arms_the_return() {
+    let target = addr(n_both as *const ());
+    let rec = Record::default();
     let p = Probe {
         entry: Some(counting),
         ret: Some(counting),
@@ -693,12 +710,33 @@ fn trap_hooks_and_hooks_with_a_return_handler_have_no_native_slot() {
     // SAFETY: a function entry above; `counting` only touches `rec`, which outlives the hook.
     let h = unsafe { install_probe(target, &p) }.unwrap();
     assert_eq!(h.kind(), HookKind::Jump);
-    assert!(!set(&h, Some(entry)));
-    assert_eq!(n_noslot(1, 2), 3);
+    let (entry, seen) = native(NATIVE_RAN, Action::Nothing);
+    assert!(set(&h, Some(entry)));
+    for i in 0..500 {
+        assert_eq!(n_both(black_box(i), 2), i + 2);
+    }
+    // The entry natively every time; the return handler every time (the first return of the
+    // thread armed by `arm_only`, the others inline), the entry handler never.
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 500);
+    assert_eq!(seen.bad.load(Ordering::SeqCst), 0);
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 500);
+    assert_eq!(
+        rec.rdi.load(Ordering::SeqCst),
+        499,
+        "rdi after the last return"
+    );
+    assert_eq!(pending_returns(), 0);
+    // An entry that did not run: the handler arms and runs the entry program.
+    let (not_run, nr_seen) = native(NATIVE_NOT_RUN, Action::Nothing);
+    assert!(set(&h, Some(not_run)));
+    for i in 0..100 {
+        assert_eq!(n_both(black_box(i), 2), i + 2);
+    }
+    assert_eq!(nr_seen.calls.load(Ordering::SeqCst), 100);
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 500 + 200);
+    assert_eq!(pending_returns(), 0);
     h.remove().unwrap();
-    // Trap entry, jump entry and return: the handler every time, the entry never.
-    assert_eq!(rec.hits.load(Ordering::SeqCst), 3);
-    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(n_both(1, 2), 3);
 }
 
 #[test]

@@ -136,6 +136,9 @@ pub struct JitContext {
     /// The CPU id the run is pinned to, for inlined per-CPU array lookups
     /// ([`crate::InlineMap`]); `u64::MAX` (unknown) sends them to the helper.
     pub cpu: u64,
+    /// Bytes of stack from `stack_lo` that checked accesses may reach (`MAX_FRAMES * 512`;
+    /// a native entry of a program without bpf-to-bpf calls gives it one frame).
+    pub stack_len: u64,
 }
 
 impl JitContext {
@@ -168,6 +171,7 @@ impl JitContext {
             funcs: 0,
             cur_fp: 0,
             cpu: u64::MAX,
+            stack_len: (bpftime_vm::memory::MAX_FRAMES * bpftime_vm::memory::FRAME_SIZE) as u64,
         }
     }
 }
@@ -345,6 +349,7 @@ const _: () = {
     assert!(offset_of!(JitContext, funcs) == 176);
     assert!(offset_of!(JitContext, cur_fp) == 184);
     assert!(offset_of!(JitContext, cpu) == 192);
+    assert!(offset_of!(JitContext, stack_len) == 200);
 };
 
 /// The generated function's type.
@@ -371,10 +376,12 @@ pub const NATIVE_NOT_RUN: u64 = 1;
 pub const NATIVE_TRAPPED: u64 = 2;
 
 /// A program's native entry ([`crate::CompiledCode::native_entry`], x86_64): runs the
-/// program with r1 = `ctx` and r2 = `len` (as [`crate::JitProgram::run`] does), the context region `[ctx, ctx + len)` writable (as in a
-/// hosted run), a 512-byte stack and a [`JitContext`] on the native stack (under 1 KiB of it
-/// in all), the regions of [`crate::NativeOptions`], and the CPU id read from the thread's
-/// rseq area.
+/// program with r1 = `ctx` and r2 = `len` (as [`crate::JitProgram::run`] does), the context
+/// region `[ctx, ctx + len)` writable (as in a hosted run), the eBPF stack and a
+/// [`JitContext`] on the native stack (one 512-byte frame and ~800 bytes in all without
+/// bpf-to-bpf calls — a stack pointer below that frame traps, where a hosted run's 4 KiB
+/// stack would take it; all frames, ~4.4 KiB, with them), the regions of
+/// [`crate::NativeOptions`], and the CPU id read from the thread's rseq area.
 ///
 /// It keeps the System V callee-saved registers, clobbers only rax, rcx, rdx, rsi, rdi,
 /// r8–r11 and the arithmetic flags, never touches xmm/ymm, x87 or MXCSR state, never changes

@@ -605,3 +605,37 @@ fn native_entries_report_which_context_bytes_the_program_may_read() {
     assert_eq!(reads("ldxb %r0, [%r1+64]\nexit"), u64::MAX);
     assert_eq!(reads("stxdw [%r10-8], %r1\nmov %r0, 0\nexit"), u64::MAX);
 }
+
+#[test]
+fn a_native_entry_gives_a_program_without_calls_one_frame_of_stack() {
+    use bpftime_jit::abi::{NATIVE_RAN, NATIVE_TRAPPED};
+    let h = helpers();
+    let run = |off: i32| {
+        // A pointer derived from r10 (checked at run time, unlike r10's own accesses).
+        let src = format!(
+            "mov %r2, %r10
+             add %r2, {off}
+             stdw [%r2], 7
+             ldxdw %r0, [%r2]
+             exit"
+        );
+        let prog = verify(&assemble(&src).expect("assembles"), &h).expect("verifies");
+        let opts = JitOptions {
+            checked: true,
+            native: Some(bpftime_jit::NativeOptions::default()),
+            ..Default::default()
+        };
+        let p = JitProgram::new(&prog, &h, &opts).expect("compiles");
+        let mut ctx = [0u8; 8];
+        // SAFETY: `ctx` outlives the run; no regions.
+        let out = unsafe { p.run_native(ctx.as_mut_ptr(), 8) }.expect("native entry");
+        (out.status, out.r0)
+    };
+    // Inside the 512-byte frame: fine; below it (another frame's place: no bpf-to-bpf call
+    // here, so none was reserved) or above the frame: a trap, not the native stack around it.
+    assert_eq!(run(-8), (NATIVE_RAN, 7));
+    assert_eq!(run(-512), (NATIVE_RAN, 7));
+    assert_eq!(run(-520), (NATIVE_TRAPPED, 0));
+    assert_eq!(run(-4096), (NATIVE_TRAPPED, 0));
+    assert_eq!(run(0), (NATIVE_TRAPPED, 0));
+}

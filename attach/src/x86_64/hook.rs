@@ -283,11 +283,11 @@ pub unsafe fn install_probe(target: usize, probe: &Probe) -> Result<Hook, Attach
             )
         }
     };
-    // With a return probe: its site and generation when there is no entry handler (the stub
-    // then arms the return itself when it can).
+    // With a return probe: its site and generation, and whether there is no entry handler
+    // (the stub then arms the return itself before building `pt_regs`, when it can).
     let ret = ctx
         .as_ref()
-        .map(|c| c.entry.is_none().then_some((c.site, c.generation)));
+        .map(|c| (c.site, c.generation, c.entry.is_none()));
     let installed = read_self_maps().and_then(|maps| {
         let reg = &mut *reg;
         match probe.mode {
@@ -337,9 +337,9 @@ fn install_jump(
     handler: HookHandler,
     user: *mut c_void,
     func: FuncBounds,
-    ret: Option<Option<(u32, u32)>>,
+    ret: Option<(u32, u32, bool)>,
 ) -> Result<Patch, AttachError> {
-    let (with_return, arm) = (ret.is_some(), ret.flatten());
+    let with_return = ret.is_some();
     let code = code_mem::read_code(maps, target, SCAN_LEN + 2 * JMP_ABS_LEN)?;
     let (block, len) = match code_mem::alloc_near(target, maps)? {
         Some(block) => (block, JMP_REL32_LEN),
@@ -358,12 +358,14 @@ fn install_jump(
         } else {
             None
         },
-        native: (!with_return).then(|| NativeSlot {
+        native: Some(NativeSlot {
             entry: block.native_addr() as u64,
             traps: block.native_traps_addr() as u64,
         }),
-        fast_arm: arm
-            .and_then(|(site, generation)| retprobe::layout().map(|l| (site, generation, l))),
+        arm_only: retprobe::arm_only as *const () as u64,
+        fast_arm: ret
+            .and_then(|(site, generation, _)| retprobe::layout().map(|l| (site, generation, l))),
+        arm_prefix: ret.is_some_and(|(_, _, no_entry)| no_entry),
     };
     let built = prologue::analyze(target as u64, &code, len).and_then(|p| {
         if let FuncBounds::Range { start, end } = func
@@ -442,7 +444,7 @@ fn install_jump(
         len,
         patch_len: prologue.patch_len,
         trampoline: enc.trampoline as usize,
-        native: !with_return,
+        native: true,
         block,
     };
     if let Err(e) = restored {
@@ -655,8 +657,10 @@ impl Hook {
     /// release store), a thread that hits the hook, other than the excluded one
     /// ([`set_native_excluded_thread`]), calls `entry` with the registers instead of the
     /// handler, and calls the handler only if `entry` returns [`NATIVE_NOT_RUN`] (or an unknown
-    /// status). Returns whether the hook has a native slot: `false` (and nothing changes) for a
-    /// trap hook and for a hook with a return handler, whose entry handler must run.
+    /// status). With a return handler (at a function's entry) the stub arms the return itself
+    /// after a native entry ran (the handler does both when it did not). Returns whether the
+    /// hook has a native slot: `false` (and nothing changes) for a trap hook and for a return
+    /// probe without an entry handler.
     ///
     /// # Safety
     ///
@@ -668,8 +672,14 @@ impl Hook {
     ///   offers no way to tell when that thread has left, short of removal; keeping every entry
     ///   ever set alive until then is enough.
     pub unsafe fn set_native(&self, entry: Option<NativeEntry>) -> bool {
+        // A return probe without an entry handler has no entry programs to run.
+        let return_only = self
+            .state
+            .as_ref()
+            .and_then(|s| s.ctx.as_ref())
+            .is_some_and(|c| c.entry.is_none());
         match self.state.as_ref().map(|s| &s.patch) {
-            Some(Patch::Jump(j)) if j.native => {
+            Some(Patch::Jump(j)) if j.native && !return_only => {
                 if entry.is_some() {
                     super::threads::native_used();
                 }

@@ -476,6 +476,14 @@ pub(crate) extern "C" fn entry_with_return(regs: &mut PtRegs, ctx: *mut c_void) 
     }
 }
 
+/// The return half of [`entry_with_return`], for a stub that ran the entry program natively
+/// and could not arm the return inline.
+pub(crate) extern "C" fn arm_only(regs: &mut PtRegs, ctx: *mut c_void) {
+    // SAFETY: the hook passes its boxed `ProbeCtx`, alive until the hook is removed.
+    let ctx = unsafe { &*(ctx as *const ProbeCtx) };
+    arm(regs.rsp, ctx.site, ctx.generation);
+}
+
 /// Takes a slot for the return whose address is at `sp` and points `[sp]` at its trampoline.
 fn arm(sp: u64, site: u32, generation: u32) {
     let code = CODE.load(Ordering::Acquire);

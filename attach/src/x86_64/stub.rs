@@ -93,14 +93,21 @@ pub(crate) struct StubParams {
     /// enters the function through `C(k)`, the `call` just before `T(k)`, instead of jumping,
     /// so the return into `T(k)` is predicted (see `retprobe`).
     pub ret_trampolines: Option<(u64, u64)>,
-    /// For a hook without a return handler: where the stub looks for a native entry (see
-    /// [`NativeSlot`]). `None` with a return handler, whose entry handler must run to arm the
-    /// return.
+    /// Where the stub looks for a native entry (see [`NativeSlot`]). With a return handler
+    /// (at a function's entry), a native entry runs the entry program and the stub then arms
+    /// the return itself ([`fast_arm`], else `arm_only` = `retprobe::arm_only`); the handler
+    /// (which arms and runs the entry programs) only when the entry did not run.
     pub native: Option<NativeSlot>,
-    /// For a hook whose only handler is the return one: its return site and generation and
-    /// the slots' layout, so that the stub arms the return itself (see [`fast_arm`]) and
-    /// calls the handler (`entry_with_return`) only when that cannot be done inline.
+    /// `extern "C" fn(&mut PtRegs, *mut ProbeCtx)` arming a return without running the entry
+    /// handler (used with `native` and a return handler).
+    pub arm_only: u64,
+    /// For a hook with a return handler: its return site and generation and the slots'
+    /// layout, so that the stub can arm the return itself (see [`fast_arm`]).
     pub fast_arm: Option<(u32, u32, RetLayout)>,
+    /// The return handler is the only one: the stub arms the return before building
+    /// `pt_regs` ([`fast_arm_entry`]) and calls the handler (`entry_with_return`) only when
+    /// that cannot be done inline.
+    pub arm_prefix: bool,
 }
 
 /// Where the return probes' slots and sites are, for the fast paths the stubs generate
@@ -491,6 +498,54 @@ fn fast_arm_entry(
     Ok(())
 }
 
+/// [`call_native`] for a hook with a return handler, at a function's entry: when the entry
+/// ran (or trapped), arms the return as the handler would have — inline ([`fast_arm`]) or,
+/// when that cannot be done, through `p.arm_only` with the xmm registers saved — and jumps to
+/// the returned label (after the handler call, where the function is entered through its
+/// return trampoline's `call`). Anything else falls through to the handler, which arms and
+/// runs the entry programs itself.
+fn call_native_then_arm(
+    a: &mut CodeAssembler,
+    p: &StubParams,
+    n: &NativeSlot,
+    site: u32,
+    generation: u32,
+    l: &RetLayout,
+) -> Result<CodeLabel, IcedError> {
+    let mut handler = a.create_label();
+    let mut arm = a.create_label();
+    let mut slow_arm = a.create_label();
+    let after = a.create_label();
+    a.add_instruction(Instruction::with2(
+        Code::Mov_r64_rm64,
+        Register::RAX,
+        MemoryOperand::with_base_displ(Register::RIP, n.entry as i64),
+    )?)?;
+    a.test(rax, rax)?;
+    a.jz(handler)?;
+    super::threads::emit_busy_check(a, rcx, rdx, rsi, handler)?;
+    a.mov(rbx, rsp)?;
+    a.and(rsp, -16)?;
+    a.mov(rdi, rbx)?;
+    a.mov(esi, PT_REGS)?;
+    a.call(rax)?;
+    a.mov(rsp, rbx)?;
+    a.test(rdx, rdx)?; // NATIVE_RAN
+    a.jz(arm)?;
+    a.cmp(rdx, NATIVE_TRAPPED as i32)?;
+    a.jne(handler)?;
+    a.add_instruction(locked_rip_rel(Code::Inc_rm64, n.traps)?)?;
+    a.set_label(&mut arm)?;
+    a.mov(r9, qword_ptr(rsp + 152))?; // S
+    fast_arm(a, site, generation, l, slow_arm)?;
+    a.jmp(after)?;
+    a.set_label(&mut slow_arm)?;
+    call_with_xmm_saved(a, p.arm_only, false, |a| a.mov(rsi, p.user))?;
+    a.jmp(after)?;
+    a.set_label(&mut handler)?;
+    Ok(after)
+}
+
 /// At a function's entry with rsp = `&pt_regs` after the handler: if the return address
 /// `[S]` is a return trampoline `T(k)` (the entry handler armed the return), restores every
 /// register and enters the function by jumping to `C(k)` = `call [rsp - 8]` with rsp = `S + 8`
@@ -541,7 +596,7 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     let mut a = CodeAssembler::new(64)?;
     let mut redirect = a.create_label();
     let mut bail = a.create_label();
-    if let Some((site, generation, l)) = p.fast_arm.filter(|_| p.at_entry) {
+    if let Some((site, generation, l)) = p.fast_arm.filter(|_| p.at_entry && p.arm_prefix) {
         fast_arm_entry(&mut a, p, site, generation, &l)?;
     }
     a.lea(rsp, ptr(rsp - FIRST_DROP))?;
@@ -571,9 +626,13 @@ fn stub_instructions(p: &StubParams) -> Result<(Vec<Instruction>, Vec<Instructio
     a.lea(rax, ptr(rsp + (PT_REGS + RED_ZONE)))?;
     a.mov(qword_ptr(rsp + 152), rax)?;
     a.mov(qword_ptr(rsp + 160), USER_SS as i32)?;
-    let after = match p.native {
-        Some(n) => Some(call_native(&mut a, p, &n)?),
-        None => None,
+    let after = match (p.native, p.fast_arm, p.ret_trampolines) {
+        // Entry and return programs: native entry, then the return armed here.
+        (Some(n), Some((site, generation, l)), Some(_)) if p.at_entry => {
+            Some(call_native_then_arm(&mut a, p, &n, site, generation, &l)?)
+        }
+        (Some(n), _, None) => Some(call_native(&mut a, p, &n)?),
+        _ => None,
     };
     call_with_xmm_saved(&mut a, p.handler, !p.at_entry, |a| a.mov(rsi, p.user))?;
     if let Some(mut after) = after {
@@ -796,7 +855,9 @@ mod tests {
             at_entry: false,
             ret_trampolines: None,
             native: None,
+            arm_only: 0,
             fast_arm: None,
+            arm_prefix: false,
         }
     }
 

@@ -113,6 +113,7 @@ const TAIL_TABLES_LEN: i32 = offset_of!(JitContext, tail_tables_len) as i32;
 const FUNCS: i32 = offset_of!(JitContext, funcs) as i32;
 const CUR_FP: i32 = offset_of!(JitContext, cur_fp) as i32;
 const CPU: i32 = offset_of!(JitContext, cpu) as i32;
+const STACK_LEN: i32 = offset_of!(JitContext, stack_len) as i32;
 const CB_TARGET: i32 = crate::abi::CB_TARGET as i32;
 const CB_FP: i32 = crate::abi::CB_FP as i32;
 // CallEnv (asserted in bpftime_vm::helper for status and exit_value).
@@ -1102,8 +1103,9 @@ impl Emitter<'_> {
     /// qualifies (see [`NativeOptions`]); its offset. Emitted after the shared routines.
     ///
     /// Native stack below the return address: 8 bytes of padding, the [`JitContext`]
-    /// (`NATIVE_CTX` bytes) and under it the eBPF stack (all frames, as in a hosted run, so the
-    /// body's stack tests are the same): `frame_top` = the context's address.
+    /// (`NATIVE_CTX` bytes) and under it the eBPF stack (one frame without bpf-to-bpf calls,
+    /// all of them with; `ctx.stack_len` bounds the body's stack tests): `frame_top` = the
+    /// context's address.
     fn native_entry(&mut self) -> Option<usize> {
         let opts = self.native?;
         if self.uses_cpu && opts.cpu_id_tp_offset.is_none() {
@@ -1113,14 +1115,22 @@ impl Emitter<'_> {
             return None;
         }
         const NATIVE_CTX: i32 = (std::mem::size_of::<JitContext>() as i32 + 15) & !15;
-        const AREA: i32 = STACK_BYTES + NATIVE_CTX + 8;
-        const C: i32 = STACK_BYTES;
+        // One frame without bpf-to-bpf calls, all of them with: the native stack used stays
+        // under a page for most programs (a footprint over 4 KiB made stores alias the map
+        // values' addresses modulo 4 KiB, doubling a hit's cost in about half of the runs).
+        let frames = if self.functions.len() > 1 {
+            STACK_BYTES
+        } else {
+            FRAME_SIZE as i32
+        };
+        let area = frames + NATIVE_CTX + 8;
+        let c = frames;
         let (not_run, ran) = (self.ops.new_dynamic_label(), self.ops.new_dynamic_label());
         let checker = self.ops.new_dynamic_label();
         let entry = self.entry_label;
         self.align_with_nops(16);
         let at = self.ops.offset().0;
-        asm!(self.ops; sub rsp, AREA);
+        asm!(self.ops; sub rsp, area);
         match opts.cpu_id_tp_offset.filter(|_| self.uses_cpu) {
             Some(off) => {
                 // mov eax, fs:[off] (the rseq cpu_id; negative when not registered).
@@ -1130,19 +1140,20 @@ impl Emitter<'_> {
                 asm!(self.ops
                     ; cmp eax, limit
                     ; jae =>not_run
-                    ; mov [rsp + C + CPU], rax
+                    ; mov [rsp + c + CPU], rax
                 );
             }
-            None => asm!(self.ops; mov QWORD [rsp + C + CPU], -1),
+            None => asm!(self.ops; mov QWORD [rsp + c + CPU], -1),
         }
         asm!(self.ops
-            ; lea rax, [rsp + C]
-            ; mov [rsp + C + FRAME_TOP], rax
-            ; mov [rsp + C + STACK_LO], rsp
-            ; mov [rsp + C + FAST_START], rdi
-            ; mov [rsp + C + FAST_LEN], rsi
-            ; mov [rsp + C + FAST_WLEN], rsi
-            ; mov DWORD [rsp + C + TRAP_KIND], trap::NONE as i32
+            ; lea rax, [rsp + c]
+            ; mov [rsp + c + FRAME_TOP], rax
+            ; mov [rsp + c + STACK_LO], rsp
+            ; mov QWORD [rsp + c + STACK_LEN], frames
+            ; mov [rsp + c + FAST_START], rdi
+            ; mov [rsp + c + FAST_LEN], rsi
+            ; mov [rsp + c + FAST_WLEN], rsi
+            ; mov DWORD [rsp + c + TRAP_KIND], trap::NONE as i32
             ; xor eax, eax
         );
         // (The helper, tail-call and callback fields stay unset: code with a native entry
@@ -1151,36 +1162,36 @@ impl Emitter<'_> {
         match opts.regions.first() {
             Some(&(start, len, writable)) => {
                 self.mov_imm64(x::RAX, start);
-                asm!(self.ops; mov [rsp + C + CACHE_START], rax);
+                asm!(self.ops; mov [rsp + c + CACHE_START], rax);
                 self.mov_imm64(x::RAX, len);
-                asm!(self.ops; mov [rsp + C + CACHE_LEN], rax);
+                asm!(self.ops; mov [rsp + c + CACHE_LEN], rax);
                 if !writable {
                     asm!(self.ops; xor eax, eax);
                 }
-                asm!(self.ops; mov [rsp + C + CACHE_WLEN], rax);
+                asm!(self.ops; mov [rsp + c + CACHE_WLEN], rax);
             }
             None => asm!(self.ops
-                ; mov [rsp + C + CACHE_START], rax
-                ; mov [rsp + C + CACHE_LEN], rax
-                ; mov [rsp + C + CACHE_WLEN], rax
+                ; mov [rsp + c + CACHE_START], rax
+                ; mov [rsp + c + CACHE_LEN], rax
+                ; mov [rsp + c + CACHE_WLEN], rax
             ),
         }
         asm!(self.ops
             ; lea rax, [=>checker]
-            ; mov [rsp + C + CHECK], rax
-            ; lea rdx, [rsp + C]
+            ; mov [rsp + c + CHECK], rax
+            ; lea rdx, [rsp + c]
             ; call =>entry
             ; xor edx, edx
-            ; cmp DWORD [rsp + C + TRAP_KIND], trap::NONE as i32
+            ; cmp DWORD [rsp + c + TRAP_KIND], trap::NONE as i32
             ; je =>ran
             ; mov edx, crate::abi::NATIVE_TRAPPED as i32
             ; =>ran
-            ; add rsp, AREA
+            ; add rsp, area
             ; ret
             ; =>not_run
             ; xor eax, eax
             ; mov edx, NATIVE_NOT_RUN as i32
-            ; add rsp, AREA
+            ; add rsp, area
             ; ret
         );
         // The checker (`abi::CheckFn`: rsi = address, edx = length, ecx = 1 for a store; al =
@@ -2350,7 +2361,9 @@ impl Emitter<'_> {
         asm!(self.ops
             ; mov r10, r11
             ; sub r10, [r12 + STACK_LO]
-            ; cmp r10, STACK_BYTES - i32::from(len)
+            ; add r10, i32::from(len)
+            ; jc =>fail
+            ; cmp r10, [r12 + STACK_LEN]
             ; ja =>fail
         );
     }

@@ -12,11 +12,11 @@
 //! and write the program's memory only through [`CallEnv::read_guest`]/[`CallEnv::write_guest`],
 //! which check the interpreter's regions (and trust the pointer under the JIT).
 
-use std::hash::BuildHasherDefault;
 use crate::memory::GuestMemory;
 use crate::verifier::Program;
 use std::ffi::c_void;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 /// A helper function as both engines call it.

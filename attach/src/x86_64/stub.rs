@@ -365,6 +365,23 @@ fn call_native(
 ) -> Result<CodeLabel, IcedError> {
     let mut handler = a.create_label();
     let after = a.create_label();
+    emit_native_call(a, p, n, handler, after)?;
+    a.jmp(after)?;
+    a.set_label(&mut handler)?;
+    Ok(after)
+}
+
+/// The call itself, with rsp = `&pt_regs`: to `handler` without a native entry, on a busy
+/// thread (running programs on the host's side, or the agent's: the handler skips the hit)
+/// and for an entry that did not run; to `ran` when it ran, falling through after counting a
+/// trap.
+fn emit_native_call(
+    a: &mut CodeAssembler,
+    p: &StubParams,
+    n: &NativeSlot,
+    handler: CodeLabel,
+    ran: CodeLabel,
+) -> Result<(), IcedError> {
     a.add_instruction(Instruction::with2(
         Code::Mov_r64_rm64,
         Register::RAX,
@@ -372,8 +389,6 @@ fn call_native(
     )?)?;
     a.test(rax, rax)?;
     a.jz(handler)?;
-    // A busy thread (running programs on the host's side, or the agent's) takes the handler,
-    // which skips the hit.
     super::threads::emit_busy_check(a, rcx, rdx, rsi, handler)?;
     a.mov(rbx, rsp)?;
     a.and(rsp, -16)?;
@@ -385,13 +400,11 @@ fn call_native(
     a.call(rax)?;
     a.mov(rsp, rbx)?;
     a.test(rdx, rdx)?; // NATIVE_RAN
-    a.jz(after)?;
+    a.jz(ran)?;
     a.cmp(rdx, NATIVE_TRAPPED as i32)?;
     a.jne(handler)?;
     a.add_instruction(locked_rip_rel(Code::Inc_rm64, n.traps)?)?;
-    a.jmp(after)?;
-    a.set_label(&mut handler)?;
-    Ok(after)
+    Ok(())
 }
 
 /// At a function's entry with r9 = `S` (where the return address is): arms the return as
@@ -516,25 +529,7 @@ fn call_native_then_arm(
     let mut arm = a.create_label();
     let mut slow_arm = a.create_label();
     let after = a.create_label();
-    a.add_instruction(Instruction::with2(
-        Code::Mov_r64_rm64,
-        Register::RAX,
-        MemoryOperand::with_base_displ(Register::RIP, n.entry as i64),
-    )?)?;
-    a.test(rax, rax)?;
-    a.jz(handler)?;
-    super::threads::emit_busy_check(a, rcx, rdx, rsi, handler)?;
-    a.mov(rbx, rsp)?;
-    a.and(rsp, -16)?;
-    a.mov(rdi, rbx)?;
-    a.mov(esi, PT_REGS)?;
-    a.call(rax)?;
-    a.mov(rsp, rbx)?;
-    a.test(rdx, rdx)?; // NATIVE_RAN
-    a.jz(arm)?;
-    a.cmp(rdx, NATIVE_TRAPPED as i32)?;
-    a.jne(handler)?;
-    a.add_instruction(locked_rip_rel(Code::Inc_rm64, n.traps)?)?;
+    emit_native_call(a, p, n, handler, arm)?;
     a.set_label(&mut arm)?;
     a.mov(r9, qword_ptr(rsp + 152))?; // S
     fast_arm(a, site, generation, l, slow_arm)?;

@@ -54,6 +54,9 @@ pub struct JitOptions {
 /// caller (a probe's hook stub) need not save those registers around it.
 #[derive(Clone, Debug, Default)]
 pub struct NativeOptions {
+    /// Whether the program may store into its context (`false` for tracing programs, whose
+    /// context the kernel's verifier keeps read-only: a store then traps).
+    pub ctx_writable: bool,
     /// Offset from the thread pointer (`fs` base) of the calling thread's rseq `cpu_id` (a
     /// `u32`, glibc's `__rseq_offset + 4`), for per-CPU arrays; `None`: programs using
     /// per-CPU arrays get no native entry.

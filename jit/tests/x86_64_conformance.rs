@@ -13,7 +13,10 @@ fn run_all(checked: bool) {
     let helpers = conformance_helpers();
     let opts = JitOptions {
         checked,
-        native: Some(NativeOptions::default()),
+        native: Some(NativeOptions {
+            ctx_writable: true,
+            ..NativeOptions::default()
+        }),
         ..Default::default()
     };
     let mut native = 0;

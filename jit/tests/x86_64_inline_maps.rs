@@ -352,6 +352,7 @@ fn native_jit(src: &str, checked: bool, inline: InlineMap) -> JitProgram {
         checked,
         inline_maps: vec![inline],
         native: Some(bpftime_jit::NativeOptions {
+            ctx_writable: true,
             cpu_id_tp_offset: rseq_cpu_id_offset(),
             regions: Vec::new(),
         }),
@@ -481,6 +482,7 @@ fn native_entries_check_accesses_against_their_regions() {
         let opts = JitOptions {
             checked: true,
             native: Some(bpftime_jit::NativeOptions {
+                ctx_writable: true,
                 cpu_id_tp_offset: None,
                 regions,
             }),
@@ -539,6 +541,7 @@ fn native_code_never_touches_vector_or_x87_state() {
             checked,
             inline_maps: vec![f.percpu(&bases, true)],
             native: Some(bpftime_jit::NativeOptions {
+                ctx_writable: true,
                 cpu_id_tp_offset: Some(0x100),
                 regions: Vec::new(),
             }),

@@ -267,7 +267,7 @@ unsafe fn run_on_thread<F>(
     thread: Option<&mut ThreadMem>,
     engine: F,
     host: &ProgHost,
-    (serial, values): (u64, &[MemRegion]),
+    (serial, values, ctx_writable): (u64, &[MemRegion], bool),
     ctx: *mut u8,
     ctx_len: usize,
 ) -> Result<u64, Trap>
@@ -294,7 +294,7 @@ where
         let ctx_region = (!ctx.is_null() && ctx_len > 0).then_some(MemRegion {
             start: ctx as u64,
             len: ctx_len as u64,
-            writable: true,
+            writable: ctx_writable,
         });
         // SAFETY: `ctx` per this function's contract; `values` per the module invariants.
         unsafe { prepare(&mut t.gm, ctx_region, values) };
@@ -315,7 +315,7 @@ pub(crate) unsafe fn run_jit_on_thread(
     thread: Option<&mut ThreadMem>,
     jit: &bpftime_jit::program::JitProgram,
     host: &ProgHost,
-    values: (u64, &[MemRegion]),
+    values: (u64, &[MemRegion], bool),
     ctx: *mut u8,
     ctx_len: usize,
     cpu: u64,
@@ -335,7 +335,7 @@ pub(crate) unsafe fn run_interpreter_on_thread(
     thread: Option<&mut ThreadMem>,
     interp: &bpftime_vm::interpreter::Interpreter<'_>,
     host: &ProgHost,
-    values: (u64, &[MemRegion]),
+    values: (u64, &[MemRegion], bool),
     ctx: *mut u8,
     ctx_len: usize,
 ) -> Result<u64, Trap> {

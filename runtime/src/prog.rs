@@ -57,6 +57,9 @@ pub struct LoadedProg {
     /// asks which CPU it runs on (directly or possibly): runs read the CPU for the inlined
     /// per-CPU accesses without pinning it (`bpftime_maps::shm::pin_cpu`, a thread-local).
     pin_free: bool,
+    /// A tracing program (by its type): runs get the context read-only, as the kernel's
+    /// verifier allows no stores into it.
+    ctx_read_only: bool,
     /// Unique among the programs of this process, renewed whenever `value_regions` changes
     /// (runs on a thread keep its memory's regions while the serial and context match).
     serial: u64,
@@ -135,6 +138,11 @@ impl LoadedProg {
         let payload_off = store.object(id).map_or(0, |o| o.payload_off);
         let mut p = Self::from_insns(store, id, rec.name, rec.insns, helpers)?;
         p.payload_off = payload_off;
+        // The kernel's verifier refuses stores into the context of tracing programs (kprobe /
+        // uprobe `pt_regs`, tracepoint records, perf events, raw tracepoints, fentry): their
+        // runs get it read-only, so a store traps instead of changing the probed thread's
+        // registers (a stub resumes from `pt_regs`).
+        p.ctx_read_only = matches!(rec.prog_type, 2 | 5 | 7 | 17 | 26);
         Ok(p)
     }
 
@@ -257,6 +265,7 @@ impl LoadedProg {
             uses_func_ip,
             serial: next_serial(),
             pin_free: false,
+            ctx_read_only: false,
             #[cfg(target_arch = "x86_64")]
             jit: None,
         })
@@ -283,6 +292,7 @@ impl LoadedProg {
                     // A native entry too when the program needs no helper (probe stubs
                     // call it directly): its regions are the ones hosted runs grant.
                     let native = bpftime_jit::NativeOptions {
+                        ctx_writable: !self.ctx_read_only,
                         cpu_id_tp_offset: bpftime_maps::shm::rseq_cpu_id_offset(),
                         regions: self
                             .value_regions
@@ -475,7 +485,7 @@ impl LoadedProg {
                     thread,
                     j,
                     &self.host,
-                    (self.serial, &self.value_regions),
+                    (self.serial, &self.value_regions, !self.ctx_read_only),
                     ctx,
                     ctx_len,
                     cpu,
@@ -489,7 +499,7 @@ impl LoadedProg {
                 thread,
                 &interp,
                 &self.host,
-                (self.serial, &self.value_regions),
+                (self.serial, &self.value_regions, !self.ctx_read_only),
                 ctx,
                 ctx_len,
             )

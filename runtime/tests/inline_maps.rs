@@ -54,7 +54,9 @@ fn load(t: &T, src: &str, engine: Engine) -> LoadedProg {
     let id = create_prog(
         &t.store,
         &ProgRecord {
-            prog_type: 2,
+            // Not a tracing type: the programs store their results into the context, which
+            // tracing programs get read-only (as the kernel's verifier keeps it).
+            prog_type: 0,
             expected_attach_type: 0,
             name: "inline".into(),
             insns,
@@ -225,6 +227,52 @@ fn native_entries_match_the_interpreter() {
                     assert_eq!(got, want, "{engine:?} native vs interpreter: {what}");
                     assert_eq!(data, want_data, "{engine:?} map contents: {what}");
                 }
+            }
+        }
+    }
+}
+
+/// A tracing program (kprobe/uprobe type) gets its context read-only, as the kernel's verifier
+/// keeps it: a store into `pt_regs` traps on every engine, native entries included, instead of
+/// changing the probed thread's registers. Other types may store into theirs.
+#[test]
+fn tracing_programs_cannot_store_into_their_context() {
+    let src = "stdw [%r1+128], 0x1234\nmov %r0, 5\nexit";
+    for (prog_type, writable) in [(2u32, false), (5, false), (0, true)] {
+        for engine in [Engine::Interpreter, Engine::Jit { checked: true }] {
+            let t = temp_store();
+            let insns = assemble(src).unwrap();
+            let id = create_prog(
+                &t.store,
+                &ProgRecord {
+                    prog_type,
+                    expected_attach_type: 0,
+                    name: "ctxstore".into(),
+                    insns,
+                },
+            )
+            .unwrap();
+            let p = LoadedProg::load(&t.store, id, Arc::new(registry()))
+                .unwrap()
+                .with_engine(engine)
+                .unwrap();
+            let mut ctx = [0u8; 168];
+            // SAFETY: `ctx` is a live, writable buffer of 168 bytes.
+            let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) };
+            assert_eq!(r.is_ok(), writable, "type {prog_type}, {engine:?}: {r:?}");
+            assert_eq!(ctx[128] == 0x34, writable, "type {prog_type}, {engine:?}");
+            #[cfg(target_arch = "x86_64")]
+            if let Some(f) = p.native_entry() {
+                let mut ctx = [0u8; 168];
+                // SAFETY: as above.
+                let out = unsafe { f(ctx.as_mut_ptr(), 168) };
+                let want = if writable {
+                    bpftime_jit::abi::NATIVE_RAN
+                } else {
+                    bpftime_jit::abi::NATIVE_TRAPPED
+                };
+                assert_eq!(out.status, want, "type {prog_type} natively");
+                assert_eq!(ctx[128] == 0x34, writable);
             }
         }
     }

@@ -531,7 +531,8 @@ fn call_native_then_arm(
     let after = a.create_label();
     emit_native_call(a, p, n, handler, arm)?;
     a.set_label(&mut arm)?;
-    a.mov(r9, qword_ptr(rsp + 152))?; // S
+    // S from the stub's own frame, not `pt_regs.rsp` (which the program could have written).
+    a.lea(r9, ptr(rsp + (PT_REGS + RED_ZONE)))?;
     fast_arm(a, site, generation, l, slow_arm)?;
     a.jmp(after)?;
     a.set_label(&mut slow_arm)?;

@@ -1152,10 +1152,14 @@ impl Emitter<'_> {
             ; mov QWORD [rsp + c + STACK_LEN], frames
             ; mov [rsp + c + FAST_START], rdi
             ; mov [rsp + c + FAST_LEN], rsi
-            ; mov [rsp + c + FAST_WLEN], rsi
             ; mov DWORD [rsp + c + TRAP_KIND], trap::NONE as i32
             ; xor eax, eax
         );
+        if opts.ctx_writable {
+            asm!(self.ops; mov [rsp + c + FAST_WLEN], rsi);
+        } else {
+            asm!(self.ops; mov [rsp + c + FAST_WLEN], rax);
+        }
         // (The helper, tail-call and callback fields stay unset: code with a native entry
         // never reaches the instructions that read them.)
         // The checker's window starts on the first region (global data, typically).

@@ -304,6 +304,41 @@ fn successors(pc: usize, op: &Op, n: usize) -> impl Iterator<Item = usize> {
     a.into_iter().chain(b)
 }
 
+/// The forward dataflow pass the analyses below share: `state[pc]` holds on entry to `pc`
+/// (`top` until reached); every function starts from `entry(f)`; `step` gives what holds
+/// after `pc` (`None` stops the pass: the caller has its answer); a slot whose state its
+/// `join` with a predecessor's changes is visited again.
+fn forward<S: Copy + PartialEq>(
+    prog: &Program,
+    top: S,
+    entry: impl Fn(usize) -> S,
+    mut step: impl FnMut(&Op, S) -> Option<S>,
+    join: impl Fn(S, S) -> S,
+) -> Vec<S> {
+    let ops = prog.ops();
+    let n = ops.len();
+    let mut state = vec![top; n];
+    let mut work: Vec<usize> = prog.functions().to_vec();
+    for &f in prog.functions() {
+        state[f] = entry(f);
+    }
+    while let Some(pc) = work.pop() {
+        let Some(op) = ops[pc] else { continue };
+        let Some(out) = step(&op, state[pc]) else {
+            break;
+        };
+        for t in successors(pc, &op, n) {
+            let Some(&cur) = state.get(t) else { continue };
+            let joined = join(cur, out);
+            if joined != cur {
+                state[t] = joined;
+                work.push(t);
+            }
+        }
+    }
+    state
+}
+
 /// [`frame_offsets`]: not reached yet / not a known offset.
 const OFF_TOP: i32 = i32::MAX;
 const OFF_UNKNOWN: i32 = i32::MIN;
@@ -313,13 +348,6 @@ const OFF_UNKNOWN: i32 = i32::MIN;
 /// [`OFF_UNKNOWN`] (or [`OFF_TOP`] for unreachable slots). Each function starts with none
 /// known (r10 is its own frame's); calls clobber r0–r5; r6–r9 survive bpf-to-bpf calls.
 fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
-    let ops = prog.ops();
-    let n = ops.len();
-    let mut state = vec![[OFF_TOP; 10]; n];
-    let mut work: Vec<usize> = prog.functions().to_vec();
-    for &f in prog.functions() {
-        state[f] = [OFF_UNKNOWN; 10];
-    }
     // Offsets stay far inside i32 (a frame is 512 bytes); anything larger is unknown.
     let known = |v: i64| {
         if (-(1 << 20)..=(1 << 20)).contains(&v) {
@@ -328,15 +356,13 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
             OFF_UNKNOWN
         }
     };
-    while let Some(pc) = work.pop() {
-        let Some(op) = ops[pc] else { continue };
-        let mut m = state[pc];
+    let step = |op: &Op, mut m: [i32; 10]| {
         let set = |m: &mut [i32; 10], r: u8, v: i32| {
             if let Some(x) = m.get_mut(usize::from(r)) {
                 *x = v;
             }
         };
-        match op {
+        match *op {
             Op::Alu {
                 width: Width::W64,
                 op: AluOp::Mov,
@@ -387,28 +413,19 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
             }
             _ => {}
         }
-        let mut succ = |t: usize, work: &mut Vec<usize>| {
-            let Some(cur) = state.get(t).copied() else {
-                return;
+        Some(m)
+    };
+    let join = |mut cur: [i32; 10], out: [i32; 10]| {
+        for (j, &v) in cur.iter_mut().zip(out.iter()) {
+            *j = if *j == OFF_TOP || *j == v {
+                v
+            } else {
+                OFF_UNKNOWN
             };
-            let mut joined = cur;
-            for (j, &v) in joined.iter_mut().zip(m.iter()) {
-                *j = if *j == OFF_TOP || *j == v {
-                    v
-                } else {
-                    OFF_UNKNOWN
-                };
-            }
-            if joined != cur {
-                state[t] = joined;
-                work.push(t);
-            }
-        };
-        for t in successors(pc, &op, n) {
-            succ(t, &mut work);
         }
-    }
-    state
+        cur
+    };
+    forward(prog, [OFF_TOP; 10], |_| [OFF_UNKNOWN; 10], step, join)
 }
 
 /// Which of the first 64 bytes of the context (r1 at the main function's entry) the program
@@ -420,16 +437,6 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
     const TOP: i32 = i32::MAX; // not reached
     const NONE: i32 = i32::MIN; // not a context pointer
     const ANY: i32 = i32::MIN + 1; // a context pointer at an unknown offset
-    let ops = prog.ops();
-    let n = ops.len();
-    let mut state = vec![[TOP; 10]; n];
-    let mut work: Vec<usize> = prog.functions().to_vec();
-    for &f in prog.functions() {
-        state[f] = [NONE; 10];
-    }
-    if let Some(s) = state.first_mut() {
-        s[1] = 0;
-    }
     let mut mask = 0u64;
     let is_ctx = |v: i32| v != NONE && v != TOP;
     let read = |mask: &mut u64, base: i32, off: i16, len: usize| {
@@ -442,16 +449,14 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
             }
         }
     };
-    while let Some(pc) = work.pop() {
-        let Some(op) = ops[pc] else { continue };
-        let mut m = state[pc];
+    let step = |op: &Op, mut m: [i32; 10]| {
         let get = |m: &[i32; 10], r: u8| m.get(usize::from(r)).copied().unwrap_or(NONE);
         let set = |m: &mut [i32; 10], r: u8, v: i32| {
             if let Some(x) = m.get_mut(usize::from(r)) {
                 *x = v;
             }
         };
-        match op {
+        match *op {
             Op::Alu {
                 width,
                 op: AluOp::Mov,
@@ -548,31 +553,33 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
             }
             _ => {}
         }
-        if mask == u64::MAX {
-            return mask;
-        }
-        for t in successors(pc, &op, n) {
-            let Some(cur) = state.get(t).copied() else {
-                continue;
+        // Every byte may be read already: nothing left to learn.
+        (mask != u64::MAX).then_some(m)
+    };
+    let join = |mut cur: [i32; 10], out: [i32; 10]| {
+        for (j, &v) in cur.iter_mut().zip(out.iter()) {
+            *j = if *j == TOP || *j == v {
+                v
+            } else if v == TOP {
+                *j
+            } else if *j == NONE && v == NONE {
+                NONE
+            } else {
+                ANY
             };
-            let mut joined = cur;
-            for (j, &v) in joined.iter_mut().zip(m.iter()) {
-                *j = if *j == TOP || *j == v {
-                    v
-                } else if v == TOP {
-                    *j
-                } else if *j == NONE && v == NONE {
-                    NONE
-                } else {
-                    ANY
-                };
-            }
-            if joined != cur {
-                state[t] = joined;
-                work.push(t);
-            }
         }
-    }
+        cur
+    };
+    // The main function starts with r1 = the context; the others with no context pointer.
+    let main = prog.functions().first().copied();
+    let entry = |f: usize| {
+        let mut s = [NONE; 10];
+        if Some(f) == main {
+            s[1] = 0;
+        }
+        s
+    };
+    forward(prog, [TOP; 10], entry, step, join);
     mask
 }
 
@@ -582,18 +589,9 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
 fn stack_pointers(prog: &Program) -> Vec<u16> {
     const R10: u16 = 1 << 10;
     const CALL_CLOBBER: u16 = 0b11_1111; // r0–r5
-    let ops = prog.ops();
-    let n = ops.len();
-    let mut state = vec![u16::MAX; n]; // "unvisited" = top
-    let mut work: Vec<usize> = prog.functions().to_vec();
-    for &f in prog.functions() {
-        state[f] = R10;
-    }
     let bit = |r: u8| 1u16 << r;
-    while let Some(pc) = work.pop() {
-        let Some(op) = ops[pc] else { continue };
-        let m = state[pc];
-        let out = match op {
+    let step = |op: &Op, m: u16| {
+        let out = match *op {
             Op::Alu {
                 width: Width::W64,
                 op: AluOp::Mov,
@@ -627,21 +625,10 @@ fn stack_pointers(prog: &Program) -> Vec<u16> {
             Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => m & !CALL_CLOBBER,
             _ => m,
         } | R10;
-        let mut succ = |t: usize, work: &mut Vec<usize>| {
-            let Some(cur) = state.get(t).copied() else {
-                return;
-            };
-            let joined = cur & out;
-            if joined != cur {
-                state[t] = joined;
-                work.push(t);
-            }
-        };
-        for t in successors(pc, &op, n) {
-            succ(t, &mut work);
-        }
-    }
-    state
+        Some(out)
+    };
+    // "Not reached" is every bit (the identity of the join, `&`).
+    forward(prog, u16::MAX, |_| R10, step, |cur, out| cur & out)
 }
 
 /// Largest block (instructions, the final jump included) copied in place of a `ja`.

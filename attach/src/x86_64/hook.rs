@@ -14,12 +14,12 @@
 //!   a thread that entered the stub counts itself in flight, then reads the flag and, if set,
 //!   goes back to the original code; the remover waits for the in-flight count to drain. After
 //!   that no thread runs the handler for this hook (no stop of the world is needed).
-//! - Native fast path (jump hooks without a return handler): the stub calls the entry in the
-//!   hook's native word, if any, instead of the handler, except on the thread whose pointer is
-//!   in the excluded-thread word. The word is set with a release store ([`Hook::set_native`]);
-//!   the call happens between the in-flight increment and decrement, so removal's drain covers
-//!   threads inside a native entry exactly as threads inside the handler. A hook with a return
-//!   handler has no native slot: its entry handler must run to arm the return.
+//! - Native fast path (jump hooks): the stub calls the entry in the hook's native word, if any,
+//!   instead of the handler, except on a busy thread (`threads::NativeBusy`). The word is set
+//!   with a release store ([`Hook::set_native`]); the call happens between the in-flight
+//!   increment and decrement, so removal's drain covers threads inside a native entry exactly
+//!   as threads inside the handler. With a return handler the stub then arms the return
+//!   itself (as `retprobe::arm_on` does, or through `retprobe::arm_only`).
 //! - The `unsafe` here is the contract of [`install`] and of [`Hook::set_native`], and the
 //!   one-instruction read of the thread pointer (`thread_pointer`); the work is done by the
 //!   safe wrappers of `code_mem`, `patch` and `signals`.
@@ -654,8 +654,8 @@ impl Hook {
     }
 
     /// Sets (`Some`) or clears (`None`) the hook's native fast path: from the store on (a
-    /// release store), a thread that hits the hook, other than the excluded one
-    /// ([`set_native_excluded_thread`]), calls `entry` with the registers instead of the
+    /// release store), a thread that hits the hook, unless it is busy
+    /// ([`NativeBusy`](super::NativeBusy), [`set_native_excluded_thread`]), calls `entry` with the registers instead of the
     /// handler, and calls the handler only if `entry` returns [`NATIVE_NOT_RUN`] (or an unknown
     /// status). With a return handler (at a function's entry) the stub arms the return itself
     /// after a native entry ran (the handler does both when it did not). Returns whether the
@@ -691,8 +691,8 @@ impl Hook {
     }
 
     /// Sets (`Some`) or clears (`None`) the native fast path of the hook's return probe: from
-    /// the store on, a return through the hook's return trampoline on a thread other than the
-    /// excluded one calls `entry` with the registers after the return (rip = the return
+    /// the store on, a return through the hook's return trampoline on a thread that is not
+    /// busy calls `entry` with the registers after the return (rip = the return
     /// address) instead of the return handler, and calls the handler only if `entry` returns
     /// [`NATIVE_NOT_RUN`] (or if the return was a tail call between probed functions, which
     /// the handler path resolves). Returns whether the hook has a return probe (`false`: nothing

@@ -18,15 +18,17 @@
 //!                   (native path: nothing, the entry's frame right below pt_regs, 16-aligned)
 //! ```
 //!
-//! Native fast path (hooks without a return handler): once `pt_regs` is written, the stub
-//! loads the hook's native word (data page, after the in-flight counter and the removed
-//! flag); if it is set and `fs:[0]` (the thread pointer) is not the excluded thread's, it
-//! calls that [`NativeEntry`](super::hook::NativeEntry) with `rdi` = `&pt_regs`, `esi` = 168
+//! Native fast path: once `pt_regs` is written, the stub loads the hook's native word (data
+//! page, after the in-flight counter and the removed flag); if it is set and the thread's
+//! record (found from `fs:[0]`, see `threads`) does not say it is busy, it calls that [`NativeEntry`](super::hook::NativeEntry) with `rdi` = `&pt_regs`, `esi` = 168
 //! and rsp 16-aligned (`cld` first at a mid-function site), saving no xmm register: the
 //! entry's contract is to touch none. Status `NATIVE_RAN` continues after the handler call
 //! (the `rip` redirect check included), `NATIVE_TRAPPED` counts a trap in the data page and
 //! does the same, anything else calls the handler as usual. The call sits between the
-//! in-flight increment and decrement, so removal drains it like a handler call.
+//! in-flight increment and decrement, so removal drains it like a handler call. With a return
+//! handler, a run entry is followed by the return armed here ([`call_native_then_arm`]); a
+//! return-only probe arms before building `pt_regs` at all ([`fast_arm_entry`]), and the
+//! common return stub runs the return program's native entry ([`return_native`]).
 //!
 //! At a function's first instruction ([`StubParams::at_entry`]) `eflags` holds the constant
 //! 0x202 instead of `pushfq`'s value and the flags are not restored (the redirect tail
@@ -350,12 +352,12 @@ fn call_with_xmm_saved(
     Ok(())
 }
 
-/// With rsp = `&pt_regs`: if the hook's native entry word is set and the thread is not the
-/// excluded one, calls the entry (`rdi` = `&pt_regs`, `esi` = 168, rsp 16-aligned, DF clear:
+/// With rsp = `&pt_regs`: if the hook's native entry word is set and the thread is not busy
+/// (`threads::NativeBusy`: the agent's threads, or one running programs in a handler), calls the entry (`rdi` = `&pt_regs`, `esi` = 168, rsp 16-aligned, DF clear:
 /// `cld` first at a mid-function site) without saving any xmm register (the entry's contract
 /// is not to touch them). Its status (rdx): `NATIVE_RAN` jumps to the returned label (set by
 /// the caller after the handler call), `NATIVE_TRAPPED` counts a trap and jumps there too;
-/// anything else, an unset word and the excluded thread fall through to the handler call that
+/// anything else, an unset word and a busy thread fall through to the handler call that
 /// follows. rax, rcx, rdx, rsi, rdi, r8–r11 and the flags may be clobbered: every register is
 /// restored from `pt_regs` (the flags of a mid-function site from the `pushfq` slot).
 fn call_native(

@@ -128,7 +128,7 @@ pub(crate) fn current_or_insert() -> Option<&'static ThreadRec> {
     None
 }
 
-/// Marks the calling thread busy (see [`ThreadRec::busy`]) until the guard drops: the native
+/// Marks the calling thread busy (its record's `busy` count) until the guard drops: the native
 /// paths of hooks and system call sites send it to their handlers meanwhile. Nests.
 #[derive(Debug)]
 #[must_use = "the thread is busy only while the guard lives"]

@@ -133,11 +133,18 @@ fn libc_system_calls_are_intercepted_counted_and_skipped() {
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
     // SAFETY: plain libc calls with valid arguments (pointers to live locals).
     let me = unsafe { libc::pthread_self() };
+    // Standard signals do not queue: two sent before the first is handled are delivered once.
+    // So each signal is sent only after the previous one was handled (on a loaded 2-core CI
+    // machine the main thread can miss several 2 ms slices).
     let sender = std::thread::spawn(move || {
-        for _ in 0..20 {
+        for i in 0..20 {
             std::thread::sleep(std::time::Duration::from_millis(2));
             // SAFETY: plain libc calls with valid arguments (pointers to live locals).
             unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+            let start = std::time::Instant::now();
+            while SIGNALS.load(Ordering::SeqCst) <= i && start.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
         }
     });
     let start = std::time::Instant::now();

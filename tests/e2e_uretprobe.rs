@@ -389,3 +389,88 @@ fn cxx_exceptions_unwind_through_a_probed_frame() {
     let (c, want) = (ours.counts(), ours.expected());
     assert_eq!([c[0], c[1], c[2]], [0, want[1], want[2]], "{ours:?}");
 }
+
+/// The trapped runs the agent's log reports ("N program run(s) at 0x… trapped").
+fn trapped_runs(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            let (before, _) = l.split_once(" program run(s) at ")?;
+            before.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[test]
+fn runs_that_trap_are_stopped_counted_and_logged_natively_and_on_the_handlers() {
+    // trap_entry and trap_return count, then read memory at an integer (the argument, the
+    // return value) without bpf_probe_read_user. The kernel's verifier refuses them at load;
+    // bpftime stops each run at the read, the victim goes on unharmed, and the agent's log
+    // reports every trapped run, from the hook and return stubs (native entries) as from
+    // the handlers.
+    use bpftime_suite::{Proc, TestStore, artifacts, poll, unprivileged};
+    let Some(build) = example() else {
+        return;
+    };
+    for native in ["1", "0"] {
+        let store = TestStore::new("trap");
+        let log = AgentLog::new("trap");
+        let [a, b] = log.env();
+        let mut vc = unprivileged(&artifacts().bpftime);
+        vc.args(["start", "--store", &store.name, "--"])
+            .arg(build.join("retvictim"))
+            .args(["-w", "-z", "-m", "nop5", "1000"])
+            .envs([("BPFTIME_NATIVE", native), a, b]);
+        let mut v = Proc::spawn(vc, "retvictim");
+        v.wait_line(probe_support::T, |l| l.starts_with("pid "));
+        let vpid = v.pid();
+        let mut lc = unprivileged(&artifacts().bpftime);
+        lc.args(["load", "--store", &store.name, "--"])
+            .arg(build.join("uretprobe-counter"))
+            .args(["-t", "-p", &vpid.to_string()])
+            .arg(build.join("retvictim"))
+            .arg("nop5_entry");
+        let mut l = Proc::spawn(lc, "uretprobe-counter -t");
+        l.wait_line(probe_support::T, |s| s == "attached");
+        poll(probe_support::T, "the agent to attach both", || {
+            probe_support::attached_events(&store, vpid).filter(|e| e.len() == 2)
+        });
+        v.send_line("go");
+        v.wait_line(probe_support::T, |s| s.starts_with("calls "));
+        // Reported at the agent's next sync (200 ms).
+        let n = poll(probe_support::T, "2,000 trapped runs in the log", || {
+            let n = trapped_runs(&log.text());
+            (n >= 2000).then_some(n)
+        });
+        let text = log.text();
+        assert_eq!(n, 2000, "BPFTIME_NATIVE={native}, agent log:\n{text}");
+        assert_eq!(
+            text.contains("runs natively in the hook") && text.contains("in the return stub"),
+            native == "1",
+            "BPFTIME_NATIVE={native}, agent log:\n{text}"
+        );
+        v.send_line("exit");
+        let (st, _) = v.finish_status(probe_support::T);
+        assert!(st.success(), "the victim survives its probes' traps: {st}");
+        probe_support::interrupt(l.pid());
+        let out = l.finish(probe_support::T);
+        // Each run counted before its read and stopped there (nothing added to ret_sum).
+        for want in ["entries 1000", "returns 1000", "ret_sum 0"] {
+            assert!(out.iter().any(|s| s == want), "{want}: {out:?}");
+        }
+    }
+    if !kernel_available() {
+        return;
+    }
+    let out = std::process::Command::new(build.join("uretprobe-counter"))
+        .args(["-t", "-d", "0"])
+        .arg(build.join("retvictim"))
+        .arg("nop5_entry")
+        .output()
+        .expect("run the loader on the kernel");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("failed to load the BPF object"),
+        "the kernel's verifier refuses the trap programs: {}\n{err}",
+        out.status
+    );
+}

@@ -73,6 +73,9 @@ struct Site {
     ret_ids: Vec<(u32, u64)>,
     /// USDT semaphores this site incremented.
     semaphores: Vec<usize>,
+    /// Trapped runs already reported: the handlers' (`SiteData::traps`) and the hook's native
+    /// paths' (`Hook::native_traps`, which restarts at 0 with a new hook).
+    traps_reported: (u64, u64),
 }
 
 /// A probe point this process should have, from one attachment.
@@ -303,6 +306,7 @@ impl Agent {
                 }
                 if had != kinds || site.hook.is_none() {
                     // uprobe ↔ uretprobe ↔ both: the hook itself changes.
+                    site.report_traps();
                     if let Some(h) = site.hook.take()
                         && let Err(e) = h.remove()
                     {
@@ -317,7 +321,10 @@ impl Agent {
                         continue;
                     }
                     match ffi::install_hook(addr, &site.data, kinds.0, kinds.1, func) {
-                        Ok(h) => site.hook = Some(h),
+                        Ok(h) => {
+                            site.hook = Some(h);
+                            site.traps_reported.1 = 0;
+                        }
                         Err(e) => {
                             self.warn_once(0, format!("cannot hook {addr:#x}: {e}"));
                             set_semaphores(&mut site.semaphores, &[]);
@@ -327,6 +334,7 @@ impl Agent {
                 }
                 set_semaphores(&mut site.semaphores, &w.semaphores);
                 site.set_native(self.native);
+                site.report_traps();
                 self.sites.insert(addr, site);
                 continue;
             }
@@ -355,6 +363,7 @@ impl Agent {
                         entry_ids: w.entry,
                         ret_ids: w.ret,
                         semaphores: Vec::new(),
+                        traps_reported: (0, 0),
                     };
                     set_semaphores(&mut site.semaphores, &w.semaphores);
                     site.set_native(self.native);
@@ -416,6 +425,23 @@ impl Drop for Agent {
 
 /// Removes a site's hook and gives its semaphores back.
 impl Site {
+    /// Warns about program runs at this site that trapped since the last report (on the
+    /// handlers, each is also logged at debug level with its cause).
+    fn report_traps(&mut self) {
+        let handlers = self.data.traps.load(std::sync::atomic::Ordering::Relaxed);
+        let native = self.hook.as_ref().map_or(0, Hook::native_traps);
+        let (h0, n0) = self.traps_reported;
+        let new = handlers.saturating_sub(h0) + native.saturating_sub(n0);
+        if new > 0 {
+            tracing::warn!(
+                "{new} program run(s) at {:#x} trapped (an access outside the program's \
+                 memory stops a run there)",
+                self.data.addr
+            );
+        }
+        self.traps_reported = (handlers, native);
+    }
+
     /// Lets the hook's stub run the site's entry program itself, and its return stub the
     /// return program, when it is the only one of its kind and has a native entry (see
     /// `bpftime_jit::NativeOptions`): no agent code then runs on a hit. Otherwise (or with
@@ -457,6 +483,7 @@ impl Site {
 }
 
 fn remove_site(addr: usize, mut site: Site) {
+    site.report_traps();
     if let Some(h) = site.hook.take()
         && let Err(e) = h.remove()
     {

@@ -31,7 +31,8 @@ use bpftime_attach::PtRegs;
 use bpftime_attach::procmaps::read_self_maps;
 use bpftime_attach::syscall::dispatch;
 use bpftime_attach::syscall::intercept::{
-    ExitHandler, FastProgs, Interceptor, SyscallCall, patchable_objects, set_fast, set_handlers,
+    ExitHandler, FastProgs, Interceptor, SyscallCall, fast_traps, patchable_objects, set_fast,
+    set_handlers,
 };
 use bpftime_attach::syscall::table::{
     NR_MAX, RAW_SYS_ENTER_ID, RAW_SYS_EXIT_ID, RAW_TP_FLAG, RawSysEnterCtx, RawSysExitCtx,
@@ -503,6 +504,8 @@ pub struct SyscallTracing {
     /// What the table was built from: (perf event, programs).
     built: Vec<Built>,
     attached: Vec<u32>,
+    /// Trapped runs already reported (handlers and the gate's own programs together).
+    traps_reported: u64,
 }
 
 impl std::fmt::Debug for SyscallTracing {
@@ -531,8 +534,23 @@ impl SyscallTracing {
         // the thread already (the agent's constructor) keeps it excluded.
         let was = bpftime_runtime::exclude_thread(true);
         self.sync_guarded(all, store, helpers, engine);
+        self.report_traps();
         bpftime_runtime::exclude_thread(was);
         &self.attached
+    }
+
+    /// Warns once per sync about syscall tracepoint program runs that trapped since the last
+    /// report (on the handlers, each is also logged at debug level with its cause).
+    fn report_traps(&mut self) {
+        let now = TRAPS.load(Ordering::Relaxed) + fast_traps();
+        if now > self.traps_reported {
+            tracing::warn!(
+                "{} syscall tracepoint program run(s) trapped (an access outside the \
+                 program's memory stops a run there)",
+                now - self.traps_reported
+            );
+            self.traps_reported = now;
+        }
     }
 
     fn sync_guarded(

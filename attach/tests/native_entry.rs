@@ -111,6 +111,14 @@ core::arch::global_asm!(
     "ret",
     ".size n_ret_not_run, .-n_ret_not_run",
     ".p2align 4",
+    ".globl n_ret_trapped",
+    ".type n_ret_trapped,@function",
+    "n_ret_trapped:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size n_ret_trapped, .-n_ret_trapped",
+    ".p2align 4",
     ".globl n_ret_cycles",
     ".type n_ret_cycles,@function",
     "n_ret_cycles:",
@@ -282,6 +290,7 @@ unsafe extern "C" {
     safe fn n_override(a: u64, b: u64) -> u64;
     safe fn n_ret(a: u64, b: u64) -> u64;
     safe fn n_ret_not_run(a: u64, b: u64) -> u64;
+    safe fn n_ret_trapped(a: u64, b: u64) -> u64;
     safe fn n_ret_cycles(a: u64, b: u64) -> u64;
     safe fn n_ret_rec(n: u64) -> u64;
     safe fn n_busy(a: u64, b: u64) -> u64;
@@ -858,6 +867,27 @@ fn a_return_entry_that_did_not_run_leaves_the_return_to_the_handler() {
     assert_eq!(rec.hits.load(Ordering::SeqCst), 100);
     assert_eq!(rec.rdi.load(Ordering::SeqCst), 99);
     assert_eq!(pending_returns(), 0);
+    h.remove().unwrap();
+}
+
+#[test]
+fn a_trapped_return_entry_skips_the_handler_and_counts_the_trap() {
+    let target = addr(n_ret_trapped as *const ());
+    let rec = Record::default();
+    let h = ret_probe(target, &rec);
+    let (entry, seen) = native(NATIVE_TRAPPED, Action::Nothing);
+    assert!(set_ret(&h, Some(entry)));
+    for i in 0..250 {
+        assert_eq!(n_ret_trapped(black_box(i), 3), i + 3);
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 250);
+    assert_eq!(h.native_traps(), 250, "counted by the return stub");
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(pending_returns(), 0);
+    h.remove().unwrap();
+    // A new hook on the same function (likely the same return site) starts from zero.
+    let h = ret_probe(target, &rec);
+    assert_eq!(h.native_traps(), 0);
     h.remove().unwrap();
 }
 

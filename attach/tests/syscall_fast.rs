@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bpftime_attach::NativeEntry;
 use bpftime_attach::syscall::intercept::{
-    FastProgs, Interceptor, SyscallCall, set_fast, set_handlers,
+    FastProgs, Interceptor, SyscallCall, fast_traps, set_fast, set_handlers,
 };
-use bpftime_attach::x86_64::NativeBusy;
+use bpftime_attach::x86_64::{NATIVE_RAN, NATIVE_TRAPPED, NativeBusy};
 use iced_x86::code_asm::{CodeAssembler, qword_ptr, r8, r9, r10, r11, rax, rcx, rdi, rdx, rsi};
 
 mod native_support;
@@ -40,8 +40,13 @@ struct Seen {
 }
 
 /// An entry that counts its calls, copies the context's first `words` words and its length,
-/// then clobbers every caller-saved register.
+/// then clobbers every caller-saved register; it reports that the program ran.
 fn recorder(words: usize) -> (NativeEntry, &'static Seen) {
+    recorder_with(words, NATIVE_RAN)
+}
+
+/// As [`recorder`], returning `status`.
+fn recorder_with(words: usize, status: u64) -> (NativeEntry, &'static Seen) {
     let seen: &'static Seen = Box::leak(Box::new(Seen {
         calls: AtomicU64::new(0),
         len: AtomicU64::new(0),
@@ -61,7 +66,7 @@ fn recorder(words: usize) -> (NativeEntry, &'static Seen) {
         a.mov(r, -1i64).unwrap();
     }
     a.xor(rax, rax).unwrap();
-    a.xor(rdx, rdx).unwrap();
+    a.mov(rdx, status).unwrap();
     a.ret().unwrap();
     (map_rx(&a.assemble(0).unwrap()), seen)
 }
@@ -147,6 +152,34 @@ fn the_gate_runs_native_entries_around_the_call_itself() {
     assert_eq!(w(c, 2) as i64, -i64::from(libc::EBADF));
     // SAFETY: clearing.
     assert!(unsafe { set_fast(libc::SYS_close as u32, None) });
+    assert_eq!(fast_traps(), 0);
+
+    // Programs that trap: the call is still made and returns its result; each trapped run is
+    // counted, the handlers are not called.
+    let (t_enter, te) = recorder_with(2, NATIVE_TRAPPED);
+    let (t_exit, tx) = recorder_with(3, NATIVE_TRAPPED);
+    let trapping = FastProgs {
+        enter: t_enter as usize as u64,
+        enter_id: 780,
+        exit: t_exit as usize as u64,
+        exit_id: 781,
+    };
+    // SAFETY: as above.
+    assert!(unsafe { set_fast(libc::SYS_getppid as u32, Some(trapping)) });
+    for _ in 0..50 {
+        assert_eq!(getppid(), ppid);
+    }
+    assert_eq!(
+        (
+            te.calls.load(Ordering::SeqCst),
+            tx.calls.load(Ordering::SeqCst)
+        ),
+        (50, 50)
+    );
+    assert_eq!(fast_traps(), 100);
+    assert_eq!(HANDLED_ENTER.load(Ordering::SeqCst), 10);
+    // SAFETY: as above.
+    assert!(unsafe { set_fast(libc::SYS_getppid as u32, Some(progs)) });
 
     // Four threads: every call seen once.
     std::thread::scope(|s| {

@@ -2,13 +2,14 @@
 /*
  * retvictim: a process for uretprobe-counter to probe.
  *
- *   retvictim [-w | -W FILE] [-t] [-a] [-b] [-m MODE] N
+ *   retvictim [-w | -W FILE] [-z] [-t] [-a] [-b] [-m MODE] N
  *
  * Runs MODE N times, then prints what a probe of the mode's function must have counted:
  *   "expect entries E returns R ret_sum S" (S wraps around at 2^64), then "calls N".
  *
  *   -w       print "pid <PID>" and wait for a line on stdin first
  *   -W FILE  print "pid <PID>" and wait until FILE exists first
+ *   -z       after the report, wait for a line on stdin before exiting
  *   -t       time the loop and print "ns_per_call X" (wall clock) and "cpu_ns_per_call X" (the
  *            calling thread's CPU time: steadier on a loaded machine) (benchmarks)
  *   -a       print "addr <function> <hex address>" for the mode's functions
@@ -159,26 +160,29 @@ static void *thread_main(void *arg)
 
 static void usage(const char *prog)
 {
-	fprintf(stderr, "usage: %s [-w | -W FILE] [-t] [-a] [-b] [-T] [-m MODE] N\n", prog);
+	fprintf(stderr, "usage: %s [-w | -W FILE] [-z] [-t] [-a] [-b] [-T] [-m MODE] N\n", prog);
 }
 
 int main(int argc, char **argv)
 {
 	const char *mode = "target", *wait_file = NULL;
-	int wait_stdin = 0, timed = 0, addrs = 0, block = 0, own_trap = 0, opt;
+	int wait_stdin = 0, wait_end = 0, timed = 0, addrs = 0, block = 0, own_trap = 0, opt;
 	unsigned long long entries = 0, returns = 0, ret_sum = 0;
 	long overridden = 0;
 	volatile long sink = 0;
 	struct timespec t0, t1, c0, c1;
 	char *end;
 
-	while ((opt = getopt(argc, argv, "wW:tabTm:h")) != -1) {
+	while ((opt = getopt(argc, argv, "wW:ztabTm:h")) != -1) {
 		switch (opt) {
 		case 'w':
 			wait_stdin = 1;
 			break;
 		case 'W':
 			wait_file = optarg;
+			break;
+		case 'z':
+			wait_end = 1;
 			break;
 		case 't':
 			timed = 1;
@@ -324,6 +328,14 @@ int main(int argc, char **argv)
 	}
 	printf("expect entries %llu returns %llu ret_sum %llu\n", entries, returns, ret_sum);
 	printf("calls %ld\n", n_calls);
+	if (wait_end) {
+		char line[64];
+
+		fflush(stdout);
+		if (!fgets(line, sizeof(line), stdin)) {
+			/* EOF: exit anyway */
+		}
+	}
 	if (own_trap) {
 		fflush(stdout);
 		__asm__ volatile("int3");

@@ -9,6 +9,12 @@
  *   info_entry      uprobe     atomic count, bpf_get_attach_cookie / bpf_get_func_ip into .bss
  *   info_return     uretprobe  atomic count and sum of PT_REGS_RC, cookie / func ip into .bss
  *   override_entry  uprobe     atomic count, then bpf_override_return(ctx, override_value)
+ *   trap_entry      uprobe     count(), then reads memory at the first argument directly
+ *   trap_return     uretprobe  count(), then reads memory at the return value directly
+ *
+ * The trap programs dereference a user-space value without bpf_probe_read_user: the kernel's
+ * verifier refuses them at load; bpftime checks accesses at run time and stops each run at
+ * the read (an integer argument is no address the program may read).
  *
  * vmlinux.h-free and CO-RE-free: needs no kernel BTF.
  */
@@ -99,6 +105,22 @@ int override_entry(struct pt_regs *ctx)
 {
 	count_atomic(&entries, 1);
 	bpf_override_return(ctx, override_value);
+	return 0;
+}
+
+SEC("uprobe")
+int trap_entry(struct pt_regs *ctx)
+{
+	count(&entries, 1);
+	count(&ret_sum, *(volatile __u64 *)PT_REGS_PARM1(ctx));
+	return 0;
+}
+
+SEC("uretprobe")
+int trap_return(struct pt_regs *ctx)
+{
+	count(&returns, 1);
+	count(&ret_sum, *(volatile __u64 *)PT_REGS_RC(ctx));
 	return 0;
 }
 

@@ -2,12 +2,14 @@
 /*
  * uretprobe-counter: libbpf loader for uretprobe_counter.bpf.c.
  *
- *   uretprobe-counter [-v] [-e] [-r] [-i] [-o VALUE] [-c COOKIE] [-p PID] [-s MS]
+ *   uretprobe-counter [-v] [-e] [-r] [-i | -t] [-o VALUE] [-c COOKIE] [-p PID] [-s MS]
  *                     [-n N | -d SECONDS] BINARY FUNCTION[+OFFSET]
  *
  *   -e        attach the uprobe program      } neither: both
  *   -r        attach the uretprobe program   }
  *   -i        the info programs: record bpf_get_attach_cookie and bpf_get_func_ip
+ *   -t        the trap programs: count, then read memory at the argument / return value
+ *             without bpf_probe_read_user (the kernel refuses to load them)
  *   -o VALUE  the uprobe program calls bpf_override_return(ctx, VALUE)
  *   -c COOKIE BPF cookie of both attachments
  *   -p PID    only process PID (perf_event_open pid filter)
@@ -61,7 +63,7 @@ static int print_fn(enum libbpf_print_level level, const char *fmt, va_list args
 static void usage(const char *prog)
 {
 	fprintf(stderr,
-		"usage: %s [-v] [-e] [-r] [-i] [-o VALUE] [-c COOKIE] [-p PID] [-s MS]\n"
+		"usage: %s [-v] [-e] [-r] [-i | -t] [-o VALUE] [-c COOKIE] [-p PID] [-s MS]\n"
 		"          [-n N | -d SECONDS] BINARY FUNCTION[+OFFSET]\n",
 		prog);
 }
@@ -104,14 +106,14 @@ int main(int argc, char **argv)
 {
 	struct uretprobe_counter_bpf *skel;
 	struct bpf_link *links[2] = { NULL, NULL };
-	bool entry = false, ret = false, info = false, override = false;
+	bool entry = false, ret = false, info = false, trap = false, override = false;
 	long long override_value = 0;
 	unsigned long long cookie = 0;
 	long settle_ms = 200, wait_n = -1, wait_s = -1, offset = 0;
 	int pid = -1, opt, err = 1;
 	char *func, *plus, *end;
 
-	while ((opt = getopt(argc, argv, "verio:c:p:s:n:d:h")) != -1) {
+	while ((opt = getopt(argc, argv, "verito:c:p:s:n:d:h")) != -1) {
 		switch (opt) {
 		case 'v':
 			verbose = true;
@@ -124,6 +126,9 @@ int main(int argc, char **argv)
 			break;
 		case 'i':
 			info = true;
+			break;
+		case 't':
+			trap = true;
 			break;
 		case 'o':
 			override = true;
@@ -176,11 +181,13 @@ int main(int argc, char **argv)
 	}
 	skel->rodata->override_value = override_value;
 	/* Load only what is used: a kernel without a helper refuses the whole object. */
-	bpf_program__set_autoload(skel->progs.count_entry, entry && !info && !override);
+	bpf_program__set_autoload(skel->progs.count_entry, entry && !info && !trap && !override);
 	bpf_program__set_autoload(skel->progs.info_entry, entry && info && !override);
+	bpf_program__set_autoload(skel->progs.trap_entry, entry && trap && !override);
 	bpf_program__set_autoload(skel->progs.override_entry, entry && override);
-	bpf_program__set_autoload(skel->progs.count_return, ret && !info);
+	bpf_program__set_autoload(skel->progs.count_return, ret && !info && !trap);
 	bpf_program__set_autoload(skel->progs.info_return, ret && info);
+	bpf_program__set_autoload(skel->progs.trap_return, ret && trap);
 	if (uretprobe_counter_bpf__load(skel)) {
 		fprintf(stderr, "failed to load the BPF object\n");
 		goto out;
@@ -195,9 +202,12 @@ int main(int argc, char **argv)
 		if (r == 0)
 			prog = override ? skel->progs.override_entry
 			       : info	 ? skel->progs.info_entry
+			       : trap	 ? skel->progs.trap_entry
 					 : skel->progs.count_entry;
 		else
-			prog = info ? skel->progs.info_return : skel->progs.count_return;
+			prog = info   ? skel->progs.info_return
+			       : trap ? skel->progs.trap_return
+				      : skel->progs.count_return;
 		links[r] = bpf_program__attach_uprobe_opts(prog, pid, argv[optind], offset, &uo);
 		if (!links[r]) {
 			fprintf(stderr, "failed to attach %s to %s:%s: %s\n",

@@ -125,6 +125,14 @@ static FAST: [FastNr; NR_MAX] = [const {
     }
 }; NR_MAX];
 
+/// Runs of fast programs that trapped ([`fast_traps`]).
+static FAST_TRAPS: AtomicU64 = AtomicU64::new(0);
+
+/// How many runs of the gate's own programs (`set_fast`) trapped, in this process, ever.
+pub fn fast_traps() -> u64 {
+    FAST_TRAPS.load(Ordering::Relaxed)
+}
+
 /// Makes the gate run `progs` itself for system call `nr` (from patched sites; `None`: the
 /// handlers again), instead of calling the handlers: on a thread that is not busy
 /// (`crate::x86_64::NativeBusy`), it builds the `sys_enter` context (with `common_pid` 0),
@@ -284,6 +292,9 @@ core::arch::global_asm!(
     "mov esi, 64",
     "call rdx",
     "mov rsp, rbx",
+    "cmp rdx, {trapped}",
+    "jne 14f",
+    "lock inc qword ptr [rip + {traps}]",
     "14:",
     "lock dec qword ptr [rbp + 8]",
     // The call, with the caller's arguments.
@@ -315,6 +326,9 @@ core::arch::global_asm!(
     "mov esi, 24",
     "call rdx",
     "mov rsp, rbx",
+    "cmp rdx, {trapped}",
+    "jne 15f",
+    "lock inc qword ptr [rip + {traps}]",
     "15:",
     "lock dec qword ptr [rbp + 8]",
     // Back as the slow path returns: rax = the result, rcx = what `syscall` leaves there
@@ -432,6 +446,8 @@ core::arch::global_asm!(
     main = sym gate_main,
     nr_max = const NR_MAX,
     fast = sym FAST,
+    traps = sym FAST_TRAPS,
+    trapped = const crate::x86_64::NATIVE_TRAPPED,
     mul = const crate::x86_64::threads::MUL,
     shift = const crate::x86_64::threads::SHIFT,
     recs = sym crate::x86_64::threads::RECS,

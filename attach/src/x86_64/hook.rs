@@ -697,7 +697,7 @@ impl Hook {
     /// [`NATIVE_NOT_RUN`] (or if the return was a tail call between probed functions, which
     /// the handler path resolves). Returns whether the hook has a return probe (`false`: nothing
     /// changes). Jump and trap hooks alike: returns go through the same trampolines. A
-    /// trapped run ([`NATIVE_TRAPPED`]) is not counted.
+    /// trapped run ([`NATIVE_TRAPPED`]) is counted ([`Hook::native_traps`]).
     ///
     /// # Safety
     ///
@@ -717,13 +717,18 @@ impl Hook {
         }
     }
 
-    /// How many times a native entry of this hook returned [`NATIVE_TRAPPED`] (0 for a hook
-    /// without a native slot).
+    /// How many times a native entry of this hook returned [`NATIVE_TRAPPED`]: the entry
+    /// program's ([`Hook::set_native`]) and the return program's
+    /// ([`Hook::set_native_return`]) runs together, since the hook was installed.
     pub fn native_traps(&self) -> u64 {
-        match self.state.as_ref().map(|s| &s.patch) {
-            Some(Patch::Jump(j)) if j.native => j.block.native_traps(),
+        let Some(state) = self.state.as_ref() else {
+            return 0;
+        };
+        let entry = match &state.patch {
+            Patch::Jump(j) if j.native => j.block.native_traps(),
             _ => 0,
-        }
+        };
+        entry + state.ret_site.map_or(0, retprobe::site_native_traps)
     }
 
     /// Removes the hook: restores the original bytes and returns once no thread runs (or will

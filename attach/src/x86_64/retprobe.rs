@@ -102,6 +102,8 @@ struct RetSite {
     /// A native entry the common return stub calls instead of the handler (0: none; see
     /// [`set_site_native`]).
     native: AtomicUsize,
+    /// Runs of `native` that trapped (counted by the common return stub).
+    native_traps: AtomicU64,
     inflight: AtomicU64,
     generation: AtomicU32,
     used: AtomicBool,
@@ -112,6 +114,7 @@ static SITES: [RetSite; MAX_SITES] = [const {
         handler: AtomicUsize::new(0),
         user: AtomicUsize::new(0),
         native: AtomicUsize::new(0),
+        native_traps: AtomicU64::new(0),
         inflight: AtomicU64::new(0),
         generation: AtomicU32::new(0),
         used: AtomicBool::new(false),
@@ -132,6 +135,7 @@ fn fast_layout(code: usize, data: usize) -> stub::RetLayout {
         site_count: MAX_SITES as u64,
         site_size: size_of::<RetSite>() as i32,
         site_native: core::mem::offset_of!(RetSite, native) as i32,
+        site_native_traps: core::mem::offset_of!(RetSite, native_traps) as i32,
         site_inflight: core::mem::offset_of!(RetSite, inflight) as i32,
         site_generation: core::mem::offset_of!(RetSite, generation) as i32,
     }
@@ -150,6 +154,11 @@ pub(crate) fn layout() -> Option<stub::RetLayout> {
 /// `entry` follows the `NativeEntry` contract and stays valid until the site is unregistered.
 pub(crate) unsafe fn set_site_native(i: u32, entry: usize) {
     SITES[i as usize].native.store(entry, Ordering::Release);
+}
+
+/// How many runs of site `i`'s native entry trapped since it was registered.
+pub(crate) fn site_native_traps(i: u32) -> u64 {
+    SITES[i as usize].native_traps.load(Ordering::Relaxed)
 }
 
 /// The pool, once made.
@@ -433,6 +442,7 @@ pub(crate) fn register_site(
     site.handler.store(handler as usize, Ordering::Relaxed);
     site.user.store(user as usize, Ordering::Relaxed);
     site.native.store(0, Ordering::Relaxed);
+    site.native_traps.store(0, Ordering::Relaxed);
     let mut generation = site.generation.load(Ordering::Relaxed).wrapping_add(1);
     if generation == 0 {
         generation = 1;

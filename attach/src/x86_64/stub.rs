@@ -131,6 +131,7 @@ pub(crate) struct RetLayout {
     pub site_count: u64,
     pub site_size: i32,
     pub site_native: i32,
+    pub site_native_traps: i32,
     pub site_inflight: i32,
     pub site_generation: i32,
 }
@@ -758,6 +759,16 @@ fn return_native(a: &mut CodeAssembler, l: &RetLayout) -> Result<CodeLabel, Iced
     a.mov(rsp, rbx)?;
     a.cmp(rdx, NATIVE_NOT_RUN as i32)?;
     a.je(undo)?;
+    let mut counted = a.create_label();
+    a.cmp(rdx, NATIVE_TRAPPED as i32)?;
+    a.jne(counted)?;
+    let mut count = Instruction::with1(
+        Code::Inc_rm64,
+        MemoryOperand::with_base_displ(Register::R12, i64::from(l.site_native_traps)),
+    )?;
+    count.set_has_lock_prefix(true);
+    a.add_instruction(count)?;
+    a.set_label(&mut counted)?;
     let mut dec = Instruction::with1(
         Code::Dec_rm64,
         MemoryOperand::with_base_displ(Register::R12, i64::from(l.site_inflight)),
@@ -1019,6 +1030,7 @@ mod tests {
             site_count: 4096,
             site_size: 48,
             site_native: 16,
+            site_native_traps: 40,
             site_inflight: 24,
             site_generation: 32,
         }

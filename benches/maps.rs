@@ -18,7 +18,10 @@
 //! note otherwise). Prints a markdown table with ours / kernel ratios.
 //!
 //! Run: `cargo bench --bench maps`; under `cargo test --benches` it runs tiny sizes.
-//! `BPFTIME_BENCH_RUNS` (default 5), `BPFTIME_BENCH_MS` (per run, default 200).
+//! `BPFTIME_BENCH_RUNS` (default 5), `BPFTIME_BENCH_MS` (per run, default 200),
+//! `BPFTIME_BENCH_MAPS` (comma-separated map types to run, default all), `BPFTIME_BENCH_OPS`
+//! (`lookup` or `update`; default both), `BPFTIME_BENCH_JIT_ONLY=1` (only the JIT program
+//! column, on stderr, no table: for profiling).
 
 use bpftime_maps::{Map, MapDef, MapType, Store};
 use bpftime_runtime::LoadedProg;
@@ -372,7 +375,19 @@ fn main() {
     let mut rows = Vec::new();
     // `BPFTIME_BENCH_ONLY=scaling`: only the update-scaling table.
     let only_scaling = std::env::var("BPFTIME_BENCH_ONLY").is_ok_and(|v| v == "scaling");
-    for (name, ty) in types.into_iter().filter(|_| !only_scaling) {
+    // `BPFTIME_BENCH_JIT_ONLY=1`: only the JIT program column, printed as it goes (profiling).
+    let jit_only = std::env::var("BPFTIME_BENCH_JIT_ONLY").is_ok_and(|v| v == "1");
+    // `BPFTIME_BENCH_MAPS=hash,lru_hash`: only these map types.
+    let only_types = std::env::var("BPFTIME_BENCH_MAPS").ok();
+    let wanted = |name: &str| {
+        only_types
+            .as_deref()
+            .is_none_or(|l| l.split(',').any(|t| t == name))
+    };
+    for (name, ty) in types
+        .into_iter()
+        .filter(|(name, _)| !only_scaling && wanted(name))
+    {
         let def = MapDef {
             map_type: ty as u32,
             key_size: 4,
@@ -411,12 +426,21 @@ fn main() {
                 m.update_syscall(&k, &v, 0).expect("fill kernel-backed");
             }
         }
-        for op in [Op::Lookup, Op::Update] {
+        let ops = match std::env::var("BPFTIME_BENCH_OPS").as_deref() {
+            Ok("lookup") => &[Op::Lookup][..],
+            Ok("update") => &[Op::Update][..],
+            _ => &[Op::Lookup, Op::Update][..],
+        };
+        for &op in ops {
             let lru_evicting = ty == MapType::LruHash && op == Op::Update;
             let mask: i32 = if lru_evicting { 4095 } else { 1023 };
             for threads in [1usize, 2] {
                 let progs = our_progs(&store, op, eid, mask, threads);
                 let jit = median(runs, || rate(threads, dur, &|t| run_ours(&progs, t, 64)));
+                if jit_only {
+                    eprintln!("{name} {op:?} {threads}T: jit {jit:.2}");
+                    continue;
+                }
                 let kprog = kfd.as_ref().map(|fd| {
                     let kp = kprog_load(&program(op, fd.as_raw_fd(), mask));
                     median(runs, || {
@@ -506,6 +530,8 @@ fn main() {
         );
     }
     println!("\nmillions of operations per second (2 threads: both threads' operations)");
-    update_scaling(&store, runs, dur);
+    if !jit_only {
+        update_scaling(&store, runs, dur);
+    }
     let _ = std::fs::remove_file(&path);
 }

@@ -337,6 +337,68 @@ impl Segment {
         let s = unsafe { std::slice::from_raw_parts(p, data.len()) };
         Some(s == data)
     }
+
+    /// `[off, off + len)` checked once, for several accesses to one structure in it (a hash
+    /// element's fields): the [`Window`]'s accessors check against `len` only.
+    #[inline]
+    pub fn window(&self, off: u64, len: usize) -> Option<Window<'_>> {
+        let base = self.range(off, len)?;
+        Some(Window {
+            base,
+            len,
+            _segment: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A range of a [`Segment`] checked in bounds when it was made ([`Segment::window`]); it
+/// borrows the segment, whose mapping never shrinks or moves, so it stays valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Window<'a> {
+    base: *mut u8,
+    len: usize,
+    _segment: std::marker::PhantomData<&'a Segment>,
+}
+
+impl<'a> Window<'a> {
+    /// The `AtomicU32` at `rel` bytes into the window (4-byte aligned, inside it).
+    #[inline]
+    pub fn atomic_u32(&self, rel: usize) -> Option<&'a AtomicU32> {
+        if rel.checked_add(4)? > self.len {
+            return None;
+        }
+        let p = self.base.wrapping_add(rel);
+        if !(p as usize).is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: inside the window (checked), which lies in mapped shared memory for `'a`
+        // (checked at `Segment::window`; the mapping never shrinks or moves); aligned
+        // (checked); accessed only atomically or by raw copies (module invariants).
+        Some(unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    /// Whether the bytes at `rel` equal `data` (None when past the window). Keys of 4 and 8
+    /// bytes are compared as one word each (no `memcmp` call).
+    #[inline]
+    pub fn bytes_eq(&self, rel: usize, data: &[u8]) -> Option<bool> {
+        if rel.checked_add(data.len())? > self.len {
+            return None;
+        }
+        let p = self.base.wrapping_add(rel);
+        // SAFETY: `[p, p + data.len())` is inside the window (checked), in mapped memory for
+        // `'a`. Raw unaligned reads (or a byte view dropped before returning) of memory others
+        // may write: a torn comparison only yields a spurious mismatch or match of a key being
+        // replaced, which callers tolerate like the kernel's lockless lookups.
+        Some(unsafe {
+            match *data {
+                [a, b, c, d] => p.cast::<[u8; 4]>().read_unaligned() == [a, b, c, d],
+                [a, b, c, d, e, f, g, h] => {
+                    p.cast::<[u8; 8]>().read_unaligned() == [a, b, c, d, e, f, g, h]
+                }
+                _ => std::slice::from_raw_parts(p, data.len()) == data,
+            }
+        })
+    }
 }
 
 /// `clock_gettime(CLOCK_MONOTONIC)` in ns (system-wide, so comparable across processes).

@@ -118,13 +118,15 @@ impl MemRegion {
 
 /// Regions granted at run time (map values returned by helpers), checked by the interpreter.
 ///
-/// A program looking many keys up in one run (a loop) gets many grants: duplicates are found
-/// through a set once there are more than a few, and searches start from the newest grant
-/// (the value a helper just returned is what the program touches next).
+/// A program looking many keys up in one run (a loop) gets many grants. A grant equal to one
+/// of the last few is dropped; others are kept as they come until there are
+/// [`GRANTS_UNINDEXED`], and from then on duplicates are found through a set (so a run's
+/// grants stay bounded by the distinct values it was given, plus that many). Searches start
+/// from the newest grant (the value a helper just returned is what the program touches next).
 #[derive(Debug, Default)]
 pub struct Grants {
     regions: Vec<MemRegion>,
-    /// `regions` as a set, kept while there are more than [`GRANTS_SCANNED`] of them (its
+    /// `regions` as a set, kept while there are more than [`GRANTS_UNINDEXED`] of them (its
     /// table is kept across runs).
     index: std::collections::HashSet<(u64, u64, bool), BuildHasherDefault<GrantHasher>>,
 }
@@ -155,24 +157,30 @@ impl std::hash::Hasher for GrantHasher {
     }
 }
 
-/// Grants deduplicated by a scan; more go through [`Grants::index`].
-const GRANTS_SCANNED: usize = 16;
+/// The newest grants a new one is compared with before it is added.
+const GRANTS_RECENT: usize = 2;
+/// Grants kept without the set (duplicates of older ones included); past them every grant
+/// goes through [`Grants::index`]. Inserting into the set cost a quarter of a hash map
+/// lookup from a program, so the common runs (up to some hundreds of lookups) skip it.
+const GRANTS_UNINDEXED: usize = 1024;
 
 impl Grants {
-    /// Adds a region unless it is already granted.
+    /// Adds a region unless it is already granted (among the newest ones, or any once the
+    /// set is in use).
     pub fn grant(&mut self, r: MemRegion) {
-        let key = (r.start, r.len, r.writable);
-        if self.regions.len() < GRANTS_SCANNED {
-            if !self.regions.contains(&r) {
-                self.regions.push(r);
-            }
+        let n = self.regions.len();
+        if self.regions[n.saturating_sub(GRANTS_RECENT)..].contains(&r) {
+            return;
+        }
+        if self.regions.len() < GRANTS_UNINDEXED {
+            self.regions.push(r);
             return;
         }
         if self.index.is_empty() {
             self.index
                 .extend(self.regions.iter().map(|g| (g.start, g.len, g.writable)));
         }
-        if self.index.insert(key) {
+        if self.index.insert((r.start, r.len, r.writable)) {
             self.regions.push(r);
         }
     }
@@ -681,13 +689,37 @@ mod tests {
     }
 
     #[test]
-    fn grants_stay_unique_past_the_scanned_ones_and_after_truncation() {
+    fn grants_stay_bounded_past_the_unindexed_ones_and_after_truncation() {
         let mut g = Grants::default();
-        // 100 distinct values, each granted three times in a loop-like order.
+        // The same value again and again (a key looked up in a loop): one grant.
+        for _ in 0..5000 {
+            g.grant(r(0x1000, 8, true));
+        }
+        assert_eq!(g.len(), 1);
+        // 100 distinct values, each granted three times in a loop-like order: kept as they
+        // come (300) while under the unindexed count.
+        g.clear();
         for _ in 0..3 {
             for i in 0..100 {
                 g.grant(r(0x1000 + 64 * i, 8, i % 2 == 0));
             }
+        }
+        assert_eq!(g.len(), 300);
+        // Past it, duplicates are dropped: 5,000 distinct values granted 10 times each stay
+        // under their number plus the unindexed count.
+        let mut big = Grants::default();
+        for _ in 0..10 {
+            for i in 0..5000 {
+                big.grant(r(0x10_0000 + 16 * i, 8, true));
+            }
+        }
+        assert!(big.len() <= 5000 + GRANTS_UNINDEXED, "{}", big.len());
+        assert!(big.allows(0x10_0000 + 16 * 4999, 8, true));
+        assert!(big.allows(0x10_0000, 8, true));
+        // The 100 values once each.
+        g.clear();
+        for i in 0..100 {
+            g.grant(r(0x1000 + 64 * i, 8, i % 2 == 0));
         }
         assert_eq!(g.len(), 100);
         assert!(g.allows(0x1000 + 64 * 99, 8, false));
@@ -698,14 +730,21 @@ mod tests {
             g.find(0x1000 + 64 * 50 + 2, 4, true),
             Some(r(0x1000 + 64 * 50, 8, true))
         );
-        // A callback's grants revoked: they can be granted again, the others are not doubled.
+        // A callback's grants revoked: they can be granted again.
         g.truncate(20);
         assert_eq!(g.len(), 20);
         assert!(!g.allows(0x1000 + 64 * 50, 8, false));
-        for i in 0..100 {
+        for i in 20..100 {
             g.grant(r(0x1000 + 64 * i, 8, i % 2 == 0));
         }
         assert_eq!(g.len(), 100);
+        assert!(g.allows(0x1000 + 64 * 50, 8, true));
+        // Truncated past the set: it is rebuilt, and duplicates are still dropped.
+        big.truncate(GRANTS_UNINDEXED + 10);
+        for i in 0..5000 {
+            big.grant(r(0x10_0000 + 16 * i, 8, true));
+        }
+        assert!(big.len() <= 5000 + GRANTS_UNINDEXED, "{}", big.len());
         g.clear();
         assert!(g.is_empty());
         g.grant(r(1, 1, false));

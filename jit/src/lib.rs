@@ -41,6 +41,12 @@ pub struct JitOptions {
     /// Also generate a native entry ([`CompiledCode::native_entry`], x86_64 only) when the
     /// program can run without the host: see [`NativeOptions`].
     pub native: Option<NativeOptions>,
+    /// Checked mode: memory (start, length, writable) the program may access on every run,
+    /// for as long as the code lives — its global data (`.bss`, `.data`, `.rodata`: the
+    /// addresses `lddw` loads). An access through a register proved to hold such an
+    /// address plus a constant, inside the region (and writable for a store), is not tested
+    /// at run time, as the kernel's verifier proves `PTR_TO_MAP_VALUE` accesses at load.
+    pub static_regions: Vec<(u64, u64, bool)>,
 }
 
 /// What a native entry needs to know: the memory a checked program may access besides its

@@ -356,6 +356,7 @@ fn native_jit(src: &str, checked: bool, inline: InlineMap) -> JitProgram {
             cpu_id_tp_offset: rseq_cpu_id_offset(),
             regions: Vec::new(),
         }),
+        static_regions: Vec::new(),
     };
     JitProgram::new(&prog, &h, &opts).expect("compiles")
 }
@@ -545,6 +546,7 @@ fn native_code_never_touches_vector_or_x87_state() {
                 cpu_id_tp_offset: Some(0x100),
                 regions: Vec::new(),
             }),
+            static_regions: Vec::new(),
         };
         let p = JitProgram::new(&prog, &h, &opts).unwrap();
         assert!(p.native_entry().is_some());

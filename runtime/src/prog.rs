@@ -303,6 +303,9 @@ impl LoadedProg {
                     let opts = bpftime_jit::JitOptions {
                         checked,
                         inline_maps: inline.into_iter().map(|(m, _)| m).collect(),
+                        // Global data and inlined maps' data areas stay mapped while the
+                        // program is loaded: accesses proved inside them need no test.
+                        static_regions: native.regions.clone(),
                         native: Some(native),
                     };
                     let j =

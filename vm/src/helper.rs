@@ -483,12 +483,15 @@ impl CallEnv {
     /// Copies guest memory at `addr` into `buf` (a key, a buffer the program passed).
     /// Returns false, copying nothing, when the engine checks memory and the program may not
     /// read that range. Without checks (JIT), the program is trusted to pass valid pointers.
+    /// (Inlined: helpers copy small, fixed-size keys and words, which then need no `memmove`.)
+    #[inline]
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> bool {
         crate::memory::read_guest(self.mem, addr, buf)
     }
 
     /// Copies `data` into guest memory at `addr`; false (nothing written) when checked and the
     /// program may not write there.
+    #[inline]
     pub fn write_guest(&mut self, addr: u64, data: &[u8]) -> bool {
         crate::memory::write_guest(self.mem, addr, data)
     }

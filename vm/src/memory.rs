@@ -268,6 +268,7 @@ pub(crate) fn truncate_grants(mem: *mut GuestMemory, len: usize) {
 }
 
 /// Copies guest memory into `buf`; with a `GuestMemory`, only from permitted ranges.
+#[inline]
 pub(crate) fn read_guest(mem: *mut GuestMemory, addr: u64, buf: &mut [u8]) -> bool {
     // SAFETY: `mem` comes from `CallEnv`, which holds null or the interpreter's live memory,
     // unborrowed while a helper runs.
@@ -285,6 +286,7 @@ pub(crate) fn read_guest(mem: *mut GuestMemory, addr: u64, buf: &mut [u8]) -> bo
 }
 
 /// Copies `data` into guest memory; with a `GuestMemory`, only into permitted ranges.
+#[inline]
 pub(crate) fn write_guest(mem: *mut GuestMemory, addr: u64, data: &[u8]) -> bool {
     // SAFETY: as in `read_guest`.
     if let Some(m) = unsafe { mem.as_ref() } {

@@ -201,6 +201,10 @@ struct Emitter<'a> {
     /// Checked mode: per slot, r0–r9's known offsets from r10 (`frame_offsets`): accesses
     /// through them that stay inside the frame need no check, like r10's own.
     frame_offs: Vec<[i32; 10]>,
+    /// Checked mode: `JitOptions::static_regions`, and per slot the registers known to point
+    /// into them (`static_pointers`): accesses that stay inside need no check.
+    static_regions: &'a [(u64, u64, bool)],
+    static_ptrs: Vec<[StaticPtr; 10]>,
     /// Whether eBPF r3 (rdx) is read anywhere in the program (explicitly or as a call
     /// argument): if not, `div`/`mul` may clobber rdx without saving it.
     r3_read: bool,
@@ -426,6 +430,120 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
         cur
     };
     forward(prog, [OFF_TOP; 10], |_| [OFF_UNKNOWN; 10], step, join)
+}
+
+/// [`static_pointers`]: what a register holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StaticPtr {
+    /// Not reached yet.
+    Top,
+    /// Nothing known.
+    Unknown,
+    /// `regions[region].start + off` on every path.
+    At { region: u16, off: i32 },
+}
+
+/// For each slot, which of r0–r9 hold an address inside one of `regions` (memory valid for
+/// every run: global data) at a known offset on every path to it: an `lddw` of an address
+/// inside a region, then copies and `add`/`sub` of immediates. Each function starts with
+/// none known; calls clobber r0–r5; r6–r9 survive bpf-to-bpf calls.
+fn static_pointers(prog: &Program, regions: &[(u64, u64, bool)]) -> Vec<[StaticPtr; 10]> {
+    use StaticPtr::{At, Top, Unknown};
+    if regions.is_empty() {
+        return Vec::new();
+    }
+    let step = |op: &Op, mut m: [StaticPtr; 10]| {
+        let set = |m: &mut [StaticPtr; 10], r: u8, v: StaticPtr| {
+            if let Some(x) = m.get_mut(usize::from(r)) {
+                *x = v;
+            }
+        };
+        match *op {
+            Op::LdImm64 {
+                dst,
+                kind: LdImmKind::Imm64,
+                lo,
+                hi,
+            } => {
+                let v = u64::from(lo as u32) | (u64::from(hi as u32) << 32);
+                let at = regions
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, &(start, len, _))| {
+                        let off = v.checked_sub(start).filter(|&o| o < len)?;
+                        Some(At {
+                            region: u16::try_from(i).ok()?,
+                            off: i32::try_from(off).ok()?,
+                        })
+                    });
+                set(&mut m, dst, at.unwrap_or(Unknown));
+            }
+            Op::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst,
+                src: Src::Reg(s),
+            } => {
+                let v = m.get(usize::from(s)).copied().unwrap_or(Unknown);
+                set(&mut m, dst, v);
+            }
+            Op::Alu {
+                width: Width::W64,
+                op: op @ (AluOp::Add | AluOp::Sub),
+                dst,
+                src: Src::Imm(i),
+            } => {
+                let v = match m.get(usize::from(dst)).copied() {
+                    Some(At { region, off }) => {
+                        let d = if op == AluOp::Add {
+                            i64::from(off) + i64::from(i)
+                        } else {
+                            i64::from(off) - i64::from(i)
+                        };
+                        // Offsets stay far inside i32; anything larger is unknown.
+                        if (-(1 << 30)..(1 << 30)).contains(&d) {
+                            At {
+                                region,
+                                off: d as i32,
+                            }
+                        } else {
+                            Unknown
+                        }
+                    }
+                    _ => Unknown,
+                };
+                set(&mut m, dst, v);
+            }
+            Op::Alu { dst, .. }
+            | Op::Neg { dst, .. }
+            | Op::MovSx { dst, .. }
+            | Op::Endian { dst, .. }
+            | Op::LdImm64 { dst, .. }
+            | Op::Load { dst, .. } => set(&mut m, dst, Unknown),
+            Op::Atomic { op, fetch, src, .. } => {
+                if op == AtomicOp::CmpXchg {
+                    set(&mut m, 0, Unknown);
+                }
+                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
+                    set(&mut m, src, Unknown);
+                }
+            }
+            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
+                for r in 0..=5 {
+                    set(&mut m, r, Unknown);
+                }
+            }
+            _ => {}
+        }
+        Some(m)
+    };
+    let join = |mut cur: [StaticPtr; 10], out: [StaticPtr; 10]| {
+        for (j, &v) in cur.iter_mut().zip(out.iter()) {
+            *j = if *j == Top || *j == v { v } else { Unknown };
+        }
+        cur
+    };
+    forward(prog, [Top; 10], |_| [Unknown; 10], step, join)
 }
 
 /// Which of the first 64 bytes of the context (r1 at the main function's entry) the program
@@ -969,6 +1087,12 @@ pub fn compile(
         },
         frame_offs: if opts.checked {
             frame_offsets(prog)
+        } else {
+            Vec::new()
+        },
+        static_regions: &opts.static_regions,
+        static_ptrs: if opts.checked {
+            static_pointers(prog, &opts.static_regions)
         } else {
             Vec::new()
         },
@@ -2311,7 +2435,7 @@ impl Emitter<'_> {
         if !self.checked || reg == bpftime_vm::isa::FRAME_REG {
             return (b, i32::from(off));
         }
-        if self.in_frame(pc, reg, off, len).is_some() {
+        if self.in_frame(pc, reg, off, len).is_some() || self.in_static(pc, reg, off, len, write) {
             return (b, i32::from(off));
         }
         self.uses_check = true;
@@ -2345,6 +2469,24 @@ impl Emitter<'_> {
         }
         let at = i64::from(k) + i64::from(off);
         (at >= -(FRAME_SIZE as i64) && at + i64::from(len) <= 0).then_some(at)
+    }
+
+    /// Whether `reg` is known to point into a static region at `pc` with `[reg + off, reg +
+    /// off + len)` inside it (and the region writable, for a store).
+    fn in_static(&self, pc: usize, reg: u8, off: i16, len: u8, write: bool) -> bool {
+        self.static_at(pc, reg, off, len, write).is_some()
+    }
+
+    /// The address of an access [`Self::in_static`] proves (for alignment checks).
+    fn static_at(&self, pc: usize, reg: u8, off: i16, len: u8, write: bool) -> Option<u64> {
+        let StaticPtr::At { region, off: k } = *self.static_ptrs.get(pc)?.get(usize::from(reg))?
+        else {
+            return None;
+        };
+        let &(start, rlen, writable) = self.static_regions.get(usize::from(region))?;
+        let at = i64::from(k) + i64::from(off);
+        (at >= 0 && (at as u64).checked_add(u64::from(len))? <= rlen && (writable || !write))
+            .then(|| start.wrapping_add(at as u64))
     }
 
     /// Jumps to `fail` unless `[r11, r11 + len)` is inside the stack.
@@ -2392,6 +2534,8 @@ impl Emitter<'_> {
                 Some(i64::from(off))
             } else {
                 self.in_frame(pc, base, off, len)
+                    // A known global-data address: its own value decides alignment.
+                    .or_else(|| self.static_at(pc, base, off, len, true).map(|a| a as i64))
             };
             if let Some(at) = in_frame {
                 asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);

@@ -253,7 +253,8 @@ impl<'a> H<'a> {
     }
     fn key_eq(&self, i: u32, key: &[u8]) -> Result<bool, MapError> {
         self.seg()
-            .bytes_eq(self.key_off(i)?, key)
+            .window(self.key_off(i)?, key.len())
+            .and_then(|w| w.bytes_eq(0, key))
             .ok_or_else(corrupt)
     }
 

@@ -223,18 +223,37 @@ impl Segment {
     }
 
     /// Copies `buf.len()` bytes at `off` into `buf`.
+    #[inline]
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Option<()> {
         let p = self.range(off, buf.len())?;
-        // SAFETY: source checked in bounds; `buf` is a distinct local buffer.
-        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: source checked in bounds; `buf` is a distinct local buffer. Values of 4 and
+        // 8 bytes (counters, most keys) are one unaligned load, not a `memcpy` call.
+        unsafe {
+            match buf.len() {
+                8 => buf.copy_from_slice(&p.cast::<[u8; 8]>().read_unaligned()),
+                4 => buf.copy_from_slice(&p.cast::<[u8; 4]>().read_unaligned()),
+                n => std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n),
+            }
+        }
         Some(())
     }
 
     /// Copies `buf` to `off`.
+    #[inline]
     pub fn write(&self, off: u64, buf: &[u8]) -> Option<()> {
         let p = self.range(off, buf.len())?;
         // SAFETY: destination checked in bounds and writable (mapped RW); `buf` is distinct.
-        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+        // 4 and 8 bytes: one unaligned store, not a `memcpy` call.
+        unsafe {
+            match *buf {
+                [a, b, c, d, e, f, g, h] => {
+                    p.cast::<[u8; 8]>()
+                        .write_unaligned([a, b, c, d, e, f, g, h]);
+                }
+                [a, b, c, d] => p.cast::<[u8; 4]>().write_unaligned([a, b, c, d]),
+                _ => std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()),
+            }
+        }
         Some(())
     }
 

@@ -6,22 +6,12 @@
 
 use bpftime_jit::{JitOptions, JitProgram};
 use bpftime_vm::asm::assemble;
-use bpftime_vm::helper::{CallEnv, HelperRegistry};
+use bpftime_vm::helper::HelperRegistry;
 use bpftime_vm::interpreter::Interpreter;
 use bpftime_vm::verifier::verify;
 
-extern "C" fn nop(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
-    0
-}
-
-/// A trap without its address (the engines' stacks live at different addresses).
-fn kind(t: bpftime_vm::interpreter::Trap) -> String {
-    let k = format!("{:?}", t.kind);
-    match k.split_once("addr: ") {
-        Some((a, rest)) => format!("{a}{}", rest.split_once(',').map_or("", |r| r.1)),
-        None => k,
-    }
-}
+mod support_checks;
+use support_checks::{kind, nop};
 
 fn both(src: &str, mem: &[u8]) -> [Result<u64, String>; 2] {
     let mut h = HelperRegistry::new();

@@ -7,23 +7,13 @@
 
 use bpftime_jit::{JitOptions, JitProgram};
 use bpftime_vm::asm::assemble;
-use bpftime_vm::helper::{CallEnv, HelperRegistry, MemRegion};
+use bpftime_vm::helper::{HelperRegistry, MemRegion};
 use bpftime_vm::interpreter::Interpreter;
 use bpftime_vm::memory::GuestMemory;
 use bpftime_vm::verifier::verify;
 
-extern "C" fn nop(_: u64, _: u64, _: u64, _: u64, _: u64, _: &mut CallEnv) -> u64 {
-    0
-}
-
-/// A trap without its address (each run has its own buffers).
-fn kind(t: bpftime_vm::interpreter::Trap) -> String {
-    let k = format!("{:?}", t.kind);
-    match k.split_once("addr: ") {
-        Some((a, rest)) => format!("{a}{}", rest.split_once(',').map_or("", |r| r.1)),
-        None => k,
-    }
-}
+mod support_checks;
+use support_checks::{kind, nop};
 
 /// Global data for one run: a writable 32-byte block (`.bss`), a read-only one (`.rodata`).
 struct Data {

@@ -396,40 +396,45 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
                 };
                 set(&mut m, dst, v);
             }
-            Op::Alu { dst, .. }
-            | Op::Neg { dst, .. }
-            | Op::MovSx { dst, .. }
-            | Op::Endian { dst, .. }
-            | Op::LdImm64 { dst, .. }
-            | Op::Load { dst, .. } => set(&mut m, dst, OFF_UNKNOWN),
-            Op::Atomic { op, fetch, src, .. } => {
-                if op == AtomicOp::CmpXchg {
-                    set(&mut m, 0, OFF_UNKNOWN);
-                }
-                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
-                    set(&mut m, src, OFF_UNKNOWN);
-                }
-            }
-            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
-                for r in 0..=5 {
-                    set(&mut m, r, OFF_UNKNOWN);
-                }
-            }
-            _ => {}
+            _ => written_regs(op, |r| set(&mut m, r, OFF_UNKNOWN)),
         }
         Some(m)
     };
-    let join = |mut cur: [i32; 10], out: [i32; 10]| {
-        for (j, &v) in cur.iter_mut().zip(out.iter()) {
-            *j = if *j == OFF_TOP || *j == v {
-                v
-            } else {
-                OFF_UNKNOWN
-            };
-        }
-        cur
-    };
+    let join = |cur, out| join_regs(cur, out, OFF_TOP, OFF_UNKNOWN);
     forward(prog, [OFF_TOP; 10], |_| [OFF_UNKNOWN; 10], step, join)
+}
+
+/// Calls `f` for each register `op` writes (a value the register analyses here do not track,
+/// unless they handle `op` themselves first): an ALU, load or `lddw` destination, an atomic's
+/// fetched register (and r0 for `cmpxchg`), r0–r5 for calls.
+fn written_regs(op: &Op, mut f: impl FnMut(u8)) {
+    match *op {
+        Op::Alu { dst, .. }
+        | Op::Neg { dst, .. }
+        | Op::MovSx { dst, .. }
+        | Op::Endian { dst, .. }
+        | Op::LdImm64 { dst, .. }
+        | Op::Load { dst, .. } => f(dst),
+        Op::Atomic { op, fetch, src, .. } => {
+            if op == AtomicOp::CmpXchg {
+                f(0);
+            }
+            if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
+                f(src);
+            }
+        }
+        Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => (0..=5).for_each(f),
+        _ => {}
+    }
+}
+
+/// The join of two per-register states: a register keeps a value both agree on (or the
+/// other's when one side is `top`, not reached yet), else `unknown`.
+fn join_regs<T: Copy + PartialEq>(mut cur: [T; 10], out: [T; 10], top: T, unknown: T) -> [T; 10] {
+    for (j, &v) in cur.iter_mut().zip(out.iter()) {
+        *j = if *j == top || *j == v { v } else { unknown };
+    }
+    cur
 }
 
 /// [`static_pointers`]: what a register holds.
@@ -514,35 +519,11 @@ fn static_pointers(prog: &Program, regions: &[(u64, u64, bool)]) -> Vec<[StaticP
                 };
                 set(&mut m, dst, v);
             }
-            Op::Alu { dst, .. }
-            | Op::Neg { dst, .. }
-            | Op::MovSx { dst, .. }
-            | Op::Endian { dst, .. }
-            | Op::LdImm64 { dst, .. }
-            | Op::Load { dst, .. } => set(&mut m, dst, Unknown),
-            Op::Atomic { op, fetch, src, .. } => {
-                if op == AtomicOp::CmpXchg {
-                    set(&mut m, 0, Unknown);
-                }
-                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
-                    set(&mut m, src, Unknown);
-                }
-            }
-            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
-                for r in 0..=5 {
-                    set(&mut m, r, Unknown);
-                }
-            }
-            _ => {}
+            _ => written_regs(op, |r| set(&mut m, r, Unknown)),
         }
         Some(m)
     };
-    let join = |mut cur: [StaticPtr; 10], out: [StaticPtr; 10]| {
-        for (j, &v) in cur.iter_mut().zip(out.iter()) {
-            *j = if *j == Top || *j == v { v } else { Unknown };
-        }
-        cur
-    };
+    let join = |cur, out| join_regs(cur, out, Top, Unknown);
     forward(prog, [Top; 10], |_| [Unknown; 10], step, join)
 }
 
@@ -706,7 +687,6 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
 /// order of checked-mode tests (both tests are always made), so precision is not critical.
 fn stack_pointers(prog: &Program) -> Vec<u16> {
     const R10: u16 = 1 << 10;
-    const CALL_CLOBBER: u16 = 0b11_1111; // r0–r5
     let bit = |r: u8| 1u16 << r;
     let step = |op: &Op, m: u16| {
         let out = match *op {
@@ -727,21 +707,11 @@ fn stack_pointers(prog: &Program) -> Vec<u16> {
                 op: AluOp::Add | AluOp::Sub,
                 ..
             } => m,
-            Op::Alu { dst, .. }
-            | Op::Neg { dst, .. }
-            | Op::MovSx { dst, .. }
-            | Op::Endian { dst, .. }
-            | Op::LdImm64 { dst, .. }
-            | Op::Load { dst, .. } => m & !bit(dst),
-            Op::Atomic {
-                op: AtomicOp::CmpXchg,
-                ..
-            } => m & !bit(0),
-            Op::Atomic {
-                fetch: true, src, ..
-            } => m & !bit(src),
-            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => m & !CALL_CLOBBER,
-            _ => m,
+            _ => {
+                let mut m = m;
+                written_regs(op, |r| m &= !bit(r));
+                m
+            }
         } | R10;
         Some(out)
     };

@@ -167,15 +167,25 @@ const GRANTS_UNINDEXED: usize = 1024;
 impl Grants {
     /// Adds a region unless it is already granted (among the newest ones, or any once the
     /// set is in use).
+    /// (Inlined into the helpers: passing the region through memory right after building it
+    /// field by field stalled on store forwarding.)
+    #[inline]
     pub fn grant(&mut self, r: MemRegion) {
         let n = self.regions.len();
         if self.regions[n.saturating_sub(GRANTS_RECENT)..].contains(&r) {
             return;
         }
-        if self.regions.len() < GRANTS_UNINDEXED {
+        if n < GRANTS_UNINDEXED {
             self.regions.push(r);
             return;
         }
+        self.grant_indexed(r);
+    }
+
+    /// [`Grants::grant`] past [`GRANTS_UNINDEXED`]: through the set.
+    #[cold]
+    #[inline(never)]
+    fn grant_indexed(&mut self, r: MemRegion) {
         if self.index.is_empty() {
             self.index
                 .extend(self.regions.iter().map(|g| (g.start, g.len, g.writable)));
@@ -191,6 +201,15 @@ impl Grants {
             .iter()
             .rev()
             .any(|r| r.contains(addr, len, write))
+    }
+    /// The newest grant, if it holds the access (the value a helper just returned, which the
+    /// program touches next).
+    #[inline]
+    pub fn newest(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
+        self.regions
+            .last()
+            .filter(|r| r.contains(addr, len, write))
+            .copied()
     }
     /// The granted region that holds the access, if any.
     pub fn find(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
@@ -466,6 +485,7 @@ impl CallEnv {
     /// # Safety
     /// The range must be valid for reads (and writes if `writable`) until the program run ends,
     /// and not be accessed through Rust references meanwhile.
+    #[inline]
     pub unsafe fn grant(&mut self, start: u64, len: u64, writable: bool) {
         // SAFETY: forwarded contract; `mem` is null or set by `set_memory` for this call.
         unsafe {

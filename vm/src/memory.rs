@@ -120,6 +120,11 @@ impl GuestMemory {
     /// (writable if `write`), for callers that cache it (the JIT's checked mode: regions only
     /// grow during a run).
     pub fn region_of(&self, addr: u64, len: u64, write: bool) -> Option<MemRegion> {
+        // The value a helper just granted first: the checker's window holds the context or
+        // global data, so a value returned by a lookup is what usually misses it.
+        if let Some(r) = self.grants.newest(addr, len, write) {
+            return Some(r);
+        }
         let stack = MemRegion {
             start: self.stack.as_ptr() as u64,
             len: (FRAME_SIZE * MAX_FRAMES) as u64,
@@ -246,6 +251,7 @@ impl GuestMemory {
 /// # Safety
 /// `mem` is null or points to a live `GuestMemory` not otherwise borrowed during the call; the
 /// region must be valid memory for the rest of the program run (see [`GuestMemory::add_region`]).
+#[inline]
 pub(crate) unsafe fn grant(mem: *mut GuestMemory, region: MemRegion) {
     // SAFETY: per the contract, `mem` is null or valid and unaliased for this call.
     if let Some(m) = unsafe { mem.as_mut() } {

@@ -128,7 +128,10 @@ impl InlineMap {
     /// bytes, the `bases` table is readable (from this call on) and its non-zero entries never
     /// change, and `[area_start, area_start + area_len)` (which
     /// contains all those elements) is valid memory for the program's accesses — reads, and
-    /// writes when `writable`. The helper registered as id 1 / 2 answers for the same map.
+    /// writes when `writable`. The helper registered as id 1 / 2 answers for the same map; in
+    /// particular `bpf_map_lookup_elem` (id 1) on `handle` returns 0 or the address of an
+    /// element valid as above: checked code does not test accesses inside a non-null lookup
+    /// result (as the kernel's verifier proves them at load).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn new(
         handle: u64,

@@ -644,3 +644,44 @@ fn a_native_entry_gives_a_program_without_calls_one_frame_of_stack() {
     assert_eq!(run(-4096), (NATIVE_TRAPPED, 0));
     assert_eq!(run(0), (NATIVE_TRAPPED, 0));
 }
+
+#[test]
+fn accesses_inside_a_null_checked_lookup_result_are_not_tested() {
+    let f = Fake::new(4, 16, 1);
+    // The same loads, stores and atomic through r0, after a null check of r0 itself or of a
+    // copy (which the analysis does not follow): the first compiles without their tests.
+    let src = |tested: &str| {
+        format!(
+            "mov %r2, %r1
+             lddw %r1, {HANDLE:#x}
+             call 1
+             mov %r7, %r0
+             jeq {tested}, 0, out
+             ldxdw %r1, [%r0+8]
+             add %r1, 3
+             stxdw [%r0+8], %r1
+             mov %r2, 1
+             lock add [%r0+0], %r2
+             ldxdw %r0, [%r0+8]
+             out:
+             exit"
+        )
+    };
+    let (proved, copied) = (
+        jit(&src("%r0"), true, f.array()),
+        jit(&src("%r7"), true, f.array()),
+    );
+    assert!(
+        proved.compiled().code.len() + 40 < copied.compiled().code.len(),
+        "{} vs {} bytes",
+        proved.compiled().code.len(),
+        copied.compiled().code.len()
+    );
+    // Both programs on the same element: +3 each.
+    assert_eq!(run(&proved, &mut block(2, 0), 0), Ok(3));
+    assert_eq!(run(&copied, &mut block(2, 0), 0), Ok(6));
+    assert_eq!(f.bytes(f.elem(0, 2), 16)[..8], 2u64.to_ne_bytes());
+    assert_eq!(f.bytes(f.elem(0, 2), 16)[8..], 6u64.to_ne_bytes());
+    // An absent key: NULL, both leave through `out`.
+    assert_eq!(run(&proved, &mut block(9, 0), 0), Ok(0));
+}

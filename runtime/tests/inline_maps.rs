@@ -277,3 +277,124 @@ fn tracing_programs_cannot_store_into_their_context() {
         }
     }
 }
+
+/// After `jeq r0, 0` the checked JIT trusts accesses inside the looked-up value without a
+/// run-time test (as the kernel's verifier proves them); everything else is still tested:
+/// past the data area, a NULL result used without a check, a copy tested instead of the
+/// register, a misaligned atomic. Same results, traps and contents as the interpreter. (A
+/// neighbour element through the same pointer is the one documented difference: the JIT has
+/// the map's whole data area as a region, the interpreter only the value it was given.)
+#[test]
+fn lookup_results_are_trusted_only_inside_the_value_after_a_null_check() {
+    stay_on_this_cpu();
+    let body = |key: u32, access: &str| {
+        format!(
+            "mov %r6, %r1
+             mov %r1, {key}
+             stxw [%r10-4], %r1
+             lddw %r1, map_fd MAP
+             mov %r2, %r10
+             add %r2, -4
+             call 1
+             {access}
+             exit"
+        )
+    };
+    let cases = [
+        // Inside the value: load, store, atomic add.
+        body(
+            1,
+            "jeq %r0, 0, +5
+             ldxdw %r1, [%r0+0]
+             add %r1, 5
+             stxdw [%r0+0], %r1
+             mov %r2, 2
+             lock add [%r0+0], %r2
+             mov %r0, 0",
+        ),
+        // Past the data area's end.
+        body(
+            2,
+            "jeq %r0, 0, +1
+             ldxdw %r0, [%r0+8]",
+        ),
+        // An absent key's NULL, used without a check.
+        body(5, "ldxdw %r0, [%r0+0]"),
+        // A copy checked, the original used: still tested (and fine here).
+        body(
+            1,
+            "mov %r7, %r0
+             jeq %r7, 0, +1
+             ldxdw %r0, [%r0+0]",
+        ),
+        // A misaligned atomic inside the value.
+        body(
+            1,
+            "jeq %r0, 0, +2
+             mov %r1, 1
+             lock add32 [%r0+2], %r1",
+        ),
+    ];
+    for map_type in [2u32, 6] {
+        for src in &cases {
+            let mut outcomes = Vec::new();
+            for engine in [Engine::Interpreter, Engine::Jit { checked: true }] {
+                let t = temp_store();
+                let def = MapDef {
+                    map_type,
+                    key_size: 4,
+                    value_size: 8,
+                    max_entries: 3,
+                    flags: 0,
+                };
+                let m = Map::create(&t.store, def, "arr").unwrap();
+                let p = load(&t, &src.replace("MAP", &m.id().to_string()), engine);
+                let mut ctx = [0u8; 168];
+                // SAFETY: `ctx` is a live, writable buffer of 168 bytes.
+                let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) }.map_err(|t| {
+                    // The trap's kind and pc, without its address (each store maps elsewhere).
+                    let k = format!("{:?}", t.kind);
+                    (
+                        k.split_once(" addr").map_or(k.clone(), |x| x.0.to_string()),
+                        t.pc,
+                    )
+                });
+                outcomes.push((engine, r, contents(&m)));
+            }
+            let (_, want, want_data) = &outcomes[0];
+            let (engine, got, data) = &outcomes[1];
+            assert_eq!(
+                got, want,
+                "{engine:?} vs interpreter, type {map_type}:\n{src}"
+            );
+            assert_eq!(data, want_data, "map contents, type {map_type}:\n{src}");
+        }
+        // The neighbour element (README limits): the interpreter traps, the checked JIT
+        // writes it (inside the map's data area, its region).
+        let src = body(
+            0,
+            "jeq %r0, 0, +2
+             stdw [%r0+8], 9
+             ldxdw %r0, [%r0+8]",
+        );
+        for (engine, want) in [
+            (Engine::Interpreter, None),
+            (Engine::Jit { checked: true }, Some(9)),
+        ] {
+            let t = temp_store();
+            let def = MapDef {
+                map_type,
+                key_size: 4,
+                value_size: 8,
+                max_entries: 3,
+                flags: 0,
+            };
+            let m = Map::create(&t.store, def, "arr").unwrap();
+            let p = load(&t, &src.replace("MAP", &m.id().to_string()), engine);
+            let mut ctx = [0u8; 168];
+            // SAFETY: as above.
+            let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) };
+            assert_eq!(r.ok(), want, "{engine:?}, type {map_type}");
+        }
+    }
+}

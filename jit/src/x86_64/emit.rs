@@ -319,6 +319,19 @@ fn forward<S: Copy + PartialEq>(
     mut step: impl FnMut(&Op, S) -> Option<S>,
     join: impl Fn(S, S) -> S,
 ) -> Vec<S> {
+    forward_edges(prog, top, entry, |_, op, s| step(op, s), |_, s, _| s, join)
+}
+
+/// [`forward`] with the slot's pc passed to `step`, and `edge(op, out, taken)` refining what
+/// holds along each edge of a conditional jump (`taken`: to its target).
+fn forward_edges<S: Copy + PartialEq>(
+    prog: &Program,
+    top: S,
+    entry: impl Fn(usize) -> S,
+    mut step: impl FnMut(usize, &Op, S) -> Option<S>,
+    edge: impl Fn(&Op, S, bool) -> S,
+    join: impl Fn(S, S) -> S,
+) -> Vec<S> {
     let ops = prog.ops();
     let n = ops.len();
     let mut state = vec![top; n];
@@ -328,11 +341,18 @@ fn forward<S: Copy + PartialEq>(
     }
     while let Some(pc) = work.pop() {
         let Some(op) = ops[pc] else { continue };
-        let Some(out) = step(&op, state[pc]) else {
+        let Some(out) = step(pc, &op, state[pc]) else {
             break;
         };
-        for t in successors(pc, &op, n) {
+        let conditional = matches!(op, Op::Jmp { .. });
+        for (i, t) in successors(pc, &op, n).enumerate() {
             let Some(&cur) = state.get(t) else { continue };
+            // `successors` yields a conditional jump's target first.
+            let out = if conditional {
+                edge(&op, out, i == 0)
+            } else {
+                out
+            };
             let joined = join(cur, out);
             if joined != cur {
                 state[t] = joined;
@@ -446,18 +466,35 @@ enum StaticPtr {
     Unknown,
     /// `regions[region].start + off` on every path.
     At { region: u16, off: i32 },
+    /// What an inlined lookup in `inline[map]` returned, plus `off`: an element's address
+    /// (`value_size` bytes inside the map's data area) or, while `nullable`, possibly 0.
+    Value { map: u16, off: i32, nullable: bool },
 }
 
 /// For each slot, which of r0–r9 hold an address inside one of `regions` (memory valid for
 /// every run: global data) at a known offset on every path to it: an `lddw` of an address
-/// inside a region, then copies and `add`/`sub` of immediates. Each function starts with
+/// inside a region, then copies and `add`/`sub` of immediates. Also the value pointers
+/// `bpf_map_lookup_elem` returns for a map of `inline` (`r1_const`: r1's constant at each
+/// slot): nullable until a 64-bit `jeq`/`jne` against 0 tells otherwise on an edge (only the
+/// tested register: a copy stays nullable), then moved by immediates (arithmetic on a
+/// nullable one forgets it, as the kernel's verifier refuses it). Each function starts with
 /// none known; calls clobber r0–r5; r6–r9 survive bpf-to-bpf calls.
-fn static_pointers(prog: &Program, regions: &[(u64, u64, bool)]) -> Vec<[StaticPtr; 10]> {
-    use StaticPtr::{At, Top, Unknown};
-    if regions.is_empty() {
+fn static_pointers(
+    prog: &Program,
+    regions: &[(u64, u64, bool)],
+    inline: &[InlineMap],
+    r1_const: &[Option<u64>],
+) -> Vec<[StaticPtr; 10]> {
+    use StaticPtr::{At, Top, Unknown, Value};
+    if regions.is_empty() && inline.is_empty() {
         return Vec::new();
     }
-    let step = |op: &Op, mut m: [StaticPtr; 10]| {
+    // Offsets stay far inside i32; anything larger is unknown.
+    let moved = |off: i32, d: i64| {
+        let v = i64::from(off) + d;
+        (-(1 << 30)..(1 << 30)).contains(&v).then_some(v as i32)
+    };
+    let step = |pc: usize, op: &Op, mut m: [StaticPtr; 10]| {
         let set = |m: &mut [StaticPtr; 10], r: u8, v: StaticPtr| {
             if let Some(x) = m.get_mut(usize::from(r)) {
                 *x = v;
@@ -498,33 +535,74 @@ fn static_pointers(prog: &Program, regions: &[(u64, u64, bool)]) -> Vec<[StaticP
                 dst,
                 src: Src::Imm(i),
             } => {
+                let d = if op == AluOp::Add {
+                    i64::from(i)
+                } else {
+                    -i64::from(i)
+                };
                 let v = match m.get(usize::from(dst)).copied() {
                     Some(At { region, off }) => {
-                        let d = if op == AluOp::Add {
-                            i64::from(off) + i64::from(i)
-                        } else {
-                            i64::from(off) - i64::from(i)
-                        };
-                        // Offsets stay far inside i32; anything larger is unknown.
-                        if (-(1 << 30)..(1 << 30)).contains(&d) {
-                            At {
-                                region,
-                                off: d as i32,
-                            }
-                        } else {
-                            Unknown
-                        }
+                        moved(off, d).map_or(Unknown, |off| At { region, off })
                     }
+                    Some(Value {
+                        map,
+                        off,
+                        nullable: false,
+                    }) => moved(off, d).map_or(Unknown, |off| Value {
+                        map,
+                        off,
+                        nullable: false,
+                    }),
                     _ => Unknown,
                 };
                 set(&mut m, dst, v);
+            }
+            Op::Call { id: 1 } => {
+                let map = r1_const
+                    .get(pc)
+                    .copied()
+                    .flatten()
+                    .and_then(|h| inline.iter().position(|x| x.handle == h))
+                    .and_then(|i| u16::try_from(i).ok());
+                written_regs(op, |r| set(&mut m, r, Unknown));
+                if let Some(map) = map {
+                    set(
+                        &mut m,
+                        0,
+                        Value {
+                            map,
+                            off: 0,
+                            nullable: true,
+                        },
+                    );
+                }
             }
             _ => written_regs(op, |r| set(&mut m, r, Unknown)),
         }
         Some(m)
     };
+    // `jeq r, 0` falls through, and `jne r, 0` jumps, only when r is not null.
+    let edge = |op: &Op, mut m: [StaticPtr; 10], taken: bool| {
+        if let Op::Jmp {
+            width: Width::W64,
+            cond: cond @ (JmpCond::Eq | JmpCond::Ne),
+            dst,
+            src: Src::Imm(0),
+            ..
+        } = *op
+            && taken == (cond == JmpCond::Ne)
+            && let Some(Value { map, off, .. }) = m.get(usize::from(dst)).copied()
+        {
+            m[usize::from(dst)] = Value {
+                map,
+                off,
+                nullable: false,
+            };
+        }
+        m
+    };
     let join = |cur, out| join_regs(cur, out, Top, Unknown);
-    forward(prog, [Top; 10], |_| [Unknown; 10], step, join)
+    forward_edges(prog, [Top; 10], |_| [Unknown; 10], step, edge, join)
 }
 
 /// Which of the first 64 bytes of the context (r1 at the main function's entry) the program
@@ -1061,11 +1139,8 @@ pub fn compile(
             Vec::new()
         },
         static_regions: &opts.static_regions,
-        static_ptrs: if opts.checked {
-            static_pointers(prog, &opts.static_regions)
-        } else {
-            Vec::new()
-        },
+        // After r1's constants (below): lookups in inlined maps return value pointers.
+        static_ptrs: Vec::new(),
         inline: &opts.inline_maps,
         map_helper_calls: 0,
         r1_const: Vec::new(),
@@ -1079,6 +1154,9 @@ pub fn compile(
     if !opts.inline_maps.is_empty() {
         e.r1_const = reg_constants(prog, &e.label_of, 1);
         e.r4_const = reg_constants(prog, &e.label_of, 4);
+    }
+    if opts.checked {
+        e.static_ptrs = static_pointers(prog, &opts.static_regions, &opts.inline_maps, &e.r1_const);
     }
     if !e.callbacks.is_empty() {
         e.refuse_native("callbacks");
@@ -2447,16 +2525,29 @@ impl Emitter<'_> {
         self.static_at(pc, reg, off, len, write).is_some()
     }
 
-    /// The address of an access [`Self::in_static`] proves (for alignment checks).
-    fn static_at(&self, pc: usize, reg: u8, off: i16, len: u8, write: bool) -> Option<u64> {
-        let StaticPtr::At { region, off: k } = *self.static_ptrs.get(pc)?.get(usize::from(reg))?
-        else {
-            return None;
+    /// Whether [`Self::in_static`] proves the access, with its address when that is known
+    /// at compile time (global data; not an element a lookup returned), for alignment checks.
+    fn static_at(&self, pc: usize, reg: u8, off: i16, len: u8, write: bool) -> Option<Option<u64>> {
+        let inside = |k: i32, size: u64, writable: bool| {
+            let at = i64::from(k) + i64::from(off);
+            (at >= 0 && (at as u64).checked_add(u64::from(len))? <= size && (writable || !write))
+                .then_some(at as u64)
         };
-        let &(start, rlen, writable) = self.static_regions.get(usize::from(region))?;
-        let at = i64::from(k) + i64::from(off);
-        (at >= 0 && (at as u64).checked_add(u64::from(len))? <= rlen && (writable || !write))
-            .then(|| start.wrapping_add(at as u64))
+        match *self.static_ptrs.get(pc)?.get(usize::from(reg))? {
+            StaticPtr::At { region, off: k } => {
+                let &(start, rlen, writable) = self.static_regions.get(usize::from(region))?;
+                inside(k, rlen, writable).map(|at| Some(start.wrapping_add(at)))
+            }
+            StaticPtr::Value {
+                map,
+                off: k,
+                nullable: false,
+            } => {
+                let m = self.inline.get(usize::from(map))?;
+                inside(k, u64::from(m.value_size), m.writable).map(|_| None)
+            }
+            _ => None,
+        }
     }
 
     /// Jumps to `fail` unless `[r11, r11 + len)` is inside the stack.
@@ -2505,9 +2596,22 @@ impl Emitter<'_> {
             } else {
                 self.in_frame(pc, base, off, len)
                     // A known global-data address: its own value decides alignment.
-                    .or_else(|| self.static_at(pc, base, off, len, true).map(|a| a as i64))
+                    .or_else(|| self.static_at(pc, base, off, len, true)?.map(|a| a as i64))
             };
-            if let Some(at) = in_frame {
+            if in_frame.is_none() && self.in_static(pc, base, off, len, true) {
+                // Inside a map value a lookup returned: only the alignment is tested.
+                asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
+                let entry = self.ops.new_dynamic_label();
+                self.stubs.push(Stub::Misaligned {
+                    entry,
+                    pc: pc as u32,
+                    len,
+                });
+                asm!(self.ops
+                    ; test r11b, (len - 1) as i8
+                    ; jnz =>entry
+                );
+            } else if let Some(at) = in_frame {
                 asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
                 if at % i64::from(len) != 0 {
                     let entry = self.ops.new_dynamic_label();

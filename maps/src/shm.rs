@@ -346,17 +346,6 @@ pub fn flock(fd: i32, op: i32) -> io::Result<()> {
 }
 
 impl Segment {
-    /// Whether the bytes at `off` equal `data` (None when out of bounds).
-    #[inline]
-    pub fn bytes_eq(&self, off: u64, data: &[u8]) -> Option<bool> {
-        let p = self.range(off, data.len())?;
-        // SAFETY: checked in bounds; a byte view that is dropped before returning, read while
-        // others may write (a torn comparison only yields a spurious mismatch or match of a key
-        // being replaced, which callers tolerate like the kernel's lockless lookups).
-        let s = unsafe { std::slice::from_raw_parts(p, data.len()) };
-        Some(s == data)
-    }
-
     /// `[off, off + len)` checked once, for several accesses to one structure in it (a hash
     /// element's fields): the [`Window`]'s accessors check against `len` only.
     #[inline]

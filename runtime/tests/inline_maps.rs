@@ -312,11 +312,12 @@ fn lookup_results_are_trusted_only_inside_the_value_after_a_null_check() {
              lock add [%r0+0], %r2
              mov %r0, 0",
         ),
-        // Past the data area's end.
+        // Past the data area's end (for a per-CPU array, past every CPU's slot: the next
+        // element of the last key is the next CPU's first, except on the last CPU).
         body(
             2,
             "jeq %r0, 0, +1
-             ldxdw %r0, [%r0+8]",
+             ldxdw %r0, [%r0+4096]",
         ),
         // An absent key's NULL, used without a check.
         body(5, "ldxdw %r0, [%r0+0]"),

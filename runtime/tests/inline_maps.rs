@@ -338,35 +338,11 @@ fn lookup_results_are_trusted_only_inside_the_value_after_a_null_check() {
     ];
     for map_type in [2u32, 6] {
         for src in &cases {
-            let mut outcomes = Vec::new();
-            for engine in [Engine::Interpreter, Engine::Jit { checked: true }] {
-                let t = temp_store();
-                let def = MapDef {
-                    map_type,
-                    key_size: 4,
-                    value_size: 8,
-                    max_entries: 3,
-                    flags: 0,
-                };
-                let m = Map::create(&t.store, def, "arr").unwrap();
-                let p = load(&t, &src.replace("MAP", &m.id().to_string()), engine);
-                let mut ctx = [0u8; 168];
-                // SAFETY: `ctx` is a live, writable buffer of 168 bytes.
-                let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) }.map_err(|t| {
-                    // The trap's kind and pc, without its address (each store maps elsewhere).
-                    let k = format!("{:?}", t.kind);
-                    (
-                        k.split_once(" addr").map_or(k.clone(), |x| x.0.to_string()),
-                        t.pc,
-                    )
-                });
-                outcomes.push((engine, r, contents(&m)));
-            }
-            let (_, want, want_data) = &outcomes[0];
-            let (engine, got, data) = &outcomes[1];
+            let (want, want_data) = run_on_array(map_type, src, Engine::Interpreter);
+            let (got, data) = run_on_array(map_type, src, Engine::Jit { checked: true });
             assert_eq!(
                 got, want,
-                "{engine:?} vs interpreter, type {map_type}:\n{src}"
+                "checked JIT vs interpreter, type {map_type}:\n{src}"
             );
             assert_eq!(data, want_data, "map contents, type {map_type}:\n{src}");
         }
@@ -382,20 +358,36 @@ fn lookup_results_are_trusted_only_inside_the_value_after_a_null_check() {
             (Engine::Interpreter, None),
             (Engine::Jit { checked: true }, Some(9)),
         ] {
-            let t = temp_store();
-            let def = MapDef {
-                map_type,
-                key_size: 4,
-                value_size: 8,
-                max_entries: 3,
-                flags: 0,
-            };
-            let m = Map::create(&t.store, def, "arr").unwrap();
-            let p = load(&t, &src.replace("MAP", &m.id().to_string()), engine);
-            let mut ctx = [0u8; 168];
-            // SAFETY: as above.
-            let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) };
+            let (r, _) = run_on_array(map_type, &src, engine);
             assert_eq!(r.ok(), want, "{engine:?}, type {map_type}");
         }
     }
+}
+
+/// A trap's kind (without its address: each store maps elsewhere) and pc.
+type TrapAt = (String, usize);
+
+/// Runs `src` (its `MAP` replaced by the map's id) once on a fresh 3-element array (or per-CPU
+/// array) of 8-byte values: its result or trap, and the map's contents afterwards.
+fn run_on_array(map_type: u32, src: &str, engine: Engine) -> (Result<u64, TrapAt>, Vec<Vec<u8>>) {
+    let t = temp_store();
+    let def = MapDef {
+        map_type,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 3,
+        flags: 0,
+    };
+    let m = Map::create(&t.store, def, "arr").unwrap();
+    let p = load(&t, &src.replace("MAP", &m.id().to_string()), engine);
+    let mut ctx = [0u8; 168];
+    // SAFETY: `ctx` is a live, writable buffer of 168 bytes.
+    let r = unsafe { p.run(ctx.as_mut_ptr(), ctx.len()) }.map_err(|t| {
+        let k = format!("{:?}", t.kind);
+        (
+            k.split_once(" addr").map_or(k.clone(), |x| x.0.to_string()),
+            t.pc,
+        )
+    });
+    (r, contents(&m))
 }

@@ -381,11 +381,6 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
         }
     };
     let step = |op: &Op, mut m: [i32; 10]| {
-        let set = |m: &mut [i32; 10], r: u8, v: i32| {
-            if let Some(x) = m.get_mut(usize::from(r)) {
-                *x = v;
-            }
-        };
         match *op {
             Op::Alu {
                 width: Width::W64,
@@ -398,7 +393,7 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
                 } else {
                     m.get(usize::from(s)).copied().unwrap_or(OFF_UNKNOWN)
                 };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
             Op::Alu {
                 width: Width::W64,
@@ -414,14 +409,21 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
                 } else {
                     known(i64::from(cur) - i64::from(i))
                 };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
-            _ => written_regs(op, |r| set(&mut m, r, OFF_UNKNOWN)),
+            _ => written_regs(op, |r| set_reg(&mut m, r, OFF_UNKNOWN)),
         }
         Some(m)
     };
     let join = |cur, out| join_regs(cur, out, OFF_TOP, OFF_UNKNOWN);
     forward(prog, [OFF_TOP; 10], |_| [OFF_UNKNOWN; 10], step, join)
+}
+
+/// Sets register `r`'s state in `m` (registers past r9 have none: r10 is fixed).
+fn set_reg<T>(m: &mut [T; 10], r: u8, v: T) {
+    if let Some(x) = m.get_mut(usize::from(r)) {
+        *x = v;
+    }
 }
 
 /// Calls `f` for each register `op` writes (a value the register analyses here do not track,
@@ -495,11 +497,6 @@ fn static_pointers(
         (-(1 << 30)..(1 << 30)).contains(&v).then_some(v as i32)
     };
     let step = |pc: usize, op: &Op, mut m: [StaticPtr; 10]| {
-        let set = |m: &mut [StaticPtr; 10], r: u8, v: StaticPtr| {
-            if let Some(x) = m.get_mut(usize::from(r)) {
-                *x = v;
-            }
-        };
         match *op {
             Op::LdImm64 {
                 dst,
@@ -518,7 +515,7 @@ fn static_pointers(
                             off: i32::try_from(off).ok()?,
                         })
                     });
-                set(&mut m, dst, at.unwrap_or(Unknown));
+                set_reg(&mut m, dst, at.unwrap_or(Unknown));
             }
             Op::Alu {
                 width: Width::W64,
@@ -527,7 +524,7 @@ fn static_pointers(
                 src: Src::Reg(s),
             } => {
                 let v = m.get(usize::from(s)).copied().unwrap_or(Unknown);
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
             Op::Alu {
                 width: Width::W64,
@@ -555,7 +552,7 @@ fn static_pointers(
                     }),
                     _ => Unknown,
                 };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
             Op::Call { id: 1 } => {
                 let map = r1_const
@@ -564,9 +561,9 @@ fn static_pointers(
                     .flatten()
                     .and_then(|h| inline.iter().position(|x| x.handle == h))
                     .and_then(|i| u16::try_from(i).ok());
-                written_regs(op, |r| set(&mut m, r, Unknown));
+                written_regs(op, |r| set_reg(&mut m, r, Unknown));
                 if let Some(map) = map {
-                    set(
+                    set_reg(
                         &mut m,
                         0,
                         Value {
@@ -577,7 +574,7 @@ fn static_pointers(
                     );
                 }
             }
-            _ => written_regs(op, |r| set(&mut m, r, Unknown)),
+            _ => written_regs(op, |r| set_reg(&mut m, r, Unknown)),
         }
         Some(m)
     };
@@ -628,11 +625,6 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
     };
     let step = |op: &Op, mut m: [i32; 10]| {
         let get = |m: &[i32; 10], r: u8| m.get(usize::from(r)).copied().unwrap_or(NONE);
-        let set = |m: &mut [i32; 10], r: u8, v: i32| {
-            if let Some(x) = m.get_mut(usize::from(r)) {
-                *x = v;
-            }
-        };
         match *op {
             Op::Alu {
                 width,
@@ -646,7 +638,7 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
                     Src::Reg(s) if is_ctx(get(&m, s)) => ANY,
                     Src::Reg(_) => NONE,
                 };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
             Op::Alu {
                 width: Width::W64,
@@ -669,18 +661,18 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
                         ANY
                     }
                 };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
             Op::Alu { dst, src, .. } => {
                 let derived =
                     is_ctx(get(&m, dst)) || matches!(src, Src::Reg(s) if is_ctx(get(&m, s)));
-                set(&mut m, dst, if derived { ANY } else { NONE });
+                set_reg(&mut m, dst, if derived { ANY } else { NONE });
             }
             Op::Neg { dst, .. } | Op::MovSx { dst, .. } | Op::Endian { dst, .. } => {
                 let v = if is_ctx(get(&m, dst)) { ANY } else { NONE };
-                set(&mut m, dst, v);
+                set_reg(&mut m, dst, v);
             }
-            Op::LdImm64 { dst, .. } => set(&mut m, dst, NONE),
+            Op::LdImm64 { dst, .. } => set_reg(&mut m, dst, NONE),
             Op::Load {
                 size,
                 dst,
@@ -692,7 +684,7 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
                 if is_ctx(b) {
                     read(&mut mask, b, off, size.bytes());
                 }
-                set(&mut m, dst, NONE);
+                set_reg(&mut m, dst, NONE);
             }
             Op::Store {
                 src: Src::Reg(s), ..
@@ -714,10 +706,10 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
                     read(&mut mask, b, off, size.bytes());
                 }
                 if op == AtomicOp::CmpXchg {
-                    set(&mut m, 0, NONE);
+                    set_reg(&mut m, 0, NONE);
                 }
                 if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
-                    set(&mut m, src, NONE);
+                    set_reg(&mut m, src, NONE);
                 }
             }
             Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => {
@@ -725,7 +717,7 @@ pub(crate) fn ctx_reads(prog: &Program) -> u64 {
                     mask = u64::MAX;
                 }
                 for r in 0..=5 {
-                    set(&mut m, r, NONE);
+                    set_reg(&mut m, r, NONE);
                 }
             }
             _ => {}

@@ -66,7 +66,8 @@ fn main() {
     let reps = if quick { 1 } else { 5 };
     let bare = median((0..reps).map(|_| victim(None, &build, n)).collect());
 
-    let store = TestStore::new("bench-sys");
+    // `bpftime` runs as this process's user here (not `unprivileged`).
+    let store = TestStore::for_current_user("bench-sys");
     let mut lc = Command::new(&a.bpftime);
     lc.args(["load", "--store", &store.name, "--"])
         .arg(build.join("syscall-trace"))

@@ -122,7 +122,8 @@ impl Loader {
         let t0 = Instant::now();
         let (cmd, store) = match bpftime {
             Some(b) => {
-                let store = TestStore::new(tag);
+                // `bpftime` runs as this process's user here (not `unprivileged`).
+                let store = TestStore::for_current_user(tag);
                 let mut c = Command::new(b);
                 c.args(["load", "--store", &store.name, "--"])
                     .arg(loader)

@@ -178,14 +178,28 @@ pub struct TestStore {
 }
 
 impl TestStore {
-    /// A new store name for `tag`, owned by the unprivileged uid.
+    /// A new store name for `tag`, owned by the unprivileged uid (the stores of commands made
+    /// with [`unprivileged`]).
     pub fn new(tag: &str) -> TestStore {
+        Self::with_uid(tag, unprivileged_uid())
+    }
+
+    /// A new store name for `tag` that this process's own user creates (benchmarks run
+    /// `bpftime` as themselves): the file removed on drop is then the one they made.
+    pub fn for_current_user(tag: &str) -> TestStore {
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap_or(0);
+        Self::with_uid(tag, uid)
+    }
+
+    fn with_uid(tag: &str, uid: u32) -> TestStore {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let name = format!("test-{tag}-{}-{nanos}", std::process::id());
-        let path = PathBuf::from(format!("/dev/shm/bpftime-{}-{name}", unprivileged_uid()));
+        let path = PathBuf::from(format!("/dev/shm/bpftime-{uid}-{name}"));
         let _ = std::fs::remove_file(&path);
         TestStore { name, path }
     }

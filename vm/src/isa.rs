@@ -368,6 +368,30 @@ pub enum Op {
 }
 
 impl Op {
+    /// Calls `f` for each register the instruction writes: an ALU, load or `lddw`
+    /// destination, an atomic's fetched register (and r0 for `cmpxchg`), r0–r5 for calls
+    /// (the return value and the caller-saved argument registers).
+    pub fn written_regs(&self, mut f: impl FnMut(u8)) {
+        match *self {
+            Op::Alu { dst, .. }
+            | Op::Neg { dst, .. }
+            | Op::MovSx { dst, .. }
+            | Op::Endian { dst, .. }
+            | Op::LdImm64 { dst, .. }
+            | Op::Load { dst, .. } => f(dst),
+            Op::Atomic { op, fetch, src, .. } => {
+                if op == AtomicOp::CmpXchg {
+                    f(0);
+                }
+                if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
+                    f(src);
+                }
+            }
+            Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => (0..=5).for_each(f),
+            _ => {}
+        }
+    }
+
     /// Number of slots the instruction occupies (2 for `lddw`, else 1).
     pub fn slots(&self) -> usize {
         match self {

@@ -22,7 +22,7 @@
 
 use crate::disasm;
 use crate::helper::HelperRegistry;
-use crate::isa::{DecodeError, FRAME_REG, Insn, LdImmKind, Op, Src, decode};
+use crate::isa::{DecodeError, FRAME_REG, Insn, LdImmKind, Op, decode};
 use std::collections::BTreeSet;
 
 /// Largest program accepted, in slots (the kernel's `BPF_COMPLEXITY_LIMIT_INSNS`).
@@ -492,21 +492,9 @@ pub fn verify_with(
 }
 
 fn writes_frame_pointer(op: &Op) -> bool {
-    match *op {
-        Op::Alu { dst, .. }
-        | Op::Neg { dst, .. }
-        | Op::MovSx { dst, .. }
-        | Op::Endian { dst, .. }
-        | Op::LdImm64 { dst, .. }
-        | Op::Load { dst, .. } => dst == FRAME_REG,
-        Op::Atomic { src, fetch, .. } => fetch && src == FRAME_REG,
-        Op::Callx { .. }
-        | Op::Store {
-            src: Src::Reg(_), ..
-        }
-        | Op::Store { .. } => false,
-        _ => false,
-    }
+    let mut writes = false;
+    op.written_regs(|r| writes |= r == FRAME_REG);
+    writes
 }
 
 #[cfg(test)]

@@ -411,7 +411,7 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
                 };
                 set_reg(&mut m, dst, v);
             }
-            _ => written_regs(op, |r| set_reg(&mut m, r, OFF_UNKNOWN)),
+            _ => op.written_regs(|r| set_reg(&mut m, r, OFF_UNKNOWN)),
         }
         Some(m)
     };
@@ -423,30 +423,6 @@ fn frame_offsets(prog: &Program) -> Vec<[i32; 10]> {
 fn set_reg<T>(m: &mut [T; 10], r: u8, v: T) {
     if let Some(x) = m.get_mut(usize::from(r)) {
         *x = v;
-    }
-}
-
-/// Calls `f` for each register `op` writes (a value the register analyses here do not track,
-/// unless they handle `op` themselves first): an ALU, load or `lddw` destination, an atomic's
-/// fetched register (and r0 for `cmpxchg`), r0–r5 for calls.
-fn written_regs(op: &Op, mut f: impl FnMut(u8)) {
-    match *op {
-        Op::Alu { dst, .. }
-        | Op::Neg { dst, .. }
-        | Op::MovSx { dst, .. }
-        | Op::Endian { dst, .. }
-        | Op::LdImm64 { dst, .. }
-        | Op::Load { dst, .. } => f(dst),
-        Op::Atomic { op, fetch, src, .. } => {
-            if op == AtomicOp::CmpXchg {
-                f(0);
-            }
-            if fetch || op == AtomicOp::Xchg || op == AtomicOp::CmpXchg {
-                f(src);
-            }
-        }
-        Op::Call { .. } | Op::CallLocal { .. } | Op::Callx { .. } => (0..=5).for_each(f),
-        _ => {}
     }
 }
 
@@ -561,7 +537,7 @@ fn static_pointers(
                     .flatten()
                     .and_then(|h| inline.iter().position(|x| x.handle == h))
                     .and_then(|i| u16::try_from(i).ok());
-                written_regs(op, |r| set_reg(&mut m, r, Unknown));
+                op.written_regs(|r| set_reg(&mut m, r, Unknown));
                 if let Some(map) = map {
                     set_reg(
                         &mut m,
@@ -574,7 +550,7 @@ fn static_pointers(
                     );
                 }
             }
-            _ => written_regs(op, |r| set_reg(&mut m, r, Unknown)),
+            _ => op.written_regs(|r| set_reg(&mut m, r, Unknown)),
         }
         Some(m)
     };
@@ -779,7 +755,7 @@ fn stack_pointers(prog: &Program) -> Vec<u16> {
             } => m,
             _ => {
                 let mut m = m;
-                written_regs(op, |r| m &= !bit(r));
+                op.written_regs(|r| m &= !bit(r));
                 m
             }
         } | R10;
@@ -2590,20 +2566,7 @@ impl Emitter<'_> {
                     // A known global-data address: its own value decides alignment.
                     .or_else(|| self.static_at(pc, base, off, len, true)?.map(|a| a as i64))
             };
-            if in_frame.is_none() && self.in_static(pc, base, off, len, true) {
-                // Inside a map value a lookup returned: only the alignment is tested.
-                asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
-                let entry = self.ops.new_dynamic_label();
-                self.stubs.push(Stub::Misaligned {
-                    entry,
-                    pc: pc as u32,
-                    len,
-                });
-                asm!(self.ops
-                    ; test r11b, (len - 1) as i8
-                    ; jnz =>entry
-                );
-            } else if let Some(at) = in_frame {
+            if let Some(at) = in_frame {
                 asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
                 if at % i64::from(len) != 0 {
                     let entry = self.ops.new_dynamic_label();
@@ -2616,7 +2579,13 @@ impl Emitter<'_> {
                     return;
                 }
             } else {
-                let _ = self.mem_operand(pc, base, off, len, true);
+                if self.in_static(pc, base, off, len, true) {
+                    // Inside a map value a lookup returned: only the alignment is tested.
+                    asm!(self.ops; lea r11, [Rq(native(base)) + i32::from(off)]);
+                } else {
+                    // The checked address into r11.
+                    let _ = self.mem_operand(pc, base, off, len, true);
+                }
                 let entry = self.ops.new_dynamic_label();
                 self.stubs.push(Stub::Misaligned {
                     entry,
